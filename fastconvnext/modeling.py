@@ -1,0 +1,382 @@
+"""ConvNeXt models with transformers' class names, module tree, parameter names and outputs.
+
+Activations stay in channels-last memory from the stem to the head: a block sees its input as an
+[N, H, W, C] view of the NCHW tensor, so nothing is permuted or copied between the fused ops.
+Each block's two fused ops go through `fastconvnext.backend`, which picks Triton kernels or eager ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from fastconvnext import backend
+from fastconvnext.configuration import ConvNextConfig
+from fastconvnext.kernels.reference import ACTIVATIONS
+from fastconvnext.outputs import (
+    BackboneOutput,
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+
+BLOCK_NORM_EPS = 1e-6
+
+
+def _nhwc(x):
+    """The [N, H, W, C] view of a channels-last NCHW tensor (free when x is channels-last)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def _nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+class ConvNextLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels for [N, H, W, C] ("channels_last") or [N, C, H, W] ("channels_first") input."""
+
+    def __init__(self, normalized_shape, eps=BLOCK_NORM_EPS, data_format="channels_last"):
+        super().__init__(normalized_shape, eps=eps)
+        if data_format not in ("channels_last", "channels_first"):
+            raise ValueError(f"data_format must be 'channels_last' or 'channels_first', got {data_format!r}")
+        self.data_format = data_format
+
+    def forward(self, x):
+        if self.data_format == "channels_first":
+            return _nchw(super().forward(_nhwc(x)))
+        return super().forward(x)
+
+
+class ConvNextActivation(nn.Module):
+    """The MLP activation as a module (so the tree matches transformers'); the fused kernel reads `name`."""
+
+    def __init__(self, name):
+        super().__init__()
+        self.name = name
+
+    def forward(self, x):
+        return ACTIVATIONS[self.name](x)
+
+    def extra_repr(self):
+        return self.name
+
+
+class ConvNextEmbeddings(nn.Module):
+    """Patchify stem: a patch_size x patch_size conv with stride patch_size, then LayerNorm over channels."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, config.hidden_sizes[0], kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.layernorm = ConvNextLayerNorm(config.hidden_sizes[0], data_format="channels_first")
+        self.num_channels = config.num_channels
+
+    def forward(self, pixel_values):
+        x = self.patch_embeddings(pixel_values.contiguous(memory_format=torch.channels_last))
+        return self.layernorm(x.contiguous(memory_format=torch.channels_last))
+
+
+class ConvNextDropPath(nn.Module):
+    """Stochastic depth: per-sample keep (scaled by 1/keep_prob) or drop, in training only.
+
+    Draws one uniform number per sample, in the same order and dtype as transformers, so a seeded run
+    drops the same samples. The scale is applied inside the fused MLP epilogue.
+    """
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def sample_scale(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return None
+        keep_prob = 1.0 - self.drop_prob
+        mask = torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob)
+        return mask / keep_prob
+
+    def extra_repr(self):
+        return f"p={self.drop_prob}"
+
+
+class ConvNextLayer(nn.Module):
+    """One ConvNeXt block: dwconv7x7 -> LayerNorm -> Linear(C, 4C) -> act -> Linear(4C, C) -> x gamma -> + input."""
+
+    def __init__(self, config, dim, drop_path=0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.layernorm = ConvNextLayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = ConvNextActivation(config.activation)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        init = config.layer_scale_init_value
+        self.layer_scale_parameter = nn.Parameter(init * torch.ones(dim)) if init > 0 else None
+        self.drop_path = ConvNextDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        residual = _nhwc(x)
+        y = backend.dwconv_layernorm(
+            residual, self.dwconv.weight, self.dwconv.bias, self.layernorm.weight, self.layernorm.bias,
+            self.layernorm.eps,
+        )
+        scale = self.drop_path.sample_scale(x) if isinstance(self.drop_path, ConvNextDropPath) else None
+        out = backend.convnext_mlp(
+            y, residual, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
+            self.layer_scale_parameter, self.act.name, scale,
+        )
+        return _nchw(out)
+
+
+class ConvNextStage(nn.Module):
+    """Optional downsampling (LayerNorm + 2x2/2 conv), then `depth` blocks."""
+
+    def __init__(self, config, in_channels, out_channels, kernel_size=2, stride=2, depth=2, drop_path_rates=None):
+        super().__init__()
+        layers = []
+        if in_channels != out_channels or stride > 1:
+            layers = [
+                ConvNextLayerNorm(in_channels, data_format="channels_first"),
+                nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride),
+            ]
+        self.downsampling_layer = nn.ModuleList(layers)
+        rates = drop_path_rates or [0.0] * depth
+        self.layers = nn.ModuleList(ConvNextLayer(config, out_channels, rates[j]) for j in range(depth))
+
+    def forward(self, x):
+        for module in self.downsampling_layer:
+            x = module(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ConvNextEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).split(config.depths)
+        self.stages = nn.ModuleList()
+        previous = config.hidden_sizes[0]
+        for i in range(config.num_stages):
+            self.stages.append(
+                ConvNextStage(
+                    config, previous, config.hidden_sizes[i], stride=2 if i > 0 else 1, depth=config.depths[i],
+                    drop_path_rates=rates[i].tolist(),
+                )
+            )
+            previous = config.hidden_sizes[i]
+        self.gradient_checkpointing = False
+
+    def forward(self, x, output_hidden_states=False):
+        hidden_states = [x] if output_hidden_states else None
+        for stage in self.stages:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, hidden_states
+
+
+def _contiguous_nchw(tensors):
+    """Outputs are handed out in standard NCHW memory, as transformers returns them (`.view` keeps working)."""
+    return None if tensors is None else tuple(t.contiguous() for t in tensors)
+
+
+class ConvNextPreTrainedModel(nn.Module):
+    config_class = ConvNextConfig
+    base_model_prefix = "convnext"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, ConvNextConfig):
+            raise TypeError(f"config must be a fastconvnext.ConvNextConfig, got {type(config).__name__}")
+        self.config = config
+
+    def post_init(self):
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, ConvNextLayer) and module.layer_scale_parameter is not None:
+            nn.init.constant_(module.layer_scale_parameter, self.config.layer_scale_init_value)
+
+    # ---- conveniences transformers users expect ------------------------------------------------
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    def num_parameters(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+        """Recompute each stage in backward instead of keeping its activations (training only)."""
+        self._set_gradient_checkpointing(True)
+
+    def gradient_checkpointing_disable(self):
+        self._set_gradient_checkpointing(False)
+
+    def _set_gradient_checkpointing(self, enabled):
+        for module in self.modules():
+            if isinstance(module, ConvNextEncoder):
+                module.gradient_checkpointing = enabled
+
+    @property
+    def is_gradient_checkpointing(self):
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, ConvNextEncoder))
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """Load a transformers directory, a timm/original checkpoint file or (with huggingface_hub) a hub id."""
+        from fastconvnext import checkpoint
+
+        return checkpoint.load_pretrained(cls, path, **kwargs)
+
+    def save_pretrained(self, directory, **kwargs):
+        """Write config.json + model.safetensors that transformers' from_pretrained loads as is."""
+        from fastconvnext import checkpoint
+
+        return checkpoint.save_pretrained(self, directory, **kwargs)
+
+    # ---- input checks --------------------------------------------------------------------------
+    def _check_pixel_values(self, pixel_values):
+        """Reject input the convolutions would fail on deep inside, naming what was expected."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(
+                f"pixel_values must have shape [batch, channels, height, width], got {pixel_values.dim()}-D "
+                f"shape {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"pixel_values must be a floating-point tensor, got dtype {pixel_values.dtype}")
+        batch, channels, height, width = pixel_values.shape
+        if channels != self.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have {self.config.num_channels} channels (config.num_channels), got {channels} "
+                f"(shape {tuple(pixel_values.shape)})"
+            )
+        if batch == 0:
+            raise ValueError(f"pixel_values is an empty batch (shape {tuple(pixel_values.shape)})")
+        smallest = self.config.patch_size * 2 ** (self.config.num_stages - 1)
+        if height < smallest or width < smallest:
+            raise ValueError(
+                f"pixel_values must be at least {smallest}x{smallest} (patch_size {self.config.patch_size} and "
+                f"{self.config.num_stages - 1} 2x downsamplings), got {height}x{width}"
+            )
+        device, dtype = self.device, self.dtype
+        if pixel_values.device != device:
+            raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {device}")
+        if pixel_values.dtype != dtype and not torch.is_autocast_enabled(device.type):
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype} but the model's parameters are {dtype}; cast one of "
+                f"them or run under torch.autocast"
+            )
+
+
+class ConvNextModel(ConvNextPreTrainedModel):
+    """ConvNeXt trunk: `last_hidden_state` (stage-4 output) and `pooler_output` (LayerNorm of its spatial mean)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvNextEmbeddings(config)
+        self.encoder = ConvNextEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(self, pixel_values=None, output_hidden_states=None, return_dict=None):
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        self._check_pixel_values(pixel_values)
+        output_hidden_states = bool(output_hidden_states)
+        last, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states)
+        pooled = self.layernorm(last.mean(dim=(-2, -1)))
+        output = BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last.contiguous(), pooler_output=pooled, hidden_states=_contiguous_nchw(hidden_states)
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class ConvNextForImageClassification(ConvNextPreTrainedModel):
+    """ConvNeXt with a linear classifier on the pooled features; loss by config.problem_type."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.convnext = ConvNextModel(config)
+        self.classifier = (
+            nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None):
+        outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.classifier(outputs.pooler_output)
+        loss = None if labels is None else self.loss(logits, labels)
+        output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    def loss(self, logits, labels):
+        """transformers' rule: problem_type, inferred (and stored in the config) on first use when unset."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        num_labels = self.config.num_labels
+        if self.config.problem_type is None:
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif num_labels > 1 and labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        labels = labels.to(logits.device)
+        problem = self.config.problem_type
+        if problem == "regression":
+            if num_labels == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze())
+            return F.mse_loss(logits, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+class ConvNextBackbone(ConvNextPreTrainedModel):
+    """Feature maps of the stages named in config.out_features, each through its own LayerNorm."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvNextEmbeddings(config)
+        self.encoder = ConvNextEncoder(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.out_features = list(config.out_features)
+        self.channels = [self.num_features[i] for i in config.out_indices]
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: ConvNextLayerNorm(c, data_format="channels_first") for stage, c in zip(self.out_features, self.channels)}
+        )
+        self.post_init()
+
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None):
+        self._check_pixel_values(pixel_values)
+        _, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states=True)
+        feature_maps = tuple(
+            self.hidden_states_norms[stage](h)
+            for stage, h in zip(self.config.stage_names, hidden_states)
+            if stage in self.out_features
+        )
+        output = BackboneOutput(
+            feature_maps=_contiguous_nchw(feature_maps),
+            hidden_states=_contiguous_nchw(hidden_states) if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()

@@ -1,0 +1,48 @@
+"""Eager PyTorch references for the fused ops.
+
+One definition per op, used by the CPU/eager path of the model and as the oracle in the kernel
+tests. Layouts match the fused kernels: activations are [N, H, W, C] (the channels-last block
+tensor seen as NHWC).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Activation names understood by the ops. The fused MLP kernel implements FUSED_ACTS; the others
+# (needed for transformers' hidden_act values such as "selu") only exist on the eager path.
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+    "selu": F.selu,
+    "silu": F.silu,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
+    "relu6": F.relu6,
+    "leaky_relu": F.leaky_relu,
+    "mish": F.mish,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "hardswish": F.hardswish,
+    "linear": lambda t: t,
+}
+FUSED_ACTS = ("gelu", "gelu_tanh", "relu")
+
+
+def dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
+    """LayerNorm over C of depthwise_conv(x) + bias; x and result are [N, H, W, C]."""
+    channels, kernel = x.shape[-1], dw_weight.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), dw_weight, dw_bias, padding=kernel // 2, groups=channels)
+    return F.layer_norm(y.permute(0, 2, 3, 1), (channels,), ln_weight, ln_bias, eps)
+
+
+def convnext_mlp_reference(
+    x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu", sample_scale=None
+):
+    """residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2); x, residual are [N, H, W, C]."""
+    y = F.linear(ACTIVATIONS[act](F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    if gamma is not None:
+        y = gamma * y
+    if sample_scale is not None:
+        y = y * sample_scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+    return residual + y
