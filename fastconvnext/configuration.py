@@ -17,7 +17,6 @@ HIDDEN_ACTS = {
     "gelu_fast": "gelu_tanh",
     "gelu_python_tanh": "gelu_tanh",
     "relu": "relu",
-    "selu": "selu",
     "silu": "silu",
     "swish": "silu",
     "quick_gelu": "quick_gelu",

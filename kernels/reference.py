@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 # Activation names understood by the ops. The fused MLP kernel implements FUSED_ACTS; the others
-# (needed for transformers' hidden_act values such as "selu") only exist on the eager path.
+# (needed for transformers' hidden_act values such as "silu") only exist on the eager path.
 ACTIVATIONS = {
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
-    "selu": F.selu,
     "silu": F.silu,
     "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
     "relu6": F.relu6,
