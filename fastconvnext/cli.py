@@ -1,0 +1,418 @@
+"""The `fastconvnext` command: classify images, convert checkpoints, show the setup, run benchmarks.
+
+Exit codes: 0 success, 1 the command failed while running (missing or unreadable files, a checkpoint
+that cannot be loaded, no CUDA, ...), 2 the command line itself is wrong (argparse's usage errors),
+130 interrupted. Errors are printed as `fastconvnext: error: ...` on stderr, without a traceback
+unless --traceback is given.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+PROG = "fastconvnext"
+
+DESCRIPTION = """\
+ConvNeXt on fused Triton kernels: a drop-in for transformers' ConvNeXt models.
+
+Models are read from a transformers directory (config.json + model.safetensors or
+pytorch_model.bin), a single checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt in transformers',
+timm's or the original facebookresearch layout) or, with huggingface_hub, a Hub id."""
+
+EPILOG = """\
+examples:
+  fastconvnext classify --model ./convnext-tiny-224 cat.jpg dog.png --top-k 3
+  fastconvnext classify --model convnext_tiny.pth photos/*.jpg --device cuda --dtype bf16 --json
+  fastconvnext convert convnext_tiny_1k_224_ema.pth ./convnext-tiny-224
+  fastconvnext info
+  fastconvnext bench --help
+
+environment:
+  FASTCONVNEXT_BACKEND=auto|triton|eager   which implementation the fused ops use (default auto)"""
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# What a failing command raises for its user's input or environment; anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+
+
+class CommandError(Exception):
+    """A runtime failure with a message meant for the user (exit code 1)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `argv` only decides whether the bench options are loaded (they import more)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_fastconvnext_version()}")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback when a command fails")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    _add_classify(commands)
+    _add_convert(commands)
+    _add_info(commands)
+    _add_bench(commands, load_options=_first_positional(argv) == "bench")
+    return parser
+
+
+def _subparser(commands, name: str, help_text: str, description: str, epilog: str | None = None):
+    return commands.add_parser(
+        name, help=help_text, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_backend_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=("auto", "triton", "eager"),
+        help="implementation of the fused ops (default: $FASTCONVNEXT_BACKEND or auto)",
+    )
+
+
+def _add_classify(commands) -> None:
+    parser = _subparser(
+        commands, "classify", "print the top-k classes of images",
+        "Classify images with a ConvNeXt image-classification checkpoint.\n\n"
+        "Preprocessing comes from MODEL/preprocessor_config.json when MODEL is a directory that has one;\n"
+        "otherwise the ImageNet evaluation settings are used (shortest edge = config.image_size,\n"
+        "crop 224/256, bicubic, ImageNet mean/std).",
+        "examples:\n"
+        "  fastconvnext classify --model ./convnext-tiny-224 cat.jpg\n"
+        "  fastconvnext classify --model model.safetensors *.png --top-k 1 --json",
+    )
+    parser.add_argument("--model", "-m", required=True, metavar="PATH",
+                        help="transformers directory, checkpoint file or Hub id")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (anything Pillow reads)")
+    parser.add_argument("--top-k", "-k", type=positive_int, default=5, metavar="K",
+                        help="classes shown per image (default 5)")
+    parser.add_argument("--batch-size", "-b", type=positive_int, default=8, metavar="N",
+                        help="images per forward pass (default 8)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu (default)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model and input dtype (default fp32)")
+    parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    _add_backend_option(parser)
+    parser.set_defaults(handler=run_classify)
+
+
+def _add_convert(commands) -> None:
+    parser = _subparser(
+        commands, "convert", "convert a checkpoint to a transformers directory",
+        "Convert any supported checkpoint (transformers directory, timm or original facebookresearch\n"
+        "file, Hub id) into a transformers directory: config.json, model.safetensors and\n"
+        "preprocessor_config.json, loadable by transformers' from_pretrained and by fastconvnext.\n"
+        "The model class follows the checkpoint: with a classifier head ConvNextForImageClassification,\n"
+        "else ConvNextModel (or ConvNextBackbone).",
+        "example:\n  fastconvnext convert convnext_tiny_1k_224_ema.pth ./convnext-tiny-224",
+    )
+    parser.add_argument("source", metavar="SRC", help="checkpoint file, transformers directory or Hub id")
+    parser.add_argument("destination", metavar="DST", help="output directory (created if needed)")
+    parser.add_argument("--dtype", choices=("keep",) + tuple(DTYPES), default="keep",
+                        help="dtype of the written weights (default: keep the checkpoint's)")
+    parser.set_defaults(handler=run_convert)
+
+
+def _add_info(commands) -> None:
+    parser = _subparser(
+        commands, "info", "show versions, devices and which kernels would run",
+        "Show library versions, CUDA devices, the backend setting and the implementation each fused op\n"
+        "would use for CUDA and CPU tensors.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_backend_option(parser)
+    parser.set_defaults(handler=run_info)
+
+
+def _add_bench(commands, load_options: bool) -> None:
+    parser = _subparser(
+        commands, "bench", "benchmark fused kernels and models against eager PyTorch",
+        "Benchmark fastconvnext against eager PyTorch / transformers (see `fastconvnext bench --help`).",
+    )
+    parser.set_defaults(handler=run_bench)
+    if not load_options:
+        return  # the other commands need no benchmark imports
+    try:
+        from fastconvnext.bench.cli import add_arguments
+    except ImportError as error:
+        parser.set_defaults(bench_unavailable=str(error))
+        parser.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
+    add_arguments(parser)
+
+
+def _first_positional(argv: list[str] | None) -> str | None:
+    return next((arg for arg in (argv or []) if not arg.startswith("-")), None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: error: choose a command: classify, convert, info or bench", file=sys.stderr)
+        return 2
+    try:
+        with _backend_scope(getattr(args, "backend", None)):
+            return args.handler(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError,) + EXPECTED_ERRORS as error:
+        if args.traceback:
+            traceback.print_exc()
+        print(f"{PROG}: error: {_message(error)}", file=sys.stderr)
+        return 1
+
+
+def _message(error: BaseException) -> str:
+    """The error's text; the first line carries the point, later lines (a loader's tensor list) stay indented."""
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, OSError) and error.strerror and error.filename:  # "[Errno 2] ..." reads worse
+        text = f"{error.strerror}: {error.filename}"
+    first, *rest = text.splitlines()
+    return "\n".join([first] + [f"  {line.rstrip()}" for line in rest if line.strip()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classify
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    import torch
+
+    image_paths = [Path(p) for p in args.images]
+    _check_images_readable(image_paths)
+    device = _pick_device(args.device)
+    model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]))
+    processor = _processor_for(args.model, model.config)
+    predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels))
+    if args.json:
+        print(json.dumps(list(predictions), indent=2))
+    else:
+        for result in predictions:  # printed batch by batch
+            _print_prediction(result)
+    return 0
+
+
+def _predict(model, processor, image_paths: list[Path], batch_size: int, top_k: int):
+    """Yield {"image", "predictions": [{"label", "index", "probability"}, ...]} per image, in order."""
+    import torch
+
+    from fastconvnext.image_processing import load_image
+
+    for start in range(0, len(image_paths), batch_size):
+        batch_paths = image_paths[start : start + batch_size]
+        pixels = processor([load_image(p) for p in batch_paths]).pixel_values
+        with torch.inference_mode():
+            logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits.float()
+        values, indices = _probabilities(logits, model.config.problem_type).topk(top_k, dim=-1)
+        for path, probs, ids in zip(batch_paths, values.tolist(), indices.tolist()):
+            yield {"image": str(path), "predictions": [
+                {"label": _label(model.config, i), "index": i, "probability": p} for p, i in zip(probs, ids)
+            ]}
+
+
+@contextlib.contextmanager
+def _backend_scope(name: str | None):
+    """Run a command under --backend when given, restoring the previous setting afterwards."""
+    if name is None:
+        yield
+        return
+    from fastconvnext.backend import use_backend
+
+    with use_backend(name):
+        yield
+
+
+def _check_images_readable(paths: list[Path]) -> None:
+    """Fail before the model is loaded when an image is missing or not an image (reads headers only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        if not path.exists():
+            raise CommandError(f"image not found: {path}")
+        if path.is_dir():
+            raise CommandError(f"expected an image file, got a directory: {path}")
+        try:
+            with Image.open(path):
+                pass
+        except UnidentifiedImageError:
+            raise CommandError(f"not a readable image file: {path}") from None
+
+
+def _pick_device(choice: str):
+    import torch
+
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise CommandError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    return torch.device(choice)
+
+
+def _load_classifier(path: str, device, dtype):
+    from fastconvnext.checkpoint import load_pretrained
+    from fastconvnext.modeling import ConvNextForImageClassification
+
+    model = load_pretrained(None, path, map_location=device, dtype=dtype)
+    if not isinstance(model, ConvNextForImageClassification):
+        raise CommandError(
+            f"{path} has no classification head (it loads as {type(model).__name__}); classify needs a "
+            "ConvNextForImageClassification checkpoint"
+        )
+    return model
+
+
+def _processor_for(model_path: str, config):
+    from fastconvnext.image_processing import PREPROCESSOR_CONFIG_NAME, ConvNextImageProcessor
+
+    directory = Path(model_path)
+    if directory.is_dir() and (directory / PREPROCESSOR_CONFIG_NAME).is_file():
+        return ConvNextImageProcessor.from_pretrained(directory)
+    return ConvNextImageProcessor.for_imagenet(image_size=config.image_size)
+
+
+def _probabilities(logits, problem_type: str | None):
+    if problem_type == "multi_label_classification":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+def _label(config, index: int) -> str:
+    return str(config.id2label.get(index, f"LABEL_{index}"))
+
+
+def _print_prediction(result: dict) -> None:
+    print(result["image"])
+    for rank, prediction in enumerate(result["predictions"], start=1):
+        print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
+    sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# convert
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastconvnext.checkpoint import load_pretrained
+
+    destination = Path(args.destination)
+    if destination.exists() and not destination.is_dir():
+        raise CommandError(f"destination exists and is not a directory: {destination}")
+    dtype = "auto" if args.dtype == "keep" else getattr(torch, DTYPES[args.dtype])
+    model = load_pretrained(None, args.source, dtype=dtype)
+    model.save_pretrained(destination)
+    processor_file = _processor_for(args.source, model.config).save_pretrained(destination)
+    print(f"wrote {destination}: {type(model).__name__} ({model.num_parameters():,} parameters, {model.dtype}), "
+          f"{processor_file.name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# info
+
+
+def run_info(args: argparse.Namespace) -> int:
+    report = {"versions": _versions(), "devices": _devices(), "backend": _backend_report()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for section, values in report.items():
+            print(f"{section}:")
+            width = max(map(len, values), default=0)
+            for key, value in values.items():
+                print(f"  {key:<{width}}  {value}")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    versions = {
+        "python": platform.python_version(), "fastconvnext": _fastconvnext_version(), "torch": torch.__version__,
+    }
+    for package in ("triton", "transformers"):
+        versions[package] = _installed_version(package)
+    return versions
+
+
+def _installed_version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _fastconvnext_version() -> str:
+    from fastconvnext import __version__
+
+    return __version__
+
+
+def _devices() -> dict[str, str]:
+    import torch
+
+    devices = {"cuda available": str(torch.cuda.is_available()), "torch cuda build": str(torch.version.cuda)}
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        major, minor = torch.cuda.get_device_capability(index)
+        devices[f"cuda:{index}"] = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+    return devices
+
+
+def _backend_report() -> dict[str, str]:
+    from fastconvnext import backend
+
+    report = {
+        "setting": backend.get_backend(),
+        backend.ENV_VAR: os.environ.get(backend.ENV_VAR, "(unset)"),
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "(unset)"),
+    }
+    report.update({op: str(choice) for op, choice in backend.describe().items()})
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    unavailable = getattr(args, "bench_unavailable", None)
+    if unavailable is not None:
+        raise CommandError(f"the benchmark harness is not available in this install ({unavailable})")
+    from fastconvnext.bench.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The `fastconvnext` command, run in-process through `main(argv)`; transformers is the oracle."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+
+from fastconvnext import backend
+from fastconvnext.cli import main
+from fastconvnext.image_processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+LABELS = {0: "cat", 1: "dog", 2: "bird"}
+TINY = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=3, id2label=LABELS,
+            label2id={v: k for k, v in LABELS.items()}, image_size=64)
+PREPROCESSING = dict(size={"shortest_edge": 64}, image_mean=list(IMAGENET_DEFAULT_MEAN),
+                     image_std=list(IMAGENET_DEFAULT_STD))
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch.manual_seed(1)
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**TINY)).eval()
+    with torch.no_grad():  # a confident head, so the ranking is far from ties
+        model.classifier.weight.normal_(0, 3.0)
+        model.classifier.bias.copy_(torch.tensor([0.5, -0.5, 0.0]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_dir(hf_model, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf_model")
+    hf_model.save_pretrained(directory)
+    ConvNextImageProcessorPil(**PREPROCESSING).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (height, width) in enumerate([(70, 93), (81, 64), (64, 101)]):
+        path = directory / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    previous = backend.get_backend()
+    yield
+    backend.set_backend(previous)
+
+
+def run(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def transformers_top_k(hf_model, processor, image_paths, k):
+    pixels = processor([Image.open(p).convert("RGB") for p in image_paths], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        probabilities = hf_model(pixels).logits.softmax(-1)
+    return probabilities.topk(k, dim=-1)
+
+
+# ---- classify -------------------------------------------------------------------------------------------
+
+
+def test_classify_json_matches_transformers(capsys, hf_model, model_dir, images):
+    code, out, err = run(capsys, "classify", "--model", model_dir, *images, "--top-k", 2, "--batch-size", 2,
+                         "--device", "cpu", "--json")
+    assert code == 0, err
+    results = json.loads(out)
+    values, indices = transformers_top_k(hf_model, ConvNextImageProcessorPil.from_pretrained(model_dir), images, 2)
+    assert [r["image"] for r in results] == [str(p) for p in images]
+    for result, probs, ids in zip(results, values.tolist(), indices.tolist()):
+        assert [p["label"] for p in result["predictions"]] == [LABELS[i] for i in ids]
+        assert [p["index"] for p in result["predictions"]] == ids
+        np.testing.assert_allclose([p["probability"] for p in result["predictions"]], probs, rtol=0, atol=1e-5)
+    assert len({r["predictions"][0]["label"] for r in results}) > 1, "the images should not all get one label"
+
+
+def test_classify_text_output(capsys, hf_model, model_dir, images):
+    code, out, err = run(capsys, "classify", "-m", model_dir, images[0], "-k", 10)
+    assert code == 0, err
+    values, indices = transformers_top_k(hf_model, ConvNextImageProcessorPil.from_pretrained(model_dir), images[:1], 3)
+    lines = out.splitlines()
+    assert lines[0] == str(images[0])
+    assert len(lines) == 4  # top-k is capped at num_labels = 3
+    for rank, (line, prob, index) in enumerate(zip(lines[1:], values[0].tolist(), indices[0].tolist()), start=1):
+        assert line == f"  {rank}. {prob:.4f}  {LABELS[index]}"
+
+
+def test_classify_checkpoint_file_uses_imagenet_defaults(capsys, hf_model, images, tmp_path):
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(hf_model.state_dict(), checkpoint)
+    code, out, err = run(capsys, "classify", "--model", checkpoint, images[1], "--json", "--backend", "eager")
+    assert code == 0, err
+    # No config.json: labels fall back to LABEL_i, preprocessing to the ImageNet eval settings at 224.
+    defaults = ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=224 / 256, resample=3,
+                                         image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD))
+    values, indices = transformers_top_k(hf_model, defaults, images[1:2], 3)
+    predictions = json.loads(out)[0]["predictions"]
+    assert [p["label"] for p in predictions] == [f"LABEL_{i}" for i in indices[0].tolist()]
+    np.testing.assert_allclose([p["probability"] for p in predictions], values[0].tolist(), rtol=0, atol=1e-5)
+
+
+def test_classify_multi_label_model_reports_sigmoid_scores(capsys, hf_model, images, tmp_path):
+    hf_model.config.problem_type = "multi_label_classification"
+    try:
+        hf_model.save_pretrained(tmp_path)
+    finally:
+        hf_model.config.problem_type = None
+    code, out, err = run(capsys, "classify", "--model", tmp_path, images[2], "--json")
+    assert code == 0, err
+    # No preprocessor_config.json in this directory: ImageNet eval settings at config.image_size (64).
+    defaults = ConvNextImageProcessorPil(size={"shortest_edge": 64}, crop_pct=224 / 256, resample=3,
+                                         image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD))
+    pixels = defaults(Image.open(images[2]).convert("RGB"), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        scores = hf_model(pixels).logits.sigmoid()[0]
+    predictions = json.loads(out)[0]["predictions"]
+    expected = scores.sort(descending=True)
+    assert [p["index"] for p in predictions] == expected.indices.tolist()
+    np.testing.assert_allclose([p["probability"] for p in predictions], expected.values.tolist(), rtol=0, atol=1e-5)
+
+
+def test_device_cuda_without_cuda_is_an_error(capsys, model_dir, images, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run(capsys, "classify", "--model", model_dir, images[0], "--device", "cuda")
+    assert code == 1
+    assert_one_line_error(err, "no CUDA device")
+
+
+# ---- convert --------------------------------------------------------------------------------------------
+
+
+def test_convert_directory_loads_in_transformers_with_identical_logits(capsys, hf_model, model_dir, tmp_path):
+    out_dir = tmp_path / "converted"
+    code, out, err = run(capsys, "convert", model_dir, out_dir)
+    assert code == 0, err
+    assert "ConvNextForImageClassification" in out
+    reloaded = transformers.ConvNextForImageClassification.from_pretrained(out_dir).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, hf_model(pixels).logits, rtol=0, atol=0)
+    assert reloaded.config.id2label == LABELS
+    # The source's preprocessing is carried over and transformers reads it.
+    processor = transformers.AutoImageProcessor.from_pretrained(out_dir)
+    assert processor.size["shortest_edge"] == 64 and list(processor.image_mean) == list(IMAGENET_DEFAULT_MEAN)
+
+
+def test_convert_headless_checkpoint_file(capsys, hf_model, tmp_path):
+    trunk = {k[len("convnext."):]: v for k, v in hf_model.state_dict().items() if k.startswith("convnext.")}
+    checkpoint = tmp_path / "trunk.pth"
+    torch.save({"model": trunk}, checkpoint)
+    out_dir = tmp_path / "trunk_dir"
+    code, out, err = run(capsys, "convert", checkpoint, out_dir, "--dtype", "fp16")
+    assert code == 0, err
+    reloaded = transformers.ConvNextModel.from_pretrained(out_dir).eval()
+    assert reloaded.dtype == torch.float16
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = hf_model.convnext(pixels).pooler_output
+        got = reloaded.float()(pixels).pooler_output
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2)  # weights rounded to fp16
+    written = json.loads((out_dir / "preprocessor_config.json").read_text())
+    assert written["size"] == {"shortest_edge": 224} and written["image_processor_type"] == "ConvNextImageProcessor"
+
+
+# ---- info, help -----------------------------------------------------------------------------------------
+
+
+def test_info_reports_versions_devices_and_backend(capsys):
+    code, out, err = run(capsys, "info")
+    assert code == 0, err
+    assert f"torch         {torch.__version__}" in out
+    assert f"transformers  {transformers.__version__}" in out
+    assert f"cuda available    {torch.cuda.is_available()}" in out
+    for op in backend.describe():
+        assert op in out
+    previous = backend.get_backend()
+    code, out, err = run(capsys, "info", "--json", "--backend", "eager")
+    report = json.loads(out)
+    assert backend.get_backend() == previous  # --backend holds for the one command only
+    assert report["backend"]["setting"] == "eager"
+    assert report["backend"]["convnext_mlp [cuda]"].startswith("eager")
+    assert report["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+
+
+def test_help_lists_commands_and_examples(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0
+    for text in ("classify", "convert", "info", "bench", "examples:", "FASTCONVNEXT_BACKEND"):
+        assert text in out
+    code, out, err = run(capsys, "classify", "--help")
+    assert code == 0 and "--top-k" in out and "preprocessor_config.json" in out
+
+
+def test_bench_help_parses_without_error(capsys):
+    code, out, err = run(capsys, "bench", "--help")
+    assert code == 0, err
+    assert out.startswith("usage: fastconvnext bench")
+
+
+def test_loader_report_keeps_its_lines_under_the_error(capsys, hf_model, images, tmp_path):
+    state_dict = dict(hf_model.state_dict())
+    del state_dict["convnext.encoder.stages.1.layers.0.pwconv1.weight"]
+    torch.save(state_dict, tmp_path / "incomplete.pth")
+    code, out, err = run(capsys, "classify", "--model", tmp_path / "incomplete.pth", images[0])
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0].startswith("fastconvnext: error: checkpoint") and "does not match" in lines[0]
+    assert any("encoder.stages.1.layers.0.pwconv1.weight" in line for line in lines[1:])
+    assert all(line.startswith("  ") for line in lines[1:])
+
+
+def test_installed_console_script_help():
+    script = Path(sys.executable).parent / "fastconvnext"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: fastconvnext")
+    assert "classify" in result.stdout and "convert" in result.stdout
+
+
+# ---- errors ---------------------------------------------------------------------------------------------
+
+
+def assert_one_line_error(err, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("fastconvnext: error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_missing_model_path(capsys, images, tmp_path):
+    code, out, err = run(capsys, "classify", "--model", tmp_path / "nowhere", images[0])
+    assert code == 1
+    assert_one_line_error(err, "nowhere")
+
+
+def test_missing_image(capsys, model_dir, tmp_path):
+    code, out, err = run(capsys, "classify", "--model", model_dir, tmp_path / "missing.png")
+    assert code == 1
+    assert_one_line_error(err, "image not found", "missing.png")
+
+
+def test_non_image_file(capsys, model_dir, tmp_path):
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    code, out, err = run(capsys, "classify", "--model", model_dir, text)
+    assert code == 1
+    assert_one_line_error(err, "not a readable image file", "notes.jpg")
+
+
+def test_unsupported_checkpoint_file(capsys, images, tmp_path):
+    checkpoint = tmp_path / "weights.txt"
+    checkpoint.write_text("not weights")
+    for argv in (["classify", "--model", checkpoint, images[0]], ["convert", checkpoint, tmp_path / "out"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1
+        assert_one_line_error(err, "unsupported checkpoint file", "weights.txt")
+
+
+def test_classify_needs_a_classifier_head(capsys, hf_model, images, tmp_path):
+    hf_model.convnext.save_pretrained(tmp_path / "trunk")
+    capsys.readouterr()  # transformers' progress bar
+    code, out, err = run(capsys, "classify", "--model", tmp_path / "trunk", images[0])
+    assert code == 1
+    assert_one_line_error(err, "no classification head", "ConvNextModel")
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["classify", "img.png"],  # --model missing
+    ["classify", "--model", "m", "img.png", "--top-k", "0"],
+    ["classify", "--model", "m", "img.png", "--dtype", "fp8"],
+    ["convert", "only_source"],
+    ["frobnicate"],
+])
+def test_usage_errors_exit_2(capsys, argv):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert "usage: fastconvnext" in err and "error:" in err
