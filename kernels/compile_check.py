@@ -1,0 +1,238 @@
+"""Compile every kernel config the launchers can pick for real GPU targets, without a GPU.
+
+    python -m fastconvnext.kernels.compile_check --arch 80 90 [--kernel NAME] [--jobs N] [--strict]
+
+Each module in KERNEL_MODULES exposes `compile_targets() -> list[CompileTarget]`. Every target is
+built with triton.compile for each arch; the cubin's resource usage (cuobjdump) and SASS are
+checked. Fails (exit 1) on register spills (STACK or LOCAL > 0), shared memory above the arch's
+per-block limit, a compile slower than MAX_COMPILE_SECONDS, or a target that expects tensor
+cores whose SASS has none. A kernel module whose file does not exist yet is reported as skipped,
+or is a failure with --strict.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
+SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA")}
+MAX_COMPILE_SECONDS = 60.0
+_PACKAGE = __package__ or "fastconvnext.kernels"
+
+
+@dataclass
+class CheckResult:
+    kernel: str
+    label: str
+    dtype: str
+    arch: int
+    registers: int = -1
+    stack_bytes: int = -1
+    local_bytes: int = -1
+    shared_bytes: int = -1
+    seconds: float = 0.0
+    tensor_cores: str = "-"  # "yes"/"no" where expected, else "-"
+    failures: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def _resource_usage(cubin: bytes) -> tuple[dict, str]:
+    """(REG/STACK/SHARED/LOCAL from cuobjdump --dump-resource-usage, SASS text)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    fields = {name: int(value) for name, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    missing = {"REG", "STACK", "SHARED", "LOCAL"} - fields.keys()
+    if missing:
+        raise RuntimeError(f"cuobjdump resource usage lacks {sorted(missing)}:\n{usage}")
+    return fields, sass
+
+
+def check_target(target, arch: int) -> CheckResult:
+    """Compile one CompileTarget for sm_<arch> and judge it; never raises for a compile error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    result = CheckResult(target.kernel, target.label, target.dtype, arch)
+    if _interpreting():
+        result.failures.append("TRITON_INTERPRET is set: cannot compile")
+        return result
+    start = time.perf_counter()
+    try:
+        source = ASTSource(fn=target.fn, signature=target.signature, constexprs=target.constexprs)
+        compiled = triton.compile(
+            source,
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": target.num_warps, "num_stages": target.num_stages},
+        )
+        result.seconds = time.perf_counter() - start
+        usage, sass = _resource_usage(compiled.asm["cubin"])
+    except Exception as error:  # a compile error is a finding, reported in the table
+        result.seconds = time.perf_counter() - start
+        result.failures.append(f"compile error: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        return result
+    result.registers, result.stack_bytes, result.local_bytes = usage["REG"], usage["STACK"], usage["LOCAL"]
+    result.shared_bytes = max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    _judge(result, target, sass)
+    return result
+
+
+def _judge(result: CheckResult, target, sass: str) -> None:
+    arch = result.arch
+    if result.stack_bytes > 0 or result.local_bytes > 0:
+        result.failures.append(f"register spill: STACK={result.stack_bytes} LOCAL={result.local_bytes} bytes")
+    limit = SHARED_LIMIT_BYTES.get(arch, SHARED_LIMIT_BYTES[80])
+    if result.shared_bytes > limit:
+        result.failures.append(f"shared memory {result.shared_bytes} B > sm_{arch} limit {limit} B")
+    if result.seconds > MAX_COMPILE_SECONDS:
+        result.failures.append(f"compile took {result.seconds:.1f} s > {MAX_COMPILE_SECONDS:.0f} s")
+    if target.expects_tensor_cores:
+        ops = TENSOR_CORE_OPS.get(arch, ("HMMA",))
+        found = any(re.search(rf"\b{op}\b", sass) for op in ops)
+        result.tensor_cores = "yes" if found else "no"
+        if not found:
+            result.failures.append(f"no tensor-core instruction ({'/'.join(ops)}) in SASS")
+
+
+# ------------------------------------------------------------------------- target collection
+
+
+def module_present(name: str) -> bool:
+    return (Path(__file__).parent / f"{name}.py").is_file()
+
+
+def load_targets(module_names=KERNEL_MODULES) -> tuple[list, list[str]]:
+    """([(module, CompileTarget)], [missing module names])."""
+    targets, missing = [], []
+    for name in module_names:
+        if not module_present(name):
+            missing.append(name)
+            continue
+        module = importlib.import_module(f"{_PACKAGE}.{name}")
+        targets += [(name, target) for target in module.compile_targets()]
+    return targets, missing
+
+
+# Filled before the pool forks, so workers get targets (which hold JIT functions) by index.
+_JOBS: list = []
+
+
+def _run_job(index: int) -> CheckResult:
+    target, arch = _JOBS[index]
+    return check_target(target, arch)
+
+
+def run_checks(jobs_list: list, workers: int) -> list[CheckResult]:
+    global _JOBS
+    _JOBS = jobs_list
+    if workers <= 1 or len(jobs_list) <= 1:
+        return [_run_job(i) for i in range(len(jobs_list))]
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_run_job, range(len(jobs_list)), chunksize=1))
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+_COLUMNS = ("config", "dtype", "sm", "regs", "spill B", "smem B", "compile s", "TC", "status")
+
+
+def _row(result: CheckResult) -> tuple:
+    spill = result.stack_bytes + result.local_bytes if result.stack_bytes >= 0 else "?"
+    status = "ok" if result.ok else "FAIL: " + "; ".join(result.failures)
+    return (
+        result.label, result.dtype, result.arch, result.registers, spill, result.shared_bytes,
+        f"{result.seconds:.1f}", result.tensor_cores, status,
+    )
+
+
+def format_table(results: list[CheckResult]) -> str:
+    lines = []
+    for kernel in dict.fromkeys(r.kernel for r in results):
+        rows = [_COLUMNS] + [_row(r) for r in results if r.kernel == kernel]
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(_COLUMNS) - 1)]
+        lines.append(f"\n== {kernel} ==")
+        for row in rows:
+            cells = [str(v).ljust(w) for v, w in zip(row, widths)] + [str(row[-1])]
+            lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog=f"python -m {_PACKAGE}.compile_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--kernel", action="append", default=[],
+                        help="only modules or kernels whose name contains NAME (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--strict", action="store_true", help="a missing kernel module is a failure")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--use-cache", action="store_true",
+                        help="reuse Triton's compile cache (default: a fresh one, so compile times are real)")
+    return parser.parse_args(argv)
+
+
+def _selected(module: str, kernel: str, filters: list[str]) -> bool:
+    return not filters or any(f in module or f in kernel for f in filters)
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if _interpreting():
+        print("compile_check: TRITON_INTERPRET is set; unset it (compiling for a GPU target is impossible "
+              "in interpreter mode)", file=sys.stderr)
+        return 2
+    modules = [m for m in KERNEL_MODULES if not args.kernel or any(f in m for f in args.kernel)] or KERNEL_MODULES
+    targets, missing = load_targets(modules)
+    for name in missing:
+        print(f"{name}: skipped: module not present" + (" (failure: --strict)" if args.strict else ""))
+    jobs = [(t, arch) for module, t in targets if _selected(module, t.kernel, args.kernel) for arch in args.arch]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compile_check_") as fresh_cache:
+        if not args.use_cache:
+            os.environ["TRITON_CACHE_DIR"] = fresh_cache  # read by Triton at each compile
+        results = run_checks(jobs, args.jobs)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s, {len(failed)} failed"
+          + (f", {len(missing)} module(s) missing" if missing else ""))
+    if not jobs and not missing:
+        print("compile_check: no targets matched", file=sys.stderr)
+        return 1
+    return 1 if failed or (args.strict and missing) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
