@@ -1,0 +1,27 @@
+"""pytest-benchmark: the model end to end, fastconvnext vs transformers' ConvNextModel (and torch.compile
+of it on CUDA), inference and one training step (forward, backward, SGD step).
+
+    pytest benchmarks/test_bench_model.py --benchmark-only
+
+On CPU fastconvnext runs its eager backend (the fused kernels need CUDA; that case is skipped with the
+reason). Sizes: FASTCONVNEXT_BENCH_MODEL, _MODEL_BATCH, _RESOLUTION, _DTYPE (fastconvnext/bench/suite.py).
+"""
+import pytest
+
+from fastconvnext.bench import cases
+from fastconvnext.bench.suite import case_id, run_benchmark, suite_settings
+
+SETTINGS = suite_settings()
+CASES = [
+    cases.ModelCase(SETTINGS.model, SETTINGS.model_batch, SETTINGS.resolution, SETTINGS.dtype, SETTINGS.device, p)
+    for p in cases.MODEL_PASSES
+]
+PARAMS = [pytest.param(case, impl, id=case_id(case, impl)) for case in CASES for impl in cases.MODEL_IMPLS]
+
+
+@pytest.mark.parametrize(("case", "impl"), PARAMS)
+def test_model(benchmark, case, impl):
+    reason = cases.unavailable_reason(impl, SETTINGS.device)
+    if reason is not None:
+        pytest.skip(reason)
+    run_benchmark(benchmark, case, impl, SETTINGS)

@@ -1,0 +1,161 @@
+"""The benchmark harness on CPU: the quick run's files, the roofline arithmetic, saved-bytes counting."""
+import csv
+
+import pytest
+import torch
+
+from fastconvnext.bench import cli, roofline, runner, timing
+from fastconvnext.bench.memory import count_saved, measure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # One thread: the figures are not the point here, and a loaded 2-core runner makes 2 threads crawl.
+    code = cli.main(["--quick", "--output", str(out), "--threads", "1"])
+    return code, out
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_run_writes_csv_with_a_row_per_measurement(quick_run):
+    code, out = quick_run
+    assert code == 0
+    rows = _csv_rows(out / "bench.csv")
+    # atto model: transformers and fastconvnext's eager backend, inference and one training step
+    assert len(rows) >= 3
+    assert {(r["implementation"], r["pass"]) for r in rows} == {
+        ("transformers", "infer"), ("transformers", "train"),
+        ("fastconvnext-eager", "infer"), ("fastconvnext-eager", "train"),
+    }
+    for row in rows:
+        assert float(row["median_ms"]) > 0
+        assert float(row["q1_ms"]) <= float(row["median_ms"]) <= float(row["q3_ms"])
+        assert float(row["img_per_s"]) == pytest.approx(int(row["batch"]) / (float(row["median_ms"]) / 1e3), rel=1e-3)
+
+
+def test_csv_records_device_dtype_and_versions(quick_run):
+    _, out = quick_run
+    rows = _csv_rows(out / "bench.csv")
+    columns = set(rows[0])
+    assert {"device_type", "device_name", "dtype", "torch_version", "triton_version", "transformers_version",
+            "fastconvnext_version", "driver_version", "cuda_version", "threads"} <= columns
+    for row in rows:
+        assert row["device_type"] == "cpu"  # a CPU figure is labelled as one
+        assert row["dtype"] == "fp32"
+        assert row["torch_version"] == torch.__version__
+        assert row["threads"] == "1"
+        assert row["peak_mem_mb"].startswith("n/a")  # no fake GPU memory figure on CPU
+    import transformers
+
+    assert rows[0]["transformers_version"] == transformers.__version__
+
+
+def test_quick_run_writes_a_png_plot_and_no_fused_rows_on_cpu(quick_run):
+    _, out = quick_run
+    data = (out / "bench.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 10_000
+    summary = (out / "bench.md").read_text()
+    assert "CPU figures, not GPU ones" in summary
+    assert "fastconvnext (fused kernels) not run on CPU" in summary
+    assert all(r["implementation"] != "fastconvnext-fused" for r in _csv_rows(out / "bench.csv"))
+    assert (out / "roofline.md").stat().st_size > 0
+
+
+def test_roofline_option_prints_without_measuring(monkeypatch, capsys):
+    def no_measurement(*args, **kwargs):
+        raise AssertionError("--roofline must not measure anything")
+
+    monkeypatch.setattr(runner, "run", no_measurement)
+    monkeypatch.setattr(timing, "interleaved", no_measurement)
+    assert cli.main(["--roofline"]) == 0
+    text = capsys.readouterr().out
+    assert "T-s1 C=96@56²" in text and "B-s4 C=1024@7²" in text
+    assert "H100" in text and "A100" in text
+
+
+def test_dwconv_layernorm_bytes_at_convnext_t_stage_1_by_hand():
+    """Batch 64, 56x56, C=96, bf16, forward, worked out kernel by kernel."""
+    pixels = 64 * 56 * 56  # 200,704
+    activation = pixels * 96 * 2  # one [N, H, W, C] bf16 tensor: 38,535,168 bytes
+    stats = 2 * pixels * 4  # fp32 mean and rstd per pixel: 1,605,632 bytes
+    taps_and_bias = (96 * 7 * 7 + 96) * 2  # conv weight + bias in bf16
+    ln_params = 2 * 96 * 2  # LayerNorm weight + bias in bf16
+    # eager: conv reads x and its params, writes y1; layer_norm reads y1 and its params, writes y2 and stats
+    eager = (activation + taps_and_bias + activation) + (activation + ln_params + activation + stats)
+    assert eager == 155_756_288
+    # fused: the params (49*96 taps, conv bias, LN weight and bias) cast to fp32 (read bf16, write fp32),
+    # then one kernel reads x and the fp32 params and writes y and the stats
+    params = 96 * 49 + 3 * 96
+    fused = (params * 2 + params * 4) + (activation + params * 4 + activation + stats)
+    assert fused == 78_725_888
+
+    shape = roofline.StageShape("tiny", 1, 64, 56, 96)
+    eager_model = roofline.traffic("dwconv_layernorm", "eager", "fwd", shape, "bf16")
+    fused_model = roofline.traffic("dwconv_layernorm", "fused", "fwd", shape, "bf16")
+    assert eager_model.bytes == eager
+    assert fused_model.bytes == fused
+
+    # H100 SXM bound: each kernel takes max(bytes / 3.35 TB/s, FLOPs / 67 TFLOP/s fp32 CUDA cores).
+    elements = pixels * 96
+    conv_s = max((2 * activation + taps_and_bias) / 3.35e12, (2 * 49 + 1) * elements / 67e12)  # 49 MACs + bias
+    norm_s = max((2 * activation + ln_params + stats) / 3.35e12, 8 * elements / 67e12)
+    kernel_s = max((2 * activation + params * 4 + stats) / 3.35e12, (2 * 49 + 1 + 8) * elements / 67e12)
+    cast_s = params * 6 / 3.35e12
+    assert eager_model.seconds(roofline.H100_SXM) == pytest.approx(conv_s + norm_s, rel=1e-9)
+    assert fused_model.seconds(roofline.H100_SXM) == pytest.approx(kernel_s + cast_s, rel=1e-9)
+    # the conv is compute bound on the CUDA cores (98 FLOPs per 4 bytes moved), LayerNorm memory bound
+    assert conv_s == pytest.approx(99 * elements / 67e12) and norm_s > 8 * elements / 67e12
+    assert eager_model.seconds(roofline.H100_SXM) * 1e6 == pytest.approx(51.96, abs=0.01)
+    assert fused_model.seconds(roofline.H100_SXM) * 1e6 == pytest.approx(30.78, abs=0.01)
+
+
+def test_eager_mlp_moves_23_activation_sized_tensors_per_forward():
+    """fc1 1 read + 4 written, GELU 4 + 4, fc2 4 + 1, layer scale 1 + 1, residual 2 + 1 (in units of M*C)."""
+    shape = roofline.StageShape("tiny", 1, 64, 56, 96)
+    m, c, d, s = 64 * 56 * 56, 96, 384, 2
+    weights = (d * c + d) * s + (c * d + c) * s + c * s  # W1, b1, W2, b2, gamma
+    assert roofline.traffic("convnext_mlp", "eager", "fwd", shape, "bf16").bytes == 23 * m * c * s + weights
+
+
+def test_modelled_kernel_layout_matches_the_kernels():
+    """The roofline's 'as built' numbers follow constants of the kernel modules; fail loudly if they move."""
+    from fastconvnext.kernels import convnext_mlp_kernel, dwconv_layernorm_kernel
+
+    assert roofline.DWCONV_FUSED.partial_programs == dwconv_layernorm_kernel.PARTIAL_PROGRAMS
+    assert roofline.DWCONV_FUSED.wgrad_block_p == dwconv_layernorm_kernel._wgrad_config()[0]
+    tiles = roofline.mlp_fused_tiles(96, "bf16", 64 * 56 * 56)
+    assert tiles.part_rows == convnext_mlp_kernel._PART_ROWS
+    assert tiles.dw_segments == min(convnext_mlp_kernel._MAX_SEGMENTS,
+                                    -(-64 * 56 * 56 // convnext_mlp_kernel._SEGMENT_ROWS))
+
+
+def test_saved_for_backward_counts_by_hand():
+    """N=2, 7x7, C=8, fp32 (M = 98 rows): eager MLP keeps h and GELU(h) ([M, 32] each) and fc2's output
+    ([M, 8], for the layer-scale grad); the fused MLP keeps only y2 = fc2's output; eager dwconv+LN keeps the
+    conv output and LayerNorm's fp32 mean and rstd."""
+    shape = roofline.StageShape("tiny", 4, 2, 7, 8)
+    requests = [("convnext_mlp", "eager", shape, "fp32"), ("convnext_mlp", "fused", shape, "fp32"),
+                ("dwconv_layernorm", "eager", shape, "fp32"), ("dwconv_layernorm", "fused", shape, "fp32")]
+    mlp_eager, mlp_fused, dw_eager, dw_fused = measure(requests)  # child process, FakeTensorMode
+    assert mlp_eager.extra == 2 * 98 * 32 * 4 + 98 * 8 * 4
+    assert mlp_fused.extra == 98 * 8 * 4
+    assert dw_eager.extra == 98 * 8 * 4 + 2 * 98 * 4
+    assert dw_fused.extra < dw_eager.extra
+
+
+def test_count_saved_counts_a_storage_once_and_excludes_inputs():
+    x = torch.randn(4, 5, requires_grad=True)
+
+    def fn(x):
+        y = x.exp()  # saves its output y (new)
+        return y * y  # saves y twice: still one storage
+
+    counted = count_saved(fn, {"x": x})
+    assert counted.extra == 4 * 5 * 4
+    assert counted.saved == 4 * 5 * 4
