@@ -1,0 +1,820 @@
+"""Fused ConvNeXt MLP: out = residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2).
+
+x and residual are [N, H, W, C] contiguous (NHWC); the kernels see them as [M, C] rows, M = N*H*W.
+D is the hidden width (4C in ConvNeXt, any D works).
+
+Forward (`_mlp_fwd_kernel`), grid (M tiles, C-out tiles). Per program and per BLOCK_D chunk of
+the hidden: pre = x W1[chunk]^T + b1 (tl.dot, fp32 accumulate; the reduction over C runs in
+BLOCK_K chunks, or in one dot with the x tile kept on chip when BLOCK_K >= C), h = act(pre) cast to
+the input dtype, acc += h W2[n-tile, chunk]^T. Epilogue: y2 = acc + b2, out = residual + scale*gamma*y2.
+The D-wide hidden never reaches global memory. With more than one C-out tile (C > BLOCK_N), fc1 is
+recomputed per tile: cdiv(C, BLOCK_N) - 1 extra fc1 passes, the price of a C-wide output that does not
+fit in registers. When the layer-scale gamma is trained, forward also writes y2 ([M, C], C-wide) so that
+backward gets dgamma = sum(dy * scale * y2) without a fifth matmul; inference never writes it.
+
+Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy:
+- `_mlp_bwd_dx_kernel`, grid (M tiles, C tiles): per hidden chunk recompute pre, dh = g W2[:, chunk],
+  dpre = dh * act'(pre), dx += dpre W1[chunk, c-tile]. Its epilogue writes per-PART_ROWS-row partial
+  sums of g (-> db2) and dy*scale*y2 (-> dgamma), independent of the block config; torch sums them.
+- `_mlp_bwd_dw_kernel`, grid (D chunks, C tiles, M segments): each program walks the M tiles of its
+  segment in order, recomputes pre, h, dh, dpre and accumulates dW1[chunk, c-tile]^T += x^T dpre,
+  dW2[c-tile, chunk] += g^T h (both [BLOCK_C, BLOCK_D], one accumulator layout; writing dW1 transposed
+  cut the register use enough to drop the spills), db1 += sum dpre; the per-segment partials are
+  summed by torch. The number of segments depends only on M (not on the GPU or the config), so
+  results are bitwise reproducible; there are no atomics anywhere.
+Recomputation cost, in units of one M x C x D matmul (eager: 2 forward, 4 backward): forward
+1 + cdiv(C, BLOCK_N); dx kernel 1 + 2 * cdiv(C, BLOCK_N); dW kernel 2 + 2 * cdiv(C, BLOCK_C).
+For C <= 128 (ConvNeXt stage 1 of T/S/B) that is 2 + 3 + 4: the stages where the op is memory bound.
+For C = 384 / 768 the recomputation grows (C tiles of 128-256): the fused op trades FLOPs for memory
+there and may lose to cuBLAS + eager elementwise; dispatch should be decided by the benchmarks.
+
+Configs: autotuned per (C, D, dtype) bucket among a few candidates that compile without spills for
+sm_80 and sm_90 (see `compile_targets`); one fixed small config in the interpreter. On sm_90 the
+fp16/bf16 dots of all shipped configs lower to wgmma (HGMMA).
+
+Precision: fp16/bf16 operands go to tensor cores via tl.dot with fp32 accumulation; fp32 operands use
+"tf32" when torch.backends.cuda.matmul.allow_tf32 is set, else "ieee" (always "ieee" in the interpreter).
+Biases, gamma and sample_scale are used in fp32; fp32 master weights are cast to x's dtype for the dots
+and their gradients are returned in their own dtype.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_spec import CompileTarget
+from .reference import FUSED_ACTS
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Rows per partial sum of the small vectors in the dx kernel (every config's BLOCK_M is a multiple).
+_PART_ROWS = 16
+# The dW kernel splits M into segments of about this many rows (fixed, so results do not depend on
+# the GPU or the block config); at most _MAX_SEGMENTS partial copies of the weights are kept.
+_SEGMENT_ROWS = 8192
+_MAX_SEGMENTS = 64
+
+_SQRT_HALF = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_CUBIC = tl.constexpr(0.044715)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tanh(u):
+    # tanh via exp: saturates to +-1 for large |u| without overflow trouble
+    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+
+
+@triton.jit
+def _activation(pre, ACT: tl.constexpr):
+    if ACT == "gelu":
+        return 0.5 * pre * (1.0 + tl.erf(pre * _SQRT_HALF))
+    elif ACT == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (pre + _TANH_CUBIC * pre * pre * pre)
+        return 0.5 * pre * (1.0 + _tanh(inner))
+    else:
+        return tl.maximum(pre, 0.0)
+
+
+@triton.jit
+def _activation_grad(pre, ACT: tl.constexpr):
+    if ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(pre * _SQRT_HALF))
+        return cdf + pre * _INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
+    elif ACT == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (pre + _TANH_CUBIC * pre * pre * pre)
+        t = _tanh(inner)
+        d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_CUBIC * pre * pre)
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * d_inner
+    else:
+        return tl.where(pre > 0.0, 1.0, 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_mask, cols, C: tl.constexpr):
+    # [BLOCK_M, BLOCK_K] tile of a row-major [M, C] tensor, zero outside
+    mask = row_mask[:, None] & (cols[None, :] < C)
+    return tl.load(ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE: tl.constexpr):
+    # per-row drop-path scale in fp32; rows outside M get 0 so they contribute nothing to sums
+    if HAS_SCALE:
+        return tl.load(scale_ptr + rows // HW, mask=row_mask, other=0.0)
+    else:
+        return tl.where(row_mask, 1.0, 0.0)
+
+
+@triton.jit
+def _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, cols, C: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    # g = dy * gamma * sample_scale (fp32), the gradient reaching y2 = h W2^T + b2
+    g = _load_rows(dy_ptr, rows, row_mask, cols, C).to(tl.float32) * row_scale[:, None]
+    if HAS_GAMMA:
+        g = g * tl.load(gamma_ptr + cols, mask=cols < C, other=0.0)[None, :]
+    return g
+
+
+@triton.jit
+def _load_w_t(w_ptr, i_offs, j_offs, I: tl.constexpr, J: tl.constexpr):
+    # [len(i_offs), len(j_offs)] tile of W^T for a row-major W of shape [J, I]
+    mask = (i_offs[:, None] < I) & (j_offs[None, :] < J)
+    return tl.load(w_ptr + j_offs[None, :] * I + i_offs[:, None], mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_w(w_ptr, i_offs, j_offs, I: tl.constexpr, J: tl.constexpr):
+    # [len(i_offs), len(j_offs)] tile of a row-major W of shape [I, J]
+    mask = (i_offs[:, None] < I) & (j_offs[None, :] < J)
+    return tl.load(w_ptr + i_offs[:, None] * J + j_offs[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C: tl.constexpr, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    # x W1[chunk]^T without bias, reduction over C in BLOCK_K steps
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        x = _load_rows(x_ptr, rows, row_mask, k_offs, C)
+        acc = tl.dot(x, _load_w_t(w1_ptr, k_offs, d_offs, C, D), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C: tl.constexpr,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                 HAS_GAMMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dh = g W2[:, chunk], reduction over C in BLOCK_K steps
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        w2 = _load_w(w2_ptr, k_offs, d_offs, C, D)
+        g = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_offs, C, HAS_GAMMA)
+        acc = tl.dot(g.to(w2.dtype), w2, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _mlp_fwd_kernel(
+    x_ptr,  # [M, C] activation dtype
+    res_ptr,  # [M, C] activation dtype
+    w1_ptr,  # [D, C] activation dtype
+    b1_ptr,  # [D] fp32
+    w2_ptr,  # [C, D] activation dtype
+    b2_ptr,  # [C] fp32
+    gamma_ptr,  # [C] fp32 (HAS_GAMMA)
+    scale_ptr,  # [N] fp32 (HAS_SCALE)
+    out_ptr,  # [M, C] activation dtype
+    y2_ptr,  # [M, C] activation dtype (SAVE_Y2)
+    M,
+    HW,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    SAVE_Y2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < C
+    if BLOCK_K >= C:
+        x_tile = _load_rows(x_ptr, rows, row_mask, tl.arange(0, BLOCK_K), C)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_offs = d0 + tl.arange(0, BLOCK_D)
+        if BLOCK_K >= C:
+            w1_t = _load_w_t(w1_ptr, tl.arange(0, BLOCK_K), d_offs, C, D)
+            pre = tl.dot(x_tile, w1_t, input_precision=DOT_PRECISION)
+        else:
+            pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
+                                DOT_PRECISION)
+        pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
+        h = _activation(pre, ACT).to(x_ptr.dtype.element_ty)
+        w2_t = _load_w_t(w2_ptr, d_offs, n_offs, D, C)
+        acc = tl.dot(h, w2_t, acc, input_precision=DOT_PRECISION)
+
+    y2 = acc + tl.load(b2_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
+    offs = rows[:, None] * C + n_offs[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    if SAVE_Y2:
+        tl.store(y2_ptr + offs, y2.to(y2_ptr.dtype.element_ty), mask=mask)
+    branch = y2
+    if HAS_GAMMA:
+        branch = branch * tl.load(gamma_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
+    if HAS_SCALE:
+        branch = branch * tl.load(scale_ptr + rows // HW, mask=row_mask, other=0.0)[:, None]
+    out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + branch
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _store_row_group_sums(part_ptr, values, pid_m, n_offs, n_mask, n_parts, C: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART_ROWS: tl.constexpr):
+    # sums over each PART_ROWS rows of a [BLOCK_M, BLOCK_N] fp32 tile -> rows of part [n_parts, C]
+    GROUPS: tl.constexpr = BLOCK_M // PART_ROWS
+    sums = tl.sum(tl.reshape(values, [GROUPS, PART_ROWS, BLOCK_N]), axis=1)
+    part_rows = pid_m.to(tl.int64) * GROUPS + tl.arange(0, GROUPS)
+    mask = (part_rows[:, None] < n_parts) & n_mask[None, :]
+    tl.store(part_ptr + part_rows[:, None] * C + n_offs[None, :], sums, mask=mask)
+
+
+@triton.jit
+def _mlp_bwd_dx_kernel(
+    x_ptr,  # [M, C] activation dtype
+    dy_ptr,  # [M, C] activation dtype
+    w1_ptr,  # [D, C] activation dtype
+    b1_ptr,  # [D] fp32
+    w2_ptr,  # [C, D] activation dtype
+    gamma_ptr,  # [C] fp32 (HAS_GAMMA)
+    scale_ptr,  # [N] fp32 (HAS_SCALE)
+    y2_ptr,  # [M, C] activation dtype (HAS_Y2)
+    dx_ptr,  # [M, C] activation dtype
+    db2_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32
+    dgamma_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (HAS_Y2)
+    M,
+    HW,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PART_ROWS: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_Y2: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < C
+    row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
+    if BLOCK_K >= C:
+        k_all = tl.arange(0, BLOCK_K)
+        x_tile = _load_rows(x_ptr, rows, row_mask, k_all, C)
+        g_tile = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_all, C, HAS_GAMMA).to(x_tile.dtype)
+
+    dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d_offs = d0 + tl.arange(0, BLOCK_D)
+        if BLOCK_K >= C:
+            pre = tl.dot(x_tile, _load_w_t(w1_ptr, k_all, d_offs, C, D), input_precision=DOT_PRECISION)
+            dh = tl.dot(g_tile, _load_w(w2_ptr, k_all, d_offs, C, D), input_precision=DOT_PRECISION)
+        else:
+            pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
+                                DOT_PRECISION)
+            dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M,
+                              BLOCK_K, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
+        pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
+        dpre = (dh * _activation_grad(pre, ACT)).to(x_ptr.dtype.element_ty)
+        dx = tl.dot(dpre, _load_w(w1_ptr, d_offs, n_offs, D, C), dx, input_precision=DOT_PRECISION)
+
+    offs = rows[:, None] * C + n_offs[None, :]
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+    n_parts = tl.cdiv(M, PART_ROWS)
+    g_n = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, n_offs, C, HAS_GAMMA)
+    _store_row_group_sums(db2_part_ptr, g_n, pid_m, n_offs, n_mask, n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
+    if HAS_Y2:
+        dy_n = _load_rows(dy_ptr, rows, row_mask, n_offs, C).to(tl.float32)
+        y2_n = _load_rows(y2_ptr, rows, row_mask, n_offs, C).to(tl.float32)
+        _store_row_group_sums(dgamma_part_ptr, dy_n * row_scale[:, None] * y2_n, pid_m, n_offs, n_mask,
+                              n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
+
+
+@triton.jit
+def _mlp_bwd_dw_kernel(
+    x_ptr,  # [M, C] activation dtype
+    dy_ptr,  # [M, C] activation dtype
+    w1_ptr,  # [D, C] activation dtype
+    b1_ptr,  # [D] fp32
+    w2_ptr,  # [C, D] activation dtype
+    gamma_ptr,  # [C] fp32 (HAS_GAMMA)
+    scale_ptr,  # [N] fp32 (HAS_SCALE)
+    dw1_part_ptr,  # [NUM_SEGMENTS, D, C] fp32
+    dw2_part_ptr,  # [NUM_SEGMENTS, C, D] fp32
+    db1_part_ptr,  # [NUM_SEGMENTS, D] fp32
+    M,
+    HW,
+    NUM_SEGMENTS,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACT: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = d_offs < D
+    c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c_offs < C
+    b1 = tl.load(b1_ptr + d_offs, mask=d_mask, other=0.0)
+
+    n_tiles = tl.cdiv(M, BLOCK_M)
+    tiles_per_segment = tl.cdiv(n_tiles, NUM_SEGMENTS)
+    first_tile = pid_s * tiles_per_segment
+    last_tile = tl.minimum(first_tile + tiles_per_segment, n_tiles)
+
+    dw1_t = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    dw2 = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+    db1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for tile in range(first_tile, last_tile):
+        rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tile * BLOCK_M < M fits i32
+        row_mask = rows < M
+        row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
+        x_c = _load_rows(x_ptr, rows, row_mask, c_offs, C)
+        g_c = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, c_offs, C, HAS_GAMMA).to(x_c.dtype)
+        if BLOCK_C >= C:
+            # the weight chunks are re-read per tile (L2 hits) rather than held: registers are the limit here
+            pre = tl.dot(x_c, _load_w_t(w1_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
+            dh = tl.dot(g_c, _load_w(w2_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
+        else:
+            pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_C, BLOCK_D,
+                                DOT_PRECISION)
+            dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M,
+                              BLOCK_C, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
+        pre += b1[None, :]
+        h = _activation(pre, ACT).to(x_c.dtype)
+        # rows past M have g = 0, hence dh = dpre = 0: they add nothing below
+        dpre = dh * _activation_grad(pre, ACT)
+        db1 += tl.sum(dpre, axis=0)
+        # both weight grads as [BLOCK_C, BLOCK_D] = (tile^T) @ (chunk): one accumulator layout for the two
+        dw1_t = tl.dot(tl.trans(x_c), dpre.to(x_c.dtype), dw1_t, input_precision=DOT_PRECISION)
+        dw2 = tl.dot(tl.trans(g_c), h, dw2, input_precision=DOT_PRECISION)
+
+    seg = pid_s.to(tl.int64)
+    mask = c_mask[:, None] & d_mask[None, :]
+    tl.store(dw1_part_ptr + seg * D * C + d_offs[None, :] * C + c_offs[:, None], dw1_t, mask=mask)
+    tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
+    if pid_c == 0:
+        tl.store(db1_part_ptr + seg * D + d_offs, db1, mask=d_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# One small deterministic config for the interpreter (no autotuning there): C <= 32 takes the
+# resident-x paths, wider C the streamed ones with several C tiles.
+_INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=1, num_stages=1)
+_INTERPRETER_DX = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=1, num_stages=1)
+_INTERPRETER_DW = dict(BLOCK_M=32, BLOCK_C=32, BLOCK_D=32, num_warps=1, num_stages=1)
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+# Candidate configs per (C, D, dtype) bucket. Each one was compiled for sm_80 and sm_90 without spills
+# (see compile_targets); the ones that spilled on either were dropped (e.g. 128-row dx tiles, dW tiles
+# with BLOCK_D = 64 or 64x64 C tiles in 4 warps, 64x128 forward tiles in 4 warps at C = 96 with tanh-GELU,
+# 128x256 forward tiles, fp32 FMA tiles wider than 32x64).
+def _cfg(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) -> dict:
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def _fwd_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """Forward candidates; BLOCK_N covers all of C when C <= 128 (no fc1 recomputation)."""
+    cp = _pow2(C)
+    if dtype == "fp32":  # "ieee" dots run on FMA units: small register tiles
+        return [_cfg(32, min(cp, 64), min(cp, 32), 32, 4, 2)]
+    if cp <= 64:
+        return [_cfg(64, cp, cp, 64, 4, 3), _cfg(128, cp, cp, 32, 8, 3), _cfg(128, cp, min(cp, 32), 64, 8, 3)]
+    if cp <= 128:
+        return [_cfg(128, cp, cp, 32, 8, 3), _cfg(128, cp, 32, 64, 8, 3)]
+    return [_cfg(64, 256, 64, 64, 8, 3), _cfg(64, 128, 64, 64, 4, 3)]
+
+
+def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """dx-kernel candidates: like forward with one more [BLOCK_M, BLOCK_D] fp32 tile (dh) live."""
+    cp = _pow2(C)
+    if dtype == "fp32":
+        return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
+    if cp <= 128:
+        return [_cfg(64, cp, cp, 32, 8, 3), _cfg(64, cp, cp, 64, 8, 2)]
+    return [_cfg(64, 256, 64, 32, 8, 3), _cfg(64, 128, 64, 32, 4, 3)]
+
+
+def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """dW-kernel candidates: the dW1^T and dW2 accumulators [BLOCK_C, BLOCK_D] stay in registers."""
+    cp = _pow2(C)
+    if dtype == "fp32":
+        return [dict(BLOCK_M=32, BLOCK_C=min(cp, 32), BLOCK_D=16, num_warps=4, num_stages=1)]
+    if cp <= 128:
+        return [dict(BLOCK_M=64, BLOCK_C=cp, BLOCK_D=32, num_warps=8, num_stages=2)]
+    return [dict(BLOCK_M=64, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=1)]
+
+
+def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
+    out = []
+    for cfg in configs:
+        meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+        out.append(triton.Config(meta, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel_name: str, C: int, D: int, dtype: str):
+    """The autotuned kernel for one (C, D, dtype) bucket (GPU only)."""
+    kernel, configs = {
+        "fwd": (_mlp_fwd_kernel, _fwd_configs),
+        "dx": (_mlp_bwd_dx_kernel, _dx_configs),
+        "dw": (_mlp_bwd_dw_kernel, _dw_configs),
+    }[kernel_name]
+    return triton.autotune(configs=_to_triton_configs(configs(C, D, dtype)), key=["C", "D"])(kernel)
+
+
+def _launch(kernel_name: str, grid_fn, args: tuple, C: int, D: int, dtype: torch.dtype, **flags):
+    if _INTERPRET:
+        kernel = {"fwd": _mlp_fwd_kernel, "dx": _mlp_bwd_dx_kernel, "dw": _mlp_bwd_dw_kernel}[kernel_name]
+        cfg = {"fwd": _INTERPRETER_FWD, "dx": _INTERPRETER_DX, "dw": _INTERPRETER_DW}[kernel_name]
+        meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+        kernel[grid_fn(meta)](*args, C=C, D=D, **meta, **flags)
+        return
+    tuned = _tuned(kernel_name, C, D, _TRITON_DTYPE[dtype])
+    tuned[grid_fn](*args, C=C, D=D, **flags)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers
+# ---------------------------------------------------------------------------------------------
+def _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale):
+    """Weights in x's dtype for the dots, small vectors in fp32 (dummies for absent ones)."""
+    w1 = fc1_weight.to(x.dtype).contiguous()
+    w2 = fc2_weight.to(x.dtype).contiguous()
+    b1 = fc1_bias.to(torch.float32).contiguous()
+    dummy = b1
+    g = gamma.to(torch.float32).contiguous() if gamma is not None else dummy
+    s = sample_scale.to(torch.float32).contiguous() if sample_scale is not None else dummy
+    return w1, b1, w2, g, s
+
+
+def _device_guard(t: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2):
+    N, H, W, C = x.shape
+    D = fc1_weight.shape[0]
+    M, HW = N * H * W, H * W
+    out = torch.empty_like(x)
+    y2 = torch.empty_like(x) if save_y2 else x.new_empty(0)
+    if M == 0:
+        return out, y2
+    w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
+    b2 = fc2_bias.to(torch.float32).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
+
+    args = (x, residual, w1, b1, w2, b2, g, s, out, y2 if save_y2 else out, M, HW)
+    with _device_guard(x):
+        _launch("fwd", grid, args, C, D, x.dtype, ACT=act, HAS_GAMMA=gamma is not None,
+                HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=_dot_precision(x.dtype))
+    return out, y2
+
+
+def _num_segments(M: int) -> int:
+    return max(1, min(_MAX_SEGMENTS, triton.cdiv(M, _SEGMENT_ROWS)))
+
+
+def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act):
+    """Writes dx; returns db2 and (with y2) dgamma as fp32 sums."""
+    N, H, W, C = x.shape
+    D = w1.shape[0]
+    M, HW = N * H * W, H * W
+    n_parts = triton.cdiv(M, _PART_ROWS)
+    db2_part = torch.empty((n_parts, C), device=x.device, dtype=torch.float32)
+    has_y2 = y2 is not None and y2.numel() > 0
+    dgamma_part = torch.empty_like(db2_part) if has_y2 else db2_part
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
+
+    args = (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, db2_part, dgamma_part, M, HW)
+    _launch("dx", grid, args, C, D, x.dtype, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
+            HAS_SCALE=has_scale, HAS_Y2=has_y2, DOT_PRECISION=_dot_precision(x.dtype))
+    dgamma = dgamma_part.sum(0) if has_y2 else None
+    return db2_part.sum(0), dgamma
+
+
+def _backward_dw(grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act):
+    """dW1, db1, dW2 as fp32 sums of per-M-segment partials."""
+    N, H, W, C = x.shape
+    D = w1.shape[0]
+    M, HW = N * H * W, H * W
+    segments = _num_segments(M)
+    dw1_part = torch.empty((segments, D, C), device=x.device, dtype=torch.float32)
+    dw2_part = torch.empty((segments, C, D), device=x.device, dtype=torch.float32)
+    db1_part = torch.empty((segments, D), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), segments)
+
+    args = (x, grad_out, w1, b1, w2, g, s, dw1_part, dw2_part, db1_part, M, HW, segments)
+    _launch("dw", grid, args, C, D, x.dtype, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
+            DOT_PRECISION=_dot_precision(x.dtype))
+    return dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0)
+
+
+def _grad_like(t: Optional[torch.Tensor], wanted: bool, fallback: torch.Tensor) -> torch.Tensor:
+    """A gradient buffer shaped like t, or an empty placeholder where that gradient is not computed."""
+    if t is None:
+        return fallback.new_empty(0)
+    return torch.empty_like(t) if wanted else t.new_empty(0)
+
+
+def _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
+                    want_weight_side):
+    """Uninitialised outputs of the backward op: (dx, dW1, db1, dW2, db2, dgamma); shared with the fake."""
+    has_dgamma = want_x_side and gamma is not None and y2.numel() > 0
+    return (_grad_like(x, want_x_side, x), _grad_like(fc1_weight, want_weight_side, x),
+            _grad_like(fc1_bias, want_weight_side, x), _grad_like(fc2_weight, want_weight_side, x),
+            _grad_like(fc2_bias, want_x_side, x), _grad_like(gamma, has_dgamma, fc2_bias))
+
+
+def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, act,
+                   want_x_side, want_weight_side):
+    grads = _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
+                            want_weight_side)
+    if x.numel() == 0:
+        return tuple(g.zero_() for g in grads)
+    dx, dw1, db1, dw2, db2, dgamma = grads
+    grad_out = grad_out.contiguous()
+    w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
+    flags = dict(has_gamma=gamma is not None, has_scale=sample_scale is not None, act=act)
+    with _device_guard(x):
+        if want_x_side:
+            db2_f32, dgamma_f32 = _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, **flags)
+            db2.copy_(db2_f32)
+            if dgamma.numel():
+                dgamma.copy_(dgamma_f32)
+        if want_weight_side:
+            dw1_f32, db1_f32, dw2_f32 = _backward_dw(grad_out, x, w1, b1, w2, g, s, **flags)
+            dw1.copy_(dw1_f32)
+            db1.copy_(db1_f32)
+            dw2.copy_(dw2_f32)
+    return dx, dw1, db1, dw2, db2, dgamma
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops, autograd and the functional wrapper
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastconvnext::convnext_mlp_fwd", mutates_args=())
+def _mlp_fwd_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    gamma: Optional[torch.Tensor],
+    sample_scale: Optional[torch.Tensor],
+    act: str,
+    save_y2: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
+                         save_y2)
+
+
+@_mlp_fwd_op.register_fake
+def _(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2):
+    return torch.empty_like(x), (torch.empty_like(x) if save_y2 else x.new_empty(0))
+
+
+@torch.library.custom_op("fastconvnext::convnext_mlp_bwd", mutates_args=())
+def _mlp_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: torch.Tensor,
+    fc2_weight: torch.Tensor,
+    fc2_bias: torch.Tensor,
+    gamma: Optional[torch.Tensor],
+    sample_scale: Optional[torch.Tensor],
+    y2: torch.Tensor,
+    act: str,
+    want_x_side: bool,
+    want_weight_side: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2,
+                          act, want_x_side, want_weight_side)
+
+
+@_mlp_bwd_op.register_fake
+def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, act, want_x_side,
+      want_weight_side):
+    return _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
+                           want_weight_side)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, _ = inputs
+    ctx.act = act
+    ctx.has_gamma = gamma is not None
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, output[1])
+
+
+def _mlp_backward(ctx, grad_out, _grad_y2):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    want_x_side = need[0] or need[5] or (ctx.has_gamma and need[6])
+    want_weight_side = need[2] or need[3] or need[4]
+    dx, dw1, db1, dw2, db2, dgamma = _mlp_bwd_op(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                                                 gamma, sample_scale, y2, ctx.act, want_x_side,
+                                                 want_weight_side)
+
+    def pick(t, i):
+        return t if need[i] else None
+
+    d_residual = grad_out if need[1] else None
+    d_gamma = dgamma if (ctx.has_gamma and need[6]) else None
+    return (pick(dx, 0), d_residual, pick(dw1, 2), pick(db1, 3), pick(dw2, 4), pick(db2, 5), d_gamma,
+            None, None, None)
+
+
+_mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_setup_context)
+
+
+def _check(cond: bool, exc, message: str):
+    if not cond:
+        raise exc(message)
+
+
+def _validate(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale):
+    tensors = dict(x=x, residual=residual, fc1_weight=fc1_weight, fc1_bias=fc1_bias, fc2_weight=fc2_weight,
+                   fc2_bias=fc2_bias, gamma=gamma, sample_scale=sample_scale)
+    for name, t in tensors.items():
+        _check(t is None and name in ("gamma", "sample_scale") or isinstance(t, torch.Tensor), TypeError,
+               f"convnext_mlp: {name} must be a torch.Tensor, got {type(t).__name__}")
+    _check(isinstance(act, str) and act in FUSED_ACTS, ValueError,
+           f"convnext_mlp: act must be one of {FUSED_ACTS}, got {act!r}")
+    _check(x.dtype in _TRITON_DTYPE, TypeError,
+           f"convnext_mlp: x must be float32, float16 or bfloat16, got {x.dtype}")
+    _check(x.dim() == 4, ValueError, f"convnext_mlp: x must be [N, H, W, C], got shape {tuple(x.shape)}")
+    N, H, W, C = x.shape
+    D = fc1_weight.shape[0] if fc1_weight.dim() == 2 else -1
+    expected = dict(residual=(N, H, W, C), fc1_weight=(D, C), fc1_bias=(D,), fc2_weight=(C, D), fc2_bias=(C,),
+                    gamma=(C,), sample_scale=(N,))
+    for name, shape in expected.items():
+        t = tensors[name]
+        if t is None:
+            continue
+        _check(tuple(t.shape) == shape, ValueError,
+               f"convnext_mlp: {name} must have shape {shape} (x is {tuple(x.shape)}, D={D}), got {tuple(t.shape)}")
+        _check(t.device == x.device, ValueError,
+               f"convnext_mlp: {name} is on {t.device}, expected x's device {x.device}")
+        _check(t.is_floating_point() and t.dtype in _TRITON_DTYPE, TypeError,
+               f"convnext_mlp: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    _check(C >= 1 and D >= 1, ValueError, f"convnext_mlp: need C >= 1 and D >= 1, got C={C}, D={D}")
+    _check(residual.dtype == x.dtype, TypeError,
+           f"convnext_mlp: residual dtype {residual.dtype} must equal x dtype {x.dtype}")
+    for name in ("x", "residual"):
+        _check(tensors[name].is_contiguous(), ValueError,
+               f"convnext_mlp: {name} must be contiguous in [N, H, W, C] order (a channels_last NCHW tensor "
+               f"seen through .permute(0, 2, 3, 1)); got strides {tuple(tensors[name].stride())}")
+    if x.is_cuda:
+        _check(not _INTERPRET, ValueError, "convnext_mlp: CUDA tensors cannot run with TRITON_INTERPRET=1")
+    else:
+        _check(_INTERPRET and x.device.type == "cpu", ValueError,
+               f"convnext_mlp: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+               f"set before import), got device {x.device}")
+
+
+def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu",
+                 sample_scale=None):
+    """residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2), x/residual [N, H, W, C] NHWC.
+
+    Same result as `reference.convnext_mlp_reference`, returned in x's dtype; differentiable in x,
+    residual, both weights and biases and gamma.
+    """
+    _validate(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
+    save_y2 = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
+    out, _ = _mlp_fwd_op(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
+                         save_y2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile targets (for kernels/compile_check.py)
+# ---------------------------------------------------------------------------------------------
+# Representative (C, D) buckets: a small odd one, then the four ConvNeXt stage widths.
+_BUCKETS = ((40, 72), (96, 384), (192, 768), (384, 1536), (768, 3072))
+_DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _signature(pointers: List[str], ints: List[str], constexprs: List[str], dtype: str) -> dict:
+    sig = {}
+    for name in pointers:
+        small = name.startswith(("b1", "b2", "gamma", "scale")) or "part" in name
+        sig[name] = "*fp32" if small else f"*{dtype}"
+    sig.update({name: "i32" for name in ints})
+    sig.update({name: "constexpr" for name in constexprs})
+    return sig
+
+
+_FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr", "scale_ptr", "out_ptr",
+                 "y2_ptr"]
+_DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dx_ptr",
+                "db2_part_ptr", "dgamma_part_ptr"]
+_DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "dw1_part_ptr",
+                "dw2_part_ptr", "db1_part_ptr"]
+_KERNELS = {
+    "fwd": ("convnext_mlp_fwd", lambda: _mlp_fwd_kernel, _FWD_POINTERS, ["M", "HW"], _fwd_configs),
+    "dx": ("convnext_mlp_bwd_dx", lambda: _mlp_bwd_dx_kernel, _DX_POINTERS, ["M", "HW"], _dx_configs),
+    "dw": ("convnext_mlp_bwd_dw", lambda: _mlp_bwd_dw_kernel, _DW_POINTERS, ["M", "HW", "NUM_SEGMENTS"], _dw_configs),
+}
+
+
+def _flags(kind: str, act: str = "gelu", on: bool = True) -> dict:
+    flags = dict(ACT=act, HAS_GAMMA=on, HAS_SCALE=on)
+    if kind == "fwd":
+        flags["SAVE_Y2"] = on
+    elif kind == "dx":
+        flags.update(PART_ROWS=_PART_ROWS, HAS_Y2=on)
+    return flags
+
+
+def _target(kind: str, cfg: dict, C: int, D: int, dtype: str, flags: dict, precision: str) -> CompileTarget:
+    name, fn, pointers, ints, _ = _KERNELS[kind]
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    constexprs = dict(C=C, D=D, **meta, **flags, DOT_PRECISION=precision)
+    on = " ".join(k for k, v in flags.items() if v is True)
+    label = " ".join(f"{k}={v}" for k, v in meta.items())
+    label += f" w{cfg['num_warps']} s{cfg['num_stages']} C={C} D={D} act={flags['ACT']} {precision} {on}"
+    return CompileTarget(
+        kernel=name, fn=fn(), signature=_signature(pointers, ints, list(constexprs), dtype), constexprs=constexprs,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, label=label.strip(),
+        expects_tensor_cores=dtype in ("fp16", "bf16") or precision == "tf32",
+    )
+
+
+def compile_targets() -> List[CompileTarget]:
+    """Every config the launchers can pick, per dtype and representative (C, D) bucket.
+
+    Each config is compiled with all optional features on (the most registers live); fp32 both with
+    "ieee" (torch's default) and "tf32" dots. The first config of each bucket is also compiled with the
+    features off, and the other activations once per dtype at C = 96.
+    """
+    targets = []
+    for dtype in _DTYPES:
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        for C, D in _BUCKETS:
+            for kind, (_, _, _, _, configs) in _KERNELS.items():
+                for i, cfg in enumerate(configs(C, D, dtype)):
+                    for precision in precisions:
+                        targets.append(_target(kind, cfg, C, D, dtype, _flags(kind), precision))
+                    if i == 0:
+                        targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, on=False), "ieee"))
+        for act in ("gelu_tanh", "relu"):
+            for kind in ("fwd", "dw"):
+                cfg = _KERNELS[kind][4](96, 384, dtype)[0]
+                targets.append(_target(kind, cfg, 96, 384, dtype, _flags(kind, act), "ieee"))
+    return targets
