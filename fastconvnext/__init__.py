@@ -19,7 +19,9 @@ __all__ = [
     "ConvNextPreTrainedModel",
     "from_transformers",
     "get_backend",
+    "patch_transformers",
     "set_backend",
+    "unpatch_transformers",
     "use_backend",
 ]
 
@@ -34,4 +36,8 @@ def __getattr__(name):
         from fastconvnext.checkpoint import from_transformers
 
         return from_transformers
+    if name in ("patch_transformers", "unpatch_transformers"):
+        from fastconvnext import patch
+
+        return getattr(patch, name)
     raise AttributeError(f"module 'fastconvnext' has no attribute {name!r}")

@@ -154,7 +154,7 @@ class ConvNextStage(nn.Module):
 class ConvNextEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).split(config.depths)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
         self.stages = nn.ModuleList()
         previous = config.hidden_sizes[0]
         for i in range(config.num_stages):

@@ -1,0 +1,188 @@
+"""Run transformers' own ConvNeXt models on fastconvnext's fused ops, with no change to user code.
+
+`patch_transformers()` replaces the block class that transformers' ConvNeXt stages instantiate,
+`transformers.models.convnext.modeling_convnext.ConvNextLayer`, by `FusedConvNextLayer`: a subclass
+with the same sub-modules and parameters (state-dict keys unchanged) whose forward calls the two ops
+of `fastconvnext.backend`. Everything else stays transformers' code: config, from_pretrained, weight
+init, pipeline(), Trainer, backbones. Models built while patched get fused blocks; `patch_model(model)`
+converts a model built before. `unpatch_transformers()` puts the original class back.
+
+    import fastconvnext
+    fastconvnext.patch_transformers()            # from now on
+    with fastconvnext.patch_transformers():      # or only inside the block
+        classifier = pipeline("image-classification", model="facebook/convnext-tiny-224")
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import nn
+
+from fastconvnext import backend
+
+__all__ = [
+    "FusedConvNextLayer",
+    "is_patched",
+    "patch_model",
+    "patch_transformers",
+    "unpatch_model",
+    "unpatch_transformers",
+]
+
+_lock = threading.RLock()
+_original_layer = None  # transformers' ConvNextLayer, remembered on first use
+_fused_layer = None  # the subclass built from it
+
+
+def _convnext_module():
+    try:
+        from transformers.models.convnext import modeling_convnext
+    except ImportError as err:
+        raise ImportError("patch_transformers needs transformers (pip install 'fastconvnext[hf]')") from err
+    return modeling_convnext
+
+
+def _activation_names():
+    """transformers activation class -> the fused op's activation name (others run transformers' forward)."""
+    from transformers import activations
+
+    return {
+        activations.GELUActivation: "gelu",  # both its forms (torch and python) are the exact erf GELU
+        activations.NewGELUActivation: "gelu_tanh",
+        activations.GELUTanh: "gelu_tanh",
+        activations.FastGELUActivation: "gelu_tanh",
+        nn.ReLU: "relu",
+    }
+
+
+def _sample_scale(drop_path, x):
+    """Per-sample drop-path scale drawn exactly as transformers' ConvNextDropPath draws its mask."""
+    drop_prob = getattr(drop_path, "drop_prob", 0.0)
+    if drop_prob == 0.0 or not drop_path.training:
+        return None
+    keep_prob = 1.0 - drop_prob
+    return torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob) / keep_prob
+
+
+def _build_fused_layer(original):
+    activation_names = _activation_names()
+
+    class ConvNextLayer(original):
+        """transformers' ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops.
+
+        Same parameters and output as the original; the output tensor is channels-last in memory, so the
+        next block reads it without a copy. Activations the fused MLP lacks run the original forward.
+        """
+
+        _fastconvnext_fused = True
+
+        def forward(self, features):
+            act = activation_names.get(type(self.act))
+            if act is None:
+                return super().forward(features)
+            x = features.contiguous(memory_format=torch.channels_last)
+            residual = x.permute(0, 2, 3, 1)
+            dwconv, norm = self.dwconv, self.layernorm
+            y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, norm.weight, norm.bias, norm.eps)
+            out = backend.convnext_mlp(
+                y, residual, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
+                self.layer_scale_parameter, act, _sample_scale(self.drop_path, x),
+            )
+            return out.permute(0, 3, 1, 2)
+
+    # Keep transformers' class name (accelerate's _no_split_modules matches by name) and make the
+    # class reachable as fastconvnext.patch.ConvNextLayer so pickled models load again.
+    ConvNextLayer.__module__ = __name__
+    ConvNextLayer.__qualname__ = "ConvNextLayer"
+    globals()["ConvNextLayer"] = ConvNextLayer
+    return ConvNextLayer
+
+
+def _classes():
+    """(transformers' original ConvNextLayer, the fused subclass), built once."""
+    global _original_layer, _fused_layer
+    with _lock:
+        if _original_layer is None:
+            current = _convnext_module().ConvNextLayer
+            _original_layer = current.__base__ if getattr(current, "_fastconvnext_fused", False) else current
+            _fused_layer = _build_fused_layer(_original_layer)
+        return _original_layer, _fused_layer
+
+
+def __getattr__(name):
+    if name == "FusedConvNextLayer":
+        return _classes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def is_patched():
+    """Whether transformers' ConvNeXt currently builds fused blocks."""
+    with _lock:
+        return _fused_layer is not None and _convnext_module().ConvNextLayer is _fused_layer
+
+
+class _Patch:
+    """Returned by patch_transformers(); as a context manager it restores the state it found on exit."""
+
+    def __init__(self, was_patched):
+        self.was_patched = was_patched
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if not self.was_patched:
+            unpatch_transformers()
+        return False
+
+    def __repr__(self):
+        return f"<fastconvnext transformers patch, active={is_patched()}>"
+
+
+def patch_transformers():
+    """Make transformers' ConvNeXt models (built from now on) run their blocks on fastconvnext's ops.
+
+    Idempotent. Usable as a context manager: `with patch_transformers(): ...` unpatches on exit unless
+    transformers was already patched before.
+    """
+    with _lock:
+        was_patched = is_patched()
+        _, fused = _classes()
+        _convnext_module().ConvNextLayer = fused
+        return _Patch(was_patched)
+
+
+def unpatch_transformers():
+    """Restore transformers' own ConvNextLayer; models built while patched keep their fused blocks."""
+    with _lock:
+        if _original_layer is not None:
+            _convnext_module().ConvNextLayer = _original_layer
+
+
+def _swap_layers(model, source, target):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    count = 0
+    for module in model.modules():
+        if type(module) is source:
+            module.__class__ = target  # same attributes and parameters: only forward changes
+            count += 1
+    return count
+
+
+def patch_model(model):
+    """Convert the transformers ConvNeXt blocks of an already built model to fused ones, in place.
+
+    Returns the model. Works on any module tree (a ConvNeXt backbone inside a detector too).
+    """
+    original, fused = _classes()
+    _swap_layers(model, original, fused)
+    return model
+
+
+def unpatch_model(model):
+    """Turn the fused blocks of `model` back into transformers' own ConvNextLayer, in place."""
+    original, fused = _classes()
+    _swap_layers(model, fused, original)
+    return model
