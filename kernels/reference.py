@@ -45,3 +45,38 @@ def convnext_mlp_reference(
     if sample_scale is not None:
         y = y * sample_scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
     return residual + y
+
+
+# oneDNN post-op names for the activations it can fuse into a CPU linear layer: (name, algorithm).
+_ONEDNN_ACTS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
+
+
+def onednn_mlp_available(x, act, sample_scale):
+    """Whether `convnext_mlp_cpu_inference` applies: fp32 CPU inference, a fusable activation, no drop path."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and act in _ONEDNN_ACTS
+        and sample_scale is None
+        and not torch.is_grad_enabled()
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu"):
+    """The same op as `convnext_mlp_reference`, for CPU inference, with oneDNN post-ops.
+
+    fc1 carries bias + activation; fc2 carries the residual add, and the layer scale is folded into
+    its weight and bias, so the 4C hidden is touched once and no elementwise pass follows fc2.
+    """
+    channels = x.shape[-1]
+    if gamma is not None:
+        fc2_weight, fc2_bias = gamma[:, None] * fc2_weight, gamma * fc2_bias
+    name, algorithm = _ONEDNN_ACTS[act]
+    hidden = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, channels), fc1_weight, fc1_bias, name, [], algorithm)
+    out = torch.ops.mkldnn._linear_pointwise.binary(
+        hidden, residual.reshape(-1, channels), fc2_weight, fc2_bias, "add"
+    )
+    return out.view(residual.shape)

@@ -1,0 +1,48 @@
+"""The CPU inference fast path of the MLP (oneDNN post-ops) against the eager reference."""
+import pytest
+import torch
+
+from fastconvnext import backend
+from fastconvnext.kernels import reference
+from tolerance import assert_within_rule
+
+
+def mlp_inputs(n=2, h=5, w=7, c=24, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(3)
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    return make(n, h, w, c), make(n, h, w, c), make(4 * c, c) * 0.2, make(4 * c), make(c, 4 * c) * 0.2, make(c), make(c)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_onednn_inference_path_matches_reference(act, with_gamma):
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs()
+    gamma = gamma if with_gamma else None
+    with torch.no_grad():
+        assert reference.onednn_mlp_available(x, act, None)
+        fast = reference.convnext_mlp_cpu_inference(x, res, w1, b1, w2, b2, gamma, act)
+        eager = reference.convnext_mlp_reference(x, res, w1, b1, w2, b2, gamma, act)
+        exact = reference.convnext_mlp_reference(
+            *(t.double() for t in (x, res, w1, b1, w2, b2)), None if gamma is None else gamma.double(), act
+        )
+    assert_within_rule(fast, eager, exact, torch.float32, f"onednn mlp ({act}, gamma={with_gamma})")
+
+
+def test_onednn_path_only_for_fp32_cpu_inference_without_drop_path():
+    x, *_ = mlp_inputs()
+    with torch.no_grad():
+        assert not reference.onednn_mlp_available(x, "silu", None)
+        assert not reference.onednn_mlp_available(x, "gelu", torch.ones(2))
+        assert not reference.onednn_mlp_available(x.double(), "gelu", None)
+    assert not reference.onednn_mlp_available(x, "gelu", None), "grad mode must take the autograd path"
+
+
+def test_backend_eager_mlp_uses_fast_path_in_inference_and_reference_in_training():
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs()
+    w1.requires_grad_()
+    with backend.use_backend("eager"):
+        out = backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
+        assert out.grad_fn is not None
+        with torch.no_grad():
+            fast = backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
+    torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
