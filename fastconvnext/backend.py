@@ -12,6 +12,8 @@ import importlib.util
 import os
 import warnings
 
+import torch
+
 from fastconvnext.kernels import reference
 
 BACKENDS = ("auto", "triton", "eager")
@@ -132,4 +134,6 @@ def describe():
         for op in ("dwconv_layernorm", "convnext_mlp"):
             report[f"{op} [{device_type}]"] = choice
     report["convnext_mlp activations fused"] = ", ".join(reference.FUSED_ACTS)
+    if torch.backends.mkldnn.is_available():
+        report["convnext_mlp eager, fp32 CPU inference"] = "oneDNN linear with fused bias+act / layer scale+residual"
     return report
