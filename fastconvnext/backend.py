@@ -18,7 +18,6 @@ from fastconvnext.kernels import reference
 
 BACKENDS = ("auto", "triton", "eager")
 ENV_VAR = "FASTCONVNEXT_BACKEND"
-MAX_FUSED_KERNEL_SIZE = 7
 
 
 def _checked(name, source):
@@ -83,9 +82,12 @@ def _choose(device_type, unsupported_reason=None):
 
 
 def _dwconv_unsupported(dw_weight):
-    k = dw_weight.shape[-1]
-    if k % 2 == 0 or k > MAX_FUSED_KERNEL_SIZE or dw_weight.shape[-2] != k:
-        return f"the fused depthwise conv takes square odd kernels up to {MAX_FUSED_KERNEL_SIZE}, got {tuple(dw_weight.shape[-2:])}"
+    channels, k = dw_weight.shape[0], dw_weight.shape[-1]
+    if k % 2 == 0 or k > reference.DWCONV_MAX_KERNEL_SIZE or dw_weight.shape[-2] != k:
+        return (f"the fused depthwise conv takes square odd kernels up to {reference.DWCONV_MAX_KERNEL_SIZE}, "
+                f"got {tuple(dw_weight.shape[-2:])}")
+    if channels > reference.DWCONV_MAX_CHANNELS:
+        return f"the fused depthwise conv takes up to {reference.DWCONV_MAX_CHANNELS} channels, got {channels}"
     return None
 
 

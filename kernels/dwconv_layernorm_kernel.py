@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 
 from .compile_spec import CompileTarget
+from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
+from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 
-MAX_KERNEL_SIZE = 7
-MAX_CHANNELS = 2048  # ConvNeXt-XL's widest stage
 MIN_BLOCK_C = 64  # fewer compiled variants; tiny C only wastes masked lanes
 # Programs of the kernels that write gradient partials. Fixed (not per GPU), so the summation
 # order and thus the bits do not depend on the GPU model; scaled down with C so the partial

@@ -26,6 +26,10 @@ ACTIVATIONS = {
     "linear": lambda t: t,
 }
 FUSED_ACTS = ("gelu", "gelu_tanh", "relu")
+# What the fused depthwise-conv kernel implements: square odd kernels up to 7, up to 2048 channels
+# (ConvNeXt-XL's widest stage). Beyond that the dispatcher runs the eager op.
+DWCONV_MAX_KERNEL_SIZE = 7
+DWCONV_MAX_CHANNELS = 2048
 
 
 def dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):

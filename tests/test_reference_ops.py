@@ -46,3 +46,15 @@ def test_backend_eager_mlp_uses_fast_path_in_inference_and_reference_in_training
         with torch.no_grad():
             fast = backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
     torch.testing.assert_close(fast, out.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_runs_eager_where_the_fused_dwconv_does_not_apply(monkeypatch):
+    monkeypatch.setattr(backend, "_kernels_usable", lambda device_type: (True, ""))
+    wide = torch.zeros(reference.DWCONV_MAX_CHANNELS + 1, 1, 7, 7)
+    even = torch.zeros(8, 1, 4, 4)
+    with backend.use_backend("auto"):
+        assert "up to 2048 channels, got 2049" in backend._dwconv_unsupported(wide)
+        assert "square odd kernels up to 7" in backend._dwconv_unsupported(even)
+        assert backend._dwconv_unsupported(torch.zeros(8, 1, 7, 7)) is None
+        assert backend._choose("cuda", None) is True
+        assert backend._choose("cuda", backend._dwconv_unsupported(wide)) is False
