@@ -27,7 +27,7 @@ from pathlib import Path
 
 KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA", "HMMA")}
+TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA",)}
 MAX_COMPILE_SECONDS = 60.0
 _PACKAGE = __package__ or "fastconvnext.kernels"
 
@@ -43,7 +43,7 @@ class CheckResult:
     local_bytes: int = -1
     shared_bytes: int = -1
     seconds: float = 0.0
-    tensor_cores: str = "-"  # "yes"/"no" where expected, else "-"
+    tensor_cores: str = "-"  # the tensor-core instruction found ("HMMA"/"HGMMA"), "no", or "-" if not expected
     failures: list = field(default_factory=list)
 
     @property
@@ -123,6 +123,14 @@ def check_target(target, arch: int) -> CheckResult:
     return result
 
 
+def _tensor_core_ops(arch: int, dtype: str) -> tuple:
+    """fp16/bf16 dots must use wgmma (HGMMA) on sm_90; fp32 (tf32) tiles are 32 rows, below wgmma's
+    64-row minimum, so HMMA is their tensor-core instruction there."""
+    if arch >= 90 and dtype == "fp32":
+        return ("HGMMA", "HMMA")
+    return TENSOR_CORE_OPS.get(arch, ("HMMA",))
+
+
 def _judge(result: CheckResult, target, sass: str) -> None:
     arch = result.arch
     if result.stack_bytes > 0 or result.local_bytes > 0:
@@ -133,9 +141,9 @@ def _judge(result: CheckResult, target, sass: str) -> None:
     if result.seconds > MAX_COMPILE_SECONDS:
         result.failures.append(f"compile took {result.seconds:.1f} s > {MAX_COMPILE_SECONDS:.0f} s")
     if target.expects_tensor_cores:
-        ops = TENSOR_CORE_OPS.get(arch, ("HMMA",))
-        found = any(re.search(rf"\b{op}\b", sass) for op in ops)
-        result.tensor_cores = "yes" if found else "no"
+        ops = _tensor_core_ops(arch, target.dtype)
+        found = [op for op in ops if re.search(rf"\b{op}\b", sass)]
+        result.tensor_cores = found[0] if found else "no"
         if not found:
             result.failures.append(f"no tensor-core instruction ({'/'.join(ops)}) in SASS")
 
