@@ -125,3 +125,10 @@ def test_unknown_kernel_filter_fails(monkeypatch):
     monkeypatch.setattr(compile_check, "load_targets", lambda modules: ([("fake_module", fake)], []))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert compile_check.main(["--arch", "90", "--kernel", "no_kernel_has_this_name"]) == 1
+
+
+def test_sm90_low_precision_dots_must_be_wgmma():
+    assert compile_check._tensor_core_ops(90, "fp16") == ("HGMMA",)
+    assert compile_check._tensor_core_ops(90, "bf16") == ("HGMMA",)
+    assert compile_check._tensor_core_ops(80, "bf16") == ("HMMA",)
+    assert "HMMA" in compile_check._tensor_core_ops(90, "fp32")
