@@ -77,26 +77,48 @@ class ConvNextEmbeddings(nn.Module):
         return self.layernorm(x.contiguous(memory_format=torch.channels_last))
 
 
-class ConvNextDropPath(nn.Module):
-    """Stochastic depth: per-sample keep (scaled by 1/keep_prob) or drop, in training only.
+def drop_path_scale(drop_prob, training, x):
+    """Per-sample stochastic-depth scale for x (0 or 1/keep_prob), or None when nothing is dropped.
 
     Draws one uniform number per sample, in the same order and dtype as transformers, so a seeded run
     drops the same samples. The scale is applied inside the fused MLP epilogue.
     """
+    if drop_prob == 0.0 or not training:
+        return None
+    keep_prob = 1.0 - drop_prob
+    return torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob) / keep_prob
+
+
+class ConvNextDropPath(nn.Module):
+    """Stochastic depth: per-sample keep (scaled by 1/keep_prob) or drop, in training only."""
 
     def __init__(self, drop_prob=0.0):
         super().__init__()
         self.drop_prob = drop_prob
 
     def sample_scale(self, x):
-        if self.drop_prob == 0.0 or not self.training:
-            return None
-        keep_prob = 1.0 - self.drop_prob
-        mask = torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob)
-        return mask / keep_prob
+        return drop_path_scale(self.drop_prob, self.training, x)
 
     def extra_repr(self):
         return f"p={self.drop_prob}"
+
+
+def block_forward(block, x, act, sample_scale):
+    """One ConvNeXt block through the backend ops; x is channels-last NCHW, so its NHWC view is free.
+
+    `block` is any module with transformers' block attribute names (dwconv, layernorm, pwconv1,
+    pwconv2, layer_scale_parameter): fastconvnext's own, or transformers' patched one.
+    """
+    residual = _nhwc(x)
+    y = backend.dwconv_layernorm(
+        residual, block.dwconv.weight, block.dwconv.bias, block.layernorm.weight, block.layernorm.bias,
+        block.layernorm.eps,
+    )
+    out = backend.convnext_mlp(
+        y, residual, block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
+        block.layer_scale_parameter, act, sample_scale,
+    )
+    return _nchw(out)
 
 
 class ConvNextLayer(nn.Module):
@@ -114,17 +136,8 @@ class ConvNextLayer(nn.Module):
         self.drop_path = ConvNextDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
-        residual = _nhwc(x)
-        y = backend.dwconv_layernorm(
-            residual, self.dwconv.weight, self.dwconv.bias, self.layernorm.weight, self.layernorm.bias,
-            self.layernorm.eps,
-        )
         scale = self.drop_path.sample_scale(x) if isinstance(self.drop_path, ConvNextDropPath) else None
-        out = backend.convnext_mlp(
-            y, residual, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
-            self.layer_scale_parameter, self.act.name, scale,
-        )
-        return _nchw(out)
+        return block_forward(self, x, self.act.name, scale)
 
 
 class ConvNextStage(nn.Module):

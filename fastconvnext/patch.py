@@ -19,7 +19,7 @@ import threading
 import torch
 from torch import nn
 
-from fastconvnext import backend
+from fastconvnext.modeling import block_forward, drop_path_scale
 
 __all__ = [
     "FusedConvNextLayer",
@@ -56,15 +56,6 @@ def _activation_names():
     }
 
 
-def _sample_scale(drop_path, x):
-    """Per-sample drop-path scale drawn exactly as transformers' ConvNextDropPath draws its mask."""
-    drop_prob = getattr(drop_path, "drop_prob", 0.0)
-    if drop_prob == 0.0 or not drop_path.training:
-        return None
-    keep_prob = 1.0 - drop_prob
-    return torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob) / keep_prob
-
-
 def _build_fused_layer(original):
     activation_names = _activation_names()
 
@@ -82,14 +73,8 @@ def _build_fused_layer(original):
             if act is None:
                 return super().forward(features)
             x = features.contiguous(memory_format=torch.channels_last)
-            residual = x.permute(0, 2, 3, 1)
-            dwconv, norm = self.dwconv, self.layernorm
-            y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, norm.weight, norm.bias, norm.eps)
-            out = backend.convnext_mlp(
-                y, residual, self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias,
-                self.layer_scale_parameter, act, _sample_scale(self.drop_path, x),
-            )
-            return out.permute(0, 3, 1, 2)
+            drop_prob = getattr(self.drop_path, "drop_prob", 0.0)
+            return block_forward(self, x, act, drop_path_scale(drop_prob, self.drop_path.training, x))
 
     # Keep transformers' class name (accelerate's _no_split_modules matches by name) and make the
     # class reachable as fastconvnext.patch.ConvNextLayer so pickled models load again.
