@@ -58,3 +58,9 @@ def test_dispatch_runs_eager_where_the_fused_dwconv_does_not_apply(monkeypatch):
         assert backend._dwconv_unsupported(torch.zeros(8, 1, 7, 7)) is None
         assert backend._choose("cuda", None) is True
         assert backend._choose("cuda", backend._dwconv_unsupported(wide)) is False
+
+
+def test_onednn_path_stays_off_under_autocast():
+    x, *_ = mlp_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not reference.onednn_mlp_available(x, "gelu", None)
