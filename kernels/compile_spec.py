@@ -16,3 +16,22 @@ class CompileTarget:
     label: str = ""  # short description of the config (block sizes, flags)
     expects_tensor_cores: bool = False  # SASS must show HMMA (sm_80) / HGMMA or HMMA (sm_90)
     extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """One kernel launch that a real call makes at a given shape: what `sass_report` compiles and models.
+
+    Kernel modules expose `launch_plans(batch, height, width, channels, dtype, training) -> list[LaunchPlan]`
+    (forward launches, then backward launches when `training`), choosing exactly the config their launcher
+    would pick for that shape with autotuning off.
+    """
+    target: CompileTarget  # the config the launcher picks; its signature/constexprs as a real launch builds them
+    grid: tuple  # programs launched (1 to 3 ints)
+    phase: str  # "forward" or "backward"
+    hbm_bytes: float  # bytes this launch moves to/from HBM, counting re-reads whose footprint exceeds L2
+    l2_bytes: float  # bytes its programs request from L2 (halos and re-reads across programs included)
+    loop_trips: int  # iterations of the hot loop one program runs (per-iteration counts x trips = total)
+    flops: float = 0.0  # useful floating-point operations of the launch
+    divisible_by_16: tuple = ()  # integer argument names that are multiples of 16 at this shape (Triton specializes them)
+    note: str = ""  # one line: what this launch does
