@@ -1,43 +1,38 @@
-"""fastconvnext: ConvNeXt on fused Triton kernels, a drop-in replacement for transformers' ConvNextModel."""
-from fastconvnext.backend import get_backend, set_backend, use_backend
-from fastconvnext.configuration import ConvNextConfig
-from fastconvnext.modeling import (
-    ConvNextBackbone,
-    ConvNextForImageClassification,
-    ConvNextModel,
-    ConvNextPreTrainedModel,
-)
+"""fastconvnext: ConvNeXt on fused Triton kernels, a drop-in replacement for transformers' ConvNextModel.
+
+Every public name is loaded on first use, so `import fastconvnext` (and `fastconvnext --help`) does
+not import torch, PIL or Triton until something needs them.
+"""
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConvNextBackbone",
-    "ConvNextConfig",
-    "ConvNextForImageClassification",
-    "ConvNextImageProcessor",
-    "ConvNextModel",
-    "ConvNextPreTrainedModel",
-    "from_transformers",
-    "get_backend",
-    "patch_transformers",
-    "set_backend",
-    "unpatch_transformers",
-    "use_backend",
-]
+_EXPORTS = {
+    "ConvNextBackbone": "fastconvnext.modeling",
+    "ConvNextConfig": "fastconvnext.configuration",
+    "ConvNextForImageClassification": "fastconvnext.modeling",
+    "ConvNextImageProcessor": "fastconvnext.image_processing",
+    "ConvNextModel": "fastconvnext.modeling",
+    "ConvNextPreTrainedModel": "fastconvnext.modeling",
+    "from_transformers": "fastconvnext.checkpoint",
+    "get_backend": "fastconvnext.backend",
+    "patch_transformers": "fastconvnext.patch",
+    "set_backend": "fastconvnext.backend",
+    "tune": "fastconvnext.tuning",
+    "unpatch_transformers": "fastconvnext.patch",
+    "use_backend": "fastconvnext.backend",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # Loaded on first use: the processor pulls in PIL, the checkpoint code safetensors.
-    if name == "ConvNextImageProcessor":
-        from fastconvnext.image_processing import ConvNextImageProcessor
-
-        return ConvNextImageProcessor
-    if name == "from_transformers":
-        from fastconvnext.checkpoint import from_transformers
-
-        return from_transformers
-    if name in ("patch_transformers", "unpatch_transformers"):
-        from fastconvnext import patch
-
-        return getattr(patch, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fastconvnext' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
