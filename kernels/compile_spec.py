@@ -35,3 +35,7 @@ class LaunchPlan:
     flops: float = 0.0  # useful floating-point operations of the launch
     divisible_by_16: tuple = ()  # integer argument names that are multiples of 16 at this shape (Triton specializes them)
     note: str = ""  # one line: what this launch does
+    int_args: dict = field(default_factory=dict)  # integer argument values at this shape: sass_report specializes
+    #   them as Triton's launcher does (1 -> constant, multiple of 16 -> divisible); divisible_by_16 when absent
+    outer_trips: int = 1  # iterations of loops enclosing the hot loop, per program (loop_trips counts every
+    #   hot-loop iteration of the program, so nested loops give loop_trips = inner x outer)
