@@ -25,16 +25,19 @@ dtype through the cast. x must already be NHWC-contiguous: it is rejected, not c
 """
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
+from ._env import autotune_enabled, interpreting
 from .compile_spec import CompileTarget
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
+from .reference import dwconv_layernorm_reference
 
 MIN_BLOCK_C = 64  # fewer compiled variants; tiny C only wastes masked lanes
 # Programs of the kernels that write gradient partials. Fixed (not per GPU), so the summation
@@ -210,10 +213,6 @@ def _dwconv_wgrad_kernel(
 # -------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _block_c(channels: int) -> int:
     return max(MIN_BLOCK_C, triton.next_power_of_2(channels))
 
@@ -238,12 +237,6 @@ def _hw_bucket(height: int, width: int) -> int:
     return min(triton.next_power_of_2(height * width), 1 << 14)
 
 
-def _autotune_enabled() -> bool:
-    # The interpreter would time every config very slowly; FASTCONVNEXT_AUTOTUNE=0 pins the first
-    # config, which also makes the bits independent of timing noise across processes.
-    return not _interpreting() and os.environ.get("FASTCONVNEXT_AUTOTUNE", "1") != "0"
-
-
 _TUNED: dict = {}
 
 
@@ -256,28 +249,40 @@ def _tuned_conv_kernel(block_c: int, has_norm: bool):
     return _TUNED[key]
 
 
+def _launch(kernel, grid, *args, **meta):
+    """Every launch goes through here (inside `_device_guard`, which the tests check)."""
+    kernel[grid](*args, **meta)
+
+
 def _launch_conv(src, taps, bias, ln_w, ln_b, out, mean, rstd, eps, has_norm, kernel_size):
     n, h, w, c = out.shape
     pixels, block_c = n * h * w, _block_c(c)
     args = (src, taps, bias, ln_w, ln_b, out, mean, rstd, pixels, h, w, c, eps, _hw_bucket(h, w))
     consts = dict(K=kernel_size, BLOCK_C=block_c, HAS_NORM=has_norm)
     configs = _conv_configs(block_c, has_norm)
-    if len(configs) > 1 and _autotune_enabled():
+    if len(configs) > 1 and autotune_enabled():
         kernel = _tuned_conv_kernel(block_c, has_norm)
-        kernel[lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]),)](*args, **consts)
+        _launch(kernel, lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]),), *args, **consts)
         return
     block_p, warps = configs[0]
     grid = (triton.cdiv(pixels, block_p),)
-    _dwconv_ln_fwd_kernel[grid](*args, **consts, BLOCK_P=block_p, num_warps=warps, num_stages=1)
+    _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_P=block_p, num_warps=warps, num_stages=1)
 
 
-def _forward(x, taps, bias, ln_w, ln_b, eps):
+def _device_guard(device: torch.device):
+    """Make the tensors' GPU current while launching: a model on cuda:1 with cuda:0 current must
+    not launch on cuda:0."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     n, h, w, c = x.shape
-    y = torch.empty_like(x)
+    y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty((n, h, w), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
     kernel_size = _kernel_size(taps)
-    _launch_conv(x, taps, bias, ln_w, ln_b, y, mean, rstd, eps, True, kernel_size)
+    with _device_guard(x.device):
+        _launch_conv(x, taps, bias, ln_w, ln_b, y, mean, rstd, eps, True, kernel_size)
     return y, mean, rstd
 
 
@@ -292,6 +297,11 @@ def _programs_for(tiles: int, max_programs: int) -> tuple[int, int]:
 
 
 def _backward(dy, x, taps, bias, ln_w, mean, rstd):
+    with _device_guard(x.device):
+        return _backward_launches(dy, x, taps, bias, ln_w, mean, rstd)
+
+
+def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     n, h, w, c = x.shape
     pixels, taps_count = n * h * w, taps.shape[0]
     kernel_size = _kernel_size(taps)
@@ -301,8 +311,8 @@ def _backward(dy, x, taps, bias, ln_w, mean, rstd):
     programs, tiles_per_program = _programs_for(triton.cdiv(pixels, block_p), PARTIAL_ELEMENTS // block_c)
     g = torch.empty((n, h, w, c), device=x.device, dtype=torch.float32)
     norm_partials = torch.empty((programs, 3, c), device=x.device, dtype=torch.float32)
-    _dwconv_ln_bwd_norm_kernel[(programs,)](
-        x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, pixels, h, w, c, tiles_per_program,
+    _launch(
+        _dwconv_ln_bwd_norm_kernel, (programs,), x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, pixels, h, w, c, tiles_per_program,
         K=kernel_size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
 
@@ -316,8 +326,8 @@ def _backward(dy, x, taps, bias, ln_w, mean, rstd):
     programs, tiles_per_program = _programs_for(triton.cdiv(pixels, block_p), PARTIAL_PROGRAMS // channel_blocks)
     tap_partials = torch.empty((programs, taps_count, c), device=x.device, dtype=torch.float32)
     grid = (programs, channel_blocks)
-    _dwconv_wgrad_kernel[grid](
-        g, x, tap_partials, pixels, h, w, c, tiles_per_program,
+    _launch(
+        _dwconv_wgrad_kernel, grid, g, x, tap_partials, pixels, h, w, c, tiles_per_program,
         K=kernel_size, BLOCK_P=block_p, BLOCK_C=DW_BLOCK_C, num_warps=warps, num_stages=1,
     )
     d_ln_w, d_ln_b, d_bias = (norm_partials[:, i].sum(0) for i in range(3))
@@ -330,16 +340,17 @@ def _backward(dy, x, taps, bias, ln_w, mean, rstd):
 @torch.library.custom_op("fastconvnext::dwconv_layernorm_fwd", mutates_args=())
 def dwconv_layernorm_fwd(
     x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-    eps: float,
+    eps: float, out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [N,H,W,C]; taps [K*K, C], bias/ln_weight/ln_bias [C], all params fp32 and contiguous."""
-    return _forward(x, taps, bias, ln_weight, ln_bias, eps)
+    """x [N,H,W,C]; taps [K*K, C], bias/ln_weight/ln_bias [C], all params fp32 and contiguous.
+    The output has out_dtype (default: x's dtype); x is read in its own dtype."""
+    return _forward(x, taps, bias, ln_weight, ln_bias, eps, out_dtype or x.dtype)
 
 
 @dwconv_layernorm_fwd.register_fake
-def _(x, taps, bias, ln_weight, ln_bias, eps):
+def _(x, taps, bias, ln_weight, ln_bias, eps, out_dtype=None):
     stats = x.new_empty(x.shape[:3], dtype=torch.float32)
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return torch.empty_like(x, dtype=out_dtype or x.dtype), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastconvnext::dwconv_layernorm_bwd", mutates_args=())
@@ -361,7 +372,7 @@ def _(dy, x, taps, bias, ln_weight, mean, rstd):
 
 
 def _setup_context(ctx, inputs, output):
-    x, taps, bias, ln_weight, _, _ = inputs
+    x, taps, bias, ln_weight = inputs[:4]
     _, mean, rstd = output
     ctx.save_for_backward(x, taps, bias, ln_weight, mean, rstd)
 
@@ -369,10 +380,39 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, dy, _dmean, _drstd):
     x, taps, bias, ln_weight, mean, rstd = ctx.saved_tensors
     dx, dtaps, dbias, dln_w, dln_b = dwconv_layernorm_bwd(dy, x, taps, bias, ln_weight, mean, rstd)
-    return dx, dtaps, dbias, dln_w, dln_b, None
+    return dx, dtaps, dbias, dln_w, dln_b, None, None
 
 
 dwconv_layernorm_fwd.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# Autocast: the op's output feeds the block's first Linear, which autocast runs in its low-precision
+# dtype, so under autocast the op writes that dtype directly (x is still read in its own dtype, no cast
+# pass; statistics stay fp32). Registered for CUDA and CPU, whose autocast lists differ (CUDA keeps
+# layer_norm in fp32, which would otherwise hand the MLP fp32 activations).
+_AUTOCAST_LIBRARY = torch.library.Library("fastconvnext", "IMPL")
+
+
+def _autocast_forward_rule(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def forward_in_autocast_dtype(x, taps, bias, ln_weight, ln_bias, eps, out_dtype=None):
+        dtype = out_dtype or torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return dwconv_layernorm_fwd(x, taps, bias, ln_weight, ln_bias, eps, dtype)
+
+    return key, forward_in_autocast_dtype
+
+
+def _register_autocast_rules(op_name: str = "dwconv_layernorm_fwd") -> None:
+    overload = getattr(torch.ops.fastconvnext, op_name).default
+    for device_type in ("cuda", "cpu"):
+        key, rule = _autocast_forward_rule(device_type)
+        overload.py_impl(key)(rule)  # seen by the Python dispatcher (torch.compile tracing)
+        _AUTOCAST_LIBRARY.impl(op_name, lambda _keys, *args, _rule=rule: _rule(*args), key.name, with_keyset=True)
+
+
+_register_autocast_rules()
 
 
 # -------------------------------------------------------------------------- public function
@@ -397,7 +437,7 @@ def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias):
         raise ValueError(f"C must be <= {MAX_CHANNELS}, got {c}")
     if n * h * w > MAX_PIXELS:
         raise ValueError(f"N*H*W must be <= {MAX_PIXELS} pixels (int32 pixel indices), got {n * h * w}")
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not interpreting():
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); use the eager path")
     if not isinstance(dw_weight, torch.Tensor) or dw_weight.dim() != 4:
         raise ValueError(f"dw_weight must be a 4-D [C, 1, K, K] tensor, got {_describe(dw_weight)}")
@@ -421,6 +461,18 @@ def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias):
             raise ValueError(f"{name} is on {param.device} but x is on {x.device}; all must be on one device")
 
 
+def _forward_mode_ad(*tensors) -> bool:
+    """Whether any input carries a forward-mode tangent (torch.autograd.forward_ad) or is wrapped by a
+    torch.func transform (jvp, jacfwd, vmap, grad): there the custom ops would drop tangents silently."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(
+        t is not None and (forward_ad.unpack_dual(t).tangent is not None
+                           or torch._C._functorch.is_functorch_wrapped_tensor(t))
+        for t in tensors
+    )
+
+
 def _describe(value):
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -439,6 +491,9 @@ def dwconv_layernorm(
     Params may be fp32 while x is fp16/bf16; the result has x's dtype, param grads the params'.
     """
     _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias)
+    if _forward_mode_ad(x, dw_weight, dw_bias, ln_weight, ln_bias):
+        # The custom ops have no forward-mode (jvp) or vmap rule; the reference's ops have both.
+        return dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
     c, k = x.shape[-1], dw_weight.shape[-1]
     taps = dw_weight.reshape(c, k * k).t().float().contiguous()
     bias = x.new_zeros(c, dtype=torch.float32) if dw_bias is None else dw_bias.float().contiguous()
