@@ -12,14 +12,17 @@ or is a failure with --strict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -176,13 +179,56 @@ def _run_job(index: int) -> CheckResult:
     return check_target(target, arch)
 
 
+def _die_with_parent() -> None:
+    """Pool worker initializer: the kernel sends SIGKILL to this worker when its parent dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    for process in list(getattr(pool, "_processes", {}).values()):
+        if process.is_alive():
+            process.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int):
+    """A fork pool whose workers never outlive this process: killed on an exception (Ctrl-C, a timeout's
+    SIGTERM turned into an exception) and, through PR_SET_PDEATHSIG, when this process is killed outright."""
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_die_with_parent)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield pool
+    except BaseException:
+        _kill_workers(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def run_checks(jobs_list: list, workers: int) -> list[CheckResult]:
     global _JOBS
     _JOBS = jobs_list
     if workers <= 1 or len(jobs_list) <= 1:
         return [_run_job(i) for i in range(len(jobs_list))]
-    context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with worker_pool(workers) as pool:
         return list(pool.map(_run_job, range(len(jobs_list)), chunksize=1))
 
 
@@ -224,6 +270,9 @@ def _parse_args(argv):
     parser.add_argument("--sample", type=int, default=1, metavar="N",
                         help="compile every Nth target of each module, first included (default 1: all); "
                              "the test suite samples to stay inside CI's time budget")
+    parser.add_argument("--spread", type=int, default=0, metavar="N",
+                        help="compile only N targets of each module, spread evenly over its list (first and last "
+                             "included; after --sample); the test suite's handful")
     parser.add_argument("--use-cache", action="store_true",
                         help="reuse Triton's compile cache (default: a fresh one, so compile times are real)")
     return parser.parse_args(argv)
@@ -245,6 +294,23 @@ def sample_targets(targets: list, every: int) -> list:
     return kept
 
 
+def spread_targets(targets: list, count: int) -> list:
+    """`count` (module, target) pairs of each module, evenly spaced over its list, first and last included."""
+    if count < 1:
+        raise ValueError(f"--spread must be >= 1, got {count}")
+    by_module: dict = {}
+    for module, target in targets:
+        by_module.setdefault(module, []).append((module, target))
+    kept = []
+    for items in by_module.values():
+        if len(items) <= count:
+            kept += items
+            continue
+        picks = sorted({round(i * (len(items) - 1) / max(count - 1, 1)) for i in range(count)})
+        kept += [items[i] for i in picks]
+    return kept
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     if _interpreting():
@@ -256,7 +322,10 @@ def main(argv=None) -> int:
     for name in missing:
         print(f"{name}: skipped: module not present" + (" (failure: --strict)" if args.strict else ""))
     selected = [(m, t) for m, t in targets if _selected(m, t.kernel, args.kernel)]
-    jobs = [(t, arch) for _, t in sample_targets(selected, args.sample) for arch in args.arch]
+    chosen = sample_targets(selected, args.sample)
+    if args.spread:
+        chosen = spread_targets(chosen, args.spread)
+    jobs = [(t, arch) for _, t in chosen for arch in args.arch]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compile_check_") as fresh_cache:
         if not args.use_cache:
