@@ -39,25 +39,28 @@ and their gradients are returned in their own dtype.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 from typing import List, Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
+from ._env import autotune_enabled, interpreting
 from .compile_spec import CompileTarget
-from .reference import FUSED_ACTS
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .reference import FUSED_ACTS, convnext_mlp_reference
 
 # Rows per partial sum of the small vectors in the dx kernel (every config's BLOCK_M is a multiple).
 _PART_ROWS = 16
 # The dW kernel splits M into segments of about this many rows (fixed, so results do not depend on
-# the GPU or the block config); at most _MAX_SEGMENTS partial copies of the weights are kept.
+# the GPU or the block config); at most _MAX_SEGMENTS partial copies of the weights are kept. Segment
+# boundaries are multiples of _SEGMENT_ALIGN rows, a multiple of every BLOCK_M, so that the rows summed
+# into one partial do not depend on the config either.
 _SEGMENT_ROWS = 8192
 _MAX_SEGMENTS = 64
+_SEGMENT_ALIGN = 256
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
@@ -322,12 +325,12 @@ def _mlp_bwd_dw_kernel(
     w2_ptr,  # [C, D] activation dtype
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
-    dw1_part_ptr,  # [NUM_SEGMENTS, D, C] fp32
+    dw1_part_ptr,  # [NUM_SEGMENTS, D, C] fp32, NUM_SEGMENTS = cdiv(M, SEGMENT_ROWS)
     dw2_part_ptr,  # [NUM_SEGMENTS, C, D] fp32
     db1_part_ptr,  # [NUM_SEGMENTS, D] fp32
     M,
     HW,
-    NUM_SEGMENTS,
+    SEGMENT_ROWS,
     C: tl.constexpr,
     D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -347,16 +350,14 @@ def _mlp_bwd_dw_kernel(
     c_mask = c_offs < C
     b1 = tl.load(b1_ptr + d_offs, mask=d_mask, other=0.0)
 
-    n_tiles = tl.cdiv(M, BLOCK_M)
-    tiles_per_segment = tl.cdiv(n_tiles, NUM_SEGMENTS)
-    first_tile = pid_s * tiles_per_segment
-    last_tile = tl.minimum(first_tile + tiles_per_segment, n_tiles)
+    first_row = pid_s * SEGMENT_ROWS  # SEGMENT_ROWS is a multiple of BLOCK_M
+    last_row = tl.minimum(first_row + SEGMENT_ROWS, M)
 
     dw1_t = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     dw2 = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     db1 = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for tile in range(first_tile, last_tile):
-        rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # tile * BLOCK_M < M fits i32
+    for row0 in range(first_row, last_row, BLOCK_M):
+        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # row0 < M fits i32
         row_mask = rows < M
         row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
         x_c = _load_rows(x_ptr, rows, row_mask, c_offs, C)
@@ -385,6 +386,13 @@ def _mlp_bwd_dw_kernel(
     tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
     if pid_c == 0:
         tl.store(db1_part_ptr + seg * D + d_offs, db1, mask=d_mask)
+
+
+@triton.jit
+def _bf16_dot_probe_kernel(a_ptr, b_ptr, out_ptr):  # [16, 16] bf16, [16, 16] bf16, [16, 16] fp32
+    offs = tl.arange(0, 16)
+    tile = offs[:, None] * 16 + offs[None, :]
+    tl.store(out_ptr + tile, tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,30 +462,84 @@ def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
     return out
 
 
+_KERNEL_TABLE = {
+    "fwd": (lambda: _mlp_fwd_kernel, _fwd_configs, _INTERPRETER_FWD),
+    "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_DX),
+    "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
+}
+
+
+def _m_bucket(M: int) -> int:
+    """Autotune bucket of the row count: batch-1 inference and batch-256 training never share a choice."""
+    return triton.next_power_of_2(max(M, 1))
+
+
 @functools.lru_cache(maxsize=None)
-def _tuned(kernel_name: str, C: int, D: int, dtype: str):
-    """The autotuned kernel for one (C, D, dtype) bucket (GPU only)."""
-    kernel, configs = {
-        "fwd": (_mlp_fwd_kernel, _fwd_configs),
-        "dx": (_mlp_bwd_dx_kernel, _dx_configs),
-        "dw": (_mlp_bwd_dw_kernel, _dw_configs),
-    }[kernel_name]
-    return triton.autotune(configs=_to_triton_configs(configs(C, D, dtype)), key=["C", "D"])(kernel)
+def _tuned(kernel_name: str, C: int, D: int, dtype: str, m_bucket: int, flags: tuple):
+    """The autotuned kernel for one (C, D, dtype, M bucket, flags) bucket (GPU only). Each bucket has its own
+    autotuner (one choice per bucket); the compiled binaries are shared through the jit function's cache."""
+    fn, configs, _ = _KERNEL_TABLE[kernel_name]
+    return triton.autotune(configs=_to_triton_configs(configs(C, D, dtype)), key=["C", "D"])(fn())
 
 
-def _launch(kernel_name: str, grid_fn, args: tuple, C: int, D: int, dtype: torch.dtype, **flags):
-    if _INTERPRET:
-        kernel = {"fwd": _mlp_fwd_kernel, "dx": _mlp_bwd_dx_kernel, "dw": _mlp_bwd_dw_kernel}[kernel_name]
-        cfg = {"fwd": _INTERPRETER_FWD, "dx": _INTERPRETER_DX, "dw": _INTERPRETER_DW}[kernel_name]
-        meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-        kernel[grid_fn(meta)](*args, C=C, D=D, **meta, **flags)
+def _select(kernel_name: str, C: int, D: int, dtype: torch.dtype, M: int, flags: dict):
+    """(kernel, config) for a launch; config None means the autotuner picks among the candidates.
+
+    Every candidate of one kernel reduces in the same order (see `_same_reduction_order`), so which one the
+    autotuner picks does not change the bits."""
+    fn, configs, interpreter_cfg = _KERNEL_TABLE[kernel_name]
+    if interpreting():
+        return fn(), interpreter_cfg
+    candidates = configs(C, D, _TRITON_DTYPE[dtype])
+    if len(candidates) == 1 or not autotune_enabled():
+        return fn(), candidates[0]
+    return _tuned(kernel_name, C, D, _TRITON_DTYPE[dtype], _m_bucket(M), tuple(sorted(flags.items()))), None
+
+
+def _same_reduction_order(kernel_name: str, configs: List[dict]) -> bool:
+    """Whether the candidates reduce every output element in the same order.
+
+    The dots chain their K steps through the fp32 accumulator (one MMA/FMA k-step after another), so the
+    blocking of K (BLOCK_K, BLOCK_D, BLOCK_M of the dW kernel) does not change the order. What does: the
+    tree of a tl.sum, fixed by the tile shape and warp count: the dx kernel's row-group sums need one
+    (BLOCK_M, BLOCK_N, num_warps); the dW kernel's db1 sum and segment split need one config."""
+    if kernel_name == "dx":
+        return len({(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in configs}) == 1
+    if kernel_name == "dw":
+        return len(configs) == 1
+    return True
+
+
+def _launch(kernel_name: str, grid_fn, args: tuple, C: int, D: int, dtype: torch.dtype, M: int, **flags):
+    kernel, cfg = _select(kernel_name, C, D, dtype, M, flags)
+    if cfg is None:
+        kernel[grid_fn](*args, C=C, D=D, **flags)
         return
-    tuned = _tuned(kernel_name, C, D, _TRITON_DTYPE[dtype])
-    tuned[grid_fn](*args, C=C, D=D, **flags)
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    kernel[grid_fn(meta)](*args, C=C, D=D, **meta, **flags, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"])
+
+
+def _tf32_allowed() -> bool:
+    """Whether eager fp32 matmuls on CUDA may use TF32, read through either torch API without raising.
+
+    torch 2.13 raises on reading the legacy `allow_tf32` once TF32 was set through the fp32_precision API
+    (torch.backends.cuda.matmul.fp32_precision or torch.backends.fp32_precision); the new attribute reports
+    both (the matmul one inherits the global one when "none")."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    if getattr(torch.backends, "fp32_precision", None) == "tf32":
+        return True
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not interpreting() and _tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -497,19 +559,41 @@ def _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale):
 
 
 def _device_guard(t: torch.Tensor):
-    import contextlib
-
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2):
+@functools.lru_cache(maxsize=4)
+def _interpreter_bf16_dot_ok(create_dot) -> bool:
+    """Whether the interpreter's tl.dot (create_dot, the key) multiplies bf16 correctly: one 16x16 probe.
+    Triton 3.9's reads the raw bf16 bits as integers (results ~1e10)."""
+    a = torch.eye(16, dtype=torch.bfloat16)
+    b = torch.arange(256, dtype=torch.float32).reshape(16, 16).to(torch.bfloat16)
+    out = torch.empty(16, 16)
+    _bf16_dot_probe_kernel[(1,)](a, b, out)
+    return torch.equal(out, b.float())
+
+
+def _check_interpreter_dtype(dtype: torch.dtype) -> None:
+    """Refuse dots that Triton's interpreter would compute wrongly, instead of returning garbage."""
+    if dtype != torch.bfloat16 or not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    if not _interpreter_bf16_dot_ok(interpreter.interpreter_builder.create_dot):
+        raise TypeError("convnext_mlp: bfloat16 cannot run in Triton's interpreter (TRITON_INTERPRET=1): its "
+                        "tl.dot misreads bf16 operands; use float16/float32 there, or a GPU for bfloat16")
+
+
+def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2,
+                  out_dtype=None):
     N, H, W, C = x.shape
     D = fc1_weight.shape[0]
     M, HW = N * H * W, H * W
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype)
     y2 = torch.empty_like(x) if save_y2 else x.new_empty(0)
     if M == 0:
         return out, y2
+    _check_interpreter_dtype(x.dtype)
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     b2 = fc2_bias.to(torch.float32).contiguous()
 
@@ -518,13 +602,20 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
 
     args = (x, residual, w1, b1, w2, b2, g, s, out, y2 if save_y2 else out, M, HW)
     with _device_guard(x):
-        _launch("fwd", grid, args, C, D, x.dtype, ACT=act, HAS_GAMMA=gamma is not None,
+        _launch("fwd", grid, args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=gamma is not None,
                 HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=_dot_precision(x.dtype))
     return out, y2
 
 
+def _segments(M: int) -> Tuple[int, int]:
+    """(segments, rows per segment) of the dW kernel's M split; depends only on M."""
+    wanted = max(1, min(_MAX_SEGMENTS, triton.cdiv(M, _SEGMENT_ROWS)))
+    rows = triton.cdiv(triton.cdiv(max(M, 1), wanted), _SEGMENT_ALIGN) * _SEGMENT_ALIGN
+    return triton.cdiv(max(M, 1), rows), rows
+
+
 def _num_segments(M: int) -> int:
-    return max(1, min(_MAX_SEGMENTS, triton.cdiv(M, _SEGMENT_ROWS)))
+    return _segments(M)[0]
 
 
 def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act):
@@ -541,7 +632,7 @@ def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, ac
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
 
     args = (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, db2_part, dgamma_part, M, HW)
-    _launch("dx", grid, args, C, D, x.dtype, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
+    _launch("dx", grid, args, C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
             HAS_SCALE=has_scale, HAS_Y2=has_y2, DOT_PRECISION=_dot_precision(x.dtype))
     dgamma = dgamma_part.sum(0) if has_y2 else None
     return db2_part.sum(0), dgamma
@@ -552,7 +643,7 @@ def _backward_dw(grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act):
     N, H, W, C = x.shape
     D = w1.shape[0]
     M, HW = N * H * W, H * W
-    segments = _num_segments(M)
+    segments, segment_rows = _segments(M)
     dw1_part = torch.empty((segments, D, C), device=x.device, dtype=torch.float32)
     dw2_part = torch.empty((segments, C, D), device=x.device, dtype=torch.float32)
     db1_part = torch.empty((segments, D), device=x.device, dtype=torch.float32)
@@ -560,8 +651,8 @@ def _backward_dw(grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act):
     def grid(meta):
         return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), segments)
 
-    args = (x, grad_out, w1, b1, w2, g, s, dw1_part, dw2_part, db1_part, M, HW, segments)
-    _launch("dw", grid, args, C, D, x.dtype, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
+    args = (x, grad_out, w1, b1, w2, g, s, dw1_part, dw2_part, db1_part, M, HW, segment_rows)
+    _launch("dw", grid, args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
             DOT_PRECISION=_dot_precision(x.dtype))
     return dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0)
 
@@ -588,6 +679,7 @@ def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
                             want_weight_side)
     if x.numel() == 0:
         return tuple(g.zero_() for g in grads)
+    _check_interpreter_dtype(x.dtype)
     dx, dw1, db1, dw2, db2, dgamma = grads
     grad_out = grad_out.contiguous()
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
@@ -621,14 +713,16 @@ def _mlp_fwd_op(
     sample_scale: Optional[torch.Tensor],
     act: str,
     save_y2: bool,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, y2); the dots run in x's dtype, out has out_dtype (default x's), residual is read in its own."""
     return _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
-                         save_y2)
+                         save_y2, out_dtype)
 
 
 @_mlp_fwd_op.register_fake
-def _(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2):
-    return torch.empty_like(x), (torch.empty_like(x) if save_y2 else x.new_empty(0))
+def _(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2, out_dtype=None):
+    return torch.empty_like(x, dtype=out_dtype or x.dtype), (torch.empty_like(x) if save_y2 else x.new_empty(0))
 
 
 @torch.library.custom_op("fastconvnext::convnext_mlp_bwd", mutates_args=())
@@ -658,8 +752,9 @@ def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_sca
 
 
 def _setup_context(ctx, inputs, output):
-    x, _, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, _ = inputs
+    x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act = inputs[:9]
     ctx.act = act
+    ctx.residual_dtype = residual.dtype
     ctx.has_gamma = gamma is not None
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, output[1])
 
@@ -676,13 +771,70 @@ def _mlp_backward(ctx, grad_out, _grad_y2):
     def pick(t, i):
         return t if need[i] else None
 
-    d_residual = grad_out if need[1] else None
+    d_residual = grad_out.to(ctx.residual_dtype) if need[1] else None
     d_gamma = dgamma if (ctx.has_gamma and need[6]) else None
     return (pick(dx, 0), d_residual, pick(dw1, 2), pick(db1, 3), pick(dw2, 4), pick(db2, 5), d_gamma,
-            None, None, None)
+            None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_setup_context)
+
+
+# Autocast: eager's F.linear is on both CPU's and CUDA's low-precision lists, so under autocast(dtype) the
+# rule hands the kernel x and the fc weights/biases in that dtype (fp32 accumulation inside), keeps gamma and
+# sample_scale fp32, and gives the output eager's dtype: residual + gamma * linear_out promotes to fp32 with
+# an fp32 gamma or residual. Registered for the AutocastCUDA and AutocastCPU keys (and for the Python
+# dispatcher, which torch.compile traces through).
+_AUTOCAST_LIBRARY = torch.library.Library("fastconvnext", "IMPL")
+
+
+def _eager_out_dtype(residual: torch.Tensor, gamma: Optional[torch.Tensor], linear_dtype: torch.dtype):
+    branch = linear_dtype if gamma is None else torch.promote_types(gamma.dtype, linear_dtype)
+    return torch.promote_types(residual.dtype, branch)
+
+
+def _autocast_rule(device_type: str):
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def forward_in_autocast_dtype(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale,
+                                  act, save_y2, out_dtype=None):
+        dtype = torch.get_autocast_dtype(device_type)
+        out_dtype = out_dtype or _eager_out_dtype(residual, gamma, dtype)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return _mlp_fwd_op(x.to(dtype), residual, fc1_weight.to(dtype), fc1_bias.to(dtype),
+                               fc2_weight.to(dtype), fc2_bias.to(dtype), gamma, sample_scale, act, save_y2,
+                               out_dtype)
+
+    return key, forward_in_autocast_dtype
+
+
+def _register_autocast_rules() -> None:
+    overload = torch.ops.fastconvnext.convnext_mlp_fwd.default
+    for device_type in ("cuda", "cpu"):
+        key, rule = _autocast_rule(device_type)
+        overload.py_impl(key)(rule)
+        _AUTOCAST_LIBRARY.impl("convnext_mlp_fwd", lambda _keys, *args, _rule=rule: _rule(*args), key.name,
+                               with_keyset=True)
+
+
+_register_autocast_rules()
+
+
+def _forward_mode_ad(*tensors) -> bool:
+    """Whether an input carries a forward-mode tangent (torch.autograd.forward_ad) or is wrapped by a
+    torch.func transform (jvp, jacfwd, vmap): the custom ops have no rule there and would drop tangents."""
+    if torch.compiler.is_compiling():
+        return False
+    return any(t is not None and (forward_ad.unpack_dual(t).tangent is not None
+                                  or torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the dots will run in: autocast's when it is on for x's device, else x's."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 def _check(cond: bool, exc, message: str):
@@ -723,9 +875,9 @@ def _validate(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, ac
                f"convnext_mlp: {name} must be contiguous in [N, H, W, C] order (a channels_last NCHW tensor "
                f"seen through .permute(0, 2, 3, 1)); got strides {tuple(tensors[name].stride())}")
     if x.is_cuda:
-        _check(not _INTERPRET, ValueError, "convnext_mlp: CUDA tensors cannot run with TRITON_INTERPRET=1")
+        _check(not interpreting(), ValueError, "convnext_mlp: CUDA tensors cannot run with TRITON_INTERPRET=1")
     else:
-        _check(_INTERPRET and x.device.type == "cpu", ValueError,
+        _check(interpreting() and x.device.type == "cpu", ValueError,
                f"convnext_mlp: the Triton kernel needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
                f"set before import), got device {x.device}")
 
@@ -734,10 +886,16 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
                  sample_scale=None):
     """residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2), x/residual [N, H, W, C] NHWC.
 
-    Same result as `reference.convnext_mlp_reference`, returned in x's dtype; differentiable in x,
-    residual, both weights and biases and gamma.
+    Same result as `reference.convnext_mlp_reference`, returned in x's dtype (under autocast in eager's
+    dtype, see `_autocast_rule`); differentiable in x, residual, both weights and biases and gamma. Under
+    forward-mode AD (torch.func.jvp/jacfwd/vmap, forward_ad dual tensors) it runs the eager reference, whose
+    ops carry those rules. bfloat16 is refused in Triton's interpreter (its tl.dot is wrong there).
     """
     _validate(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
+    tensors = (x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale)
+    if _forward_mode_ad(*tensors):
+        return convnext_mlp_reference(*tensors[:7], act=act, sample_scale=sample_scale)
+    _check_interpreter_dtype(_compute_dtype(x))
     save_y2 = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
     out, _ = _mlp_fwd_op(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
                          save_y2)
@@ -771,7 +929,7 @@ _DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "s
 _KERNELS = {
     "fwd": ("convnext_mlp_fwd", lambda: _mlp_fwd_kernel, _FWD_POINTERS, ["M", "HW"], _fwd_configs),
     "dx": ("convnext_mlp_bwd_dx", lambda: _mlp_bwd_dx_kernel, _DX_POINTERS, ["M", "HW"], _dx_configs),
-    "dw": ("convnext_mlp_bwd_dw", lambda: _mlp_bwd_dw_kernel, _DW_POINTERS, ["M", "HW", "NUM_SEGMENTS"], _dw_configs),
+    "dw": ("convnext_mlp_bwd_dw", lambda: _mlp_bwd_dw_kernel, _DW_POINTERS, ["M", "HW", "SEGMENT_ROWS"], _dw_configs),
 }
 
 
