@@ -230,7 +230,7 @@ def _predict(model, processor, image_paths: list[Path], batch_size: int, top_k: 
 
     for start in range(0, len(image_paths), batch_size):
         batch_paths = image_paths[start : start + batch_size]
-        pixels = processor([load_image(p) for p in batch_paths]).pixel_values
+        pixels = processor([load_image(p) for p in batch_paths], return_tensors="pt").pixel_values
         with torch.inference_mode():
             logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits.float()
         values, indices = _probabilities(logits, model.config.problem_type).topk(top_k, dim=-1)
@@ -332,9 +332,9 @@ def run_convert(args: argparse.Namespace) -> int:
     dtype = "auto" if args.dtype == "keep" else getattr(torch, DTYPES[args.dtype])
     model = load_pretrained(None, args.source, dtype=dtype)
     model.save_pretrained(destination)
-    processor_file = _processor_for(args.source, model.config).save_pretrained(destination)
+    processor_files = _processor_for(args.source, model.config).save_pretrained(destination)
     print(f"wrote {destination}: {type(model).__name__} ({model.num_parameters():,} parameters, {model.dtype}), "
-          f"{processor_file.name}")
+          f"{', '.join(Path(name).name for name in processor_files)}")
     return 0
 
 

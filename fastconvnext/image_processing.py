@@ -14,6 +14,22 @@ Outputs match transformers' PIL-backend processor (`ConvNextImageProcessorPil`) 
 Unlike transformers, the output is always float32, even with rescaling and normalisation switched off,
 and non-RGB images (RGBA, L, P, 16-bit, CMYK, ...) are converted instead of failing.
 
+Image files are opened as transformers' `load_image` does: the EXIF orientation tag is applied
+(`ImageOps.exif_transpose`) before anything else, so a rotated phone photo gives the same pixels.
+
+Bounded memory: an image whose decoded size (width x height, read from the file header before decoding)
+or whose resized size exceeds `max_pixels` is refused with `ImageTooLargeError` naming the image and the
+limit. The limit defaults to the size at which Pillow refuses a decompression bomb (178,956,970 pixels, twice
+Pillow's default `Image.MAX_IMAGE_PIXELS`) and is set
+per processor (`ConvNextImageProcessor(max_pixels=...)`, never saved to preprocessor_config.json) or
+process-wide with the environment variable FASTCONVNEXT_MAX_IMAGE_PIXELS; Pillow's own bomb check (twice
+`PIL.Image.MAX_IMAGE_PIXELS`) still applies on top: raise that too for a higher limit. Settings whose output alone would pass the limit
+(`size`, `crop_size`, a tiny `crop_pct`) are refused when the processor is built.
+
+Errors: every bad input or setting raises a ValueError or TypeError subclass (files: OSError subclasses such
+as FileNotFoundError / PermissionError, or `ImageDecodeError` for bytes Pillow cannot decode), and every
+message names the file or argument concerned.
+
 Accepted inputs: a PIL image, a local file path, a numpy array or torch tensor (one image as HW, HWC or
 CHW; a batch as a 4-D array), or a list/tuple of those. Arrays must be uint8, uint16 (scaled by 1/257),
 bool, or another integer type holding values in 0..255; float arrays are refused because their range
@@ -24,7 +40,9 @@ axis if it has 1, 3 or 4 entries, else the last; pass `input_data_format="channe
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # transformers' class defaults (`IMAGENET_STANDARD_*`) ...
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -49,6 +67,47 @@ DEFAULT_CROP_PCT = 224 / 256
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _CHANNEL_COUNTS = (1, 3, 4)
 _RETURN_TENSORS = ("pt", "np", None)
+
+MAX_PIXELS_ENV_VAR = "FASTCONVNEXT_MAX_IMAGE_PIXELS"
+# Pillow's default DecompressionBombError threshold (2 * Image.MAX_IMAGE_PIXELS): ~0.5 GiB of 8-bit RGB, so
+# every image Pillow decodes by default (a 108-megapixel phone photo included) is accepted.
+DEFAULT_MAX_PIXELS = 178_956_970
+MAX_CONFIG_BYTES = 1 << 20  # a preprocessor_config.json is a few hundred bytes
+
+
+class ImageDecodeError(ValueError):
+    """An image file whose bytes Pillow cannot decode; the message names the file."""
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose decoded or resized pixel count exceeds the processor's `max_pixels` limit."""
+
+
+def max_image_pixels(max_pixels: int | None = None) -> int:
+    """The pixel limit in force: `max_pixels` when given, else $FASTCONVNEXT_MAX_IMAGE_PIXELS, else the default."""
+    if max_pixels is not None:
+        return _positive_int(max_pixels, "max_pixels")
+    text = os.environ.get(MAX_PIXELS_ENV_VAR, "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        return _positive_int(int(text), MAX_PIXELS_ENV_VAR)
+    except ValueError:
+        raise ValueError(f"{MAX_PIXELS_ENV_VAR} must be a positive integer (pixels), got {text!r}") from None
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _check_pixels(width: int, height: int, limit: int, what: str) -> None:
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
+            f"(raise it with ConvNextImageProcessor(max_pixels=...) or ${MAX_PIXELS_ENV_VAR})"
+        )
 
 
 class BatchFeature(dict):
@@ -72,23 +131,47 @@ class BatchFeature(dict):
 # Inputs -> 8-bit RGB Pillow images
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully (so the file handle is released). Raises FileNotFoundError / ValueError."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Decode an image file fully (the file handle is released) with its EXIF orientation applied.
+
+    The pixel count is checked against `max_image_pixels(max_pixels)` from the header, before decoding.
+    Raises FileNotFoundError / other OSError for the file itself, ValueError for a directory, ImageTooLargeError
+    over the limit, ImageDecodeError for bytes that are no (complete) image.
+    """
     path = Path(path)
+    limit = max_image_pixels(max_pixels)
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise ValueError(f"expected an image file, got a directory: {path}")
+    with open(path, "rb") as handle:
+        return _decode(handle, path, limit)
+
+
+def _decode(handle, path: Path, limit: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except UnidentifiedImageError:
-        raise ValueError(f"not a readable image file: {path}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
+            image = Image.open(handle)
+        _check_pixels(image.width, image.height, limit, f"image {path}")
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # as transformers' load_image does
+        return image
+    except ImageTooLargeError:
+        raise
     except Image.DecompressionBombError as error:
-        raise ValueError(f"refusing to open {path}: {error}") from None
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from None
+        raise ImageTooLargeError(f"refusing to decode {path}: {error}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"not a readable image file: {path} (no format Pillow knows)") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise many types on malformed bytes (SyntaxError, struct.error, ...)
+        raise ImageDecodeError(f"cannot decode image {path}: {_describe(error)}") from None
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
@@ -179,8 +262,10 @@ def _channels_last(array: np.ndarray, input_data_format: str | None) -> np.ndarr
     return array[..., 0] if array.shape[-1] == 1 else array
 
 
-def _array_to_pil(array: np.ndarray, input_data_format: str | None) -> Image.Image:
-    pixels = np.ascontiguousarray(_array_to_uint8(_channels_last(array, input_data_format)))
+def _array_to_pil(array: np.ndarray, input_data_format: str | None, limit: int) -> Image.Image:
+    hw_or_hwc = _channels_last(array, input_data_format)
+    _check_pixels(hw_or_hwc.shape[1], hw_or_hwc.shape[0], limit, "an input image array")
+    pixels = np.ascontiguousarray(_array_to_uint8(hw_or_hwc))
     return convert_to_rgb(Image.fromarray(pixels))
 
 
@@ -192,16 +277,29 @@ def _as_numpy(image: Any) -> np.ndarray | None:
     return None
 
 
-def to_rgb_images(images: Any, input_data_format: str | None = None) -> list[Image.Image]:
+def to_rgb_images(
+    images: Any, input_data_format: str | None = None, max_pixels: int | None = None
+) -> list[Image.Image]:
     """Flatten any accepted input (see module docstring) into a list of 8-bit RGB Pillow images."""
+    return [image for _, image in named_rgb_images(images, input_data_format, max_image_pixels(max_pixels))]
+
+
+def named_rgb_images(images: Any, input_data_format: str | None, limit: int) -> list[tuple[str, Image.Image]]:
+    """Like `to_rgb_images`, each image paired with the name errors use: its file path, else "image <index>"."""
+    named = _flatten(images, input_data_format, limit)
+    return [(name or f"image {index}", image) for index, (name, image) in enumerate(named)]
+
+
+def _flatten(images: Any, input_data_format: str | None, limit: int) -> list[tuple[str | None, Image.Image]]:
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("got an empty list of images")
-        return [rgb for image in images for rgb in to_rgb_images(image, input_data_format)]
+        return [named for image in images for named in _flatten(image, input_data_format, limit)]
     if isinstance(images, Image.Image):
-        return [convert_to_rgb(images)]
+        _check_pixels(images.width, images.height, limit, "an input image")
+        return [(None, convert_to_rgb(images))]
     if isinstance(images, (str, os.PathLike)):
-        return [convert_to_rgb(load_image(images))]
+        return [(str(images), _path_to_rgb(images, limit))]
     array = _as_numpy(images)
     if array is None:
         raise TypeError(
@@ -209,8 +307,16 @@ def to_rgb_images(images: Any, input_data_format: str | None = None) -> list[Ima
             f"got {type(images).__name__}"
         )
     if array.ndim == 4:
-        return [_array_to_pil(one, input_data_format) for one in array]
-    return [_array_to_pil(array, input_data_format)]
+        return [(None, _array_to_pil(one, input_data_format, limit)) for one in array]
+    return [(None, _array_to_pil(array, input_data_format, limit))]
+
+
+def _path_to_rgb(path: str | os.PathLike, limit: int) -> Image.Image:
+    image = load_image(path, max_pixels=limit)
+    try:
+        return convert_to_rgb(image)
+    except ValueError as error:
+        raise ImageDecodeError(f"{path}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,45 +349,63 @@ def center_crop(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # Settings
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _shortest_edge_size(size: Any) -> dict[str, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
+    if _is_int(size):
         size = {"shortest_edge": size}
     if not isinstance(size, Mapping) or set(size) != {"shortest_edge"}:
         raise ValueError(f'size must be an int or {{"shortest_edge": int}}, got {size!r}')
     edge = size["shortest_edge"]
-    if not isinstance(edge, int) or isinstance(edge, bool) or edge <= 0:
+    if not _is_int(edge) or edge <= 0:
         raise ValueError(f"size['shortest_edge'] must be a positive int, got {edge!r}")
     return {"shortest_edge": edge}
 
 
 def _height_width_size(size: Any) -> dict[str, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
+    if _is_int(size):
         size = {"height": size, "width": size}
-    elif isinstance(size, Sequence) and len(size) == 2:
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
         size = {"height": size[0], "width": size[1]}
     if not isinstance(size, Mapping) or set(size) != {"height", "width"}:
         raise ValueError(f'crop_size must be an int, (height, width) or {{"height": int, "width": int}}, got {size!r}')
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size.values()):
+    if not all(_is_int(v) and v > 0 for v in size.values()):
         raise ValueError(f"crop_size entries must be positive ints, got {dict(size)!r}")
     return {"height": size["height"], "width": size["width"]}
 
 
+def _finite_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, (bool, np.bool_)) or (_is_int(value) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be true or false, got {type(value).__name__} {value!r}")
+
+
 def _per_channel(values: Any, name: str) -> tuple[float, float, float]:
-    if isinstance(values, (int, float)) and not isinstance(values, bool):
+    if isinstance(values, (int, float, np.number)) and not isinstance(values, bool):
         values = (values,) * 3
-    try:
-        values = tuple(float(v) for v in values)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or 3 numbers, got {values!r}") from None
+    if not isinstance(values, (list, tuple, np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name} must be a number or 3 numbers, got {type(values).__name__} {values!r}")
+    values = [v.item() if isinstance(v, (np.generic, torch.Tensor)) else v for v in values]
     if len(values) != 3:
         raise ValueError(f"{name} must have 3 entries (one per RGB channel), got {len(values)}: {values!r}")
-    return values
+    return tuple(_finite_float(v, f"{name} entry") for v in values)
 
 
 def _resample(value: Any) -> Image.Resampling:
     try:
         return Image.Resampling(int(value))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         names = ", ".join(f"{member.value} ({member.name})" for member in Image.Resampling)
         raise ValueError(f"resample must be a PIL resampling filter, one of {names}; got {value!r}") from None
 
@@ -302,9 +426,11 @@ class _Settings:
     do_convert_rgb: bool | None
 
 
-def _make_settings(**kwargs: Any) -> _Settings:
+def _make_settings(max_pixels: int, **kwargs: Any) -> _Settings:
     """Validated settings; an argument given as None takes its default, as in transformers."""
-    return _build_settings(**{name: value for name, value in kwargs.items() if value is not None})
+    settings = _build_settings(**{name: value for name, value in kwargs.items() if value is not None})
+    _check_output_size(settings, max_pixels)
+    return settings
 
 
 def _build_settings(
@@ -321,25 +447,50 @@ def _build_settings(
     image_std: Any = None,
     do_convert_rgb: bool | None = None,
 ) -> _Settings:
-    crop_pct = DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct)
+    crop_pct = DEFAULT_CROP_PCT if crop_pct is None else _finite_float(crop_pct, "crop_pct")
     if crop_pct <= 0:
         raise ValueError(f"crop_pct must be > 0, got {crop_pct}")
+    do_center_crop = None if do_center_crop is None else _flag(do_center_crop, "do_center_crop")
     if do_center_crop and crop_size is None:
         raise ValueError("do_center_crop=True needs crop_size")
+    image_std = _per_channel(IMAGENET_STANDARD_STD if image_std is None else image_std, "image_std")
+    if 0.0 in image_std:
+        raise ValueError(f"image_std must not contain 0 (normalising divides by it), got {list(image_std)}")
     return _Settings(
-        do_resize=bool(do_resize),
+        do_resize=_flag(do_resize, "do_resize"),
         size=_shortest_edge_size({"shortest_edge": WARP_FROM_SHORTEST_EDGE} if size is None else size),
         crop_pct=crop_pct,
         resample=_resample(resample),
         do_center_crop=do_center_crop,
         crop_size=None if crop_size is None else _height_width_size(crop_size),
-        do_rescale=bool(do_rescale),
-        rescale_factor=float(rescale_factor),
-        do_normalize=bool(do_normalize),
+        do_rescale=_flag(do_rescale, "do_rescale"),
+        rescale_factor=_finite_float(rescale_factor, "rescale_factor"),
+        do_normalize=_flag(do_normalize, "do_normalize"),
         image_mean=_per_channel(IMAGENET_STANDARD_MEAN if image_mean is None else image_mean, "image_mean"),
-        image_std=_per_channel(IMAGENET_STANDARD_STD if image_std is None else image_std, "image_std"),
-        do_convert_rgb=do_convert_rgb,
+        image_std=image_std,
+        do_convert_rgb=None if do_convert_rgb is None else _flag(do_convert_rgb, "do_convert_rgb"),
     )
+
+
+def _check_output_size(settings: _Settings, limit: int) -> None:
+    """Refuse settings whose resized or cropped output alone exceeds the pixel limit, whatever the image."""
+    edge = settings.size["shortest_edge"]
+    _check_pixels(edge, edge, limit, f"the output of size={{'shortest_edge': {edge}}}")
+    if edge < WARP_FROM_SHORTEST_EDGE:
+        resized_edge = _crop_resize_edge(settings)
+        if resized_edge < 1:
+            raise ValueError(
+                f"crop_pct={settings.crop_pct} resizes the shortest edge to int({edge} / {settings.crop_pct}) = "
+                f"{resized_edge} pixels; expected crop_pct <= {edge}"
+            )
+        what = f"the resized image for crop_pct={settings.crop_pct} (shortest edge {resized_edge}) at least"
+        _check_pixels(resized_edge, resized_edge, limit, what)
+    if settings.crop_size is not None:
+        _check_pixels(settings.crop_size["width"], settings.crop_size["height"], limit, "crop_size")
+
+
+def _crop_resize_edge(settings: _Settings) -> int:
+    return int(settings.size["shortest_edge"] / settings.crop_pct)
 
 
 _SETTING_NAMES = tuple(_Settings.__dataclass_fields__)
@@ -364,17 +515,21 @@ class ConvNextImageProcessor:
         do_rescale, rescale_factor: multiply by `rescale_factor` (default 1/255).
         do_normalize, image_mean, image_std: `(x - mean) / std`; default mean = std = 0.5 (transformers' default).
         do_convert_rgb: accepted and saved for compatibility; images are always converted to RGB here.
+        max_pixels: the most pixels an image may have decoded or resized (see the module docstring); default
+            $FASTCONVNEXT_MAX_IMAGE_PIXELS or 178,956,970. A safety limit of this process, never saved.
     """
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, max_pixels: int | None = None, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(_SETTING_NAMES))
         if unknown:
             raise TypeError(
-                f"unknown ConvNextImageProcessor argument(s) {unknown}; expected some of {list(_SETTING_NAMES)}"
+                f"unknown ConvNextImageProcessor argument(s) {unknown}; expected some of "
+                f"{list(_SETTING_NAMES) + ['max_pixels']}"
             )
-        self._settings = _make_settings(**kwargs)
+        object.__setattr__(self, "max_pixels", max_image_pixels(max_pixels))
+        self._settings = _make_settings(self.max_pixels, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         settings = self.__dict__.get("_settings")
@@ -384,8 +539,11 @@ class ConvNextImageProcessor:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in _SETTING_NAMES:  # `processor.size = 224` works as in transformers, validated
-            value = _make_settings(**{**self._kwargs(), name: value})
+            value = _make_settings(self.max_pixels, **{**self._kwargs(), name: value})
             name = "_settings"
+        elif name == "max_pixels":
+            value = max_image_pixels(value)
+            _check_output_size(self._settings, value)
         object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
@@ -410,26 +568,28 @@ class ConvNextImageProcessor:
     def preprocess(
         self,
         images: Any,
-        return_tensors: str | None = "pt",
+        return_tensors: str | None = None,
         input_data_format: str | None = None,
         **overrides: Any,
     ) -> BatchFeature:
         """Preprocess one image or a batch; any constructor argument can be overridden for this call.
 
-        Returns `{"pixel_values": float32 [B, 3, H, W]}` as a torch tensor (`return_tensors="pt"`, default),
-        a numpy array (`"np"`) or a list of numpy [3, H, W] arrays (`None`, like transformers).
+        Returns `{"pixel_values": ...}` as transformers does: a list of float32 numpy [3, H, W] arrays
+        (`return_tensors=None`, the default), one float32 [B, 3, H, W] torch tensor (`"pt"`) or numpy
+        array (`"np"`).
         """
         if return_tensors not in _RETURN_TENSORS:
             raise ValueError(f"return_tensors must be one of {_RETURN_TENSORS}, got {return_tensors!r}")
-        settings = self._with_overrides(overrides)
-        rgb_images = to_rgb_images(images, input_data_format)
-        pixels = [_process(image, settings) for image in rgb_images]
+        limit = max_image_pixels(overrides.pop("max_pixels", self.max_pixels))
+        settings = self._with_overrides(overrides, limit)
+        named_images = named_rgb_images(images, input_data_format, limit)
+        pixels = [_process(image, settings, name, limit) for name, image in named_images]
         return BatchFeature({"pixel_values": _collate(pixels, return_tensors)})
 
-    def _with_overrides(self, overrides: dict) -> _Settings:
-        if not overrides:
+    def _with_overrides(self, overrides: dict, limit: int) -> _Settings:
+        if not overrides and limit == self.max_pixels:
             return self._settings
-        return type(self)(**{**self._kwargs(), **overrides})._settings
+        return type(self)(max_pixels=limit, **{**self._kwargs(), **overrides})._settings
 
     # ---- serialisation -------------------------------------------------------------------------------------
 
@@ -454,37 +614,67 @@ class ConvNextImageProcessor:
         known = {key: value for key, value in config.items() if key in _SETTING_NAMES}
         return cls(**{**known, **overrides})
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write `save_directory/preprocessor_config.json` (directory created if needed); returns the file path."""
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write the settings as JSON to `json_file_path` (what `save_pretrained` writes), as transformers does."""
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
+        """Write `save_directory/preprocessor_config.json` (directory created if needed); returns the written
+        paths as a list of str, as transformers does."""
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
-            raise ValueError(f"save_pretrained expects a directory, got a file: {directory}")
+            raise NotADirectoryError(f"save_pretrained expects a directory, got a file: {directory}")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PREPROCESSOR_CONFIG_NAME
-        path.write_text(self.to_json_string(), encoding="utf-8")
-        return path
+        self.to_json_file(path)
+        return [str(path)]
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> ConvNextImageProcessor:
-        """Load from a directory holding `preprocessor_config.json`, or from such a JSON file itself."""
-        path = Path(path)
-        config_file = path / PREPROCESSOR_CONFIG_NAME if path.is_dir() else path
-        if not config_file.is_file():
-            raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} found at {path}")
+        """Load from a directory holding `preprocessor_config.json`, or from such a JSON file itself.
+
+        Settings errors name the file. A directory without the file (model weights only) raises
+        FileNotFoundError pointing to `ConvNextImageProcessor.for_imagenet()`.
+        """
+        config_file = _config_file(Path(path))
+        config = _read_config(config_file)
         try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{config_file} is not valid JSON: {error}") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
-        return cls.from_dict(config, **overrides)
+            return cls.from_dict(config, **overrides)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{config_file}: {error}") from None
 
 
-def _process(image: Image.Image, settings: _Settings) -> torch.Tensor:
-    """One RGB Pillow image -> float32 [3, H, W]."""
+def _config_file(path: Path) -> Path:
+    config_file = path / PREPROCESSOR_CONFIG_NAME if path.is_dir() else path
+    if config_file.is_file():
+        return config_file
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"no {PREPROCESSOR_CONFIG_NAME} in {path} (a directory with model weights only?); for the ImageNet "
+            "evaluation settings the facebook/convnext-*-224 checkpoints ship, use "
+            "ConvNextImageProcessor.for_imagenet() (image_size=config.image_size for other resolutions)"
+        )
+    raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} found at {path}")
+
+
+def _read_config(config_file: Path) -> dict:
+    size = config_file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_file} is {size:,} bytes; expected a JSON file of at most {MAX_CONFIG_BYTES:,}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file} is not valid JSON: {_describe(error)}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _process(image: Image.Image, settings: _Settings, name: str, limit: int) -> torch.Tensor:
+    """One RGB Pillow image -> float32 [3, H, W]; `name` and `limit` for the resize bound."""
     crop = None
     if settings.do_resize:
-        image, crop = _convnext_resize(image, settings)
+        image, crop = _convnext_resize(image, settings, name, limit)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
     if crop is not None:
         pixels = center_crop(pixels, crop, crop)
@@ -500,13 +690,15 @@ def _process(image: Image.Image, settings: _Settings) -> torch.Tensor:
     return pixels.contiguous()
 
 
-def _convnext_resize(image: Image.Image, settings: _Settings) -> tuple[Image.Image, int | None]:
+def _convnext_resize(
+    image: Image.Image, settings: _Settings, name: str, limit: int
+) -> tuple[Image.Image, int | None]:
     """Resize per the ConvNeXt rule; returns the image and the square crop still to take (None: no crop)."""
     shortest_edge = settings.size["shortest_edge"]
     if shortest_edge >= WARP_FROM_SHORTEST_EDGE:
         return image.resize((shortest_edge, shortest_edge), resample=settings.resample), None
-    resized_edge = int(shortest_edge / settings.crop_pct)
-    height, width = shortest_edge_resize_size(image.height, image.width, resized_edge)
+    height, width = shortest_edge_resize_size(image.height, image.width, _crop_resize_edge(settings))
+    _check_pixels(width, height, limit, f"{name} resized (from {image.width}x{image.height})")
     return image.resize((width, height), resample=settings.resample), shortest_edge
 
 
@@ -526,11 +718,16 @@ def _collate(pixels: list[torch.Tensor], return_tensors: str | None) -> Any:
 __all__ = [
     "BatchFeature",
     "ConvNextImageProcessor",
+    "DEFAULT_MAX_PIXELS",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "IMAGENET_STANDARD_MEAN",
     "IMAGENET_STANDARD_STD",
+    "ImageDecodeError",
+    "ImageTooLargeError",
+    "MAX_PIXELS_ENV_VAR",
     "PREPROCESSOR_CONFIG_NAME",
     "convert_to_rgb",
     "load_image",
+    "max_image_pixels",
 ]

@@ -1,5 +1,6 @@
 """fastconvnext.ConvNextImageProcessor against transformers' PIL-backend ConvNeXt processor (the oracle)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_for_imagenet_matches_hub_convnext_224_settings():
     hub_settings = {"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3,
                     "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
     processor = ConvNextImageProcessor.for_imagenet()
-    assert_close(processor(image)["pixel_values"], reference(image, **hub_settings))
+    assert_close(processor(image, return_tensors="pt")["pixel_values"], reference(image, **hub_settings))
 
 
 def test_defaults_serialize_like_transformers():
@@ -161,11 +162,14 @@ def test_numpy_and_torch_inputs_match_pil():
     image = random_rgb(53, 37)
     hwc = np.array(image)
     processor = ConvNextImageProcessor(size=64)
-    expected = processor(image).pixel_values
-    assert_close(processor(hwc).pixel_values, expected)
-    assert_close(processor(torch.from_numpy(hwc).permute(2, 0, 1)).pixel_values, expected)  # CHW tensor
-    assert_close(processor(torch.from_numpy(hwc), input_data_format="channels_last").pixel_values, expected)
-    assert_close(processor(hwc.transpose(2, 0, 1), input_data_format="channels_first").pixel_values, expected)
+    expected = processor(image, return_tensors="pt").pixel_values
+    assert_close(processor(hwc, return_tensors="pt").pixel_values, expected)
+    chw_tensor = torch.from_numpy(hwc).permute(2, 0, 1)
+    assert_close(processor(chw_tensor, return_tensors="pt").pixel_values, expected)
+    hwc_tensor = torch.from_numpy(hwc)
+    assert_close(processor(hwc_tensor, input_data_format="channels_last", return_tensors="pt").pixel_values, expected)
+    chw = hwc.transpose(2, 0, 1)
+    assert_close(processor(chw, input_data_format="channels_first", return_tensors="pt").pixel_values, expected)
 
 
 def test_numpy_hwc_matches_transformers():
@@ -196,7 +200,7 @@ def test_grayscale_and_bool_arrays():
 
 def test_return_types_and_batch_feature():
     image = random_rgb(40, 50)
-    out = ConvNextImageProcessor(size=32)(image)
+    out = ConvNextImageProcessor(size=32)(image, return_tensors="pt")
     assert out.pixel_values is out["pixel_values"]
     assert out.to(torch.float16).pixel_values.dtype == torch.float16
     as_numpy = ConvNextImageProcessor(size=32)(image, return_tensors="np")["pixel_values"]
@@ -209,11 +213,12 @@ def test_return_types_and_batch_feature():
 def test_per_call_overrides_and_attribute_assignment():
     image = random_rgb(300, 201)
     processor = ConvNextImageProcessor()
-    assert_close(processor(image, size=224, crop_pct=0.95)["pixel_values"], reference(image, size=224, crop_pct=0.95))
+    overridden = processor(image, size=224, crop_pct=0.95, return_tensors="pt")["pixel_values"]
+    assert_close(overridden, reference(image, size=224, crop_pct=0.95))
     assert processor.size == {"shortest_edge": 384}  # the override did not stick
     processor.size = 224
     assert processor.size == {"shortest_edge": 224}
-    assert_close(processor(image)["pixel_values"], reference(image, size=224))
+    assert_close(processor(image, return_tensors="pt")["pixel_values"], reference(image, size=224))
     with pytest.raises(ValueError, match="shortest_edge"):
         processor.size = {"height": 3, "width": 3}
     processor.size = None  # None means the default, as in transformers
@@ -230,8 +235,9 @@ CUSTOM = {"size": {"shortest_edge": 192}, "crop_pct": 0.9, "resample": 2,
 
 def test_save_and_load_round_trip(tmp_path):
     processor = ConvNextImageProcessor(**CUSTOM)
-    path = processor.save_pretrained(tmp_path / "new" / "dir")
-    assert path.name == PREPROCESSOR_CONFIG_NAME
+    written_files = processor.save_pretrained(tmp_path / "new" / "dir")
+    assert written_files == [str(tmp_path / "new" / "dir" / PREPROCESSOR_CONFIG_NAME)]  # a list, as transformers
+    path = Path(written_files[0])
     written = json.loads(path.read_text())
     assert written["image_processor_type"] == "ConvNextImageProcessor"
     assert written["size"] == {"shortest_edge": 192} and written["resample"] == 2
@@ -246,14 +252,15 @@ def test_transformers_loads_our_config_with_identical_outputs(tmp_path):
     assert type(theirs).__name__.startswith("ConvNextImageProcessor")
     images = [random_rgb(h, w) for h, w in ODD_SIZES]
     expected = theirs(images, return_tensors="pt")["pixel_values"]
-    assert_close(ConvNextImageProcessor.from_pretrained(tmp_path)(images)["pixel_values"], expected)
+    assert_close(ConvNextImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"], expected)
 
 
 def test_we_load_transformers_config_with_identical_outputs(tmp_path):
     theirs = ConvNextImageProcessorPil(**CUSTOM)
     theirs.save_pretrained(tmp_path)
     image = random_rgb(300, 201)
-    assert_close(ConvNextImageProcessor.from_pretrained(tmp_path)(image)["pixel_values"], reference(image, **CUSTOM))
+    loaded = ConvNextImageProcessor.from_pretrained(tmp_path)
+    assert_close(loaded(image, return_tensors="pt")["pixel_values"], reference(image, **CUSTOM))
 
 
 def test_legacy_hub_config_with_unknown_keys(tmp_path):
@@ -313,7 +320,7 @@ def test_clear_errors_for_bad_settings(kwargs, error, match):
 def test_clear_errors_at_call_and_load_time(tmp_path):
     processor = ConvNextImageProcessor(do_resize=False)
     with pytest.raises(ValueError, match="different sizes"):
-        processor([random_rgb(10, 12), random_rgb(12, 10)])
+        processor([random_rgb(10, 12), random_rgb(12, 10)], return_tensors="pt")
     with pytest.raises(ValueError, match="return_tensors"):
         processor(random_rgb(10, 12), return_tensors="tf")
     with pytest.raises(FileNotFoundError, match=PREPROCESSOR_CONFIG_NAME):
