@@ -8,7 +8,9 @@ Sources `load_pretrained` understands:
   architecture is then read off the tensor names and shapes;
 - a Hugging Face Hub id ("facebook/convnext-tiny-224"), through huggingface_hub when it is installed.
 
-Pickled files are only ever read with `torch.load(weights_only=True)`: a file that would run code
+Nothing is read outside the model directory (shard names and symlinks are resolved and checked), and
+the architecture is checked against the checkpoint's tensors before any parameter is allocated, so a
+small hostile file cannot make the loader allocate gigabytes. Pickled files are only ever read with `torch.load(weights_only=True)`: a file that would run code
 when unpickled is refused, not executed.
 
 Inside this module state dicts are handled in a "canonical" form: transformers' names without the
@@ -21,15 +23,19 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from fastconvnext.configuration import CONFIG_NAME, ConvNextConfig
+from fastconvnext.safe_io import StagedFiles
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,18 @@ BASE_PREFIX = "convnext."
 WRAPPER_KEYS = ("model", "state_dict")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_LISTED = 40
+MAX_JSON_BYTES = 16 * 2**20
+# Tensors a load may initialize rather than read (a new head, strict=False gaps): a 21k-class head on
+# ConvNeXt-XL is 45M; more than this means the config and the checkpoint describe different models.
+MAX_NEW_PARAMETERS = 2**26
+# Blocks the config declares that the checkpoint has no tensor of (possible with strict=False only).
+MAX_ABSENT_BLOCKS = 64
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MODEL_CLASS_NAMES = ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone")
+MISMATCH_ADVICE = (
+    "pass ignore_mismatched_sizes=True to re-initialize them (fastconvnext convert/classify: "
+    "--ignore-mismatched-sizes)"
+)
 HUB_OPTIONS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 CONFIG_FIELDS = tuple(
     name for name, param in inspect.signature(ConvNextConfig.__init__).parameters.items()
@@ -87,9 +105,11 @@ _ORIGINAL_RULES = (
     (r"^norm\.", "layernorm."),
     (r"^head\.", "classifier."),
 )
+# Indices are at most 9 digits: longer ones never match, so they are reported as unexpected tensors.
 _STAGE_WIDTH_KEY = re.compile(
-    r"^encoder\.stages\.(\d+)\.(?:layers\.(\d+)\.dwconv\.weight|downsampling_layer\.1\.weight)$"
+    r"^encoder\.stages\.(\d{1,9})\.(?:layers\.(\d{1,9})\.dwconv\.weight|downsampling_layer\.1\.weight)$"
 )
+_BLOCK_KEY = re.compile(r"^encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.")
 _RULES = {"timm": _TIMM_RULES, "original": _ORIGINAL_RULES}
 _FORMAT_MARKERS = (
     ("transformers", "embeddings.patch_embeddings.weight"),
@@ -110,60 +130,88 @@ def load_pretrained(
     strict=True,
     dtype="auto",
     ignore_mismatched_sizes=False,
+    subfolder="",
+    state_dict=None,
+    output_loading_info=False,
     **kwargs,
 ):
-    """Build `cls` (ConvNextModel, ConvNextForImageClassification or ConvNextBackbone; None: chosen from
-    the checkpoint) with the weights at `path`, in eval mode.
+    """Build `cls` with the weights at `path`, in eval mode.
 
+    cls: the model class to build, or a mapping {class name: class} to choose from by the checkpoint's
+        tensors (classifier -> ConvNextForImageClassification, stage norms only -> ConvNextBackbone,
+        else ConvNextModel), as ConvNextPreTrainedModel.from_pretrained passes.
+    path: a directory, a checkpoint file or a hub id; None with config= and state_dict= builds the model
+        from those alone, as transformers' from_pretrained(None, config=..., state_dict=...) does.
     config: a ConvNextConfig to use instead of config.json / the one inferred from the tensors.
     map_location: the device the model ends up on (tensors are read on the CPU first).
     strict: False turns missing and unexpected tensors into a warning (wrong shapes still raise).
     dtype: "auto" keeps the checkpoint's floating dtype, as transformers 5 does; or a torch.dtype / its name.
     ignore_mismatched_sizes: re-initialize (and warn about) tensors whose shape differs, e.g. a new head.
+    subfolder: read the model from this folder inside `path` (or inside the hub repo).
+    state_dict: tensors to use instead of the weights stored at `path` (config.json is still read).
+    output_loading_info: also return {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}
+        with the model's key names, as transformers does (mismatched: (key, checkpoint shape, model shape)).
     kwargs: config fields to change (num_labels=10, out_features=["stage2", "stage4"], ...) and, for a
         hub id, huggingface_hub's revision, cache_dir, token, local_files_only, force_download.
 
-    Tensors the target class has and the checkpoint lacks are an error, except a whole head part the
-    checkpoint's class never had (final layernorm, classifier, a backbone stage norm): that part is
-    initialized as transformers does and a warning lists it. Head parts only the checkpoint has are
-    dropped. Any other missing, unexpected or mis-shaped tensor raises ValueError listing them.
+    The checkpoint is checked against the architecture before any parameter is allocated: block counts
+    first, then every name and shape against the model built on the meta device. Tensors the target
+    class has and the checkpoint lacks are an error, except a whole head part the checkpoint's class
+    never had (final layernorm, classifier, a backbone stage norm): that part is initialized as
+    transformers does and a warning lists it. Head parts only the checkpoint has are dropped. Any other
+    missing, unexpected or mis-shaped tensor raises ValueError listing them.
     """
     hub_options = {k: kwargs.pop(k) for k in HUB_OPTIONS if k in kwargs}
     dtype = _checked_dtype(kwargs.pop("torch_dtype", dtype))
+    device = _checked_device(map_location)
     config_overrides = _checked_overrides(kwargs)
-    source = _resolve_source(path, hub_options)
-    state_dict, config_dict = _read_source(source)
-    hf_state_dict, fmt, origins = _convert(state_dict)
+    if path is None:
+        source, given, config_dict = _source_from_arguments(config, state_dict)
+    else:
+        source = _resolve_source(path, hub_options, subfolder)
+        given, config_dict = _read_source(source, needs_config=config is None)
+        if state_dict is not None:
+            given = _checked_state_dict(state_dict, "the state_dict argument")
+    hf_state_dict, fmt, origins = _convert(given)
     canonical, origins = _to_canonical(hf_state_dict, origins)
-    config = _build_config(config, config_dict, canonical, fmt, config_overrides)
-    if cls is None:
-        cls = _default_class(canonical)
-    model = cls(config)
-    _load_canonical(model, canonical, origins, source, strict, ignore_mismatched_sizes)
-    target_dtype = _checkpoint_dtype(canonical) if dtype == "auto" else dtype
-    if target_dtype is not None:
-        model.to(dtype=target_dtype)
-    model.to(device=torch.device(map_location))
-    return model.eval()
+    _check_tensors(canonical, origins, source)
+    config = _build_config(config, config_dict, canonical, fmt, config_overrides, source)
+    cls = _chosen_class(cls, canonical)
+    _check_block_structure(config, canonical, source, strict)
+    target_dtype = _target_dtype(dtype, canonical, source)
+    model, info = _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes,
+                                target_dtype, device)
+    model.eval()
+    return (model, info) if output_loading_info else model
 
 
 def save_pretrained(model, directory, safe_serialization=True):
     """Write config.json and model.safetensors (or pytorch_model.bin) in transformers' form, so that
-    transformers' `from_pretrained` of the same class loads it with no missing or unexpected keys."""
+    transformers' `from_pretrained` of the same class loads it with no missing or unexpected keys.
+
+    Atomic: both files are written under temporary names beside their targets, fsynced, then renamed
+    over the old ones; any failure before that (an unserialisable config, a failed write) leaves the
+    previous checkpoint untouched. Weight files of other formats that would shadow the new ones are
+    removed only once the new files are in place.
+    """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"save_pretrained needs a directory, but {directory} is a file")
-    directory.mkdir(parents=True, exist_ok=True)
+        raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
     tensors = _plain_tensors(model.state_dict())
-    _remove_stale_weights(directory)
-    config_dict = _transformers_config_dict(model, tensors)
-    (directory / CONFIG_NAME).write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    if safe_serialization:
-        from safetensors.torch import save_file
+    config_text = _config_json(model, tensors)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    with StagedFiles(directory) as staged:
+        weights_file = staged.stage(weights_name)
+        if safe_serialization:
+            from safetensors.torch import save_file
 
-        save_file(tensors, str(directory / SAFE_WEIGHTS_NAME), metadata={"format": "pt"})
-    else:
-        torch.save(tensors, directory / WEIGHTS_NAME)
+            save_file(tensors, str(weights_file), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, weights_file)
+        staged.stage(CONFIG_NAME).write_text(config_text)
+        staged.commit()
+    _remove_stale_weights(directory, keep=weights_name)
     return directory
 
 
@@ -207,15 +255,14 @@ def infer_config(state_dict, fmt=None):
     return ConvNextConfig(**_inferred_fields(canonical, fmt or detected))
 
 
-def from_transformers(hf_model):
+def from_transformers(hf_model, classes=None):
     """The fastconvnext twin of a transformers ConvNext model: same class, config, weights, train/eval
-    mode, device and dtype."""
-    from fastconvnext import modeling
+    mode, device and dtype.
 
-    classes = {
-        name: getattr(modeling, name)
-        for name in ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone")
-    }
+    classes: {class name: fastconvnext class}; by default fastconvnext's public classes, looked up
+    through the package's exports (this module never imports fastconvnext.modeling itself).
+    """
+    classes = _public_classes() if classes is None else classes
     name = type(hf_model).__name__
     if name not in classes:
         raise TypeError(f"from_transformers takes one of transformers' {sorted(classes)}, got {name}")
@@ -227,16 +274,47 @@ def from_transformers(hf_model):
     return model
 
 
-# ---- locating and reading ----------------------------------------------------------------------
+# ---- arguments ---------------------------------------------------------------------------------
 
 
 def _checked_dtype(dtype):
-    if dtype == "auto" or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else None
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise TypeError(f"dtype must be 'auto', a floating torch.dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
-    return resolved
+    if isinstance(dtype, str) and dtype != "auto":
+        resolved = getattr(torch, dtype, None)
+    else:
+        resolved = dtype
+    if resolved == "auto" or resolved in LOADABLE_DTYPES:
+        return resolved
+    names = ", ".join(str(d).removeprefix("torch.") for d in LOADABLE_DTYPES)
+    raise TypeError(f"dtype must be 'auto' or one of {names} (a torch.dtype or its name), got {dtype!r}")
+
+
+def _checked_device(map_location):
+    """The torch.device for map_location, refusing devices this machine does not have."""
+    if not isinstance(map_location, (str, torch.device)):
+        raise TypeError(
+            f"map_location must be a device name like 'cpu' or 'cuda:0' or a torch.device, got "
+            f"{type(map_location).__name__} {map_location!r}"
+        )
+    try:
+        device = torch.device(map_location)
+    except RuntimeError as err:
+        raise ValueError(f"map_location={map_location!r} is not a device name ({err})") from None
+    if device.type == "meta":
+        raise ValueError("map_location='meta' would load no weights; build the model on the meta device instead")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"map_location={map_location!r} asks for CUDA, but PyTorch sees no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"map_location={map_location!r} asks for CUDA device {device.index}, but only "
+                f"{torch.cuda.device_count()} are visible"
+            )
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"map_location={map_location!r} is not usable here ({err})") from None
+    return device
 
 
 def _checked_overrides(overrides):
@@ -244,20 +322,90 @@ def _checked_overrides(overrides):
     if unknown:
         raise TypeError(
             f"unknown keyword arguments {unknown}: load_pretrained takes config, map_location, strict, dtype, "
-            f"ignore_mismatched_sizes, the hub options {list(HUB_OPTIONS)} and the config fields {list(CONFIG_FIELDS)}"
+            f"ignore_mismatched_sizes, subfolder, state_dict, output_loading_info, the hub options "
+            f"{list(HUB_OPTIONS)} and the config fields {list(CONFIG_FIELDS)}"
         )
     return overrides
 
 
-def _resolve_source(path, hub_options=None):
-    """A local Path for `path`, downloading a hub id; FileNotFoundError when neither works."""
-    local = Path(os.path.expanduser(str(path)))
+def _source_from_arguments(config, state_dict):
+    if config is None or state_dict is None:
+        raise TypeError(
+            "from_pretrained(None, ...) builds the model from config= and state_dict= alone; pass both (got "
+            f"config={type(config).__name__}, state_dict={type(state_dict).__name__})"
+        )
+    source = Source("the state_dict argument", None)
+    return source, _checked_state_dict(state_dict, source), None
+
+
+def _checked_state_dict(state_dict, where):
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{where}: expected a mapping of tensor names to tensors, got {type(state_dict).__name__}")
+    return _unwrap(dict(state_dict), where)
+
+
+def _public_classes():
+    """fastconvnext's model classes by name, through the package's lazy exports."""
+    import fastconvnext
+
+    return {name: getattr(fastconvnext, name) for name in MODEL_CLASS_NAMES}
+
+
+def _chosen_class(cls, canonical):
+    if isinstance(cls, Mapping):
+        name = _default_class_name(canonical)
+        if name not in cls:
+            raise TypeError(f"the checkpoint holds a {name}, which is not among the classes given: {sorted(cls)}")
+        return cls[name]
+    if cls is None:  # the functional API's "choose for me"
+        return _public_classes()[_default_class_name(canonical)]
+    if not isinstance(cls, type):
+        raise TypeError(f"cls must be a model class or a mapping of class names to classes, got {cls!r}")
+    return cls
+
+
+# ---- locating and reading ----------------------------------------------------------------------
+
+
+class Source(NamedTuple):
+    """Where a checkpoint was read from: `path` for messages, and the folder nothing may be read outside."""
+
+    path: object
+    root: Path | None
+
+    def __str__(self):
+        return str(self.path)
+
+
+def _resolve_source(path, hub_options=None, subfolder=""):
+    """The Source for `path` (+ subfolder), downloading a hub id; FileNotFoundError when neither works."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"expected a path to a checkpoint file or directory, or a hub id; got {type(path).__name__}")
+    if not isinstance(subfolder, (str, os.PathLike)):
+        raise TypeError(f"subfolder must be a str, got {type(subfolder).__name__}")
+    local = Path(os.path.expanduser(os.fspath(path)))
     if local.exists():
-        return local
-    text = str(path)
+        inner = _inside_subfolder(local, subfolder)
+        root = local.resolve() if local.is_dir() else inner.resolve().parent
+        return Source(inner, root)
+    text = os.fspath(path)
     if not _looks_like_hub_id(text):
         raise FileNotFoundError(f"no such file or directory: {text}")
-    return _download_from_hub(text, **(hub_options or {}))
+    folder, root = _download_from_hub(text, subfolder, **(hub_options or {}))
+    return Source(_inside_subfolder(folder, subfolder), root)
+
+
+def _inside_subfolder(folder, subfolder):
+    if not os.fspath(subfolder):
+        return folder
+    relative = Path(subfolder)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(f"subfolder must be a relative path inside {folder}, got {os.fspath(subfolder)!r}")
+    inner = folder / relative
+    if not inner.exists():
+        raise FileNotFoundError(f"no subfolder {os.fspath(subfolder)!r} in {folder}")
+    _require_inside(folder.resolve(), inner, f"subfolder {os.fspath(subfolder)!r}")
+    return inner
 
 
 def _looks_like_hub_id(text):
@@ -266,7 +414,8 @@ def _looks_like_hub_id(text):
     return bool(HUB_ID.match(text)) and not text.lower().endswith(suffixes)
 
 
-def _download_from_hub(repo_id, **hub_options):
+def _download_from_hub(repo_id, subfolder="", **hub_options):
+    """(snapshot folder, containment root): the hub cache links snapshot files to ../../blobs/<hash>."""
     advice = (
         "Download the files yourself (config.json and model.safetensors) and pass a local path: a "
         "directory or a checkpoint file."
@@ -278,66 +427,145 @@ def _download_from_hub(repo_id, **hub_options):
             f"{repo_id!r} is not a local file or directory, and loading it from the Hugging Face Hub needs "
             f"huggingface_hub (pip install huggingface_hub). {advice}"
         ) from None
+    prefix = f"{Path(subfolder).as_posix()}/" if os.fspath(subfolder) else ""
     try:
-        patterns = [CONFIG_NAME, "model*.safetensors*"]
+        patterns = [prefix + CONFIG_NAME, prefix + "model*.safetensors*"]
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_options))
-        if not any(folder.glob("*.safetensors")):
-            patterns = [CONFIG_NAME, "pytorch_model*.bin*"]
+        if not any((folder / prefix).glob("*.safetensors")):
+            patterns = [prefix + CONFIG_NAME, prefix + "pytorch_model*.bin*"]
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns, **hub_options))
     except Exception as err:  # offline, unknown repo, gated repo, network errors: all end the same way
         raise FileNotFoundError(
             f"{repo_id!r} is not a local file or directory, and downloading it from the Hugging Face Hub "
             f"failed ({type(err).__name__}: {err}). {advice}"
         ) from err
-    return folder
+    resolved = folder.resolve()
+    is_cache_snapshot = resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--")
+    return folder, resolved.parent.parent if is_cache_snapshot else resolved
 
 
-def _read_source(source):
+def _require_inside(root, path, what):
+    """Refuse `path` unless it resolves (symlinks followed) inside `root`."""
+    if root is None:
+        return path
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        raise ValueError(f"{what} cannot be resolved ({err})") from None
+    if not resolved.is_relative_to(root):
+        raise PermissionError(f"refusing to read {what}: it resolves to {resolved}, outside the model directory {root}")
+    return path
+
+
+def _read_source(source, needs_config=True):
     """(state dict, config.json contents or None) of a directory or a single checkpoint file."""
-    if source.is_dir():
-        return _read_directory(source)
-    return _unwrap(_read_file(source), source), None
+    if source.path.is_dir():
+        return _read_directory(source, needs_config)
+    return _unwrap(_read_file(source.path), source.path), None
 
 
-def _read_directory(directory):
+def _read_directory(source, needs_config):
+    directory = source.path
     for name in DIRECTORY_WEIGHTS:
         if (directory / name).is_file():
-            weights = directory / name
+            weights = _require_inside(source.root, directory / name, f"{directory / name}")
             break
     else:
-        raise ValueError(
+        raise FileNotFoundError(
             f"{directory} holds none of {', '.join(DIRECTORY_WEIGHTS)}; expected {SUPPORTED_SOURCES}"
         )
     if weights.name.endswith(".index.json"):
-        state_dict = _read_shards(weights)
+        state_dict = _read_shards(weights, source.root)
     else:
         state_dict = _unwrap(_read_file(weights), weights)
+    return state_dict, _read_config_json(directory, source.root) if needs_config else None
+
+
+def _read_config_json(directory, root):
+    """config.json of a transformers directory, which must be there: guessing the architecture of a
+    transformers directory would silently pick transformers' defaults (gelu, eps 1e-12)."""
     config_file = directory / CONFIG_NAME
-    config_dict = _read_json(config_file) if config_file.is_file() else None
-    return state_dict, config_dict
+    advice = (
+        "pass config=ConvNextConfig(...) to say which architecture the weights belong to, or load the "
+        "weights file itself to have the architecture inferred from its tensors"
+    )
+    if not config_file.exists():
+        raise FileNotFoundError(f"{directory} has weights but no {CONFIG_NAME}; {advice}")
+    if not config_file.is_file():
+        raise IsADirectoryError(f"{config_file} is not a file; {advice}")
+    _require_inside(root, config_file, str(config_file))
+    config_dict = _read_json(config_file)
+    if not isinstance(config_dict, dict):
+        raise ValueError(
+            f"{config_file} must hold a JSON object of ConvNextConfig fields, found {_json_kind(config_dict)}; {advice}"
+        )
+    return config_dict
 
 
-def _read_shards(index_file):
-    weight_map = _read_json(index_file).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_file} has no 'weight_map' object, so its shards cannot be found")
+def _read_shards(index_file, root):
+    index = _read_json(index_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(
+            f"{index_file} must be a JSON object whose 'weight_map' maps tensor names to shard file names, "
+            f"found {_json_kind(index) if not isinstance(index, dict) else 'weight_map ' + _json_kind(weight_map)}"
+        )
     state_dict = {}
     for shard_name in sorted(set(weight_map.values())):
-        shard = index_file.parent / shard_name
-        if not shard.is_file():
-            raise FileNotFoundError(f"shard {shard} listed in {index_file} does not exist")
-        state_dict.update(_unwrap(_read_file(shard), shard))
+        shard = _shard_path(index_file, shard_name, root)
+        tensors = _unwrap(_read_file(shard), shard)
+        unlisted = sorted(k for k in tensors if weight_map.get(k) != shard_name)
+        if unlisted:
+            raise ValueError(
+                f"shard {shard_name!r} holds tensors that {index_file} does not assign to it: {_name_list(unlisted)}"
+            )
+        state_dict.update(tensors)
     absent = sorted(set(weight_map) - set(state_dict))
     if absent:
         raise ValueError(f"{index_file} lists tensors its shards do not hold: {_name_list(absent)}")
     return state_dict
 
 
+def _shard_path(index_file, shard_name, root):
+    """The file an index entry names, which must be a plain relative name resolving inside the model."""
+    relative = Path(shard_name)
+    if not shard_name or "\x00" in shard_name or relative.is_absolute() or ".." in relative.parts:
+        raise PermissionError(
+            f"refusing shard entry {shard_name!r} in {index_file}: expected a file name relative to the model "
+            f"directory, without '..'"
+        )
+    shard = index_file.parent / relative
+    _require_inside(root, shard, f"shard entry {shard_name!r} of {index_file}")
+    if not shard.is_file():
+        raise FileNotFoundError(f"shard {shard_name!r} listed in {index_file} is not a file in {index_file.parent}")
+    return shard
+
+
+def _name_list(names):
+    shown = ", ".join(repr(n) for n in names[:MAX_LISTED])
+    return shown + (f" ... and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else "")
+
+
+def _json_kind(value):
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), f"a number ({value!r})" if isinstance(value, (int, float)) else type(value).__name__)
+
+
 def _read_json(path):
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        with open(path, "rb") as file:
+            data = file.read(MAX_JSON_BYTES + 1)
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path} is a directory, expected a JSON file") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MiB, which no ConvNeXt JSON file needs")
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
 
 
 def _read_file(path):
@@ -355,7 +583,7 @@ def _read_safetensors(path):
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"cannot read {path} as safetensors ({err}); expected {SUPPORTED_SOURCES}") from None
 
 
@@ -373,6 +601,8 @@ def _read_pickle(path):
             f"unpickling would execute or construct (torch.load(weights_only=True) rejected it). Only "
             f"state dicts of tensors are loaded; re-save the state dict, ideally as .safetensors."
         ) from None
+    except MemoryError:
+        raise ValueError(f"{unreadable}: it declares storages larger than memory") from None
     except Exception as err:  # damaged archives surface as RuntimeError, EOFError, struct.error, ...
         raise ValueError(f"{unreadable} ({type(err).__name__}: {err}); expected {SUPPORTED_SOURCES}") from None
 
@@ -387,6 +617,9 @@ def _has_torch_magic(path):
 def _unwrap(obj, path):
     """The {name: tensor} state dict inside a loaded file ({"model": ...} / {"state_dict": ...} too)."""
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        bad_keys = [k for k in obj if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"{path} holds tensors under keys that are not strings: {bad_keys[:5]!r}")
         return _strip_ddp_prefix(obj)
     if isinstance(obj, dict):
         for key in WRAPPER_KEYS:
@@ -404,6 +637,16 @@ def _strip_ddp_prefix(state_dict):
     if all(k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+def _check_tensors(canonical, origins, source):
+    """Every tensor must be a dense floating tensor: ConvNeXt has no other kind of parameter."""
+    for name, tensor in canonical.items():
+        if tensor.layout != torch.strided or not tensor.is_floating_point() or tensor.device.type == "meta":
+            raise ValueError(
+                f"{source}: tensor {origins.get(name, name)!r} is {tensor.dtype} {tensor.layout} on "
+                f"{tensor.device}; expected a dense floating-point tensor"
+            )
 
 
 # ---- key layouts ----------------------------------------------------------------------------
@@ -424,8 +667,7 @@ def _convert(state_dict):
             first = origins.get(new_key, new_key)
             raise ValueError(f"checkpoint keys {first!r} and {key!r} both map to {new_key!r}")
         converted[new_key] = tensor
-        if new_key != key:
-            origins[new_key] = key
+        origins[new_key] = key
     if any(k.startswith("classifier.") for k in converted):
         converted = {_with_base_prefix(k): v for k, v in converted.items()}
         origins = {_with_base_prefix(k): v for k, v in origins.items()}
@@ -475,31 +717,37 @@ def _head_part(name):
     return None
 
 
-def _default_class(canonical):
-    from fastconvnext import modeling
-
+def _default_class_name(canonical):
+    """The class a checkpoint was saved from, by its head tensors."""
     if any(k.startswith("classifier.") for k in canonical):
-        return modeling.ConvNextForImageClassification
+        return "ConvNextForImageClassification"
     has_stage_norms = any(k.startswith("hidden_states_norms.") for k in canonical)
     if has_stage_norms and not any(k.startswith("layernorm.") for k in canonical):
-        return modeling.ConvNextBackbone
-    return modeling.ConvNextModel
+        return "ConvNextBackbone"
+    return "ConvNextModel"
 
 
 # ---- configuration -----------------------------------------------------------------------------
 
 
-def _build_config(config, config_dict, canonical, fmt, overrides):
+def _build_config(config, config_dict, canonical, fmt, overrides, source):
     """The given config, else config.json, else the fields read off the tensors; then the overrides."""
     if isinstance(config, ConvNextConfig) and not overrides:
         return config
     if config is not None:  # also takes a transformers ConvNextConfig
-        base = config.to_dict()
+        if not callable(getattr(config, "to_dict", None)):
+            raise TypeError(f"config must be a ConvNextConfig, got {type(config).__name__}")
+        base, origin = config.to_dict(), "the config argument"
     elif config_dict is not None:
-        base = config_dict
+        base, origin = config_dict, f"{Path(str(source)) / CONFIG_NAME}"
     else:
-        base = _inferred_fields(canonical, fmt)
-    return ConvNextConfig.from_dict(_merge_overrides(base, overrides))
+        base, origin = _inferred_fields(canonical, fmt), f"the architecture inferred from {source}"
+    try:
+        return ConvNextConfig.from_dict(_merge_overrides(base, overrides))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{origin}: {err}") from None
+    except Exception as err:  # a field of the wrong kind failing deep in the config's constructor
+        raise ValueError(f"{origin}: invalid ConvNextConfig fields ({type(err).__name__}: {err})") from None
 
 
 def _merge_overrides(base, overrides):
@@ -546,42 +794,106 @@ def _inferred_fields(canonical, fmt):
 
 def _stage_shapes(canonical, stem_channels):
     """(depths, hidden_sizes) from encoder.stages.<i>.* tensor names and shapes."""
-    layer_counts, widths = {}, {}
+    widths = {}
     for key, tensor in canonical.items():
         match = _STAGE_WIDTH_KEY.match(key)
-        if match:
-            stage = int(match.group(1))
-            widths.setdefault(stage, tensor.shape[0])
-            if match.group(2) is not None:
-                layer_counts[stage] = max(layer_counts.get(stage, 0), int(match.group(2)) + 1)
-    num_stages = max(widths, default=-1) + 1
-    if num_stages == 0:
+        if match and tensor.dim() > 0:
+            widths.setdefault(int(match.group(1)), int(tensor.shape[0]))
+    if not widths:
         raise ValueError("cannot infer the architecture: no encoder.stages.<i>.layers.<j>.dwconv.weight tensors")
+    blocks = _blocks_by_stage(canonical)
+    num_stages = max(max(widths), max(blocks, default=0)) + 1
     widths.setdefault(0, stem_channels)
     missing = [i for i in range(num_stages) if i not in widths]
     if missing:
-        raise ValueError(f"cannot infer the architecture: no tensors for encoder stages {missing}")
-    return [layer_counts.get(i, 0) for i in range(num_stages)], [widths[i] for i in range(num_stages)]
+        raise ValueError(
+            f"cannot infer the architecture: no dwconv or downsampling weight for encoder stages {missing[:8]}"
+        )
+    for stage, indices in blocks.items():
+        if indices != set(range(len(indices))):
+            raise ValueError(
+                f"cannot infer the architecture: stage {stage} has block indices {_index_summary(indices)}, "
+                f"not 0..n-1 without gaps"
+            )
+    return [len(blocks.get(i, ())) for i in range(num_stages)], [widths[i] for i in range(num_stages)]
 
 
-def _transformers_config_dict(model, tensors):
+def _blocks_by_stage(canonical):
+    """{stage: set of block indices} of the encoder blocks a canonical state dict holds tensors for."""
+    blocks = {}
+    for key in canonical:
+        match = _BLOCK_KEY.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    return blocks
+
+
+def _index_summary(indices):
+    ordered = sorted(indices)
+    return str(ordered) if len(ordered) <= 8 else f"[{', '.join(map(str, ordered[:4]))}, ..., {ordered[-1]}]"
+
+
+def _check_block_structure(config, canonical, source, strict):
+    """Compare the config's stages and blocks with the checkpoint's before building anything.
+
+    Building a model is linear in its block count, so a config or a file declaring a million blocks
+    must be refused here, from the names alone.
+    """
+    blocks = _blocks_by_stage(canonical)
+    found = [len(blocks.get(i, ())) for i in range(max(blocks, default=-1) + 1)]
+    absent = sum(
+        len(set(range(depth)) - blocks.get(stage, set())) for stage, depth in enumerate(config.depths)
+    )
+    extra = sum(
+        len({j for j in indices if stage >= len(config.depths) or j >= config.depths[stage]})
+        for stage, indices in blocks.items()
+    )
+    if not absent and not extra:
+        return
+    described = (
+        f"checkpoint {source} does not match the architecture: the config has depths {list(config.depths)} "
+        f"({sum(config.depths)} blocks) but the checkpoint holds blocks per stage {found}"
+        f" ({absent} blocks absent, {extra} unexpected)"
+    )
+    if strict:
+        raise ValueError(described)
+    if absent > MAX_ABSENT_BLOCKS:
+        raise ValueError(f"{described}; strict=False initializes at most {MAX_ABSENT_BLOCKS} absent blocks")
+
+
+def _config_json(model, tensors):
+    """config.json's text, built (and failing) before any file is touched."""
     config_dict = model.config.to_dict()
     floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
     config_dict.update(architectures=[type(model).__name__], model_type="convnext")
     if floating:
         config_dict["dtype"] = str(floating[0]).removeprefix("torch.")
-    return config_dict
+    try:
+        return json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"the config of {type(model).__name__} cannot be written as JSON ({err})") from None
 
 
-def _checkpoint_dtype(canonical):
-    dtypes = {t.dtype for t in canonical.values() if t.is_floating_point()}
-    return dtypes.pop() if len(dtypes) == 1 else None
+def _target_dtype(dtype, canonical, source):
+    """The dtype the model is built in: the requested one, or the checkpoint's ("auto")."""
+    if dtype != "auto":
+        return dtype
+    dtypes = {t.dtype for t in canonical.values()}
+    if len(dtypes) != 1:
+        return torch.float32
+    (found,) = dtypes
+    if found not in LOADABLE_DTYPES:
+        raise ValueError(f"{source} holds {found} tensors; pass dtype= one of {LOADABLE_DTYPES} to load them")
+    return found
 
 
 # ---- matching a state dict to a model ----------------------------------------------------------
 
 
-def _load_canonical(model, canonical, origins, source, strict, ignore_mismatched_sizes):
+def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes, dtype, device):
+    """Build `cls` on the meta device, match every name and shape, and only then allocate and load."""
+    with torch.device("meta"):
+        model = cls(config)
     expected = model.state_dict()
     model_keys = {_strip_prefix(k, BASE_PREFIX): k for k in expected}
     expected_shapes = {name: tuple(expected[key].shape) for name, key in model_keys.items()}
@@ -591,25 +903,47 @@ def _load_canonical(model, canonical, origins, source, strict, ignore_mismatched
         raise ValueError(report.describe(match.missing, match.unexpected, match.mismatched))
     if strict and (match.missing or match.unexpected):
         raise ValueError(report.describe(match.missing, match.unexpected, []))
+    initialized = sorted(set(model_keys) - set(match.loadable))
+    new_parameters = sum(math.prod(expected_shapes[k]) for k in initialized)
+    if new_parameters > MAX_NEW_PARAMETERS:
+        raise ValueError(
+            f"{report.header()}: loading would initialize {new_parameters:,} parameters the checkpoint does not "
+            f"provide (at most {MAX_NEW_PARAMETERS:,}); the config and the checkpoint describe different models"
+        )
     if match.missing or match.unexpected:
-        warnings.warn(report.describe(match.missing, match.unexpected, [], strict=False), stacklevel=3)
+        warnings.warn(report.describe(match.missing, match.unexpected, [], strict=False), stacklevel=4)
 
+    model.to(dtype=dtype)
+    model.to_empty(device=device)
+    _initialize(model, [model_keys[k] for k in initialized])
     to_load = {model_keys[k]: canonical[k] for k in match.loadable}
     result = model.load_state_dict(to_load, strict=False)
-    if {_strip_prefix(k, BASE_PREFIX) for k in result.missing_keys} != set(model_keys) - set(match.loadable):
+    if {_strip_prefix(k, BASE_PREFIX) for k in result.missing_keys} != set(initialized):
         raise RuntimeError(f"{type(model).__name__}.load_state_dict did not take the matched tensors as planned")
 
-    initialized = match.new_head + match.mismatched
-    _initialize(model, [model_keys[k] for k in initialized])
-    if initialized:
-        lines = [f"  {model_keys[k]} {list(expected_shapes[k])}" for k in initialized]
+    newly = match.new_head + (match.mismatched if ignore_mismatched_sizes else [])
+    if newly:
+        lines = [f"  {model_keys[k]} {list(expected_shapes[k])}" for k in newly]
         warnings.warn(
-            f"{type(model).__name__} from {source}: {len(initialized)} tensors are not in the checkpoint (or have "
+            f"{type(model).__name__} from {source}: {len(newly)} tensors are not in the checkpoint (or have "
             f"another shape) and were newly initialized; train them before use:\n" + "\n".join(lines),
-            stacklevel=3,
+            stacklevel=4,
         )
     if match.dropped_head:
         logger.info("%s from %s: ignored checkpoint head tensors %s", type(model).__name__, source, match.dropped_head)
+    return model, _loading_info(match, model_keys, expected_shapes, canonical, origins)
+
+
+def _loading_info(match, model_keys, expected_shapes, canonical, origins):
+    """transformers' output_loading_info dictionary, with the model's and the file's key names."""
+    return {
+        "missing_keys": {model_keys[k] for k in match.missing + match.new_head},
+        "unexpected_keys": {origins.get(k, k) for k in match.unexpected + match.dropped_head},
+        "mismatched_keys": {
+            (model_keys[k], tuple(canonical[k].shape), expected_shapes[k]) for k in match.mismatched
+        },
+        "error_msgs": [],
+    }
 
 
 class _KeyMatch:
@@ -639,13 +973,15 @@ class _MismatchReport:
         self.model_keys, self.expected_shapes = model_keys, expected_shapes
         self.canonical, self.origins = canonical, origins
 
-    def describe(self, missing, unexpected, mismatched, strict=True):
+    def header(self):
         config = self.model.config
-        header = (
+        return (
             f"checkpoint {self.source} does not match {type(self.model).__name__}(hidden_sizes={config.hidden_sizes}, "
             f"depths={config.depths}, num_labels={config.num_labels}, layer_scale={config.layer_scale_init_value > 0})"
         )
-        sections = [header + (":" if strict else "; loaded anyway (strict=False):")]
+
+    def describe(self, missing, unexpected, mismatched, strict=True):
+        sections = [self.header() + (":" if strict else "; loaded anyway (strict=False):")]
         if missing:
             sections.append(self._section(
                 "missing (in the model, not in the checkpoint)",
@@ -658,7 +994,7 @@ class _MismatchReport:
             ))
         if mismatched:
             sections.append(self._section(
-                "wrong shape (pass ignore_mismatched_sizes=True to re-initialize them)",
+                f"wrong shape ({MISMATCH_ADVICE})",
                 [
                     f"{self.model_keys[k]}: expected {list(self.expected_shapes[k])}, given "
                     f"{list(self.canonical[k].shape)}{self._origin_note(k)}"
@@ -682,18 +1018,20 @@ class _MismatchReport:
 
 
 def _initialize(model, keys):
-    """transformers' initialization for the named tensors: norms 1/0, other weights N(0, initializer_range)."""
+    """transformers' initialization for the named tensors, by the module that owns each: LayerNorm 1/0,
+    layer scale its init value, other weights N(0, initializer_range) and biases 0."""
     config = model.config
-    params = dict(model.named_parameters())
     with torch.no_grad():
         for key in keys:
-            tensor = params[key]
-            if key.endswith("layer_scale_parameter"):
+            owner_name, _, attribute = key.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            tensor = getattr(owner, attribute)
+            if attribute == "layer_scale_parameter":
                 tensor.fill_(config.layer_scale_init_value)
-            elif key.endswith("bias"):
+            elif isinstance(owner, torch.nn.LayerNorm):
+                tensor.fill_(1.0 if attribute == "weight" else 0.0)
+            elif attribute == "bias":
                 tensor.zero_()
-            elif "layernorm" in key or "norms." in key:
-                tensor.fill_(1.0)
             else:
                 tensor.normal_(0.0, config.initializer_range)
 
@@ -706,13 +1044,14 @@ def _plain_tensors(state_dict):
     return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
 
 
-def _remove_stale_weights(directory):
-    """Old weight files would shadow the new ones (loaders prefer safetensors, then the index)."""
-    stale = [directory / name for name in DIRECTORY_WEIGHTS]
+def _remove_stale_weights(directory, keep):
+    """Old weight files of other formats would shadow the new `keep` file (loaders prefer safetensors,
+    then an index); called only once the new files are in place."""
+    stale = [directory / name for name in DIRECTORY_WEIGHTS if name != keep]
     for pattern in SHARD_PATTERNS:
         stale.extend(directory.glob(pattern))
     for path in stale:
-        if path.is_file():
+        if path.is_file() or path.is_symlink():
             path.unlink()
 
 

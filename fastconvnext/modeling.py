@@ -252,11 +252,16 @@ class ConvNextPreTrainedModel(nn.Module):
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, ConvNextEncoder))
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs):
-        """Load a transformers directory, a timm/original checkpoint file or (with huggingface_hub) a hub id."""
+    def from_pretrained(cls, path, *, config=None, state_dict=None, **kwargs):
+        """Load a transformers directory, a timm/original checkpoint file or (with huggingface_hub) a hub id;
+        `path=None` with config= and state_dict= builds from those. Options: see checkpoint.load_pretrained.
+        Called on ConvNextPreTrainedModel itself, the class is chosen from the checkpoint's tensors."""
         from fastconvnext import checkpoint
 
-        return checkpoint.load_pretrained(cls, path, **kwargs)
+        target = cls
+        if cls is ConvNextPreTrainedModel:
+            target = {c.__name__: c for c in (ConvNextModel, ConvNextForImageClassification, ConvNextBackbone)}
+        return checkpoint.load_pretrained(target, path, config=config, state_dict=state_dict, **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
         """Write config.json + model.safetensors that transformers' from_pretrained loads as is."""

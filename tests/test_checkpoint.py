@@ -446,7 +446,8 @@ def test_pickle_that_runs_code_is_refused_and_not_executed(tmp_path):
 
 def test_missing_path_unsupported_and_unreadable_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "_download_from_hub", lambda repo: pytest.fail(f"hub asked for {repo}"))
+    refuse_hub = lambda repo, *args, **kwargs: pytest.fail(f"hub asked for {repo}")  # noqa: E731
+    monkeypatch.setattr(checkpoint, "_download_from_hub", refuse_hub)
     for missing in (tmp_path / "nothing.pth", "checkpoints/convnext.safetensors", "no_slash_here"):
         with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
             load_pretrained(None, missing)
@@ -463,7 +464,8 @@ def test_missing_path_unsupported_and_unreadable_files(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"cannot read .*{name} as a PyTorch checkpoint"):
             load_pretrained(None, tmp_path / name)
     (tmp_path / "empty_dir").mkdir()
-    with pytest.raises(ValueError, match="holds none of model.safetensors"):
+    # transformers raises OSError for a directory without weights; FileNotFoundError is one
+    with pytest.raises(FileNotFoundError, match="empty_dir holds none of model.safetensors"):
         load_pretrained(None, tmp_path / "empty_dir")
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
     with pytest.raises(ValueError, match="not a ConvNeXt checkpoint"):

@@ -1,0 +1,77 @@
+"""Files that are either fully written or not there: stage beside the target, fsync, then rename.
+
+`StagedFiles` writes every new file of a checkpoint under a temporary name in the target directory
+first; only when all of them are complete and on disk does `commit` move them over the old names.
+A failure before `commit` (an exception, a full disk, a kill) leaves the old files untouched and at
+most a `.tmp-*` file behind; os.replace makes each rename atomic on POSIX and Windows.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+TEMP_PREFIX = ".tmp-"
+
+
+class StagedFiles:
+    """Temporary files in `directory` that become `name` on `commit`, in the order they were staged."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self._staged = []  # (temporary path, final path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.discard()
+        return False
+
+    def stage(self, name):
+        """An empty new file beside `name`, created with the usual permissions (0666 minus umask)."""
+        final = self.directory / name
+        temporary = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{name}"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        os.close(descriptor)
+        self._staged.append((temporary, final))
+        return temporary
+
+    def commit(self):
+        """fsync every staged file, rename each over its final name, then fsync the directory."""
+        for temporary, _ in self._staged:
+            _fsync_path(temporary)
+        committed = []
+        for temporary, final in self._staged:
+            os.replace(temporary, final)
+            committed.append(final)
+        self._staged = []
+        _fsync_directory(self.directory)
+        return committed
+
+    def discard(self):
+        for temporary, _ in self._staged:
+            try:
+                temporary.unlink()
+            except FileNotFoundError:
+                pass
+        self._staged = []
+
+
+def _fsync_path(path):
+    with open(path, "rb+") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_directory(directory):
+    """Make the renames durable; some platforms (Windows) cannot open a directory, which is harmless."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
