@@ -2,8 +2,11 @@
 
 Exit codes: 0 success, 1 the command failed while running (missing or unreadable files, a checkpoint
 that cannot be loaded, no CUDA, ...), 2 the command line itself is wrong (argparse's usage errors),
-130 interrupted. Errors are printed as `fastconvnext: error: ...` on stderr, without a traceback
-unless --traceback is given.
+130 interrupted. Errors are printed as one `fastconvnext: error: ...` line on stderr (a checkpoint
+mismatch report adds indented lines), without a traceback unless --traceback is given. Text that comes
+from files (labels, paths, messages) is escaped before it reaches the terminal.
+
+--help, --version and usage errors answer without importing torch, PIL or Triton.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import os
 import platform
 import sys
 import traceback
+import unicodedata
 from importlib import metadata
 from pathlib import Path
 
@@ -89,6 +93,14 @@ def _add_backend_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ignore_mismatched_sizes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ignore-mismatched-sizes", action="store_true",
+        help="re-initialize checkpoint tensors whose shape differs from the model's (e.g. a new head) "
+             "instead of failing; as from_pretrained(ignore_mismatched_sizes=True)",
+    )
+
+
 def _add_classify(commands) -> None:
     parser = _subparser(
         commands, "classify", "print the top-k classes of images",
@@ -111,6 +123,7 @@ def _add_classify(commands) -> None:
                         help="auto: cuda when available, else cpu (default)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="model and input dtype (default fp32)")
     parser.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    _add_ignore_mismatched_sizes_option(parser)
     _add_backend_option(parser)
     parser.set_defaults(handler=run_classify)
 
@@ -129,6 +142,7 @@ def _add_convert(commands) -> None:
     parser.add_argument("destination", metavar="DST", help="output directory (created if needed)")
     parser.add_argument("--dtype", choices=("keep",) + tuple(DTYPES), default="keep",
                         help="dtype of the written weights (default: keep the checkpoint's)")
+    _add_ignore_mismatched_sizes_option(parser)
     parser.set_defaults(handler=run_convert)
 
 
@@ -198,7 +212,28 @@ def _message(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename:  # "[Errno 2] ..." reads worse
         text = f"{error.strerror}: {error.filename}"
     first, *rest = text.splitlines()
-    return "\n".join([first] + [f"  {line.rstrip()}" for line in rest if line.strip()])
+    lines = [first] + [f"  {line.rstrip()}" for line in rest if line.strip()]
+    return "\n".join(terminal_safe(line) for line in lines)
+
+
+# Unicode categories never printed raw: controls (C0, DEL, C1), format characters (bidi overrides and
+# isolates, zero-width marks), line/paragraph separators, surrogates, private use and unassigned code points.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with every character that could move the cursor, recolour, retitle or reorder the terminal
+    (ESC sequences, C0/C1 controls, bidi overrides, ...) written as a visible \\xNN / \\uNNNN escape."""
+    return "".join(_escape_char(char) for char in text)
+
+
+def _escape_char(char: str) -> str:
+    if unicodedata.category(char) not in _UNPRINTABLE_CATEGORIES:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +246,7 @@ def run_classify(args: argparse.Namespace) -> int:
     image_paths = [Path(p) for p in args.images]
     _check_images_readable(image_paths)
     device = _pick_device(args.device)
-    model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]))
+    model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]), args.ignore_mismatched_sizes)
     processor = _processor_for(args.model, model.config)
     predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels))
     if args.json:
@@ -253,19 +288,16 @@ def _backend_scope(name: str | None):
 
 
 def _check_images_readable(paths: list[Path]) -> None:
-    """Fail before the model is loaded when an image is missing or not an image (reads headers only)."""
-    from PIL import Image, UnidentifiedImageError
+    """Fail before the model is loaded when an image is missing, not an image or over the pixel limit
+    (reads headers only); the errors name the file."""
+    from fastconvnext.image_processing import check_image_file
 
     for path in paths:
         if not path.exists():
             raise CommandError(f"image not found: {path}")
         if path.is_dir():
             raise CommandError(f"expected an image file, got a directory: {path}")
-        try:
-            with Image.open(path):
-                pass
-        except UnidentifiedImageError:
-            raise CommandError(f"not a readable image file: {path}") from None
+        check_image_file(path)
 
 
 def _pick_device(choice: str):
@@ -278,11 +310,44 @@ def _pick_device(choice: str):
     return torch.device(choice)
 
 
-def _load_classifier(path: str, device, dtype):
+def _load_model(path: str, **options):
+    """`load_pretrained`, with the foreign exception types a broken file can raise turned into one error
+    naming the file (ValueError/TypeError/OSError/RuntimeError pass through, prefixed with the path if needed)."""
     from fastconvnext.checkpoint import load_pretrained
+
+    try:
+        return load_pretrained(None, path, **options)
+    except CommandError:
+        raise
+    except EXPECTED_ERRORS as error:
+        if str(path) in str(error):
+            raise
+        raise CommandError(f"{path}: {_message(error)}") from error
+    except _foreign_load_errors() as error:
+        raise CommandError(f"cannot load {path}: {type(error).__name__}: {error}") from error
+
+
+def _foreign_load_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of the libraries under the loader (pickle, zipfile, safetensors, torch's device
+    checks) that mean a broken file or an unusable map_location, not a bug here."""
+    import pickle
+    import struct
+    import zipfile
+
+    errors = [AssertionError, EOFError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile]
+    try:
+        from safetensors import SafetensorError
+    except ImportError:
+        pass
+    else:
+        errors.append(SafetensorError)
+    return tuple(errors)
+
+
+def _load_classifier(path: str, device, dtype, ignore_mismatched_sizes: bool = False):
     from fastconvnext.modeling import ConvNextForImageClassification
 
-    model = load_pretrained(None, path, map_location=device, dtype=dtype)
+    model = _load_model(path, map_location=device, dtype=dtype, ignore_mismatched_sizes=ignore_mismatched_sizes)
     if not isinstance(model, ConvNextForImageClassification):
         raise CommandError(
             f"{path} has no classification head (it loads as {type(model).__name__}); classify needs a "
@@ -292,11 +357,15 @@ def _load_classifier(path: str, device, dtype):
 
 
 def _processor_for(model_path: str, config):
+    """MODEL/preprocessor_config.json when there is one, else the ImageNet evaluation settings (with a note)."""
     from fastconvnext.image_processing import PREPROCESSOR_CONFIG_NAME, ConvNextImageProcessor
 
     directory = Path(model_path)
     if directory.is_dir() and (directory / PREPROCESSOR_CONFIG_NAME).is_file():
         return ConvNextImageProcessor.from_pretrained(directory)
+    note = (f"no {PREPROCESSOR_CONFIG_NAME} with {model_path}; using the ImageNet evaluation settings "
+            f"(ConvNextImageProcessor.for_imagenet(image_size={config.image_size}))")
+    print(f"{PROG}: note: {terminal_safe(note)}", file=sys.stderr)
     return ConvNextImageProcessor.for_imagenet(image_size=config.image_size)
 
 
@@ -311,9 +380,9 @@ def _label(config, index: int) -> str:
 
 
 def _print_prediction(result: dict) -> None:
-    print(result["image"])
+    print(terminal_safe(result["image"]))
     for rank, prediction in enumerate(result["predictions"], start=1):
-        print(f"  {rank}. {prediction['probability']:.4f}  {prediction['label']}")
+        print(f"  {rank}. {prediction['probability']:.4f}  {terminal_safe(prediction['label'])}")
     sys.stdout.flush()
 
 
@@ -324,13 +393,11 @@ def _print_prediction(result: dict) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from fastconvnext.checkpoint import load_pretrained
-
     destination = Path(args.destination)
     if destination.exists() and not destination.is_dir():
         raise CommandError(f"destination exists and is not a directory: {destination}")
     dtype = "auto" if args.dtype == "keep" else getattr(torch, DTYPES[args.dtype])
-    model = load_pretrained(None, args.source, dtype=dtype)
+    model = _load_model(args.source, dtype=dtype, ignore_mismatched_sizes=args.ignore_mismatched_sizes)
     model.save_pretrained(destination)
     processor_files = _processor_for(args.source, model.config).save_pretrained(destination)
     print(f"wrote {destination}: {type(model).__name__} ({model.num_parameters():,} parameters, {model.dtype}), "
@@ -343,7 +410,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    report = {"versions": _versions(), "devices": _devices(), "backend": _backend_report()}
+    backend_report, backend_error = _backend_report()
+    report = {"versions": _versions(), "devices": _devices(), "backend": backend_report}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -351,7 +419,9 @@ def run_info(args: argparse.Namespace) -> int:
             print(f"{section}:")
             width = max(map(len, values), default=0)
             for key, value in values.items():
-                print(f"  {key:<{width}}  {value}")
+                print(f"  {key:<{width}}  {terminal_safe(str(value))}")
+    if backend_error is not None:  # the report is still shown: it is what one runs to find such a problem
+        raise backend_error
     return 0
 
 
@@ -389,16 +459,23 @@ def _devices() -> dict[str, str]:
     return devices
 
 
-def _backend_report() -> dict[str, str]:
-    from fastconvnext import backend
+BACKEND_ENV_VAR = "FASTCONVNEXT_BACKEND"
 
+
+def _backend_report() -> tuple[dict[str, str], ValueError | None]:
+    """The backend section of `info`, and the error an invalid $FASTCONVNEXT_BACKEND raised (else None)."""
     report = {
-        "setting": backend.get_backend(),
-        backend.ENV_VAR: os.environ.get(backend.ENV_VAR, "(unset)"),
+        BACKEND_ENV_VAR: os.environ.get(BACKEND_ENV_VAR, "(unset)"),
         "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "(unset)"),
     }
-    report.update({op: str(choice) for op, choice in backend.describe().items()})
-    return report
+    try:
+        from fastconvnext import backend
+
+        setting = backend.get_backend()
+        choices = {op: str(choice) for op, choice in backend.describe().items()}
+    except ValueError as error:  # a bad $FASTCONVNEXT_BACKEND, raised at import or at first use
+        return {"setting": f"invalid ({error})", **report}, error
+    return {"setting": setting, **report, **choices}, None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,15 +145,29 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     if path.is_dir():
         raise ValueError(f"expected an image file, got a directory: {path}")
     with open(path, "rb") as handle:
-        return _decode(handle, path, limit)
+        return _decode(handle, path, limit, header_only=False)
 
 
-def _decode(handle, path: Path, limit: int) -> Image.Image:
+def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
+    """Read only the header of an image file and return its (width, height); raises as `load_image` does
+    for a missing file, bytes that are no image, or a pixel count over the limit (nothing is decoded)."""
+    path = Path(path)
+    limit = max_image_pixels(max_pixels)
+    if path.is_dir():
+        raise ValueError(f"expected an image file, got a directory: {path}")
+    with open(path, "rb") as handle:
+        image = _decode(handle, path, limit, header_only=True)
+        return image.width, image.height
+
+
+def _decode(handle, path: Path, limit: int, header_only: bool) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
             image = Image.open(handle)
         _check_pixels(image.width, image.height, limit, f"image {path}")
+        if header_only:
+            return image
         image.load()
         ImageOps.exif_transpose(image, in_place=True)  # as transformers' load_image does
         return image
@@ -728,6 +742,7 @@ __all__ = [
     "MAX_PIXELS_ENV_VAR",
     "PREPROCESSOR_CONFIG_NAME",
     "convert_to_rgb",
+    "check_image_file",
     "load_image",
     "max_image_pixels",
 ]
