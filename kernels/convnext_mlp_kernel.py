@@ -32,6 +32,9 @@ Configs: autotuned per (C, D, dtype) bucket among a few candidates that compile 
 sm_80 and sm_90 (see `compile_targets`); one fixed small config in the interpreter. On sm_90 the
 fp16/bf16 dots of all shipped configs lower to wgmma (HGMMA).
 
+`launch_plans(batch, height, width, channels, dtype, training)` lists the launches a call makes at a shape
+(config, grid, modelled bytes) for kernels/sass_report.py; the launchers and it share `_grid` and the configs.
+
 Precision: fp16/bf16 operands go to tensor cores via tl.dot with fp32 accumulation; fp32 operands use
 "tf32" when torch.backends.cuda.matmul.allow_tf32 is set, else "ieee" (always "ieee" in the interpreter).
 Biases, gamma and sample_scale are used in fp32; fp32 master weights are cast to x's dtype for the dots
@@ -598,12 +601,9 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     b2 = fc2_bias.to(torch.float32).contiguous()
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
-
     args = (x, residual, w1, b1, w2, b2, g, s, out, y2 if save_y2 else out, M, HW)
     with _device_guard(x):
-        _launch("fwd", grid, args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=gamma is not None,
+        _launch("fwd", functools.partial(_grid, "fwd", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=gamma is not None,
                 HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=_dot_precision(x.dtype))
     return out, y2
 
@@ -619,6 +619,13 @@ def _num_segments(M: int) -> int:
     return _segments(M)[0]
 
 
+def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
+    """Programs of one launch (shared by the launchers and launch_plans)."""
+    if kind == "dw":
+        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
+    return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
+
+
 def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act):
     """Writes dx; returns db2 and (with y2) dgamma as fp32 sums."""
     N, H, W, C = x.shape
@@ -629,11 +636,8 @@ def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, ac
     has_y2 = y2 is not None and y2.numel() > 0
     dgamma_part = torch.empty_like(db2_part) if has_y2 else db2_part
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
-
     args = (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, db2_part, dgamma_part, M, HW)
-    _launch("dx", grid, args, C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
+    _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D), args, C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
             HAS_SCALE=has_scale, HAS_Y2=has_y2, DOT_PRECISION=_dot_precision(x.dtype))
     dgamma = dgamma_part.sum(0) if has_y2 else None
     return db2_part.sum(0), dgamma
@@ -649,11 +653,8 @@ def _backward_dw(grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act):
     dw2_part = torch.empty((segments, C, D), device=x.device, dtype=torch.float32)
     db1_part = torch.empty((segments, D), device=x.device, dtype=torch.float32)
 
-    def grid(meta):
-        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), segments)
-
     args = (x, grad_out, w1, b1, w2, g, s, dw1_part, dw2_part, db1_part, M, HW, segment_rows)
-    _launch("dw", grid, args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
+    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
             DOT_PRECISION=_dot_precision(x.dtype))
     return dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0)
 
@@ -979,3 +980,136 @@ def compile_targets() -> List[CompileTarget]:
                 cfg = _KERNELS[kind][4](96, 384, dtype)[0]
                 targets.append(_target(kind, cfg, 96, 384, dtype, _flags(kind, act), "ieee"))
     return targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans (for kernels/sass_report.py): every figure below is a model, not a measurement
+# ---------------------------------------------------------------------------------------------
+_MODEL_L2_BYTES = 50e6  # H100: data whose footprint exceeds this is re-read from HBM
+_MODEL_SMS = 132  # H100 SXM: programs of the dW kernel in flight at once (one per SM)
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def _kernel_flags(kind: str, act: str, has_gamma: bool, has_scale: bool, training: bool) -> dict:
+    """The constexpr flags a real launch passes (same order as the launchers)."""
+    flags = dict(ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
+    if kind == "fwd":
+        flags["SAVE_Y2"] = has_gamma and training
+    elif kind == "dx":
+        flags = dict(PART_ROWS=_PART_ROWS, **flags, HAS_Y2=has_gamma)
+    return flags
+
+
+def _streamed_trips(block_k: int, C: int, outer: int) -> Tuple[int, int]:
+    """(loop_trips, outer_trips): the inner C loop runs per outer iteration when the reduction is streamed."""
+    inner = triton.cdiv(C, block_k) if block_k < C else 1
+    return outer * inner, (outer if inner > 1 else 1)
+
+
+def _fwd_plan_figures(cfg, M, C, D, s, small, save_y2):
+    grid = _grid("fwd", cfg, M, C, D)
+    act, weights = M * C * s, 2 * D * C * s
+    c_tiles, chunks = grid[1], triton.cdiv(D, cfg["BLOCK_D"])
+    x_reads = c_tiles if c_tiles > 1 and act + weights > _MODEL_L2_BYTES else 1
+    hbm = act * (x_reads + 2 + save_y2) + weights + small
+    streamed = cfg["BLOCK_K"] < C
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    per_program = (bm * C * s * (chunks if streamed else 1) + D * C * s + bn * D * s + bm * bn * s * (2 + save_y2)
+                   + D * 4 + 3 * bn * 4)
+    trips = _streamed_trips(cfg["BLOCK_K"], C, chunks)
+    return grid, hbm, grid[0] * grid[1] * per_program, trips, 1 + c_tiles
+
+
+def _dx_plan_figures(cfg, M, C, D, s, small, has_y2):
+    grid = _grid("dx", cfg, M, C, D)
+    act, weights = M * C * s, 2 * D * C * s
+    c_tiles, chunks = grid[1], triton.cdiv(D, cfg["BLOCK_D"])
+    parts = triton.cdiv(M, _PART_ROWS) * C * 4 * (1 + has_y2)
+    reads = c_tiles if c_tiles > 1 and 2 * act + weights > _MODEL_L2_BYTES else 1
+    hbm = 2 * act * reads + act * (1 + has_y2) + weights + small + parts
+    streamed = cfg["BLOCK_K"] < C
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    per_program = (2 * bm * C * s * (chunks if streamed else 1) + 2 * D * C * s + bn * D * s
+                   + bm * bn * s * (2 + has_y2) + D * 4 + 2 * bn * 4)
+    trips = _streamed_trips(cfg["BLOCK_K"], C, chunks)
+    return grid, hbm, grid[0] * grid[1] * per_program + parts, trips, 1 + 2 * c_tiles
+
+
+def _dw_plan_figures(cfg, M, C, D, s, small):
+    grid = _grid("dw", cfg, M, C, D)
+    segments, segment_rows = _segments(M)
+    act, weights = M * C * s, 2 * D * C * s
+    # The programs of one segment are consecutive in launch order and walk its rows in the same order: those
+    # resident together share each tile's HBM read; later waves re-read the segment unless it stays in L2.
+    waves = triton.cdiv(grid[0] * grid[1], _MODEL_SMS)
+    reads = waves if 2 * segment_rows * C * s + weights > _MODEL_L2_BYTES else 1
+    partials = segments * (2 * D * C + D) * 4
+    hbm = 2 * act * reads + weights + small + partials
+    bm, bc, bd = cfg["BLOCK_M"], cfg["BLOCK_C"], cfg["BLOCK_D"]
+    streamed = bc < C
+    tiles = triton.cdiv(min(segment_rows, M), bm)
+    per_tile = 2 * bm * bc * s + 2 * C * bd * s + (2 * bm * C * s if streamed else 0)
+    l2 = grid[0] * grid[1] * grid[2] * (tiles * per_tile + bd * 4) + partials
+    trips = _streamed_trips(bc, C, tiles)
+    return grid, hbm, l2, trips, 2 + 2 * grid[1], segment_rows
+
+
+def _torch_plan(phase: str, nbytes: float, note: str):
+    from .compile_spec import LaunchPlan
+
+    return LaunchPlan(target=None, grid=(), phase=phase, hbm_bytes=float(nbytes), l2_bytes=float(nbytes),
+                      loop_trips=0, note=note)
+
+
+def launch_plans(batch: int, height: int, width: int, channels: int, dtype, training: bool, act: str = "gelu",
+                 has_gamma: bool = True, has_scale: bool = False, hidden: Optional[int] = None) -> list:
+    """The launches one `convnext_mlp` call makes at this shape on a GPU with autotuning off (each kernel's
+    first candidate config), forward then (when `training`) backward, with modelled bytes.
+
+    Defaults are ConvNeXt's block: GELU, a layer scale (trained when training), no drop path, hidden = 4C,
+    parameters in the activation dtype. The dots' precision is what the current TF32 flags give. Byte figures
+    are a model (H100: 50 MB L2): hbm_bytes counts a tensor once plus the re-reads whose footprint exceeds L2,
+    l2_bytes what the programs request. torch steps (partial sums, casts) are plans with target None."""
+    from .compile_spec import LaunchPlan
+
+    dtype = _TRITON_DTYPE.get(dtype, dtype)
+    _check(dtype in _DTYPE_BYTES, ValueError, f"launch_plans: dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    C, D, s = channels, hidden or 4 * channels, _DTYPE_BYTES[dtype]
+    M, HW = batch * height * width, height * width
+    precision = "tf32" if dtype == "fp32" and _tf32_allowed() else "ieee"
+    small = (D + 2 * C) * 4 + (batch * 4 if has_scale else 0)
+    matmul_flops = 2 * M * C * D
+
+    def plan(kind, cfg, figures, phase, note, **ints):
+        grid, hbm, l2, (trips, outer), units = figures[:5]
+        flags = _kernel_flags(kind, act, has_gamma, has_scale, training)
+        int_args = dict(M=M, HW=HW, **ints)
+        return LaunchPlan(target=_target(kind, cfg, C, D, dtype, flags, precision), grid=grid, phase=phase,
+                          hbm_bytes=float(hbm), l2_bytes=float(l2), loop_trips=trips, outer_trips=outer,
+                          flops=float(2 * matmul_flops), note=f"{note}; executes {units} M*C*D matmul units",
+                          divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args)
+
+    save_y2 = has_gamma and training
+    cfg = _fwd_configs(C, D, dtype)[0]
+    plans = [plan("fwd", cfg, _fwd_plan_figures(cfg, M, C, D, s, small, save_y2), "forward",
+                  "fc1 + b1 + act + fc2 + b2, x gamma x scale + residual" + (", writes y2" if save_y2 else ""))]
+    if dtype != "fp32":
+        plans.insert(0, _torch_plan("forward", (D + 2 * C) * (s + 4), "torch: b1, b2, gamma cast to fp32"))
+    if not training:
+        return plans
+    if dtype != "fp32":
+        plans.append(_torch_plan("backward", (D + C) * (s + 4), "torch: b1, gamma cast to fp32"))
+    cfg = _dx_configs(C, D, dtype)[0]
+    plans.append(plan("dx", cfg, _dx_plan_figures(cfg, M, C, D, s, small, has_gamma), "backward",
+                      "dx (recomputes fc1 and dh), db2/dgamma row-group partials"))
+    sums = 1 + has_gamma  # db2, and dgamma when the layer scale is trained
+    plans.append(_torch_plan("backward", sums * (triton.cdiv(M, _PART_ROWS) * C * 4 + C * (8 + s)),
+                             "torch: db2" + (" and dgamma" if has_gamma else "") + " partial sums + casts"))
+    cfg = _dw_configs(C, D, dtype)[0]
+    figures = _dw_plan_figures(cfg, M, C, D, s, small)
+    plans.append(plan("dw", cfg, figures, "backward", "dW1, dW2, db1 per-segment partials (recomputes fc1 and dh)",
+                      SEGMENT_ROWS=figures[5]))
+    segments = _segments(M)[0]
+    for what, size in (("dW1", D * C), ("db1", D), ("dW2", C * D)):
+        plans.append(_torch_plan("backward", segments * size * 4 + size * (8 + s), f"torch: {what} partial sum + cast"))
+    return plans
