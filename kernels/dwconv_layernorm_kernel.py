@@ -1,23 +1,35 @@
 """Fused depthwise KxK conv (+ bias) + LayerNorm over channels, forward and backward.
 
 Layout: activations are [N, H, W, C] contiguous (a channels_last NCHW tensor seen through
-.permute(0, 2, 3, 1)). The kernels see them as a [P, C] matrix with P = N*H*W pixels; a program
-owns BLOCK_P consecutive pixels (flattened over n, h, w, so no tile is wasted at row ends) times
-all channels, and finds each tap's source pixel as p + dh*W + dw, masked at image borders.
+.permute(0, 2, 3, 1)); ROWS = N*H image rows of W pixels of C channels.
 
-Forward: conv in fp32 over one runtime (not unrolled) loop of K*K taps, + bias, LayerNorm in
-fp32; y in x's dtype, mean/rstd [P] in fp32 (always written: 8 bytes per pixel).
-Backward (three kernels; the conv output is recomputed from x, not saved):
-  1. recompute the conv output, LayerNorm backward -> g = d(conv output) in fp32, plus per-program
-     partial sums of dy*xhat, dy and g (LN weight, LN bias, conv bias grads);
-  2. dx = conv of g with the spatially flipped taps (the forward kernel, without norm);
-  3. dW[tap, c] = sum_p g[p, c] * x[p + shift(tap), c], per-program partials.
-Partials are summed by torch in a fixed order: same bits on every run, no atomics.
+Tiling (all kernels): a program owns a strip of BLOCK_W consecutive pixels of one image row and
+a block of channels. Per kernel row kh it loads the strip's input window (BLOCK_W + K - 1
+pixels, halo included) once into registers, with that row's K taps, and every window pixel feeds
+the K outputs it touches: BLOCK_W*K FMAs per kh for BLOCK_W + K - 1 loads. Tensors are 1-D per
+pixel ([BLOCK_C], kept in tuples indexed at compile time), so the sliding window is register
+renaming: no shared memory, no barrier and no 64-bit address math in the tap loop (the window's
+base pointer is computed once in int64 and advanced by one image row per kh).
 
-Configs: the forward is autotuned (key: C, an H*W bucket, dtypes) over _conv_configs; the backward
-kernels use one fixed config each, because their tiling decides how the weight-gradient partials
-are split. In the interpreter, or with FASTCONVNEXT_AUTOTUNE=0, the forward uses its first config.
-compile_targets() lists every config for kernels/compile_check.py.
+Forward (one kernel): conv + bias in fp32, the strip's columns stacked into a [BLOCK_C, BLOCK_W]
+tile for LayerNorm over all C (BLOCK_C >= C); y in x's dtype (or the autocast dtype), mean/rstd
+[N*H*W] in fp32.
+Backward (the conv output is recomputed from x, not saved):
+  1. `_dwconv_ln_bwd_norm_kernel`: recompute the conv, LayerNorm backward -> g = d(conv output),
+     stored in fp32 (never rounded to the activation dtype), plus per-program partial sums of
+     dy*xhat, dy and g (LN weight, LN bias, conv bias grads);
+  2. `_dwconv_bwd_conv_kernel`: one pass over g (with halo) and x: dx = conv of g with the
+     flipped taps, and per-program partials of dW[tap, c] = sum_p g[p, c] * x[p + shift(tap), c]
+     held in registers over the program's rows;
+  3. `_sum_rows_kernel`: each partial buffer summed over programs in a fixed order.
+Same bits on every run and every GPU: no atomics, program counts independent of the GPU.
+
+Configs: the forward is autotuned (key: C, a W bucket, dtypes) over `_forward_configs`, which
+differ only in warps (each output's summation order is the same in all), so bits do not depend
+on the winner. The backward kernels use one fixed config each (their tiling decides how the
+gradient partials are split). In the interpreter, or with FASTCONVNEXT_AUTOTUNE=0 (kernels/_env.py),
+the forward uses its first config. compile_targets() lists every config for compile_check;
+launch_plans() describes the launches a call makes at a shape, for sass_report.
 
 Params are converted to fp32 (taps as a [K*K, C] tap-major matrix) before the custom op, so
 fp32 master params with fp16/bf16 activations work, and param grads come back in the params'
@@ -40,12 +52,19 @@ from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
 
 MIN_BLOCK_C = 64  # fewer compiled variants; tiny C only wastes masked lanes
-# Programs of the kernels that write gradient partials. Fixed (not per GPU), so the summation
-# order and thus the bits do not depend on the GPU model; scaled down with C so the partial
-# buffers stay a few MB: [programs, 3, C] and [pixel programs, K*K, C].
+BLOCK_W = 8  # output pixels per strip: 56/28/14/7-wide rows waste at most 1/8 of a strip
+# Channels per thread in the full-C kernels: 4 keeps window + taps + accumulators near 130 registers.
+CHANNELS_PER_THREAD = 4
+# Backward conv: one channel per thread (its 49 tap-gradient accumulators live in registers) and one
+# image row per warp; BLOCK_C = 32 divides every ConvNeXt width.
+BWD_BLOCK_C = 32
+BWD_ROW_TILE = 4
+# Partial-sum budgets. Fixed (not per GPU), so the summation order and thus the bits do not depend on
+# the GPU model: at most PARTIAL_PROGRAMS (row group, strip) programs write [3, C] norm partials, and
+# the tap-gradient partials [row groups * strips, K*K, C] stay under PARTIAL_ELEMENTS fp32 (16 MB).
 PARTIAL_PROGRAMS = 1024
-PARTIAL_ELEMENTS = 1 << 18
-DW_BLOCK_C = 64
+PARTIAL_ELEMENTS = 1 << 22
+REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
 # Pixel indices are int32 (element offsets are int64); headroom for the shifted taps and tail tiles.
 MAX_PIXELS = 2**30
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,72 +74,113 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _dwconv_tile(
-    src_ptr,  # [P, C] conv input (x, or g for the input gradient)
+def _conv_strip(
+    src_ptr,  # [ROWS * W, C] conv input, any float dtype
     taps_ptr,  # [K*K, C] fp32 depthwise taps, tap-major
-    p,  # [BLOCK_P] int32 pixel indices
+    row,  # image row n*H + h of the strip (int32 scalar)
+    w0,  # first output pixel of the strip in its row
+    live,  # scalar: the strip exists (False for a grid-stride tail)
     c,  # [BLOCK_C] int32 channel indices
-    P, H, W, C,
+    c_ok,  # [BLOCK_C] c < C
+    H, W, C,
     K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pad: tl.constexpr = K // 2
-    p_ok = p < P
-    c_ok = c < C
-    w_idx = p % W
-    h_idx = (p // W) % H
-    acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-    # One runtime loop over all taps: unrolling keeps K loaded tiles live at once (255 registers
-    # and spills at 16 tile elements per thread) and fully unrolled 49 taps took minutes to build.
-    for tap in tl.range(0, K * K, loop_unroll_factor=1):
-        dh = tap // K - pad
-        dw = tap % K - pad
-        src_h = h_idx + dh
-        src_w = w_idx + dw
-        ok = p_ok & (src_h >= 0) & (src_h < H) & (src_w >= 0) & (src_w < W)
-        src_p = (p + dh * W + dw).to(tl.int64)
-        vals = tl.load(src_ptr + src_p[:, None] * C + c[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0)
-        weights = tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)
-        acc += vals.to(tl.float32) * weights[None, :]
-    return acc
+    """Conv sums (no bias) of pixels w0 .. w0+BLOCK_W-1 of `row`: a tuple of BLOCK_W fp32 [BLOCK_C]."""
+    PAD: tl.constexpr = K // 2
+    WINDOW: tl.constexpr = BLOCK_W + K - 1
+    h = row % H
+    src = src_ptr + ((row - PAD).to(tl.int64) * W + (w0 - PAD)) * C
+    row_step = W.to(tl.int64) * C
+    accs = ()
+    for j in tl.static_range(BLOCK_W):
+        accs = accs + (tl.zeros([BLOCK_C], dtype=tl.float32),)
+    # Masks are `c < limit` with a scalar limit (C or 0): one compare per load, and Triton's
+    # interpreter mishandles scalar & vector booleans.
+    for kh in range(K):
+        src_h = h - PAD + kh
+        row_limit = tl.where(live & (src_h >= 0) & (src_h < H), C, 0)
+        taps = ()
+        for kw in tl.static_range(K):
+            taps = taps + (tl.load(taps_ptr + (kh * K + kw) * C + c, mask=c_ok, other=0.0),)
+        window = ()
+        for i in tl.static_range(WINDOW):
+            src_w = w0 - PAD + i
+            limit = tl.where((src_w >= 0) & (src_w < W), row_limit, 0)
+            window = window + (tl.load(src + i * C + c, mask=c < limit, other=0.0).to(tl.float32),)
+        updated = ()
+        for j in tl.static_range(BLOCK_W):
+            acc = accs[j]
+            for kw in tl.static_range(K):
+                acc = tl.fma(window[j + kw], taps[kw], acc)
+            updated = updated + (acc,)
+        accs = updated
+        src += row_step
+    return accs
+
+
+@triton.jit
+def _join_halves(items, WIDTH: tl.constexpr):
+    joined = ()
+    for q in tl.static_range(WIDTH):
+        joined = joined + (tl.join(items[q], items[q + WIDTH]),)
+    return joined
+
+
+@triton.jit
+def _stack_columns(cols, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Tuple of BLOCK_W (2..16) [BLOCK_C] columns -> [BLOCK_C, BLOCK_W] tile, tile[:, j] = cols[j].
+
+    Joins add a per-thread trailing dim; pairing column q with q + width at each level (widths
+    BLOCK_W/2, ..., 1) makes the final row-major reshape come out in natural column order."""
+    items = cols
+    if BLOCK_W >= 16:
+        items = _join_halves(items, 8)
+    if BLOCK_W >= 8:
+        items = _join_halves(items, 4)
+    if BLOCK_W >= 4:
+        items = _join_halves(items, 2)
+    items = _join_halves(items, 1)
+    return tl.reshape(items[0], [BLOCK_C, BLOCK_W])
 
 
 @triton.jit
 def _dwconv_ln_fwd_kernel(
-    x_ptr,  # [P, C] input, x dtype (or fp32 g when HAS_NORM is False)
+    x_ptr,  # [ROWS * W, C] input, x dtype
     taps_ptr,  # [K*K, C] fp32
     bias_ptr,  # [C] fp32 conv bias (zeros when the module has none)
-    ln_w_ptr,  # [C] fp32, read if HAS_NORM
-    ln_b_ptr,  # [C] fp32, read if HAS_NORM
-    y_ptr,  # [P, C] output, x dtype
-    mean_ptr,  # [P] fp32, written if HAS_NORM
-    rstd_ptr,  # [P] fp32, written if HAS_NORM
-    P, H, W, C,
+    ln_w_ptr,  # [C] fp32
+    ln_b_ptr,  # [C] fp32
+    y_ptr,  # [ROWS * W, C] output, x dtype or the autocast dtype
+    mean_ptr,  # [ROWS * W] fp32
+    rstd_ptr,  # [ROWS * W] fp32
+    H, W, C,
     eps,
-    HW_BUCKET,  # autotune key only
+    W_BUCKET,  # autotune key only
     K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
-    HAS_NORM: tl.constexpr,
 ):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    row = tl.program_id(0)
+    w0 = tl.program_id(1) * BLOCK_W
     c = tl.arange(0, BLOCK_C)
-    p_ok = p < P
     c_ok = c < C
-    acc = _dwconv_tile(x_ptr, taps_ptr, p, c, P, H, W, C, K, BLOCK_P, BLOCK_C)
-    acc += tl.load(bias_ptr + c, mask=c_ok, other=0.0)[None, :]
-    if HAS_NORM:
-        mean = tl.sum(acc, axis=1) / C
-        centered = tl.where(c_ok[None, :], acc - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)
-        ln_w = tl.load(ln_w_ptr + c, mask=c_ok, other=0.0)
-        ln_b = tl.load(ln_b_ptr + c, mask=c_ok, other=0.0)
-        acc = centered * rstd[:, None] * ln_w[None, :] + ln_b[None, :]
-        tl.store(mean_ptr + p, mean, mask=p_ok)
-        tl.store(rstd_ptr + p, rstd, mask=p_ok)
-    offs = p.to(tl.int64)[:, None] * C + c[None, :]
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+    cols = _conv_strip(x_ptr, taps_ptr, row, w0, True, c, c_ok, H, W, C, K, BLOCK_W, BLOCK_C)
+    z = _stack_columns(cols, BLOCK_W, BLOCK_C) + tl.load(bias_ptr + c, mask=c_ok, other=0.0)[:, None]
+    mean = tl.sum(z, axis=0) / C  # masked channels are exactly 0 (zero taps and bias)
+    centered = tl.where(c_ok[:, None], z - mean[None, :], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / C + eps)
+    ln_w = tl.load(ln_w_ptr + c, mask=c_ok, other=0.0)
+    ln_b = tl.load(ln_b_ptr + c, mask=c_ok, other=0.0)
+    y = centered * rstd[None, :] * ln_w[:, None] + ln_b[:, None]
+    j = tl.arange(0, BLOCK_W)
+    j_ok = w0 + j < W
+    first = row * W + w0
+    tl.store(mean_ptr + first + j, mean, mask=j_ok)
+    tl.store(rstd_ptr + first + j, rstd, mask=j_ok)
+    out = y_ptr + first.to(tl.int64) * C
+    tl.store(out + c[:, None] + (j * C)[None, :], y.to(y_ptr.dtype.element_ty), mask=c_ok[:, None] & j_ok[None, :])
 
 
 # ---------------------------------------------------------------------------- backward kernels
@@ -128,86 +188,151 @@ def _dwconv_ln_fwd_kernel(
 
 @triton.jit
 def _dwconv_ln_bwd_norm_kernel(
-    x_ptr,  # [P, C] input, x dtype
+    x_ptr,  # [ROWS * W, C] input, x dtype
     taps_ptr,  # [K*K, C] fp32
     bias_ptr,  # [C] fp32
     ln_w_ptr,  # [C] fp32
-    dy_ptr,  # [P, C] output gradient, x dtype
-    mean_ptr,  # [P] fp32
-    rstd_ptr,  # [P] fp32
-    g_ptr,  # [P, C] fp32 out: gradient of the conv output
-    partial_ptr,  # [programs, 3, C] fp32 out: sums of dy*xhat, dy, g over this program's pixels
-    P, H, W, C,
-    TILES_PER_PROGRAM,
+    dy_ptr,  # [ROWS * W, C] output gradient, output dtype
+    mean_ptr,  # [ROWS * W] fp32
+    rstd_ptr,  # [ROWS * W] fp32
+    g_ptr,  # [ROWS * W, C] fp32 out: gradient of the conv output
+    partial_ptr,  # [row groups * strips, 3, C] fp32 out: sums of dy*xhat, dy, g over this program's pixels
+    ROWS, H, W, C,
+    ROWS_PER_PROGRAM,
     K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    group = tl.program_id(0)
+    strip = tl.program_id(1)
+    w0 = strip * BLOCK_W
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
+    j = tl.arange(0, BLOCK_W)
     bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
     ln_w = tl.load(ln_w_ptr + c, mask=c_ok, other=0.0)
     sum_dy_xhat = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_dy = tl.zeros([BLOCK_C], dtype=tl.float32)
     sum_g = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for t in range(TILES_PER_PROGRAM):
-        p = (pid * TILES_PER_PROGRAM + t) * BLOCK_P + tl.arange(0, BLOCK_P)
-        p_ok = p < P
-        mask = p_ok[:, None] & c_ok[None, :]
-        offs = p.to(tl.int64)[:, None] * C + c[None, :]
-        z = _dwconv_tile(x_ptr, taps_ptr, p, c, P, H, W, C, K, BLOCK_P, BLOCK_C) + bias[None, :]
-        mean = tl.load(mean_ptr + p, mask=p_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + p, mask=p_ok, other=0.0)
-        xhat = tl.where(mask, (z - mean[:, None]) * rstd[:, None], 0.0)
-        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dy_w = dy * ln_w[None, :]
-        proj_xhat = tl.sum(dy_w * xhat, axis=1) / C
-        proj_one = tl.sum(dy_w, axis=1) / C
-        g = (dy_w - xhat * proj_xhat[:, None] - proj_one[:, None]) * rstd[:, None]
-        g = tl.where(mask, g, 0.0)
-        tl.store(g_ptr + offs, g, mask=mask)
-        sum_dy_xhat += tl.sum(dy * xhat, axis=0)
-        sum_dy += tl.sum(dy, axis=0)
-        sum_g += tl.sum(g, axis=0)
-    row = partial_ptr + pid.to(tl.int64) * 3 * C + c
-    tl.store(row, sum_dy_xhat, mask=c_ok)
-    tl.store(row + C, sum_dy, mask=c_ok)
-    tl.store(row + 2 * C, sum_g, mask=c_ok)
+    for t in range(ROWS_PER_PROGRAM):
+        row = group * ROWS_PER_PROGRAM + t
+        live = row < ROWS
+        cols = _conv_strip(x_ptr, taps_ptr, row, w0, live, c, c_ok, H, W, C, K, BLOCK_W, BLOCK_C)
+        z = _stack_columns(cols, BLOCK_W, BLOCK_C) + bias[:, None]
+        j_ok = w0 + j < tl.where(live, W, 0)
+        mask = c_ok[:, None] & j_ok[None, :]
+        first = row * W + w0
+        mean = tl.load(mean_ptr + first + j, mask=j_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + first + j, mask=j_ok, other=0.0)
+        offs = c[:, None] + (j * C)[None, :]
+        base = first.to(tl.int64) * C
+        xhat = tl.where(mask, (z - mean[None, :]) * rstd[None, :], 0.0)
+        dy = tl.load(dy_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy_w = dy * ln_w[:, None]
+        proj_xhat = tl.sum(dy_w * xhat, axis=0) / C
+        proj_one = tl.sum(dy_w, axis=0) / C
+        g = tl.where(mask, (dy_w - xhat * proj_xhat[None, :] - proj_one[None, :]) * rstd[None, :], 0.0)
+        tl.store(g_ptr + base + offs, g, mask=mask)
+        sum_dy_xhat += tl.sum(dy * xhat, axis=1)
+        sum_dy += tl.sum(dy, axis=1)
+        sum_g += tl.sum(g, axis=1)
+    out = partial_ptr + (group * tl.num_programs(1) + strip).to(tl.int64) * 3 * C + c
+    tl.store(out, sum_dy_xhat, mask=c_ok)
+    tl.store(out + C, sum_dy, mask=c_ok)
+    tl.store(out + 2 * C, sum_g, mask=c_ok)
 
 
 @triton.jit
-def _dwconv_wgrad_kernel(
-    g_ptr,  # [P, C] fp32 gradient of the conv output
-    x_ptr,  # [P, C] input, x dtype
-    partial_ptr,  # [programs, K*K, C] fp32 out: per-program sums of g * shifted x
-    P, H, W, C,
+def _dwconv_bwd_conv_kernel(
+    g_ptr,  # [ROWS * W, C] fp32 gradient of the conv output
+    x_ptr,  # [ROWS * W, C] input, x dtype
+    taps_ptr,  # [K*K, C] fp32
+    dx_ptr,  # [ROWS * W, C] out, x dtype
+    partial_ptr,  # [row groups * strips, K*K, C] fp32 out: per-program sums of g * shifted x
+    ROWS, H, W, C,
     TILES_PER_PROGRAM,
     K: tl.constexpr,
-    BLOCK_P: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    ROW_TILE: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pad: tl.constexpr = K // 2
-    pid = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """dx[h, w] = sum_taps g[h + PAD - kh, w + PAD - kw] * tap[kh, kw] and
+    dW[kh, kw] += g[h + PAD - kh, w + PAD - kw] * x[h, w]: both read the same g window."""
+    PAD: tl.constexpr = K // 2
+    WINDOW: tl.constexpr = BLOCK_W + K - 1
+    group = tl.program_id(0)
+    strip = tl.program_id(1)
+    w0 = strip * BLOCK_W
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    first_p = pid * TILES_PER_PROGRAM * BLOCK_P
-    row = partial_ptr + pid.to(tl.int64) * (K * K) * C + c
-    for tap in tl.range(0, K * K, loop_unroll_factor=1):
-        dh = tap // K - pad
-        dw = tap % K - pad
-        acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for t in range(TILES_PER_PROGRAM):
-            p = first_p + t * BLOCK_P + tl.arange(0, BLOCK_P)
-            src_h = (p // W) % H + dh
-            src_w = p % W + dw
-            ok = (p < P) & (src_h >= 0) & (src_h < H) & (src_w >= 0) & (src_w < W)
-            mask = ok[:, None] & c_ok[None, :]
-            src_p = (p + dh * W + dw).to(tl.int64)
-            xs = tl.load(x_ptr + src_p[:, None] * C + c[None, :], mask=mask, other=0.0)
-            g = tl.load(g_ptr + p.to(tl.int64)[:, None] * C + c[None, :], mask=mask, other=0.0)
-            acc += g * xs.to(tl.float32)
-        tl.store(row + tap * C, tl.sum(acc, axis=0), mask=c_ok)
+    taps = ()
+    dw = ()
+    for tap in tl.static_range(K * K):
+        taps = taps + (tl.load(taps_ptr + tap * C + c, mask=c_ok, other=0.0)[None, :],)
+        dw = dw + (tl.zeros([ROW_TILE, BLOCK_C], dtype=tl.float32),)
+    row_step = W.to(tl.int64) * C
+    for t in range(TILES_PER_PROGRAM):
+        rows = (group * TILES_PER_PROGRAM + t) * ROW_TILE + tl.arange(0, ROW_TILE)
+        live = rows < ROWS
+        h = rows % H
+        here = (rows.to(tl.int64) * W + w0) * C
+        live_width = tl.where(live, W - w0, 0)  # [ROW_TILE] pixels of each row's strip that exist
+        xs = ()
+        for j in tl.static_range(BLOCK_W):
+            ok = (j < live_width)[:, None] & c_ok[None, :]
+            xs = xs + (tl.load(x_ptr + here[:, None] + (j * C + c)[None, :], mask=ok, other=0.0).to(tl.float32),)
+        dxs = ()
+        for j in tl.static_range(BLOCK_W):
+            dxs = dxs + (tl.zeros([ROW_TILE, BLOCK_C], dtype=tl.float32),)
+        g_rows = g_ptr + here + (PAD * row_step - PAD * C)  # g window of kernel row kh = 0
+        for kh in tl.static_range(K):
+            src_h = h + PAD - kh
+            row_ok = live & (src_h >= 0) & (src_h < H)
+            window = ()
+            for i in tl.static_range(WINDOW):
+                src_w = w0 - PAD + i
+                col_ok = c < tl.where((src_w >= 0) & (src_w < W), C, 0)
+                ok = row_ok[:, None] & col_ok[None, :]
+                window = window + (tl.load(g_rows[:, None] + (i * C + c)[None, :], mask=ok, other=0.0),)
+            updated_dx = ()
+            for j in tl.static_range(BLOCK_W):
+                acc = dxs[j]
+                for kw in tl.static_range(K):
+                    acc = tl.fma(window[j + K - 1 - kw], taps[kh * K + kw], acc)
+                updated_dx = updated_dx + (acc,)
+            dxs = updated_dx
+            updated_dw = ()
+            for kw in tl.static_range(K):
+                acc = dw[kh * K + kw]
+                for j in tl.static_range(BLOCK_W):
+                    acc = tl.fma(window[j + K - 1 - kw], xs[j], acc)
+                updated_dw = updated_dw + (acc,)
+            dw = dw[: kh * K] + updated_dw + dw[(kh + 1) * K:]
+            g_rows -= row_step
+        for j in tl.static_range(BLOCK_W):
+            ok = (j < live_width)[:, None] & c_ok[None, :]
+            tl.store(dx_ptr + here[:, None] + (j * C + c)[None, :], dxs[j].to(dx_ptr.dtype.element_ty), mask=ok)
+    out = partial_ptr + (group * tl.num_programs(1) + strip).to(tl.int64) * (K * K) * C + c
+    for tap in tl.static_range(K * K):
+        tl.store(out + tap * C, tl.sum(dw[tap], axis=0), mask=c_ok)
+
+
+@triton.jit
+def _sum_rows_kernel(
+    src_ptr,  # [R, N] fp32 partials
+    dst_ptr,  # [N] fp32 out: sum over R, in a fixed order
+    R, N,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols_ok = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        ok = (rows < R)[:, None] & cols_ok[None, :]
+        acc += tl.load(src_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=ok, other=0.0)
+    tl.store(dst_ptr + cols, tl.sum(acc, axis=0), mask=cols_ok)
 
 
 # -------------------------------------------------------------------------------- launchers
@@ -217,56 +342,47 @@ def _block_c(channels: int) -> int:
     return max(MIN_BLOCK_C, triton.next_power_of_2(channels))
 
 
-def _conv_configs(block_c: int, has_norm: bool) -> list[tuple[int, int]]:
-    """(BLOCK_P, num_warps) candidates for the full-C conv kernel, at 16 fp32 tile elements per
-    thread. The forward is autotuned over both; the input gradient (no norm) uses the first."""
-    configs = [(max(1, 2048 // block_c), 4), (max(1, 4096 // block_c), 8)]
-    return configs if has_norm else configs[:1]
+def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) -> int:
+    return max(1, block_c // (32 * channels_per_thread))
+
+
+def _forward_configs(block_c: int) -> list[tuple[int, int]]:
+    """(BLOCK_W, num_warps) candidates of the forward: 4 channels per thread, then 2. Same summation
+    order in both, so the autotuner's pick never changes the bits."""
+    return [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
-    """(BLOCK_P, num_warps): 8 fp32 elements per thread per tile, as z, dy and g are live at once."""
-    return max(1, 2048 // block_c), 8
+    """(BLOCK_W, num_warps) of the LayerNorm backward: z, dy and g tiles live at once."""
+    return BLOCK_W, _full_c_warps(block_c)
 
 
 def _wgrad_config() -> tuple[int, int]:
-    return 32, 4  # BLOCK_P x DW_BLOCK_C tile
+    """(BLOCK_C, num_warps) of the fused input/weight-gradient kernel: one row per warp."""
+    return BWD_BLOCK_C, BWD_ROW_TILE
 
 
-def _hw_bucket(height: int, width: int) -> int:
-    return min(triton.next_power_of_2(height * width), 1 << 14)
+def _w_bucket(width: int) -> int:
+    return min(triton.next_power_of_2(width), 256)
 
 
 _TUNED: dict = {}
 
 
-def _tuned_conv_kernel(block_c: int, has_norm: bool):
-    key = (block_c, has_norm)
-    if key not in _TUNED:
-        configs = [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=1) for p, w in _conv_configs(*key)]
+def _tuned_forward_kernel(block_c: int):
+    if block_c not in _TUNED:
+        configs = [
+            triton.Config({"BLOCK_W": block_w}, num_warps=warps, num_stages=1)
+            for block_w, warps in _forward_configs(block_c)
+        ]
         # Triton adds the tensor arguments' dtypes to the key.
-        _TUNED[key] = triton.autotune(configs=configs, key=["C", "HW_BUCKET"])(_dwconv_ln_fwd_kernel)
-    return _TUNED[key]
+        _TUNED[block_c] = triton.autotune(configs=configs, key=["C", "W_BUCKET"])(_dwconv_ln_fwd_kernel)
+    return _TUNED[block_c]
 
 
 def _launch(kernel, grid, *args, **meta):
     """Every launch goes through here (inside `_device_guard`, which the tests check)."""
     kernel[grid](*args, **meta)
-
-
-def _launch_conv(src, taps, bias, ln_w, ln_b, out, mean, rstd, eps, has_norm, kernel_size):
-    n, h, w, c = out.shape
-    pixels, block_c = n * h * w, _block_c(c)
-    args = (src, taps, bias, ln_w, ln_b, out, mean, rstd, pixels, h, w, c, eps, _hw_bucket(h, w))
-    consts = dict(K=kernel_size, BLOCK_C=block_c, HAS_NORM=has_norm)
-    configs = _conv_configs(block_c, has_norm)
-    if len(configs) > 1 and autotune_enabled():
-        kernel = _tuned_conv_kernel(block_c, has_norm)
-        _launch(kernel, lambda meta: (triton.cdiv(pixels, meta["BLOCK_P"]),), *args, **consts)
-        return
-    block_p, warps = configs[0]
-    grid = (triton.cdiv(pixels, block_p),)
-    _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_P=block_p, num_warps=warps, num_stages=1)
 
 
 def _device_guard(device: torch.device):
@@ -275,25 +391,57 @@ def _device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _kernel_size(taps: torch.Tensor) -> int:
+    return int(round(taps.shape[0] ** 0.5))
+
+
 def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     n, h, w, c = x.shape
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty((n, h, w), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    kernel_size = _kernel_size(taps)
+    block_c = _block_c(c)
+    args = (x, taps, bias, ln_w, ln_b, y, mean, rstd, h, w, c, eps, _w_bucket(w))
+    consts = dict(K=_kernel_size(taps), BLOCK_C=block_c)
     with _device_guard(x.device):
-        _launch_conv(x, taps, bias, ln_w, ln_b, y, mean, rstd, eps, True, kernel_size)
+        if autotune_enabled():
+            kernel = _tuned_forward_kernel(block_c)
+            _launch(kernel, lambda meta: (n * h, triton.cdiv(w, meta["BLOCK_W"])), *args, **consts)
+        else:
+            block_w, warps = _forward_configs(block_c)[0]
+            grid = (n * h, triton.cdiv(w, block_w))
+            _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_W=block_w, num_warps=warps, num_stages=1)
     return y, mean, rstd
 
 
-def _kernel_size(taps: torch.Tensor) -> int:
-    return int(round(taps.shape[0] ** 0.5))
+def _split(items: int, max_groups: int) -> tuple[int, int]:
+    """(groups, items per group) for a grid-stride over `items` with at most max_groups groups."""
+    per_group = triton.cdiv(items, max(1, min(max_groups, items)))
+    return triton.cdiv(items, per_group), per_group
 
 
-def _programs_for(tiles: int, max_programs: int) -> tuple[int, int]:
-    """(programs, tiles per program) for a grid-stride over `tiles` pixel tiles."""
-    tiles_per_program = triton.cdiv(tiles, max(1, min(max_programs, PARTIAL_PROGRAMS)))
-    return triton.cdiv(tiles, tiles_per_program), tiles_per_program
+def _backward_grids(rows: int, width: int, channels: int, kernel_size: int) -> dict:
+    """Grids and grid-stride lengths of the backward launches (shared by launchers and launch_plans)."""
+    strips = triton.cdiv(width, BLOCK_W)
+    norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // strips)
+    row_tiles = triton.cdiv(rows, BWD_ROW_TILE)
+    conv_groups, tiles_per_program = _split(row_tiles, PARTIAL_ELEMENTS // (strips * kernel_size**2 * channels))
+    return dict(
+        strips=strips, norm_groups=norm_groups, rows_per_program=rows_per_program,
+        conv_groups=conv_groups, tiles_per_program=tiles_per_program,
+        channel_blocks=triton.cdiv(channels, BWD_BLOCK_C),
+    )
+
+
+def _sum_rows(partials: torch.Tensor) -> torch.Tensor:
+    """Sum of a [R, ...] fp32 buffer over R, in a fixed order (no atomics)."""
+    rows = partials.shape[0]
+    flat = partials.reshape(rows, -1)
+    out = torch.empty(flat.shape[1], device=partials.device, dtype=torch.float32)
+    grid = (triton.cdiv(flat.shape[1], REDUCE_BLOCK_N),)
+    _launch(_sum_rows_kernel, grid, flat, out, rows, flat.shape[1],
+            BLOCK_R=REDUCE_BLOCK_R, BLOCK_N=REDUCE_BLOCK_N, num_warps=4, num_stages=1)
+    return out.view(partials.shape[1:])
 
 
 def _backward(dy, x, taps, bias, ln_w, mean, rstd):
@@ -303,35 +451,31 @@ def _backward(dy, x, taps, bias, ln_w, mean, rstd):
 
 def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     n, h, w, c = x.shape
-    pixels, taps_count = n * h * w, taps.shape[0]
     kernel_size = _kernel_size(taps)
-    block_c = _block_c(c)
+    grids = _backward_grids(n * h, w, c, kernel_size)
+    strips = grids["strips"]
 
-    block_p, warps = _norm_bwd_config(block_c)
-    programs, tiles_per_program = _programs_for(triton.cdiv(pixels, block_p), PARTIAL_ELEMENTS // block_c)
+    block_c = _block_c(c)
+    block_w, warps = _norm_bwd_config(block_c)
     g = torch.empty((n, h, w, c), device=x.device, dtype=torch.float32)
-    norm_partials = torch.empty((programs, 3, c), device=x.device, dtype=torch.float32)
+    norm_partials = torch.empty((grids["norm_groups"] * strips, 3, c), device=x.device, dtype=torch.float32)
     _launch(
-        _dwconv_ln_bwd_norm_kernel, (programs,), x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, pixels, h, w, c, tiles_per_program,
-        K=kernel_size, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps, num_stages=1,
+        _dwconv_ln_bwd_norm_kernel, (grids["norm_groups"], strips),
+        x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, n * h, h, w, c, grids["rows_per_program"],
+        K=kernel_size, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
 
     dx = torch.empty_like(x)
-    flipped = taps.flip(0).contiguous()  # tap (kh, kw) -> (K-1-kh, K-1-kw): correlation = conv transpose
-    zeros = torch.zeros(c, device=x.device, dtype=torch.float32)
-    _launch_conv(g, flipped, zeros, zeros, zeros, dx, mean, rstd, 0.0, False, kernel_size)
-
-    block_p, warps = _wgrad_config()
-    channel_blocks = triton.cdiv(c, DW_BLOCK_C)
-    programs, tiles_per_program = _programs_for(triton.cdiv(pixels, block_p), PARTIAL_PROGRAMS // channel_blocks)
-    tap_partials = torch.empty((programs, taps_count, c), device=x.device, dtype=torch.float32)
-    grid = (programs, channel_blocks)
+    tap_partials = torch.empty((grids["conv_groups"] * strips, kernel_size**2, c), device=x.device,
+                               dtype=torch.float32)
+    block_c, warps = _wgrad_config()
     _launch(
-        _dwconv_wgrad_kernel, grid, g, x, tap_partials, pixels, h, w, c, tiles_per_program,
-        K=kernel_size, BLOCK_P=block_p, BLOCK_C=DW_BLOCK_C, num_warps=warps, num_stages=1,
+        _dwconv_bwd_conv_kernel, (grids["conv_groups"], strips, grids["channel_blocks"]),
+        g, x, taps, dx, tap_partials, n * h, h, w, c, grids["tiles_per_program"],
+        K=kernel_size, BLOCK_W=BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
-    d_ln_w, d_ln_b, d_bias = (norm_partials[:, i].sum(0) for i in range(3))
-    return dx, tap_partials.sum(0), d_bias, d_ln_w, d_ln_b
+    d_ln_w, d_ln_b, d_bias = (sums.clone() for sums in _sum_rows(norm_partials))  # outputs must not alias
+    return dx, _sum_rows(tap_partials), d_bias, d_ln_w, d_ln_b
 
 
 # ------------------------------------------------------------------- torch.library custom ops
@@ -506,75 +650,81 @@ def dwconv_layernorm(
 # ------------------------------------------------------------------------- compile targets
 
 _TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-_SHAPE_ARGS = {"P": "i32", "H": "i32", "W": "i32", "C": "i32"}
+# (x dtype, output dtype) pairs a launch can see: same dtype, or fp32 x under fp16/bf16 autocast.
+_DTYPE_PAIRS = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp32", "bf16"))
 
 
 def _block_c_classes() -> list[int]:
     return [1 << i for i in range(MIN_BLOCK_C.bit_length() - 1, MAX_CHANNELS.bit_length())]
 
 
-def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
-    """Every (kernel, BLOCK_C class, config, dtype) the launchers can pick, for compile_check.
-
-    K changes only the unrolled row length (the kernel-row loop is a runtime loop), so the
-    largest K bounds registers and compile time; pass more kernel_sizes to check them too.
-    """
-    targets = []
-    for dtype, name in _TRITON_DTYPES.items():
-        for k in kernel_sizes:
-            targets += _conv_targets(name, k) + _norm_bwd_targets(name, k) + [_wgrad_target(name, k)]
-    return targets
+def _pair_label(x_dtype: str, y_dtype: str) -> str:
+    return x_dtype if x_dtype == y_dtype else f"{x_dtype}->{y_dtype}"
 
 
-def _conv_targets(dtype: str, k: int) -> list[CompileTarget]:
-    targets = []
-    for block_c in _block_c_classes():
-        for has_norm, src in ((True, dtype), (False, "fp32")):
-            for block_p, warps in _conv_configs(block_c, has_norm):
-                signature = {
-                    "x_ptr": f"*{src}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32",
-                    "ln_b_ptr": "*fp32", "y_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                    **_SHAPE_ARGS, "eps": "fp32", "HW_BUCKET": "i32",
-                    "K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr", "HAS_NORM": "constexpr",
-                }
-                targets.append(CompileTarget(
-                    kernel="dwconv_ln_fwd" if has_norm else "dwconv_dgrad",
-                    fn=_dwconv_ln_fwd_kernel, signature=signature,
-                    constexprs={"K": k, "BLOCK_P": block_p, "BLOCK_C": block_c, "HAS_NORM": has_norm},
-                    num_warps=warps, num_stages=1, dtype=dtype,
-                    label=f"K={k} BLOCK_P={block_p} BLOCK_C={block_c} warps={warps}",
-                ))
-    return targets
-
-
-def _norm_bwd_targets(dtype: str, k: int) -> list[CompileTarget]:
-    targets = []
-    for block_c in _block_c_classes():
-        block_p, warps = _norm_bwd_config(block_c)
-        signature = {
-            "x_ptr": f"*{dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32",
-            "dy_ptr": f"*{dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "g_ptr": "*fp32",
-            "partial_ptr": "*fp32", **_SHAPE_ARGS, "TILES_PER_PROGRAM": "i32",
-            "K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr",
-        }
-        targets.append(CompileTarget(
-            kernel="dwconv_ln_bwd_norm", fn=_dwconv_ln_bwd_norm_kernel, signature=signature,
-            constexprs={"K": k, "BLOCK_P": block_p, "BLOCK_C": block_c},
-            num_warps=warps, num_stages=1, dtype=dtype,
-            label=f"K={k} BLOCK_P={block_p} BLOCK_C={block_c} warps={warps}",
-        ))
-    return targets
-
-
-def _wgrad_target(dtype: str, k: int) -> CompileTarget:
-    block_p, warps = _wgrad_config()
+def _forward_target(x_dtype, y_dtype, k, block_c, block_w, warps) -> CompileTarget:
     signature = {
-        "g_ptr": "*fp32", "x_ptr": f"*{dtype}", "partial_ptr": "*fp32", **_SHAPE_ARGS,
-        "TILES_PER_PROGRAM": "i32", "K": "constexpr", "BLOCK_P": "constexpr", "BLOCK_C": "constexpr",
+        "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32", "ln_b_ptr": "*fp32",
+        "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32",
+        "eps": "fp32", "W_BUCKET": "i32", "K": "constexpr", "BLOCK_W": "constexpr", "BLOCK_C": "constexpr",
     }
     return CompileTarget(
-        kernel="dwconv_wgrad", fn=_dwconv_wgrad_kernel, signature=signature,
-        constexprs={"K": k, "BLOCK_P": block_p, "BLOCK_C": DW_BLOCK_C},
-        num_warps=warps, num_stages=1, dtype=dtype,
-        label=f"K={k} BLOCK_P={block_p} BLOCK_C={DW_BLOCK_C} warps={warps}",
+        kernel="dwconv_ln_fwd", fn=_dwconv_ln_fwd_kernel, signature=signature,
+        constexprs={"K": k, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps, num_stages=1,
+        dtype=_pair_label(x_dtype, y_dtype), label=f"K={k} BLOCK_W={block_w} BLOCK_C={block_c} warps={warps}",
     )
+
+
+def _norm_bwd_target(x_dtype, dy_dtype, k, block_c) -> CompileTarget:
+    block_w, warps = _norm_bwd_config(block_c)
+    signature = {
+        "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32",
+        "dy_ptr": f"*{dy_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "g_ptr": "*fp32", "partial_ptr": "*fp32",
+        "ROWS": "i32", "H": "i32", "W": "i32", "C": "i32", "ROWS_PER_PROGRAM": "i32",
+        "K": "constexpr", "BLOCK_W": "constexpr", "BLOCK_C": "constexpr",
+    }
+    return CompileTarget(
+        kernel="dwconv_ln_bwd_norm", fn=_dwconv_ln_bwd_norm_kernel, signature=signature,
+        constexprs={"K": k, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps, num_stages=1,
+        dtype=_pair_label(x_dtype, dy_dtype), label=f"K={k} BLOCK_W={block_w} BLOCK_C={block_c} warps={warps}",
+    )
+
+
+def _bwd_conv_target(x_dtype, k) -> CompileTarget:
+    block_c, warps = _wgrad_config()
+    signature = {
+        "g_ptr": "*fp32", "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "dx_ptr": f"*{x_dtype}",
+        "partial_ptr": "*fp32", "ROWS": "i32", "H": "i32", "W": "i32", "C": "i32", "TILES_PER_PROGRAM": "i32",
+        "K": "constexpr", "BLOCK_W": "constexpr", "ROW_TILE": "constexpr", "BLOCK_C": "constexpr",
+    }
+    return CompileTarget(
+        kernel="dwconv_bwd_dgrad_wgrad", fn=_dwconv_bwd_conv_kernel, signature=signature,
+        constexprs={"K": k, "BLOCK_W": BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c},
+        num_warps=warps, num_stages=1, dtype=x_dtype,
+        label=f"K={k} BLOCK_W={BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} warps={warps}",
+    )
+
+
+def _sum_rows_target() -> CompileTarget:
+    signature = {"src_ptr": "*fp32", "dst_ptr": "*fp32", "R": "i32", "N": "i32",
+                 "BLOCK_R": "constexpr", "BLOCK_N": "constexpr"}
+    return CompileTarget(
+        kernel="dwconv_sum_partials", fn=_sum_rows_kernel, signature=signature,
+        constexprs={"BLOCK_R": REDUCE_BLOCK_R, "BLOCK_N": REDUCE_BLOCK_N}, num_warps=4, num_stages=1,
+        dtype="fp32", label=f"BLOCK_R={REDUCE_BLOCK_R} BLOCK_N={REDUCE_BLOCK_N}",
+    )
+
+
+def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
+    """Every (kernel, BLOCK_C class, config, dtype pair) the launchers can pick, for compile_check.
+
+    K sets the unrolled window length, so the largest K bounds registers and compile time; pass more
+    kernel_sizes to check smaller kernels too."""
+    targets = []
+    for k in kernel_sizes:
+        for x_dtype, y_dtype in _DTYPE_PAIRS:
+            for block_c in _block_c_classes():
+                targets += [_forward_target(x_dtype, y_dtype, k, block_c, *cfg) for cfg in _forward_configs(block_c)]
+                targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
+        targets += [_bwd_conv_target(x_dtype, k) for x_dtype in _TRITON_DTYPES.values()]
+    return targets + [_sum_rows_target()]
