@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -63,9 +64,11 @@ WRAPPER_KEYS = ("model", "state_dict")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_LISTED = 40
 MAX_JSON_BYTES = 16 * 2**20
-# Tensors a load may initialize rather than read (a new head, strict=False gaps): a 21k-class head on
-# ConvNeXt-XL is 45M; more than this means the config and the checkpoint describe different models.
-MAX_NEW_PARAMETERS = 2**26
+# Parameters a load may initialize rather than read (a new head, strict=False gaps): at most as many as
+# the checkpoint provides, or this floor (a 21k-class head on ConvNeXt-T is 17M; on XL 45M of 350M).
+# More means the config and the checkpoint describe different models, and it bounds what a tiny file
+# can make the loader allocate.
+MIN_NEW_PARAMETERS_ALLOWED = 2**24
 # Blocks the config declares that the checkpoint has no tensor of (possible with strict=False only).
 MAX_ABSENT_BLOCKS = 64
 LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -172,8 +175,11 @@ def load_pretrained(
         given, config_dict = _read_source(source, needs_config=config is None)
         if state_dict is not None:
             given = _checked_state_dict(state_dict, "the state_dict argument")
-    hf_state_dict, fmt, origins = _convert(given)
-    canonical, origins = _to_canonical(hf_state_dict, origins)
+    try:
+        hf_state_dict, fmt, origins = _convert(given)
+        canonical, origins = _to_canonical(hf_state_dict, origins)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
     _check_tensors(canonical, origins, source)
     config = _build_config(config, config_dict, canonical, fmt, config_overrides, source)
     cls = _chosen_class(cls, canonical)
@@ -591,6 +597,7 @@ def _read_pickle(path):
     unreadable = f"cannot read {path} as a PyTorch checkpoint"
     if not _has_torch_magic(path):
         raise ValueError(f"{unreadable} (neither a torch.save zip archive nor a pickle); expected {SUPPORTED_SOURCES}")
+    _check_zip_is_stored(path, unreadable)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -605,6 +612,27 @@ def _read_pickle(path):
         raise ValueError(f"{unreadable}: it declares storages larger than memory") from None
     except Exception as err:  # damaged archives surface as RuntimeError, EOFError, struct.error, ...
         raise ValueError(f"{unreadable} ({type(err).__name__}: {err}); expected {SUPPORTED_SOURCES}") from None
+
+
+def _check_zip_is_stored(path, unreadable):
+    """torch.save stores its zip entries uncompressed; a compressed entry could inflate a small file into
+    gigabytes (a zip bomb), so only stored entries no larger than the file itself are accepted."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:
+        raise ValueError(f"{unreadable} (damaged zip archive: {err})") from None
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise ValueError(
+            f"{unreadable}: entries {compressed[:5]} are compressed, which torch.save never does (a compressed "
+            f"checkpoint can inflate to far more memory than its size); expected uncompressed entries"
+        )
+    declared = sum(e.file_size for e in entries)
+    if declared > os.path.getsize(path):
+        raise ValueError(f"{unreadable}: its entries declare {declared:,} bytes, more than the file's own size")
 
 
 def _has_torch_magic(path):
@@ -741,7 +769,11 @@ def _build_config(config, config_dict, canonical, fmt, overrides, source):
     elif config_dict is not None:
         base, origin = config_dict, f"{Path(str(source)) / CONFIG_NAME}"
     else:
-        base, origin = _inferred_fields(canonical, fmt), f"the architecture inferred from {source}"
+        origin = f"the architecture inferred from {source}"
+        try:
+            base = _inferred_fields(canonical, fmt)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
     try:
         return ConvNextConfig.from_dict(_merge_overrides(base, overrides))
     except (TypeError, ValueError) as err:
@@ -802,12 +834,12 @@ def _stage_shapes(canonical, stem_channels):
     if not widths:
         raise ValueError("cannot infer the architecture: no encoder.stages.<i>.layers.<j>.dwconv.weight tensors")
     blocks = _blocks_by_stage(canonical)
-    num_stages = max(max(widths), max(blocks, default=0)) + 1
     widths.setdefault(0, stem_channels)
-    missing = [i for i in range(num_stages) if i not in widths]
-    if missing:
+    num_stages = max(max(widths), max(blocks, default=0)) + 1
+    if len(widths) != num_stages:  # compared by count: the largest index may be huge
         raise ValueError(
-            f"cannot infer the architecture: no dwconv or downsampling weight for encoder stages {missing[:8]}"
+            f"cannot infer the architecture: encoder stage indices {_index_summary(set(widths) | set(blocks))} "
+            f"are not 0..n-1 with a dwconv or downsampling weight for each"
         )
     for stage, indices in blocks.items():
         if indices != set(range(len(indices))):
@@ -841,8 +873,8 @@ def _check_block_structure(config, canonical, source, strict):
     """
     blocks = _blocks_by_stage(canonical)
     found = [len(blocks.get(i, ())) for i in range(max(blocks, default=-1) + 1)]
-    absent = sum(
-        len(set(range(depth)) - blocks.get(stage, set())) for stage, depth in enumerate(config.depths)
+    absent = sum(  # counted without enumerating range(depth): a depth may be huge
+        depth - sum(1 for j in blocks.get(stage, ()) if j < depth) for stage, depth in enumerate(config.depths)
     )
     extra = sum(
         len({j for j in indices if stage >= len(config.depths) or j >= config.depths[stage]})
@@ -905,10 +937,12 @@ def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismat
         raise ValueError(report.describe(match.missing, match.unexpected, []))
     initialized = sorted(set(model_keys) - set(match.loadable))
     new_parameters = sum(math.prod(expected_shapes[k]) for k in initialized)
-    if new_parameters > MAX_NEW_PARAMETERS:
+    allowed = max(MIN_NEW_PARAMETERS_ALLOWED, sum(canonical[k].numel() for k in match.loadable))
+    if new_parameters > allowed:
         raise ValueError(
             f"{report.header()}: loading would initialize {new_parameters:,} parameters the checkpoint does not "
-            f"provide (at most {MAX_NEW_PARAMETERS:,}); the config and the checkpoint describe different models"
+            f"provide (at most {allowed:,}: {MIN_NEW_PARAMETERS_ALLOWED:,} or as many as it provides); the "
+            f"config and the checkpoint describe different models"
         )
     if match.missing or match.unexpected:
         warnings.warn(report.describe(match.missing, match.unexpected, [], strict=False), stacklevel=4)
