@@ -174,7 +174,10 @@ def _decode(handle, path: Path, limit: int, header_only: bool) -> Image.Image:
     except ImageTooLargeError:
         raise
     except Image.DecompressionBombError as error:
-        raise ImageTooLargeError(f"refusing to decode {path}: {error}") from None
+        raise ImageTooLargeError(
+            f"refusing to decode {path}: {error} (Pillow's own check, over PIL.Image.MAX_IMAGE_PIXELS x 2; "
+            f"fastconvnext's limit is {limit:,} pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(f"not a readable image file: {path} (no format Pillow knows)") from None
     except MemoryError:

@@ -1,7 +1,12 @@
 """The `fastconvnext` command, run in-process through `main(argv)`; transformers is the oracle."""
+import io
 import json
+import os
+import struct
 import subprocess
 import sys
+import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from transformers.image_utils import load_image as transformers_load_image
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
 from fastconvnext import backend
@@ -110,6 +116,7 @@ def test_classify_checkpoint_file_uses_imagenet_defaults(capsys, hf_model, image
                                          image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD))
     values, indices = transformers_top_k(hf_model, defaults, images[1:2], 3)
     predictions = json.loads(out)[0]["predictions"]
+    assert "note:" in err and "ConvNextImageProcessor.for_imagenet(image_size=224)" in err  # the fallback says so
     assert [p["label"] for p in predictions] == [f"LABEL_{i}" for i in indices[0].tolist()]
     np.testing.assert_allclose([p["probability"] for p in predictions], values[0].tolist(), rtol=0, atol=1e-5)
 
@@ -292,3 +299,204 @@ def test_usage_errors_exit_2(capsys, argv):
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert "usage: fastconvnext" in err and "error:" in err
+
+
+# ---- hostile input ----------------------------------------------------------------------------------------
+
+# Unicode categories a terminal may act on: controls (C0, DEL, C1 such as CSI \x9b), bidi/format characters.
+TERMINAL_ACTIVE = ("Cc", "Cf", "Zl", "Zp")
+HOSTILE_LABELS = {0: "cat\x1b]0;pwned\x07", 1: "\x1b[2J\x1b[Hdog", 2: "bird\u202etxt.exe\x9b31m\r"}
+
+
+def assert_terminal_safe(text):
+    active = [char for line in text.splitlines() for char in line if unicodedata.category(char) in TERMINAL_ACTIVE]
+    assert not active, f"raw control/format characters reach the terminal: {active!r}"
+
+
+def test_classify_escapes_labels_and_paths(capsys, hf_model, tmp_path):
+    model_dir = tmp_path / "hostile_labels"
+    hf_model.save_pretrained(model_dir)
+    capsys.readouterr()  # transformers' progress bar
+    config = json.loads((model_dir / "config.json").read_text())
+    config["id2label"] = {str(k): v for k, v in HOSTILE_LABELS.items()}
+    config["label2id"] = {v: k for k, v in HOSTILE_LABELS.items()}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    image = tmp_path / "photo\x1b[31m\u202e.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(image)
+    code, out, err = run(capsys, "classify", "--model", model_dir, image, "--top-k", 3)
+    assert code == 0, err
+    assert_terminal_safe(out)
+    assert_terminal_safe(err)
+    assert out.splitlines()[0] == str(image).replace("\x1b", "\\x1b").replace("\u202e", "\\u202e")
+    assert "cat\\x1b]0;pwned\\x07" in out and "\\x1b[2J\\x1b[Hdog" in out and "bird\\u202etxt.exe\\x9b31m\\x0d" in out
+    code, out, err = run(capsys, "classify", "--model", model_dir, image, "--json")
+    assert code == 0, err
+    assert out.isascii()  # JSON escapes every control and non-ASCII character ...
+    labels = {p["label"] for p in json.loads(out)[0]["predictions"]}
+    assert labels == set(HOSTILE_LABELS.values())  # ... and round-trips the labels exactly
+
+
+def exif_rotated_jpeg(path, orientation=6):
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    rng = np.random.default_rng(11)
+    Image.fromarray(rng.integers(0, 256, (60, 110, 3), dtype=np.uint8)).save(path, "JPEG", quality=95, exif=exif)
+
+
+def test_classify_applies_exif_orientation_as_transformers(capsys, hf_model, model_dir, tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif_rotated_jpeg(path)
+    code, out, err = run(capsys, "classify", "--model", model_dir, path, "--json", "--top-k", 3)
+    assert code == 0, err
+    processor = ConvNextImageProcessorPil.from_pretrained(model_dir)
+    with torch.no_grad():
+        expected = hf_model(processor(transformers_load_image(str(path)), return_tensors="pt")["pixel_values"])
+        ignoring_exif = hf_model(processor(Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"])
+    expected, ignoring_exif = expected.logits.softmax(-1)[0], ignoring_exif.logits.softmax(-1)[0]
+    predictions = json.loads(out)[0]["predictions"]
+    got = [p["probability"] for p in sorted(predictions, key=lambda p: p["index"])]
+    np.testing.assert_allclose(got, expected.tolist(), rtol=0, atol=1e-5)
+    assert (expected - ignoring_exif).abs().max() > 1e-3  # the orientation changes the answer here
+
+
+def with_declared_size(png, width, height):
+    """The PNG with its IHDR width/height replaced (CRC fixed): a tiny decompression bomb."""
+    ihdr = bytearray(png[16:29])
+    ihdr[0:8] = struct.pack(">II", width, height)
+    return png[:16] + bytes(ihdr) + struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr))) + png[33:]
+
+
+def test_decompression_bomb_is_one_error_line(capsys, model_dir, images, tmp_path, monkeypatch):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(with_declared_size(images[0].read_bytes(), 50_000, 50_000))
+    code, out, err = run(capsys, "classify", "--model", model_dir, images[0], bomb)
+    assert code == 1
+    assert_one_line_error(err, "bomb.png", "2500000000 pixels", "decompression bomb", "limit is 178,956,970")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # without Pillow's check, ours speaks alone
+    code, out, err = run(capsys, "classify", "--model", model_dir, images[0], bomb)
+    assert code == 1
+    assert_one_line_error(err, "bomb.png", "50000x50000", "limit of 178,956,970")
+
+
+def jpeg_bytes(path):
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("part", ["header", "data"])
+def test_cut_jpeg_is_one_error_line_naming_it(capsys, model_dir, images, tmp_path, part):
+    data = jpeg_bytes(images[0])
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[:40] if part == "header" else data[: len(data) // 2])
+    code, out, err = run(capsys, "classify", "--model", model_dir, cut)
+    assert code == 1
+    assert_one_line_error(err, "cut.jpg")
+    assert "Traceback" not in err
+
+
+def test_image_pixel_limit_from_environment(capsys, model_dir, images, monkeypatch):
+    monkeypatch.setenv("FASTCONVNEXT_MAX_IMAGE_PIXELS", "1000")
+    code, out, err = run(capsys, "classify", "--model", model_dir, images[0])
+    assert code == 1
+    assert_one_line_error(err, images[0].name, "limit of 1,000", "FASTCONVNEXT_MAX_IMAGE_PIXELS")
+
+
+@pytest.mark.parametrize("setting", [{"image_std": [0.2, 0.0, 0.2]}, {"crop_pct": 0.004}])
+def test_absurd_preprocessor_config_is_one_error_line(capsys, hf_model, images, tmp_path, setting):
+    hf_model.save_pretrained(tmp_path)
+    capsys.readouterr()  # transformers' progress bar
+    config = {**PREPROCESSING, "image_processor_type": "ConvNextImageProcessor", **setting}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, "classify", "--model", tmp_path, images[0])
+    assert code == 1
+    assert_one_line_error(err, "preprocessor_config.json", next(iter(setting)))
+
+
+def test_broken_checkpoint_files_are_one_error_line(capsys, hf_model, images, tmp_path):
+    full = tmp_path / "full.pth"
+    torch.save(hf_model.state_dict(), full)
+    (tmp_path / "cut.pth").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    for name in ("cut.pth", "garbage.safetensors"):
+        code, out, err = run(capsys, "classify", "--model", tmp_path / name, images[0])
+        assert code == 1
+        assert_one_line_error(err, name)
+
+
+# ---- --ignore-mismatched-sizes ---------------------------------------------------------------------------
+
+
+def test_ignore_mismatched_sizes_reinitializes_the_head(capsys, hf_model, images, tmp_path):
+    five_labels = tmp_path / "five_labels"
+    hf_model.save_pretrained(five_labels)
+    capsys.readouterr()  # transformers' progress bar
+    config = json.loads((five_labels / "config.json").read_text())
+    config["id2label"] = {str(i): f"class{i}" for i in range(5)}
+    config["label2id"] = {f"class{i}": i for i in range(5)}
+    (five_labels / "config.json").write_text(json.dumps(config))
+    code, out, err = run(capsys, "classify", "--model", five_labels, images[0])
+    assert code == 1 and err.startswith("fastconvnext: error: ") and "--ignore-mismatched-sizes" in err
+    with pytest.warns(UserWarning, match="newly initialized"):
+        code, out, err = run(capsys, "classify", "--model", five_labels, images[0], "--ignore-mismatched-sizes",
+                             "--json")
+    assert code == 0, err
+    assert {p["label"] for p in json.loads(out)[0]["predictions"]} == {f"class{i}" for i in range(5)}
+    converted = tmp_path / "converted"
+    with pytest.warns(UserWarning, match="newly initialized"):
+        code, out, err = run(capsys, "convert", five_labels, converted, "--ignore-mismatched-sizes")
+    assert code == 0, err
+    # transformers, the oracle, loads the same checkpoint the same way: trunk kept, head re-initialized.
+    theirs = transformers.ConvNextForImageClassification.from_pretrained(five_labels, ignore_mismatched_sizes=True)
+    reloaded = transformers.ConvNextForImageClassification.from_pretrained(converted)
+    assert reloaded.classifier.weight.shape == theirs.classifier.weight.shape == (5, 32)
+    for name, tensor in hf_model.convnext.state_dict().items():
+        torch.testing.assert_close(reloaded.convnext.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+# ---- answers without torch; a bad FASTCONVNEXT_BACKEND ---------------------------------------------------
+
+PROBE = """
+import json, sys
+from fastconvnext.cli import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "PIL", "triton") if m in sys.modules)}))
+"""
+
+
+def run_probe(*argv, **env):
+    result = subprocess.run([sys.executable, "-c", PROBE, *map(str, argv)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **env})
+    return json.loads(result.stdout.splitlines()[-1]), result.stderr
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0),
+    (["--version"], 0),
+    (["classify", "--help"], 0),
+    (["convert", "--help"], 0),
+    ([], 2),
+    (["classify", "img.png"], 2),
+    (["classify", "--model", "m", "img.png", "--top-k", "zero"], 2),
+    (["frobnicate"], 2),
+])
+def test_help_version_and_usage_errors_import_no_torch(argv, code):
+    report, err = run_probe(*argv, FASTCONVNEXT_BACKEND="bogus")  # nor does a bad backend setting matter
+    assert report == {"code": code, "heavy": []}, err
+    assert "Traceback" not in err
+
+
+def run_cli(*argv, **env):
+    return subprocess.run([sys.executable, "-m", "fastconvnext.cli", *map(str, argv)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **env})
+
+
+def test_bad_backend_setting_is_one_error_line(model_dir, images):
+    result = run_cli("classify", "--model", model_dir, images[0], "--device", "cpu", FASTCONVNEXT_BACKEND="bogus")
+    assert result.returncode == 1
+    assert_one_line_error(result.stderr, "FASTCONVNEXT_BACKEND", "bogus")
+    result = run_cli("info", FASTCONVNEXT_BACKEND="bogus")
+    assert result.returncode == 1
+    assert f"torch         {torch.__version__}" in result.stdout  # info still reports what it can
+    assert "invalid" in result.stdout
+    assert_one_line_error(result.stderr, "FASTCONVNEXT_BACKEND", "bogus")
