@@ -1,16 +1,23 @@
 """The one place that decides, per call, whether an op runs as a fused Triton kernel or as eager PyTorch.
 
-`auto` (default): fused kernels for CUDA tensors when Triton imports, eager ops otherwise.
+`auto` (default): on CUDA tensors, per (op, channels, H*W bucket, batch bucket, dtype, grad mode, GPU
+  arch), whichever of fused and eager the policy says is faster: a shape timed by `fastconvnext.tune`
+  (or FASTCONVNEXT_TUNE=1) on this GPU, else the static performance model (kernels/perf_table.py), else
+  the analytic roofline (fastconvnext/bench/roofline.py). Eager ops on every other device.
 `triton`: always the kernels; on CPU tensors that needs TRITON_INTERPRET=1 (Triton's interpreter).
 `eager`: always the eager references from `fastconvnext.kernels.reference`.
-Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import).
+Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import; a bad value
+is reported when an op is first dispatched or `get_backend()` is called, so `fastconvnext info` still runs).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +25,14 @@ from fastconvnext.kernels import reference
 
 BACKENDS = ("auto", "triton", "eager")
 ENV_VAR = "FASTCONVNEXT_BACKEND"
+TUNE_ENV_VAR = "FASTCONVNEXT_TUNE"
+OPS = ("dwconv_layernorm", "convnext_mlp")
+MODES = ("forward", "forward_backward")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# Both the static model and the roofline leave out effects (launch gaps, cache behaviour) worth a few
+# percent: a modelled win smaller than that is no win, and the policy keeps eager.
+MODEL_WIN_FACTOR = 0.95
+CPU_ARCH = 0  # the arch recorded for CPU tensors (tuning in Triton's interpreter, tests)
 
 
 def _checked(name, source):
@@ -26,31 +41,56 @@ def _checked(name, source):
     return name
 
 
-_backend = _checked(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+def _backend_from_env():
+    """(backend, error message or None): a bad value keeps 'auto' and is reported on first use."""
+    raw = os.environ.get(ENV_VAR, "auto")
+    name = raw.strip().lower() or "auto"
+    if name in BACKENDS:
+        return name, None
+    return "auto", (f"{ENV_VAR} must be one of {BACKENDS}, got {raw!r} (set in the environment; unset it or "
+                    f"call fastconvnext.set_backend())")
+
+
+_backend, _env_error = _backend_from_env()
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _triton_importable = importlib.util.find_spec("triton") is not None
 _warned = set()
 
 
+def _raise_env_error():
+    if _env_error is not None:
+        raise ValueError(_env_error)
+
+
 def set_backend(name):
-    """Choose the implementation of the fused ops: "auto", "triton" or "eager"."""
-    global _backend
+    """Choose the implementation of the fused ops: "auto", "triton" or "eager" (overrides the env var)."""
+    global _backend, _env_error
     _backend = _checked(name, "backend")
+    _env_error = None
 
 
 def get_backend():
+    """The backend in force; raises ValueError if FASTCONVNEXT_BACKEND holds an unknown name."""
+    _raise_env_error()
     return _backend
+
+
+def configured_backend():
+    """(backend, error or None) without raising: for reports such as `fastconvnext info`."""
+    return _backend, _env_error
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Temporarily run with another backend (restored on exit)."""
-    previous = get_backend()
+    """Temporarily run with another backend (restored on exit, the env-var error too)."""
+    global _env_error
+    previous, previous_error = _backend, _env_error
     set_backend(name)
     try:
         yield
     finally:
         set_backend(previous)
+        _env_error = previous_error
 
 
 def _kernels_usable(device_type):
@@ -64,13 +104,23 @@ def _kernels_usable(device_type):
     return False, f"no Triton kernels for {device_type} tensors"
 
 
-def _choose(device_type, unsupported_reason=None):
-    """Return True for the fused kernel, False for eager, raising if `triton` is forced and impossible."""
+def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
+    """Return True for the fused kernel, False for eager, raising if `triton` is forced and impossible.
+
+    `call` (the op's arguments) lets FASTCONVNEXT_TUNE=1 time an untuned shape on its first use."""
+    _raise_env_error()
+    if _recorder is not None and call is not None:
+        _recorder(op, policy_key(op, x, channels, tensors), call)
     if _backend == "eager":
         return False
-    usable, why = _kernels_usable(device_type)
+    usable, why = _kernels_usable(x.device.type)
     if _backend == "auto":
-        return usable and device_type == "cuda" and unsupported_reason is None
+        if not (usable and x.device.type == "cuda" and unsupported_reason is None):
+            return False
+        key = policy_key(op, x, channels, tensors)
+        if call is not None and not torch.compiler.is_compiling() and key not in _tuned and _tune_on_first_use():
+            _tune_call(op, key, call)
+        return _prefers_fused(*key)
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
@@ -79,6 +129,263 @@ def _choose(device_type, unsupported_reason=None):
             warnings.warn(f"fastconvnext: {unsupported_reason}; that op runs eagerly", stacklevel=3)
         return False
     return True
+
+
+# ------------------------------------------------------------------------------------------- policy
+
+
+class PolicyKey(NamedTuple):
+    """What a decision depends on, in the order of the static model's PREDICTED keys; hw = H*W and
+    batch = N rounded up to a power of two, arch the compute capability (90 for sm_90, 0 for CPU).
+    A tuple, so torch.compile traces it as constants."""
+
+    op: str
+    arch: int
+    dtype: str
+    channels: int
+    hw: int
+    batch: int
+    mode: str
+
+    @property
+    def label(self):
+        arch = "cpu" if self.arch == CPU_ARCH else f"sm_{self.arch}"
+        return f"{self.op} C={self.channels} H*W<={self.hw} N<={self.batch} {self.dtype} {self.mode} {arch}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
+    "roofline": fastconvnext.bench.roofline; "none": nothing to go on), why, and the times behind it (µs;
+    measured for "tuned", MODELLED otherwise)."""
+
+    fused: bool
+    source: str
+    reason: str
+    fused_us: float | None = None
+    eager_us: float | None = None
+
+    @property
+    def choice(self):
+        return "fused" if self.fused else "eager"
+
+
+def bucket(n):
+    """The power of two at or above n. Written as comparisons so torch.compile guards on the bucket
+    (a symbolic size becomes a constant per bucket) instead of failing on int()."""
+    b = 1
+    while n > b:
+        b *= 2
+    return b
+
+
+def _mode(tensors):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return "forward_backward" if needs_grad else "forward"
+
+
+def policy_key(op, x, channels, tensors=(), arch=None):
+    """The PolicyKey of one call: x is [N, H, W, C]; channels from the weights (static under compile)."""
+    if arch is None:
+        arch = device_arch(x.device.index) if x.device.type == "cuda" else CPU_ARCH
+    dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).replace("torch.", ""))
+    return PolicyKey(op, arch, dtype, channels, bucket(x.shape[1] * x.shape[2]), bucket(x.shape[0]),
+                     _mode((x, *tensors)))
+
+
+_arch_cache = {}
+
+
+def device_arch(index=None):
+    """Compute capability of a CUDA device as an int (sm_90 -> 90)."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _arch_cache:
+        major, minor = torch.cuda.get_device_capability(index)
+        _arch_cache[index] = 10 * major + minor
+    return _arch_cache[index]
+
+
+_tuned = {}  # PolicyKey -> Decision, measured by fastconvnext.tuning
+_decisions = {}  # PolicyKey -> Decision, every lookup so far
+_UNSET = object()
+_predicted_override = _UNSET
+_recorder = None  # set by fastconvnext.tuning while it collects the calls of a model
+
+
+def install_tuned(decisions):
+    """Add measured decisions {PolicyKey: Decision} (fastconvnext.tuning); they win over any model."""
+    _tuned.update(decisions)
+    for key in decisions:
+        _decisions.pop(key, None)
+
+
+def tuned_decisions():
+    return dict(_tuned)
+
+
+def clear_policy(tuned=True):
+    """Forget cached lookups (and, by default, the tuned decisions)."""
+    _decisions.clear()
+    if tuned:
+        _tuned.clear()
+
+
+@contextlib.contextmanager
+def use_predicted_table(table):
+    """Decide from this PREDICTED-format dict (None: no static model) instead of kernels/perf_table.py."""
+    global _predicted_override
+    previous = _predicted_override
+    _predicted_override = table
+    _decisions.clear()
+    try:
+        yield
+    finally:
+        _predicted_override = previous
+        _decisions.clear()
+
+
+def _predicted_table():
+    if _predicted_override is not _UNSET:
+        return _predicted_override
+    try:
+        from fastconvnext.kernels import perf_table
+    except ImportError:
+        return None
+    except Exception as error:  # a generated file that does not load must not stop dispatch
+        _warn_once(f"kernels/perf_table.py does not load ({type(error).__name__}: {error}); using the roofline")
+        return None
+    return getattr(perf_table, "PREDICTED", None)
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"fastconvnext: {message}", stacklevel=3)
+
+
+def _nearest(values, target):
+    """The value closest to target on a log scale (ties: the smaller)."""
+    return min(values, key=lambda v: (abs(math.log(v / target)), v))
+
+
+def _nearest_arch(arch, known):
+    """A known arch of the same generation (sm_86 -> sm_80), the closest at or below it first; else None."""
+    same = [a for a in known if a // 10 == arch // 10]
+    if not same:
+        return None
+    below = [a for a in same if a <= arch]
+    return max(below) if below else min(same)
+
+
+def _compare(fused_us, eager_us, source, where):
+    fused = fused_us < MODEL_WIN_FACTOR * eager_us
+    verdict = "fused" if fused else "eager"
+    reason = (f"{where}: fused {fused_us:,.1f} µs vs eager {eager_us:,.1f} µs (modelled) -> {verdict}")
+    return Decision(fused, source, reason, fused_us, eager_us)
+
+
+def model_decision(key, table):
+    """The decision of a PREDICTED table at the nearest arch, C, H*W and batch; None when it has no point."""
+    op, arch, dtype, channels, hw, batch, mode = key
+    points = [k for k in table if k[0] == op and k[2] == dtype and k[6] == mode]
+    near_arch = _nearest_arch(arch, {k[1] for k in points})
+    if near_arch is None:
+        return None
+    points = [k for k in points if k[1] == near_arch]
+    c = _nearest({k[3] for k in points}, channels)
+    points = [k for k in points if k[3] == c]
+    near_hw = _nearest({k[4] for k in points}, hw)
+    points = [k for k in points if k[4] == near_hw]
+    n = _nearest({k[5] for k in points}, batch)
+    entry = table[(op, near_arch, dtype, c, near_hw, n, mode)]
+    where = f"static model at sm_{near_arch} C={c} H*W={near_hw} N={n}"
+    return _compare(float(entry["fused_us"]), float(entry["eager_us"]), "model", where)
+
+
+ROOFLINE_ARCHS = (80, 90)
+
+
+def roofline_decision(key):
+    """The analytic roofline's decision (H100 SXM for sm_9x, A100 SXM for sm_8x); None for other archs."""
+    from fastconvnext.bench import roofline
+
+    near_arch = _nearest_arch(key.arch, ROOFLINE_ARCHS)
+    if near_arch is None or key.dtype not in roofline.DTYPE_BYTES:
+        return None
+    gpu = roofline.H100_SXM if near_arch == 90 else roofline.A100_SXM
+    shape = roofline.StageShape("policy", 0, key.batch, max(1, round(math.sqrt(key.hw))), key.channels)
+    pass_ = "fwd" if key.mode == "forward" else "fwd+bwd"
+    fused, eager = (roofline.traffic(key.op, impl, pass_, shape, key.dtype).seconds(gpu) * 1e6
+                    for impl in ("fused", "eager"))
+    return _compare(fused, eager, "roofline", f"roofline bound on {gpu.name}")
+
+
+def static_decision(key):
+    """The default policy: the static model's table, else the roofline, else eager with the reason."""
+    if key.dtype not in DTYPE_NAMES.values():
+        return Decision(False, "none", f"no fused kernel for {key.dtype}")
+    table = _predicted_table()
+    if table:
+        decision = model_decision(key, table)
+        if decision is not None:
+            return decision
+    decision = roofline_decision(key)
+    if decision is not None:
+        return decision
+    arch = "CPU" if key.arch == CPU_ARCH else f"sm_{key.arch}"
+    return Decision(False, "none", f"no performance model for {arch} (modelled: sm_80, sm_90); "
+                                   f"fastconvnext.tune() measures this GPU")
+
+
+def decide(key):
+    """The policy's Decision for a PolicyKey: tuned here if it was, else the static policy."""
+    key = PolicyKey(*key)
+    decision = _decisions.get(key)
+    if decision is None:
+        decision = _tuned.get(key) or static_decision(key)
+        _decisions[key] = decision
+    return decision
+
+
+@torch.compiler.assume_constant_result
+def _prefers_fused(op, arch, dtype, channels, hw, batch, mode):
+    """decide(...).fused, evaluated once at trace time under torch.compile (all arguments are constants)."""
+    return decide((op, arch, dtype, channels, hw, batch, mode)).fused
+
+
+def policy_table(keys=None):
+    """Rows (key label, choice, source, fused µs, eager µs, reason) for the given keys, by default every
+    shape tuned or dispatched so far in this process; the bench report and `fastconvnext info` print it."""
+    if keys is None:
+        keys = sorted(set(_tuned) | set(_decisions), key=lambda k: tuple(map(str, k)))
+    rows = []
+    for key in keys:
+        d = decide(key)
+        rows.append((PolicyKey(*key).label, d.choice, d.source,
+                     None if d.fused_us is None else round(d.fused_us, 1),
+                     None if d.eager_us is None else round(d.eager_us, 1), d.reason))
+    return rows
+
+
+def stage_keys(arch, dtype="bf16", batch=64, channels=(96, 192, 384, 768), sizes=(56, 28, 14, 7)):
+    """PolicyKeys of both ops at ConvNeXt-T's four stage shapes, forward and forward_backward."""
+    return [PolicyKey(op, arch, dtype, c, bucket(s * s), bucket(batch), mode)
+            for c, s in zip(channels, sizes) for op in OPS for mode in MODES]
+
+
+# ------------------------------------------------------------------------------ tuning on first use
+
+
+def _tune_on_first_use():
+    return os.environ.get(TUNE_ENV_VAR, "0") not in ("", "0")
+
+
+def _tune_call(op, key, call):
+    """FASTCONVNEXT_TUNE=1: time this call's shape now, unless that cannot be done safely here."""
+    from fastconvnext import tuning
+
+    tuning.tune_on_first_use(op, key, call)
 
 
 def _dwconv_unsupported(dw_weight):
@@ -99,7 +406,8 @@ def _mlp_unsupported(act):
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
     """LayerNorm over C of depthwise_conv(x) + bias, x as [N, H, W, C]."""
-    if _choose(x.device.type, _dwconv_unsupported(dw_weight)):
+    call = (x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+    if _choose("dwconv_layernorm", x, dw_weight.shape[0], call[1:5], _dwconv_unsupported(dw_weight), call):
         from fastconvnext.kernels import dwconv_layernorm as fused
 
         return fused(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
@@ -108,7 +416,8 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
 
 def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu", sample_scale=None):
     """residual + sample_scale[n] * gamma * MLP(x), x and residual as [N, H, W, C]."""
-    if _choose(x.device.type, _mlp_unsupported(act)):
+    call = (x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
+    if _choose("convnext_mlp", x, fc1_weight.shape[1], call[1:7], _mlp_unsupported(act), call):
         from fastconvnext.kernels import convnext_mlp as fused
 
         return fused(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
@@ -120,12 +429,17 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
 
 
 def describe():
-    """Which implementation each op would use now, for CUDA and for CPU tensors (shown by `fastconvnext info`)."""
+    """Which implementation each op would use now, for CUDA and for CPU tensors, and the auto policy's
+    table (shown by `fastconvnext info`). Never raises: a bad FASTCONVNEXT_BACKEND is reported here."""
     report = {}
+    if _env_error is not None:
+        report[f"{ENV_VAR} error"] = _env_error
     for device_type in ("cuda", "cpu"):
         usable, why = _kernels_usable(device_type)
         if _backend == "eager":
             choice = "eager PyTorch (backend forced to 'eager')"
+        elif usable and device_type == "cuda" and _backend == "auto":
+            choice = "per shape, the faster of fused Triton kernel and eager PyTorch (policy below)"
         elif usable and (device_type == "cuda" or _backend == "triton"):
             mode = " in Triton's interpreter" if device_type == "cpu" else ""
             choice = f"fused Triton kernel{mode}"
@@ -133,9 +447,27 @@ def describe():
             choice = f"error: backend 'triton' forced but {why}"
         else:
             choice = f"eager PyTorch ({why or 'auto picks eager on CPU'})"
-        for op in ("dwconv_layernorm", "convnext_mlp"):
+        for op in OPS:
             report[f"{op} [{device_type}]"] = choice
     report["convnext_mlp activations fused"] = ", ".join(reference.FUSED_ACTS)
     if torch.backends.mkldnn.is_available():
         report["convnext_mlp eager, fp32 CPU inference"] = "oneDNN linear with fused bias+act / layer scale+residual"
+    report.update(_policy_report())
+    return report
+
+
+def default_report_keys():
+    """The shapes the policy report shows: those tuned or dispatched so far, else ConvNeXt-T's stage shapes
+    (bf16, batch 64) on this GPU's arch (sm_90 without a GPU)."""
+    keys = sorted(set(_tuned) | set(_decisions), key=lambda k: tuple(map(str, k)))
+    if keys:
+        return keys
+    arch = device_arch() if torch.cuda.is_available() else 90
+    return stage_keys(arch)
+
+
+def _policy_report():
+    report = {}
+    for label, choice, source, fused_us, eager_us, reason in policy_table(default_report_keys()):
+        report[f"policy {label}"] = f"{choice} ({source}: {reason})"
     return report

@@ -95,9 +95,27 @@ def test_env_var_eager_is_read_at_import():
 
 
 def test_env_var_with_a_bad_name_fails_the_first_backend_use_clearly():
-    rc, out, err = _python("import fastconvnext; fastconvnext.get_backend()", FASTCONVNEXT_BACKEND="fused")
-    assert rc != 0
-    assert "ValueError: FASTCONVNEXT_BACKEND must be one of ('auto', 'triton', 'eager'), got 'fused'" in err
+    """Import, `describe()` (fastconvnext info) and --help still work; get_backend() and the first op
+    dispatch raise, naming the variable, the allowed values and the value; set_backend() overrides it."""
+    code = FORWARD + """
+    print(fastconvnext.backend.describe()["FASTCONVNEXT_BACKEND error"])
+    for use in (fastconvnext.get_backend, forward):
+        try:
+            use()
+        except ValueError as err:
+            print("ValueError:", err)
+    fastconvnext.set_backend("eager")
+    print(fastconvnext.get_backend(), tuple(forward()))
+    """
+    rc, out, err = _python(code, FASTCONVNEXT_BACKEND="fused")
+    assert rc == 0, err
+    message = ("FASTCONVNEXT_BACKEND must be one of ('auto', 'triton', 'eager'), got 'fused' (set in the "
+               "environment; unset it or call fastconvnext.set_backend())")
+    assert out.splitlines() == [message, f"ValueError: {message}", f"ValueError: {message}", "eager (1, 24)"]
+    rc, out, err = _python("import sys; from fastconvnext.cli import main; sys.exit(main(['--help']))",
+                           FASTCONVNEXT_BACKEND="fused")
+    assert rc == 0, err
+    assert "FASTCONVNEXT_BACKEND" in out
 
 
 def test_forced_triton_on_cpu_without_the_interpreter_is_a_clear_error():
