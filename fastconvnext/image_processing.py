@@ -447,6 +447,7 @@ def _make_settings(max_pixels: int, **kwargs: Any) -> _Settings:
     """Validated settings; an argument given as None takes its default, as in transformers."""
     settings = _build_settings(**{name: value for name, value in kwargs.items() if value is not None})
     _check_output_size(settings, max_pixels)
+    _check_value_range(settings)
     return settings
 
 
@@ -494,6 +495,11 @@ def _check_output_size(settings: _Settings, limit: int) -> None:
     edge = settings.size["shortest_edge"]
     _check_pixels(edge, edge, limit, f"the output of size={{'shortest_edge': {edge}}}")
     if edge < WARP_FROM_SHORTEST_EDGE:
+        if not math.isfinite(edge / settings.crop_pct):
+            raise ImageTooLargeError(
+                f"crop_pct={settings.crop_pct} is too small: the shortest edge would be resized to {edge} / "
+                f"{settings.crop_pct} = infinity pixels"
+            )
         resized_edge = _crop_resize_edge(settings)
         if resized_edge < 1:
             raise ValueError(
@@ -504,6 +510,30 @@ def _check_output_size(settings: _Settings, limit: int) -> None:
         _check_pixels(resized_edge, resized_edge, limit, what)
     if settings.crop_size is not None:
         _check_pixels(settings.crop_size["width"], settings.crop_size["height"], limit, "crop_size")
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_value_range(settings: _Settings) -> None:
+    """Refuse rescale/normalise settings under which a pixel value in 0..255 overflows float32 (inf/NaN output)."""
+    top = 255.0 * abs(settings.rescale_factor) if settings.do_rescale else 255.0
+    if top > _FLOAT32_MAX:
+        raise ValueError(
+            f"rescale_factor={settings.rescale_factor} overflows float32 (255 x {settings.rescale_factor:.3g}); "
+            f"expected |rescale_factor| <= {_FLOAT32_MAX / 255:.3g}"
+        )
+    if not settings.do_normalize:
+        return
+    for mean, std in zip(settings.image_mean, settings.image_std):
+        # float32 holds mean, std, x - mean and (x - mean) / std; std must not round to 0 in float32
+        span = top + abs(mean)
+        std32 = abs(float(np.float32(std))) if abs(std) <= _FLOAT32_MAX else math.inf
+        if span > _FLOAT32_MAX or std32 in (0.0, math.inf) or span / std32 > _FLOAT32_MAX:
+            raise ValueError(
+                f"image_mean={list(settings.image_mean)} and image_std={list(settings.image_std)} overflow float32: "
+                f"(x - {mean:.3g}) / {std:.3g} for x in [0, {top:.3g}]; expected a normalisation with finite output"
+            )
 
 
 def _crop_resize_edge(settings: _Settings) -> int:

@@ -151,6 +151,10 @@ def test_jpeg_cut_inside_its_data_names_the_file(tmp_path):
         ({"size": 2**80}, ImageTooLargeError, "limit"),
         ({"do_center_crop": True, "crop_size": 50_000}, ImageTooLargeError, "crop_size"),
         ({"rescale_factor": float("nan")}, ValueError, "finite"),
+        ({"size": 224, "crop_pct": 1e-320}, ImageTooLargeError, "infinity pixels"),
+        ({"rescale_factor": 1e308}, ValueError, "rescale_factor=1e\\+308 overflows float32"),
+        ({"image_std": 1e-320}, ValueError, "overflow float32"),  # 0 once rounded to float32
+        ({"image_mean": 1e308, "image_std": 1e308}, ValueError, "overflow float32"),
         ({"do_resize": "yes"}, TypeError, "do_resize must be true or false"),
     ],
 )
