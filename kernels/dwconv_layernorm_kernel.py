@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
-from .compile_spec import CompileTarget
+from .compile_spec import CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
@@ -65,6 +65,7 @@ BWD_ROW_TILE = 4
 PARTIAL_PROGRAMS = 1024
 PARTIAL_ELEMENTS = 1 << 22
 REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
+GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (row groups of the backward)
 # Pixel indices are int32 (element offsets are int64); headroom for the shifted taps and tail tiles.
 MAX_PIXELS = 2**30
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -162,8 +163,10 @@ def _dwconv_ln_fwd_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    row = tl.program_id(0)
-    w0 = tl.program_id(1) * BLOCK_W
+    # 1-D grid, strip fastest: the programs sharing a halo run side by side (L2 hits, not HBM re-reads)
+    strips = tl.cdiv(W, BLOCK_W)
+    row = tl.program_id(0) // strips
+    w0 = (tl.program_id(0) % strips) * BLOCK_W
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
     cols = _conv_strip(x_ptr, taps_ptr, row, w0, True, c, c_ok, H, W, C, K, BLOCK_W, BLOCK_C)
@@ -203,8 +206,8 @@ def _dwconv_ln_bwd_norm_kernel(
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    group = tl.program_id(0)
-    strip = tl.program_id(1)
+    strip = tl.program_id(0)  # strip fastest: neighbouring strips (shared halo) run side by side
+    group = tl.program_id(1)
     w0 = strip * BLOCK_W
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -236,7 +239,7 @@ def _dwconv_ln_bwd_norm_kernel(
         sum_dy_xhat += tl.sum(dy * xhat, axis=1)
         sum_dy += tl.sum(dy, axis=1)
         sum_g += tl.sum(g, axis=1)
-    out = partial_ptr + (group * tl.num_programs(1) + strip).to(tl.int64) * 3 * C + c
+    out = partial_ptr + (group * tl.num_programs(0) + strip).to(tl.int64) * 3 * C + c
     tl.store(out, sum_dy_xhat, mask=c_ok)
     tl.store(out + C, sum_dy, mask=c_ok)
     tl.store(out + 2 * C, sum_g, mask=c_ok)
@@ -260,8 +263,8 @@ def _dwconv_bwd_conv_kernel(
     dW[kh, kw] += g[h + PAD - kh, w + PAD - kw] * x[h, w]: both read the same g window."""
     PAD: tl.constexpr = K // 2
     WINDOW: tl.constexpr = BLOCK_W + K - 1
-    group = tl.program_id(0)
-    strip = tl.program_id(1)
+    strip = tl.program_id(0)
+    group = tl.program_id(1)
     w0 = strip * BLOCK_W
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
@@ -312,7 +315,7 @@ def _dwconv_bwd_conv_kernel(
         for j in tl.static_range(BLOCK_W):
             ok = (j < live_width)[:, None] & c_ok[None, :]
             tl.store(dx_ptr + here[:, None] + (j * C + c)[None, :], dxs[j].to(dx_ptr.dtype.element_ty), mask=ok)
-    out = partial_ptr + (group * tl.num_programs(1) + strip).to(tl.int64) * (K * K) * C + c
+    out = partial_ptr + (group * tl.num_programs(0) + strip).to(tl.int64) * (K * K) * C + c
     for tap in tl.static_range(K * K):
         tl.store(out + tap * C, tl.sum(dw[tap], axis=0), mask=c_ok)
 
@@ -406,10 +409,10 @@ def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     with _device_guard(x.device):
         if autotune_enabled():
             kernel = _tuned_forward_kernel(block_c)
-            _launch(kernel, lambda meta: (n * h, triton.cdiv(w, meta["BLOCK_W"])), *args, **consts)
+            _launch(kernel, lambda meta: (n * h * triton.cdiv(w, meta["BLOCK_W"]),), *args, **consts)
         else:
             block_w, warps = _forward_configs(block_c)[0]
-            grid = (n * h, triton.cdiv(w, block_w))
+            grid = (n * h * triton.cdiv(w, block_w),)
             _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_W=block_w, num_warps=warps, num_stages=1)
     return y, mean, rstd
 
@@ -425,7 +428,8 @@ def _backward_grids(rows: int, width: int, channels: int, kernel_size: int) -> d
     strips = triton.cdiv(width, BLOCK_W)
     norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // strips)
     row_tiles = triton.cdiv(rows, BWD_ROW_TILE)
-    conv_groups, tiles_per_program = _split(row_tiles, PARTIAL_ELEMENTS // (strips * kernel_size**2 * channels))
+    conv_groups, tiles_per_program = _split(
+        row_tiles, min(GRID_Y_MAX, PARTIAL_ELEMENTS // (strips * kernel_size**2 * channels)))
     return dict(
         strips=strips, norm_groups=norm_groups, rows_per_program=rows_per_program,
         conv_groups=conv_groups, tiles_per_program=tiles_per_program,
@@ -460,7 +464,7 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     g = torch.empty((n, h, w, c), device=x.device, dtype=torch.float32)
     norm_partials = torch.empty((grids["norm_groups"] * strips, 3, c), device=x.device, dtype=torch.float32)
     _launch(
-        _dwconv_ln_bwd_norm_kernel, (grids["norm_groups"], strips),
+        _dwconv_ln_bwd_norm_kernel, (strips, grids["norm_groups"]),
         x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, n * h, h, w, c, grids["rows_per_program"],
         K=kernel_size, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
@@ -470,7 +474,7 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
                                dtype=torch.float32)
     block_c, warps = _wgrad_config()
     _launch(
-        _dwconv_bwd_conv_kernel, (grids["conv_groups"], strips, grids["channel_blocks"]),
+        _dwconv_bwd_conv_kernel, (strips, grids["conv_groups"], grids["channel_blocks"]),
         g, x, taps, dx, tap_partials, n * h, h, w, c, grids["tiles_per_program"],
         K=kernel_size, BLOCK_W=BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
@@ -728,3 +732,115 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
         targets += [_bwd_conv_target(x_dtype, k) for x_dtype in _TRITON_DTYPES.values()]
     return targets + [_sum_rows_target()]
+
+
+# --------------------------------------------------------------------------- launch plans
+# A model, not a measurement. hbm_bytes: every tensor once, plus re-reads whose reuse footprint exceeds L2
+# (halo rows/columns are shared by programs launched side by side, so they are L2 hits at every shape
+# whose K image rows fit in L2). l2_bytes: every global load and store the programs issue, as issued
+# (masked-off halo outside the image excluded; L1 hits not subtracted, so an upper bound).
+L2_BYTES = 50e6
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_LN_FLOPS_PER_ELEMENT = 8  # bias, centre, square, sum, scale, shift (forward); the backward ~2x
+
+
+def _dtype_name(dtype) -> str:
+    name = _TRITON_DTYPES.get(dtype, dtype)
+    if name not in _DTYPE_BYTES:
+        raise ValueError(f"launch_plans: dtype must be fp32/fp16/bf16 or a torch float dtype, got {dtype!r}")
+    return name
+
+
+def _valid_taps(size: int, k: int) -> int:
+    """Sum over the `size` output positions of the input positions their K-wide window finds in the image."""
+    pad = k // 2
+    return sum(min(i + pad, size - 1) - max(i - pad, 0) + 1 for i in range(size))
+
+
+def _valid_window_columns(width: int, k: int, block_w: int) -> int:
+    """Columns of the strips' loaded windows (BLOCK_W + K - 1 each) that lie inside the image, all strips."""
+    pad = k // 2
+    return sum(min(w0 - pad + block_w + k - 1, width) - max(w0 - pad, 0) for w0 in range(0, width, block_w))
+
+
+def _int_plan(target, grid, phase, hbm, l2, trips, flops, note, int_args, outer_trips=1) -> LaunchPlan:
+    return LaunchPlan(
+        target=target, grid=tuple(grid), phase=phase, hbm_bytes=float(hbm), l2_bytes=float(l2),
+        loop_trips=int(trips), flops=float(flops), note=note, int_args=dict(int_args), outer_trips=int(outer_trips),
+        divisible_by_16=tuple(name for name, value in int_args.items() if value % 16 == 0),
+    )
+
+
+def _torch_plan(phase, nbytes, note) -> LaunchPlan:
+    return LaunchPlan(target=None, grid=(), phase=phase, hbm_bytes=float(nbytes), l2_bytes=float(nbytes),
+                      loop_trips=0, note=note)
+
+
+def launch_plans(batch: int, height: int, width: int, channels: int, dtype, training: bool,
+                 kernel_size: int = MAX_KERNEL_SIZE) -> list[LaunchPlan]:
+    """The launches one `dwconv_layernorm` call makes at this shape on a GPU with autotuning off (the
+    forward's first config), forward then (when `training`) backward, with modelled bytes (see above).
+
+    Params are taken as fp32 (ConvNeXt's master weights); the torch steps around the kernels (taps
+    transposed to [K*K, C] fp32 and back for its gradient, gradient copies) are plans with target None."""
+    name = _dtype_name(dtype)
+    s, k, c = _DTYPE_BYTES[name], kernel_size, channels
+    rows, pixels, taps = batch * height, batch * height * width, kernel_size**2
+    act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
+    # Conv input elements the strips request: (in-image kernel rows per output row) x (in-image window columns).
+    window_elements = batch * _valid_taps(height, k) * _valid_window_columns(width, k, BLOCK_W) * c
+    conv_flops = 2 * taps * pixels * c
+    block_c = _block_c(c)
+    block_w, warps = _forward_configs(block_c)[0]
+    strips = triton.cdiv(width, block_w)
+    programs = rows * strips
+    # A halo row is re-read K rows after its first use: from HBM only if those rows' x and y exceed L2.
+    halo_hbm = (window_elements * s - act) if 2 * k * width * c * s > L2_BYTES else 0
+    plans = [
+        _torch_plan("forward", 2 * taps * c * 4, "torch: taps transposed to a [K*K, C] fp32 matrix"),
+        _int_plan(
+            _forward_target(name, name, k, block_c, block_w, warps), (programs,), "forward",
+            2 * act + stats + small + halo_hbm, window_elements * s + programs * small + act + stats, k,
+            conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
+            "conv + bias + LayerNorm: a strip of BLOCK_W pixels, all channels; hot loop = kernel rows",
+            dict(H=height, W=width, C=c, W_BUCKET=_w_bucket(width)),
+        ),
+    ]
+    if not training:
+        return plans
+    grids = _backward_grids(rows, width, c, k)
+    norm_groups, per_program = grids["norm_groups"], grids["rows_per_program"]
+    norm_partials = norm_groups * strips * 3 * c * 4
+    norm_w, _ = _norm_bwd_config(block_c)
+    plans.append(_int_plan(
+        _norm_bwd_target(name, name, k, block_c), (strips, norm_groups), "backward",
+        2 * act + 4 * pixels * c + stats + small + norm_partials + halo_hbm,
+        window_elements * s + rows * strips * taps * c * 4 + act + 4 * pixels * c + stats + norm_partials,
+        k * per_program, conv_flops + 2 * _LN_FLOPS_PER_ELEMENT * pixels * c,
+        "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
+        dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
+    ))
+    conv_groups, tiles = grids["conv_groups"], grids["tiles_per_program"]
+    conv_bwd_c, _ = _wgrad_config()
+    tap_partials = conv_groups * strips * taps * c * 4
+    conv_programs = strips * conv_groups * grids["channel_blocks"]
+    g_halo_hbm = (window_elements - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
+    plans.append(_int_plan(
+        _bwd_conv_target(name, k), (strips, conv_groups, grids["channel_blocks"]), "backward",
+        4 * pixels * c + 2 * act + taps * c * 4 + tap_partials + g_halo_hbm,
+        window_elements * 4 + 2 * act + conv_programs * taps * conv_bwd_c * 4 + tap_partials, tiles,
+        2 * conv_flops,
+        "dx = conv(g, flipped taps) and tap-gradient partials from one read of g and x; hot loop = row tiles",
+        dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles),
+    ))
+    for count, columns, what in ((norm_groups * strips, 3 * c, "LN weight/bias and conv bias"),
+                                 (conv_groups * strips, taps * c, "tap")):
+        nbytes = (count + 1) * columns * 4
+        plans.append(_int_plan(
+            _sum_rows_target(), (triton.cdiv(columns, REDUCE_BLOCK_N),), "backward", nbytes, nbytes,
+            triton.cdiv(count, REDUCE_BLOCK_R), count * columns, f"fixed-order sum of the {what} gradient partials",
+            dict(R=count, N=columns),
+        ))
+    plans.append(_torch_plan("backward", 2 * (taps + 3 * c) * 4,
+                             "torch: param-gradient copies (taps transposed back, LN/bias sums cloned)"))
+    return plans
