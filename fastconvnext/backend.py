@@ -109,7 +109,7 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
 
     `call` (the op's arguments) lets FASTCONVNEXT_TUNE=1 time an untuned shape on its first use."""
     _raise_env_error()
-    if _recorder is not None and call is not None:
+    if _recorder is not None and call is not None and unsupported_reason is None:
         _recorder(op, policy_key(op, x, channels, tensors), call)
     if _backend == "eager":
         return False
@@ -343,9 +343,25 @@ def decide(key):
     key = PolicyKey(*key)
     decision = _decisions.get(key)
     if decision is None:
+        if key.arch != CPU_ARCH:
+            _load_tuned_cache()
         decision = _tuned.get(key) or static_decision(key)
         _decisions[key] = decision
     return decision
+
+
+_cache_checked = False
+
+
+def _load_tuned_cache():
+    """Once per process: the table `fastconvnext.tune` saved for this GPU and these versions, if any."""
+    global _cache_checked
+    if _cache_checked or not torch.cuda.is_available():
+        return
+    _cache_checked = True
+    from fastconvnext import tuning
+
+    tuning.load_for_device(torch.cuda.current_device())
 
 
 @torch.compiler.assume_constant_result
