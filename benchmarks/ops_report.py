@@ -1,4 +1,4 @@
-"""Per-op report for the kernel issues (fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 128).
+"""Per-op report for the kernel issues (fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 256).
 
     python benchmarks/ops_report.py                 # analytic bytes/FLOPs/saved bytes; on CUDA also measured
     python benchmarks/ops_report.py --batch 64      # one batch

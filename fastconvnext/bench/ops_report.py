@@ -1,4 +1,4 @@
-"""Per-op report for the kernel issues: fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 128.
+"""Per-op report for the kernel issues: fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 256.
 
 Always (any machine, no measurement): per call, the modelled HBM bytes and FLOPs of eager PyTorch
 (channels-last; for dwconv+LN also transformers' NCHW conv + permute order), the fused kernel as built
@@ -6,7 +6,8 @@ and the fusion floor, the H100 roofline bound of each, and the bytes each keeps 
 with saved_tensors_hooks under FakeTensorMode, see fastconvnext/bench/memory.py).
 On CUDA (or on CPU with --measure, eager only): the measurement of `fastconvnext bench --ops
 dwconv_layernorm,convnext_mlp` per batch: median ms, achieved GB/s and % of the HBM peak, TFLOP/s,
-peak memory, fused vs eager vs torch.compile.
+peak memory, fused vs eager vs torch.compile; then each measured fused/eager call beside the static SASS
+model's prediction (`predicted_us`, kernels/perf_table.py), so the model can be calibrated.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fastconvnext.bench.table import format_table
 MB = 1e6
 
 
-def analytic_rows(batches=(64, 128), dtype="bf16", models=("tiny", "base"), passes=roofline.PASSES):
+def analytic_rows(batches=(64, 256), dtype="bf16", models=("tiny", "base"), passes=roofline.PASSES):
     shapes = [s for b in batches for s in roofline.stage_shapes(models, b)]
     requests = [(op, impl, shape, dtype) for op in roofline.OPS for shape in shapes
                 for impl in roofline.IMPLS[op] if impl != "fused_min"]
@@ -63,9 +64,66 @@ def print_analytic(batches, dtype, models):
     print(format_table(ANALYTIC_HEADERS, analytic_rows(batches, dtype, models)))
 
 
+def predicted_us(op, shape, dtype, mode, arch=None):
+    """The static SASS model's {"fused_us", "eager_us"} (kernels/perf_table.py) for one op call, or None.
+
+    op: "dwconv_layernorm" or "convnext_mlp"; shape: (N, H, W, C) or a roofline.StageShape; dtype: "bf16",
+    "fp16" or "fp32"; mode: "forward" or "forward_backward" (also "fwd" / "fwd+bwd"); arch: 90 or 80, default
+    that of the current CUDA device (90 without one). A MODEL figure, never a measurement."""
+    from fastconvnext.bench import roofline_report
+
+    n, h, w, c = shape.dims if hasattr(shape, "dims") else shape
+    mode = {"fwd": "forward", "fwd+bwd": "forward_backward"}.get(mode, mode)
+    if mode not in ("forward", "forward_backward"):
+        raise ValueError(f"mode must be 'forward' or 'forward_backward', got {mode!r}")
+    if arch is None:
+        arch = _device_arch()
+    table = roofline_report.perf_table()
+    if table is None:
+        return None
+    return table.PREDICTED.get((op, arch, dtype, c, h * w, n, mode))
+
+
+def _device_arch():
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return 90 if major >= 9 else 80
+    except ImportError:
+        pass
+    return 90
+
+
+MEASURED_HEADERS = ("op", "shape", "pass", "impl", "measured µs", "predicted µs (model)", "measured/predicted")
+
+
+def measured_vs_predicted(csv_path, arch=None):
+    """Rows of a `fastconvnext bench --ops` CSV beside the model's prediction (fused and eager rows)."""
+    import csv
+
+    rows = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if row["section"] not in roofline.OPS or row["implementation"] not in ("fused", "eager"):
+                continue
+            if not row["median_ms"] or row["pass"] not in ("fwd", "fwd+bwd"):
+                continue
+            dims = tuple(int(v) for v in row["shape"].split("x"))
+            entry = predicted_us(row["section"], dims, row["dtype"], row["pass"], arch)
+            if entry is None:
+                continue
+            predicted = entry["fused_us" if row["implementation"] == "fused" else "eager_us"]
+            measured = float(row["median_ms"]) * 1e3
+            rows.append([row["section"], row["shape"], row["pass"], row["implementation"], f"{measured:,.1f}",
+                         f"{predicted:,.1f}", f"{measured / predicted:.2f}"])
+    return rows
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--dtype", choices=tuple(cases.DTYPES), help="default: bf16 on CUDA, fp32 for a CPU "
                                                                       "measurement; the analytic table uses bf16 "
                                                                       "unless given")
@@ -103,4 +161,10 @@ def main(argv=None):
         if args.no_compile:
             bench_args.append("--no-compile")
         status = max(status, cli.main(bench_args))
+        csv_path = args.output / f"batch{batch}" / "bench.csv"
+        if csv_path.is_file():
+            rows = measured_vs_predicted(csv_path)
+            print(f"\nMeasured beside the static SASS model (kernels/perf_table.py; eager predicted = its "
+                  f"optimistic floor), batch {batch}:")
+            print(format_table(MEASURED_HEADERS, rows) if rows else "(no modelled shape among the measured rows)")
     return status

@@ -1,0 +1,1036 @@
+"""Static performance model read off the SASS: what each kernel launch executes, and how long that takes on paper.
+
+    python -m fastconvnext.kernels.sass_report [--arch 90 80] [--dtype bf16 fp16 fp32] [--batch 64 256]
+        [--models tiny base] [--jobs N] [--table PATH] [--markdown PATH] [--loops]
+
+Run it in a shell WITHOUT TRITON_INTERPRET (it compiles for sm_80/sm_90; no GPU needed).
+
+For every ConvNeXt-T/-B stage shape, batch, dtype and arch, each kernel module hands over the launches a real
+call makes (`launch_plans(batch, height, width, channels, dtype, training)`, see compile_spec.LaunchPlan; a
+module without it gets plans derived here from its current launcher). Each launch's config is compiled with the
+specialization a real launch gets (16-byte aligned pointers; integer arguments divisible by 16 marked so, equal
+to 1 made constants, as Triton's launcher does), its SASS disassembled (cuobjdump) and cached on disk, keyed by
+the kernel file's hash, Triton's version and the config. The hot loops are the innermost backward branches;
+their instructions are counted per iteration by class.
+
+The model, per launch (every figure it gives is a model, never a measurement):
+    time = max(hbm, l2, tensor, issue, mufu)
+    hbm    = HBM bytes (re-reads whose footprint exceeds L2 counted) / HBM bandwidth
+    l2     = bytes the programs request from L2 / L2 bandwidth
+    tensor = tensor-core MACs on the busiest SM / (peak MACs per clock x efficiency of the instruction shape)
+    issue  = warp-instructions on the busiest SM / (4 per clock: one per scheduler)
+    mufu   = MUFU warp-instructions on the busiest SM x 32 / (16 results per clock)
+The busiest SM runs ceil(programs / SMs) programs (the tail wave is counted whole). Launch latency, memory
+latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled. Launches run one
+after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
+Eager PyTorch is fastconvnext.bench.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
+fused-vs-eager ratio from this model is conservative for the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+_PACKAGE = __package__ or "fastconvnext.kernels"
+KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
+MODES = ("forward", "forward_backward")
+DTYPES = ("bf16", "fp16", "fp32")
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+STAGE_SIZES = (56, 28, 14, 7)
+STAGE_CHANNELS = {"tiny": (96, 192, 384, 768), "base": (128, 256, 512, 1024)}
+CACHE_ENV = "FASTCONVNEXT_SASS_CACHE"
+DEFAULT_TABLE = Path(__file__).parent / "perf_table.py"
+
+
+# ------------------------------------------------------------------------------------------ machines
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Per-SM rates and chip totals. Sources are in MACHINE_SOURCES; "assumed" ones await a GPU to calibrate."""
+
+    name: str
+    arch: int
+    sms: int
+    clock_hz: float
+    hbm_bytes_per_s: float
+    l2_bytes_per_s: float
+    l2_size: float
+    macs_per_clock: dict  # dense tensor-core MACs per SM per clock: "16bit" (fp16/bf16) and "tf32"
+    smem_per_sm: int
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    issue_per_clock: int = 4  # warp-instructions per SM per clock: 4 schedulers, 1 each
+    mufu_per_clock: int = 16  # special-function results per SM per clock
+
+
+H100_SXM = Machine("H100 SXM", 90, 132, 1.83e9, 3.35e12, 5.5e12, 50e6, {"16bit": 2048, "tf32": 1024}, 228 * 1024)
+A100_SXM = Machine("A100 SXM", 80, 108, 1.41e9, 2.039e12, 4.5e12, 40e6, {"16bit": 1024, "tf32": 512}, 164 * 1024)
+MACHINES = {90: H100_SXM, 80: A100_SXM}
+MACHINE_SOURCES = (
+    "H100 SXM: 132 SMs; 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet); 1.83 GHz is the "
+    "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide). "
+    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2 are of that order; uncalibrated).",
+    "A100 SXM: 108 SMs, 1.41 GHz, 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16 = 1024 MAC/clk/SM (NVIDIA A100 "
+    "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 4.5 TB/s is ASSUMED (the whitepaper's "
+    "5120 B/clk x 1.41 GHz = 7.2 TB/s is a raw peak).",
+    "Both: 4 warp-instructions issued per SM per clock (4 schedulers), 16 MUFU results per SM per clock, "
+    "65536 registers, 64 warps and 32 CTAs per SM (CUDA programming guide, compute capability 8.0/9.0).",
+    "Tensor-instruction efficiency (ASSUMED, to calibrate on a GPU): wgmma m64nNk: N / (N + 16) of peak "
+    "(a fixed cost per instruction that a wide N amortizes); mma.sync (HMMA) on sm_90: 0.5 of the wgmma peak "
+    "(Hopper's full rate needs wgmma); HMMA on sm_80: 0.85.",
+)
+
+
+def tensor_efficiency(arch: int, opcode: str, n: int) -> float:
+    if opcode.endswith("GMMA"):
+        return n / (n + 16)
+    return 0.5 if arch >= 90 else 0.85
+
+
+# ------------------------------------------------------------------------------------- SASS parsing
+
+_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.x]*)\s*([^;]*);")
+_TENSOR = {"HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "DMMA", "BMMA", "HMMA.SP"}
+_INT = {"IMAD", "IADD3", "IADD", "LEA", "SHF", "SHL", "SHR", "LOP3", "LOP", "ISETP", "IMNMX", "IABS", "VIADD",
+        "VIMNMX", "SEL", "PRMT", "PLOP3", "P2R", "R2P", "FLO", "POPC", "BREV", "BMSK", "IDP", "IMUL", "SGXT",
+        "IMADSP", "ICMP", "VIADDMNMX", "ISCADD", "LEPC"}
+_FP32 = {"FADD", "FMUL", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FADD32I", "FMUL32I", "HADD2", "HMUL2",
+         "HSETP2", "HMNMX2", "FSWZADD", "DADD", "DMUL", "DFMA"}
+_CONVERT = {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND", "I2I"}
+_BARRIER = {"BAR", "SYNCS", "WARPGROUP", "DEPBAR", "MEMBAR", "LDGDEPBAR", "FENCE", "ERRBAR", "ARRIVES", "CCTL"}
+_MOVE = {"MOV", "CS2R", "S2R", "S2UR", "R2UR", "LDC", "MOV32I", "SHFL", "VOTE", "VOTEU", "MATCH", "REDUX"}
+CLASSES = ("tensor", "ffma", "hfma2", "fp32 other", "mufu", "convert", "global load", "global->shared",
+           "shared load", "shared store", "global store", "barrier/wait", "int/address", "move/shuffle",
+           "control/other")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    opcode: str  # full mnemonic with modifiers, e.g. "LDG.E.128" or "HGMMA.64x128x16.F32.BF16"
+    operands: str
+    predicate: str = ""
+
+    @property
+    def base(self) -> str:
+        return self.opcode.split(".")[0]
+
+
+def parse_sass(text: str) -> list[Instruction]:
+    """The instructions of the (first) kernel function in cuobjdump -sass output, in address order."""
+    out = []
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match:
+            address, pred, opcode, operands = match.groups()
+            out.append(Instruction(int(address, 16), opcode, operands.strip(), (pred or "").strip()))
+    return out
+
+
+def _access_bits(opcode: str) -> int:
+    parts = opcode.split(".")
+    if parts[0] == "LDSM":  # ldmatrix: .M88.N loads N 8x8 matrices = 32*N bits per thread
+        count = parts[-1]
+        return 32 * int(count) if count.isdigit() else 32
+    for part in parts[1:]:
+        if part in ("128", "64"):
+            return int(part)
+        if part in ("U16", "S16"):
+            return 16
+        if part in ("U8", "S8"):
+            return 8
+    return 32
+
+
+def tensor_shape(opcode: str) -> tuple[int, int, int]:
+    """(m, n, k) of a tensor-core instruction: HGMMA.64x128x16.*, HMMA.16816.* (16x8x16), HMMA.1688.* (16x8x8)."""
+    parts = opcode.split(".")
+    if parts[0].endswith("GMMA"):
+        m, n, k = (int(v) for v in parts[1].split("x"))
+        return m, n, k
+    digits = parts[1]
+    shapes = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32), "1684": (16, 8, 4)}
+    if digits not in shapes:
+        raise ValueError(f"unknown tensor-core instruction shape in {opcode!r}")
+    return shapes[digits]
+
+
+def classify(instr: Instruction) -> tuple[str, str]:
+    """(class, detail key): detail is the opcode with its shape or access width, e.g. "LDG.128"."""
+    op, base = instr.opcode, instr.base
+    unbased = base[1:] if base.startswith("U") and base[1:] in _INT | _MOVE | {"MOV"} else base
+    if base in _TENSOR:
+        m, n, k = tensor_shape(op)
+        return "tensor", f"{base} {m}x{n}x{k}"
+    if base == "FFMA" or base == "FFMA32I":
+        return "ffma", "FFMA"
+    if base == "HFMA2":
+        return ("move/shuffle", "HFMA2.MMA (move)") if ".MMA" in op and "RZ" in instr.operands else ("hfma2", "HFMA2")
+    if base in _FP32:
+        return "fp32 other", base
+    if base == "MUFU":
+        return "mufu", op
+    if base in _CONVERT:
+        return "convert", base
+    if base in ("LDG", "LD", "LDGMC"):
+        return "global load", f"LDG.{_access_bits(op)}"
+    if base in ("LDGSTS", "UTMALDG", "UBLKCP", "UTMAPF"):
+        return "global->shared", f"{base}.{_access_bits(op)}" if base == "LDGSTS" else base
+    if base in ("LDS", "LDSM"):
+        return "shared load", f"{base}.{_access_bits(op)}"
+    if base in ("STS", "STSM"):
+        return "shared store", f"{base}.{_access_bits(op)}"
+    if base in ("STG", "ST", "RED", "ATOM", "ATOMG", "REDG", "UTMASTG", "UTMAREDG"):
+        return "global store", f"{base}.{_access_bits(op)}"
+    if base in _BARRIER:
+        return "barrier/wait", op.split(".")[0] + ("." + op.split(".")[1] if base in ("BAR", "WARPGROUP") else "")
+    if unbased in _INT:
+        return "int/address", base
+    if unbased in _MOVE or base in ("UMOV", "ULDC", "UIADD3", "USHF", "ULOP3", "ULEA", "UISETP", "USEL"):
+        return "move/shuffle", base
+    return "control/other", base
+
+
+def _branch_target(instr: Instruction):
+    if instr.base != "BRA" or instr.predicate in ("@!PT",):
+        return None
+    match = re.search(r"0x([0-9a-f]+)", instr.operands)
+    return int(match.group(1), 16) if match else None
+
+
+@dataclass(frozen=True, order=True)
+class Loop:
+    start: int  # address of the first instruction (the backward branch's target)
+    end: int  # address of the backward branch
+
+    def contains(self, other: "Loop") -> bool:
+        return self.start <= other.start and other.end <= self.end and self != other
+
+    def holds(self, address: int) -> bool:
+        return self.start <= address <= self.end
+
+
+def find_loops(instrs: list[Instruction]) -> list[Loop]:
+    """Loops from backward branches (target below the branch; a branch to itself is the end-of-kernel trap).
+    Several backward branches to one target (a `continue`) make one loop, ending at the last of them."""
+    ends: dict[int, int] = {}
+    for instr in instrs:
+        target = _branch_target(instr)
+        if target is not None and target < instr.address:
+            ends[target] = max(ends.get(target, 0), instr.address)
+    return sorted(Loop(start, end) for start, end in ends.items())
+
+
+def hot_loops(loops: list[Loop]) -> list[Loop]:
+    """The innermost loops: those that contain no other loop."""
+    return [loop for loop in loops if not any(loop.contains(other) for other in loops)]
+
+
+@dataclass
+class LoopCounts:
+    loop: Loop
+    classes: Counter  # class -> instructions per execution of the body
+    details: Counter  # detail key -> instructions per execution of the body
+    iterations_per_body: int = 1  # > 1 when ptxas unrolled the loop (see unroll_factor)
+
+    @property
+    def total(self) -> int:
+        return sum(self.classes.values())
+
+
+def count_loop(instrs: list[Instruction], loop: Loop) -> LoopCounts:
+    classes, details = Counter(), Counter()
+    for instr in instrs:
+        if loop.holds(instr.address):
+            cls, detail = classify(instr)
+            classes[cls] += 1
+            details[detail] += 1
+    return LoopCounts(loop, classes, details)
+
+
+_WORK_CLASSES = ("tensor", "ffma", "hfma2", "mufu", "global load", "global->shared", "shared load")
+
+
+def unroll_factor(main: LoopCounts, remainder: LoopCounts) -> int:
+    """U when `main` is `remainder` unrolled U times by ptxas (its work instructions exactly U times the
+    remainder loop's), else 1."""
+    work = {k: v for k, v in remainder.classes.items() if k in _WORK_CLASSES and v}
+    if not work or set(k for k in main.classes if k in _WORK_CLASSES and main.classes[k]) != set(work):
+        return 1
+    ratios = {main.classes[k] / v for k, v in work.items()}
+    if len(ratios) == 1:
+        ratio = ratios.pop()
+        if ratio >= 2 and ratio == int(ratio):
+            return int(ratio)
+    return 1
+
+
+def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int) -> dict:
+    """Executions per program of each innermost loop's body: `loop_trips`, except that a loop ptxas unrolled
+    U times (followed by its remainder loop) runs trips // U times and the remainder trips % U times."""
+    inner = hot_loops(loops)
+    weights = {loop: float(loop_trips) for loop in inner}
+    counted = {loop: count_loop(instrs, loop) for loop in inner}
+    for main, remainder in zip(inner, inner[1:]):
+        factor = unroll_factor(counted[main], counted[remainder])
+        if factor > 1:
+            weights[main] = float(loop_trips // factor)
+            weights[remainder] = float(loop_trips % factor)
+    return weights
+
+
+def multiplicity(address: int, loops: list[Loop], weights: dict, outer_trips: int) -> float:
+    """How often one program executes the instruction at `address`: an innermost loop's body as often as
+    its weight (see loop_weights), code in enclosing loops `outer_trips` times, the rest once."""
+    for loop, weight in weights.items():
+        if loop.holds(address):
+            return weight
+    if any(loop.holds(address) for loop in loops):
+        return outer_trips
+    return 1
+
+
+@dataclass
+class ProgramWork:
+    """What one program (CTA) executes, per warp, weighted by loop trips."""
+
+    warp_instructions: float = 0.0  # per warp
+    mufu: float = 0.0  # per warp
+    tensor_macs: float = 0.0  # per program (all warps / warpgroups)
+    tensor_seconds_per_sm_clock: float = 0.0  # MACs / (efficiency-weighted rate), in SM clocks
+    tensor_ops: Counter = field(default_factory=Counter)
+
+
+def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Machine, dtype: str) -> ProgramWork:
+    weights = loop_weights(instrs, loops, loop_trips, outer_trips)
+    work = ProgramWork()
+    rate = machine.macs_per_clock["tf32" if dtype == "fp32" else "16bit"]
+    for instr in instrs:
+        if instr.base in ("NOP",) or (instr.base == "BRA" and _branch_target(instr) == instr.address):
+            continue
+        times = multiplicity(instr.address, loops, weights, outer_trips)
+        work.warp_instructions += times
+        cls, detail = classify(instr)
+        if cls == "mufu":
+            work.mufu += times
+        elif cls == "tensor":
+            m, n, k = tensor_shape(instr.opcode)
+            # a wgmma is one instruction per warp of its warpgroup for the whole 64-row tile
+            issuers = num_warps / 4 if instr.base.endswith("GMMA") else num_warps
+            macs = times * issuers * m * n * k
+            work.tensor_macs += macs
+            work.tensor_seconds_per_sm_clock += macs / (rate * tensor_efficiency(machine.arch, instr.base, n))
+            work.tensor_ops[detail] += times
+    return work
+
+
+# --------------------------------------------------------------------------------------- compiling
+
+
+def specialization(target, plan) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) as Triton's launcher builds them for this launch.
+
+    Pointers are 16-byte aligned (torch allocations; the launchers pass whole tensors). An integer argument
+    whose value is known (plan.int_args) is specialized as Triton does: 1 becomes a constant, a multiple of
+    16 is marked divisible; otherwise the plan's divisible_by_16 names are marked."""
+    names = list(target.fn.arg_names)
+    signature, constexprs = dict(target.signature), dict(target.constexprs)
+    int_args = dict(getattr(plan, "int_args", {}) or {}) if plan is not None else {}
+    divisible = set(getattr(plan, "divisible_by_16", ()) or ()) if plan is not None else set()
+    attrs = {}
+    for name, kind in target.signature.items():
+        if kind == "constexpr" or name not in names:
+            continue
+        if kind.startswith("*"):
+            attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+        elif kind[0] in "iu":
+            value = int_args.get(name)
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+            elif value is not None and abs(value) >= 2**31:
+                signature[name] = "i64"
+            if (value is not None and value != 1 and value % 16 == 0) or (value is None and name in divisible):
+                attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastconvnext", "sass")
+    return Path(root)
+
+
+def _source_hash(fn) -> str:
+    import inspect
+
+    path = inspect.getsourcefile(getattr(fn, "fn", fn))
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def compile_key(target, arch: int, signature, constexprs, attrs) -> str:
+    import triton
+
+    text = json.dumps([
+        _source_hash(target.fn), triton.__version__, arch, sorted(signature.items()),
+        sorted((k, str(v)) for k, v in constexprs.items()), sorted((str(k), v) for k, v in attrs.items()),
+        target.num_warps, target.num_stages,
+    ])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@dataclass
+class Compiled:
+    sass: str
+    registers: int
+    shared_bytes: int
+    spill_bytes: int
+    seconds: float = 0.0
+    cached: bool = False
+
+
+def compile_sass(target, arch: int, plan=None, use_cache: bool = True) -> Compiled:
+    """Compile one target for sm_<arch> with the launch's specialization; SASS and resources, cached on disk."""
+    from .compile_check import _resource_usage
+
+    signature, constexprs, attrs = specialization(target, plan)
+    key = compile_key(target, arch, signature, constexprs, attrs)
+    path = cache_dir() / f"{key}.json.z"
+    if use_cache and path.is_file():
+        data = json.loads(zlib.decompress(path.read_bytes()))
+        return Compiled(data["sass"], data["registers"], data["shared"], data["spill"], data["seconds"], True)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: unset it to compile for a GPU target")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    source = ASTSource(fn=target.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": target.num_warps, "num_stages": target.num_stages})
+    seconds = time.perf_counter() - start
+    usage, sass = _resource_usage(compiled.asm["cubin"])
+    shared = max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0) or 0))
+    result = Compiled(sass, usage["REG"], shared, usage["STACK"] + usage["LOCAL"], seconds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"sass": sass, "registers": result.registers, "shared": shared, "spill": result.spill_bytes,
+               "seconds": seconds}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(zlib.compress(json.dumps(payload).encode()))
+    tmp.replace(path)  # atomic: parallel workers never see half a file
+    return result
+
+
+# -------------------------------------------------------------------------------------- occupancy
+
+
+def ctas_per_sm(machine: Machine, registers: int, shared_bytes: int, num_warps: int) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 256), shared memory, warps, CTAs."""
+    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256
+    by_regs = machine.regs_per_sm // (regs_per_warp * num_warps)
+    by_smem = machine.smem_per_sm // (shared_bytes + 1024) if shared_bytes else machine.max_ctas_per_sm
+    by_warps = machine.max_warps_per_sm // num_warps
+    return max(0, min(by_regs, by_smem, by_warps, machine.max_ctas_per_sm))
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+@dataclass
+class LaunchEstimate:
+    kernel: str
+    label: str
+    phase: str
+    note: str
+    grid: tuple
+    programs: int
+    num_warps: int
+    registers: int = 0
+    shared_bytes: int = 0
+    spill_bytes: int = 0
+    ctas_per_sm: int = 0
+    waves: float = 0.0
+    loops: list = field(default_factory=list)  # [LoopCounts] of the hot loops
+    loop_trips: int = 0
+    hbm_bytes: float = 0.0
+    l2_bytes: float = 0.0
+    tensor_macs: float = 0.0
+    tensor_ops: dict = field(default_factory=dict)
+    warp_instructions: float = 0.0
+    terms: dict = field(default_factory=dict)  # seconds: hbm, l2, tensor, issue, mufu
+
+    @property
+    def seconds(self) -> float:
+        return max(self.terms.values()) if self.terms else 0.0
+
+    @property
+    def bound(self) -> str:
+        return max(self.terms, key=self.terms.get) if self.terms else "-"
+
+
+def _programs(grid) -> int:
+    return math.prod(int(g) for g in grid) if grid else 1
+
+
+def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: str) -> LaunchEstimate:
+    target = plan.target
+    programs = _programs(plan.grid)
+    est = LaunchEstimate(
+        kernel=target.kernel if target else "torch", label=target.label if target else plan.note,
+        phase=plan.phase, note=plan.note, grid=tuple(plan.grid), programs=programs,
+        num_warps=target.num_warps if target else 0, loop_trips=plan.loop_trips,
+        hbm_bytes=plan.hbm_bytes, l2_bytes=plan.l2_bytes,
+    )
+    est.terms["hbm"] = plan.hbm_bytes / machine.hbm_bytes_per_s
+    est.terms["l2"] = plan.l2_bytes / machine.l2_bytes_per_s
+    if compiled is None:  # a torch step: bytes only (its FLOPs are elementwise sums, far under the bytes)
+        return est
+    instrs = parse_sass(compiled.sass)
+    loops = find_loops(instrs)
+    trips, outer = plan.loop_trips, getattr(plan, "outer_trips", 1)
+    if outer > 1 and len(hot_loops(loops)) == len(loops):
+        trips = outer  # the plan's inner loop was unrolled by the compiler: the loops left are the outer ones
+    work = program_work(instrs, loops, target.num_warps, trips, outer, machine, dtype)
+    est.registers, est.shared_bytes, est.spill_bytes = compiled.registers, compiled.shared_bytes, compiled.spill_bytes
+    est.loop_trips = trips
+    est.ctas_per_sm = ctas_per_sm(machine, compiled.registers, compiled.shared_bytes, target.num_warps)
+    est.waves = programs / (machine.sms * max(est.ctas_per_sm, 1))
+    est.loops = [count_loop(instrs, loop) for loop in hot_loops(loops)]
+    for main, remainder in zip(est.loops, est.loops[1:]):
+        main.iterations_per_body = unroll_factor(main, remainder)
+    busiest = math.ceil(programs / machine.sms)  # programs on the busiest SM
+    clock = machine.clock_hz
+    est.tensor_macs = work.tensor_macs * programs
+    est.tensor_ops = dict(work.tensor_ops)
+    est.warp_instructions = work.warp_instructions * target.num_warps * programs
+    est.terms["tensor"] = busiest * work.tensor_seconds_per_sm_clock / clock
+    est.terms["issue"] = busiest * work.warp_instructions * target.num_warps / (machine.issue_per_clock * clock)
+    est.terms["mufu"] = busiest * work.mufu * target.num_warps * 32 / (machine.mufu_per_clock * clock)
+    return est
+
+
+# ------------------------------------------------------------------------------------------- plans
+
+
+def _ceil(a, b):
+    return -(-a // b)
+
+
+def _plan(target, grid, phase, hbm, l2, trips, flops=0.0, note="", int_args=None, outer_trips=1):
+    from .compile_spec import LaunchPlan
+
+    plan = LaunchPlan(target=target, grid=tuple(grid), phase=phase, hbm_bytes=float(hbm), l2_bytes=float(l2),
+                      loop_trips=int(trips), flops=float(flops), note=note,
+                      divisible_by_16=tuple(k for k, v in (int_args or {}).items() if v % 16 == 0))
+    extra = {}
+    if hasattr(plan, "int_args"):
+        extra["int_args"] = dict(int_args or {})
+    if hasattr(plan, "outer_trips"):
+        extra["outer_trips"] = int(outer_trips)
+    return replace(plan, **extra) if extra else plan
+
+
+def _torch_step(phase, read, written, note):
+    return _plan(None, (), phase, read + written, read + written, 0, note=note)
+
+
+def _pick(targets, kernel, dtype, **constexprs):
+    for t in targets:
+        if t.kernel == kernel and t.dtype == dtype and all(t.constexprs.get(k) == v for k, v in constexprs.items()):
+            return t
+    raise LookupError(f"no compile target {kernel} {dtype} {constexprs}")
+
+
+def fallback_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size=50e6):
+    """Launches of the current dwconv_layernorm_kernel launcher (autotune off: first config), derived here
+    until the module provides launch_plans."""
+    if hasattr(module, "_backward_grids"):
+        return _strip_dwconv_plans(module, batch, height, width, channels, dtype, training)
+    return _tile_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size)
+
+
+def _strip_dwconv_plans(module, batch, height, width, channels, dtype, training):
+    """The strip kernels (a program = BLOCK_W pixels of one image row, a K-row window per kh step)."""
+    rows, c, s, k = batch * height, channels, DTYPE_BYTES[dtype], 7
+    p, taps = rows * width, k * k
+    block_c = module._block_c(c)
+    block_w, warps = module._forward_configs(block_c)[0]
+    strips = _ceil(width, block_w)
+    window = block_w + k - 1
+    act, stats, params = p * c * s, 8 * p, (taps + 3 * c) * 4
+    # L2 requests of one strip, all kh: its input windows (halo re-reads included). The taps every program
+    # reads are the same K*K*C fp32 for the whole grid: counted as L1 hits (an assumption; not L2 traffic).
+    conv_read = k * window * c * s
+    target = module._forward_target(dtype, dtype, k, block_c, block_w, warps)
+    ints = dict(H=height, W=width, C=c, W_BUCKET=module._w_bucket(width))
+    plans = [_plan(target, (rows, strips), "forward", 2 * act + stats + params,
+                   rows * strips * conv_read + act + stats, k, 2 * taps * p * c,
+                   "conv + bias + LayerNorm (strip of BLOCK_W pixels)", ints)]
+    if not training:
+        return plans
+    grids = module._backward_grids(rows, width, c, k)
+    groups, per_program = grids["norm_groups"], grids["rows_per_program"]
+    norm_partials = groups * strips * 3 * c * 4
+    target = module._norm_bwd_target(dtype, dtype, k, block_c)
+    ints = dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program)
+    strip_io = block_w * c * (s + 4) + 8 * block_w  # dy in, g (fp32) out, mean/rstd
+    plans.append(_plan(target, (groups, strips), "backward", 2 * act + 4 * p * c + stats + params + norm_partials,
+                       groups * strips * per_program * (conv_read + strip_io) + norm_partials, k * per_program,
+                       2 * taps * p * c, "recompute conv, LayerNorm backward -> g (fp32)", ints, per_program))
+    conv_groups, tiles = grids["conv_groups"], grids["tiles_per_program"]
+    blocks = grids["channel_blocks"]
+    bwd_c, _ = module._wgrad_config()
+    tap_partials = conv_groups * strips * taps * c * 4
+    target = module._bwd_conv_target(dtype, k)
+    ints = dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
+    tile_read = module.BWD_ROW_TILE * (k * window * bwd_c * 4 + 2 * block_w * bwd_c * s)  # g windows, x, dx
+    plans.append(_plan(target, (conv_groups, strips, blocks), "backward",
+                       4 * p * c + 2 * act + taps * c * 4 + tap_partials,
+                       conv_groups * strips * blocks * tiles * tile_read + tap_partials, tiles,
+                       4 * taps * p * c, "dx = conv(g, flipped taps) and tap-gradient partials, one pass", ints))
+    target = module._sum_rows_target()
+    for count, width_n, what in ((groups * strips, 3 * c, "LN/bias"), (conv_groups * strips, taps * c, "tap")):
+        nbytes = count * width_n * 4 + width_n * 4
+        plans.append(_plan(target, (_ceil(width_n, module.REDUCE_BLOCK_N),), "backward", nbytes, nbytes,
+                           _ceil(count, module.REDUCE_BLOCK_R), 0, f"sum of {what} gradient partials",
+                           dict(R=count, N=width_n)))
+    return plans
+
+
+def _tile_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size):
+    """The earlier pixel-tile kernels (kept while both launcher generations exist)."""
+    p, c, s, k = batch * height * width, channels, DTYPE_BYTES[dtype], 7
+    taps = k * k
+    block_c = module._block_c(c)
+    targets = module.compile_targets()
+    act, g_bytes, stats = p * c * s, p * c * 4, 8 * p
+    params = (taps + 3 * c) * 4
+    halo = (k // 2) * (width + 1) * 2  # pixels a tile of consecutive pixels reads beyond itself
+
+    def conv_plan(kernel, has_norm, phase, src_bytes, out_bytes, note):
+        block_p, _ = module._conv_configs(block_c, has_norm)[0]
+        target = _pick(targets, kernel, dtype, BLOCK_C=block_c, BLOCK_P=block_p)
+        grid = (_ceil(p, block_p),)
+        tile_read = min(block_p + halo, taps * block_p) * c * src_bytes
+        ints = dict(P=p, H=height, W=width, C=c, HW_BUCKET=module._hw_bucket(height, width))
+        extra_stats = stats if has_norm else 0
+        return _plan(target, grid, phase, p * c * (src_bytes + out_bytes) + extra_stats + params,
+                     grid[0] * (tile_read + taps * c * 4) + p * c * out_bytes + extra_stats, taps,
+                     2 * taps * p * c, note, ints)
+
+    plans = [conv_plan("dwconv_ln_fwd", True, "forward", s, s, "conv + bias + LayerNorm")]
+    if not training:
+        return plans
+    block_p, _ = module._norm_bwd_config(block_c)
+    programs, tiles = module._programs_for(_ceil(p, block_p), module.PARTIAL_ELEMENTS // block_c)
+    target = _pick(targets, "dwconv_ln_bwd_norm", dtype, BLOCK_C=block_c)
+    partials = programs * 3 * c * 4
+    ints = dict(P=p, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
+    tile_read = min(block_p + halo, taps * block_p) * c * s
+    plans.append(_plan(target, (programs,), "backward", 2 * act + stats + params + g_bytes + partials,
+                       programs * tiles * (tile_read + taps * c * 4 + block_p * c * s) + g_bytes + partials,
+                       taps * tiles, 0, "recompute conv, LayerNorm backward -> g (fp32)", ints, tiles))
+    plans.append(conv_plan("dwconv_dgrad", False, "backward", 4, s, "dx = conv(g, flipped taps)"))
+    wb_p, _ = module._wgrad_config()
+    blocks = _ceil(c, module.DW_BLOCK_C)
+    programs, tiles = module._programs_for(_ceil(p, wb_p), module.PARTIAL_PROGRAMS // blocks)
+    target = _pick(targets, "dwconv_wgrad", dtype)
+    footprint = g_bytes + act
+    sweeps = taps if footprint > l2_size else 1  # taps outer, pixel tiles inner: one sweep of g and x per tap
+    tap_partials = programs * taps * c * 4
+    ints = dict(P=p, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
+    plans.append(_plan(target, (programs, blocks), "backward", sweeps * footprint + tap_partials,
+                       taps * footprint + tap_partials, taps * tiles, 0,
+                       f"tap-gradient partials ({sweeps} sweep(s) of g and x from HBM)", ints, taps))
+    plans.append(_torch_step("backward", partials + tap_partials, (3 * c + taps) * 4, "torch: sum of partials"))
+    return plans
+
+
+def fallback_mlp_plans(module, batch, height, width, channels, dtype, training):
+    """Launches of the current convnext_mlp_kernel launcher (autotune off: first config of each bucket)."""
+    m, c, s = batch * height * width, channels, DTYPE_BYTES[dtype]
+    d = 4 * c
+    act, weights, small = m * c * s, 2 * d * c * s, (d + 2 * c) * 4
+    precision = "ieee"  # torch's default: allow_tf32 off
+    flags = dict(ACT="gelu", HAS_GAMMA=True, HAS_SCALE=False)
+    plans = []
+    cfg = module._fwd_configs(c, d, dtype)[0]
+    target = module._target("fwd", cfg, c, d, dtype, dict(flags, SAVE_Y2=training), precision)
+    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    grid = (_ceil(m, bm), _ceil(c, bn))
+    programs = grid[0] * grid[1]
+    chunks = _ceil(c, cfg["BLOCK_K"])
+    per_program_l2 = (bm * c * (1 if chunks == 1 else _ceil(d, bd)) + d * c + bn * d + 2 * bm * bn) * s
+    plans.append(_plan(target, grid, "forward", act * grid[1] + act * (2 + training) + weights + small,
+                       programs * per_program_l2, _ceil(d, bd) * chunks, 2 * m * c * d * (1 + grid[1]),
+                       "fc1 + GELU + fc2 + layer scale + residual", dict(M=m, HW=height * width), _ceil(d, bd)))
+    if not training:
+        return plans
+    cfg = module._dx_configs(c, d, dtype)[0]
+    target = module._target("dx", cfg, c, d, dtype, dict(flags, PART_ROWS=module._PART_ROWS, HAS_Y2=True), precision)
+    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
+    grid = (_ceil(m, bm), _ceil(c, bn))
+    row_partials = 2 * _ceil(m, module._PART_ROWS) * c * 4
+    chunks = _ceil(c, cfg["BLOCK_K"])
+    plans.append(_plan(target, grid, "backward", 2 * act * grid[1] + 2 * act + weights + small + row_partials,
+                       grid[0] * grid[1] * (2 * bm * c * s + weights + 2 * bm * bn * s) + row_partials,
+                       _ceil(d, bd) * chunks, 2 * m * c * d * (1 + 2 * grid[1]), "dx (recompute fc1, dh)",
+                       dict(M=m, HW=height * width), _ceil(d, bd)))
+    plans.append(_torch_step("backward", row_partials, 2 * c * 4, "torch: db2, dgamma partial sums"))
+    cfg = module._dw_configs(c, d, dtype)[0]
+    target = module._target("dw", cfg, c, d, dtype, flags, precision)
+    segments = module._num_segments(m)
+    bm, bc, bd = cfg["BLOCK_M"], cfg["BLOCK_C"], cfg["BLOCK_D"]
+    grid = (_ceil(d, bd), _ceil(c, bc), segments)
+    tiles = _ceil(_ceil(m, bm), segments)
+    weight_partials = segments * (2 * d * c + d) * 4
+    per_tile = (2 * bm * c * s) + 2 * c * bd * s
+    chunks = _ceil(c, bc) if bc < c else 1
+    plans.append(_plan(target, grid, "backward", 2 * act * grid[1] + weights + small + weight_partials,
+                       _programs(grid) * tiles * per_tile + weight_partials, tiles * chunks,
+                       2 * m * c * d * (2 + 2 * grid[1]), "dW1, dW2, db1 partials (recompute fc1, dh)",
+                       dict(M=m, HW=height * width, NUM_SEGMENTS=segments), tiles))
+    fp32_grads = (2 * d * c + d) * 4
+    plans.append(_torch_step("backward", weight_partials + fp32_grads, fp32_grads + (2 * d * c + d) * s,
+                             "torch: dW partial sums + cast"))
+    return plans
+
+
+_FALLBACKS = {"dwconv_layernorm": fallback_dwconv_plans, "convnext_mlp": fallback_mlp_plans}
+
+
+def launch_plans(op, batch, height, width, channels, dtype, training, machine=H100_SXM):
+    """The module's own launch_plans when it has them, else the plans derived here from its launcher."""
+    module = importlib.import_module(f"{_PACKAGE}.{KERNEL_OPS[op]}")
+    if hasattr(module, "launch_plans"):
+        return list(module.launch_plans(batch, height, width, channels, dtype, training)), "module"
+    fallback = _FALLBACKS[op]
+    kwargs = {"l2_size": machine.l2_size} if op == "dwconv_layernorm" else {}
+    return fallback(module, batch, height, width, channels, dtype, training, **kwargs), "derived here"
+
+
+# ------------------------------------------------------------------------------------------ eager
+
+
+def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
+    """The optimistic eager floor of fastconvnext.bench.roofline on the same machine's peaks."""
+    from fastconvnext.bench import roofline
+
+    gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
+    shape = roofline.StageShape("-", 0, batch, size, channels)
+    pass_ = "fwd" if mode == "forward" else "fwd+bwd"
+    return roofline.traffic(op, "eager", pass_, shape, dtype).seconds(gpu)
+
+
+def minimum_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
+    """The fusion floor ("minimum") of fastconvnext.bench.roofline."""
+    from fastconvnext.bench import roofline
+
+    gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
+    shape = roofline.StageShape("-", 0, batch, size, channels)
+    pass_ = "fwd" if mode == "forward" else "fwd+bwd"
+    return roofline.traffic(op, "fused_min", pass_, shape, dtype).seconds(gpu)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class Case:
+    op: str
+    arch: int
+    dtype: str
+    channels: int
+    size: int
+    batch: int
+    mode: str
+
+    @property
+    def key(self):
+        return (self.op, self.arch, self.dtype, self.channels, self.size * self.size, self.batch, self.mode)
+
+
+def cases(archs=(90, 80), dtypes=DTYPES, batches=(64, 256), models=("tiny", "base"), ops=tuple(KERNEL_OPS)):
+    out = []
+    for arch in archs:
+        for dtype in dtypes:
+            for model in models:
+                for size, channels in zip(STAGE_SIZES, STAGE_CHANNELS[model]):
+                    for batch in batches:
+                        for op in ops:
+                            for mode in MODES:
+                                out.append(Case(op, arch, dtype, channels, size, batch, mode))
+    return out
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    launches: list  # [LaunchEstimate]
+    source: str  # "module" or "derived here"
+    eager_s: float
+    minimum_s: float
+    error: str = ""
+
+    @property
+    def fused_s(self) -> float:
+        return sum(launch.seconds for launch in self.launches)
+
+
+_JOBS: list = []
+
+
+def _compile_job(index):
+    target, arch, plan = _JOBS[index]
+    try:
+        return compile_sass(target, arch, plan)
+    except Exception as error:  # a compile error is a finding: reported, not raised
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
+def _compile_all(jobs, workers):
+    global _JOBS
+    _JOBS = jobs
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_job(i) for i in range(len(jobs))]
+    from .compile_check import worker_pool
+
+    with worker_pool(workers) as pool:
+        return list(pool.map(_compile_job, range(len(jobs)), chunksize=1))
+
+
+def run_model(case_list, workers=1, progress=None) -> list[CaseResult]:
+    """Plans for every case, one compile per distinct (config, specialization, arch), then the estimates."""
+    planned = []
+    for case in case_list:
+        machine = MACHINES[case.arch]
+        try:
+            plans, source = launch_plans(case.op, case.batch, case.size, case.size, case.channels, case.dtype,
+                                         case.mode == "forward_backward", machine)
+            planned.append((case, plans, source, ""))
+        except Exception as error:
+            planned.append((case, [], "-", f"no launch plans: {type(error).__name__}: {error}"))
+    jobs, index, keys = [], {}, {}  # keys: hashed once (a kernel file edited mid-run must not split them)
+    for case, plans, _, _ in planned:
+        for plan in plans:
+            if plan.target is None:
+                continue
+            sig, consts, attrs = specialization(plan.target, plan)
+            key = keys[id(plan)] = compile_key(plan.target, case.arch, sig, consts, attrs)
+            if key not in index:
+                index[key] = len(jobs)
+                jobs.append((plan.target, case.arch, plan))
+    if progress:
+        progress(f"{len(jobs)} distinct compiles for {len(case_list)} cases")
+    compiled = _compile_all(jobs, workers)
+    results = []
+    for case, plans, source, error in planned:
+        machine = MACHINES[case.arch]
+        launches = []
+        for plan in plans:
+            built = None
+            if plan.target is not None:
+                built = compiled[index[keys[id(plan)]]]
+                if isinstance(built, str):
+                    error = error or f"compile failed for {plan.target.kernel} {plan.target.label}: {built}"
+                    continue
+            launches.append(estimate_launch(plan, machine, built, case.dtype))
+        results.append(CaseResult(
+            case, launches, source,
+            eager_seconds(case.op, case.batch, case.size, case.channels, case.dtype, case.mode, machine),
+            minimum_seconds(case.op, case.batch, case.size, case.channels, case.dtype, case.mode, machine),
+            error,
+        ))
+    return results
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _versions() -> str:
+    import triton
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "absent"
+    return f"triton {triton.__version__}, torch {torch_version}"
+
+
+def perf_table_source(results: list[CaseResult], command: str) -> str:
+    """kernels/perf_table.py: PREDICTED[(op, arch, dtype, channels, hw, batch, mode)] -> fused/eager µs."""
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        '"""Predicted kernel times from the static SASS model (kernels/sass_report.py). MODEL, not measurement.',
+        "",
+        f"Generated {stamp} by `{command}` ({_versions()}),",
+        "compiling each launch's config for sm_80/sm_90 without a GPU. Keys: (op, arch, dtype, channels, hw, batch,",
+        'mode) with op in {"dwconv_layernorm", "convnext_mlp"}, arch 80 (A100 SXM) or 90 (H100 SXM), hw = H*W,',
+        'mode "forward" (inference) or "forward_backward" (training forward + backward). fused_us: sum over the',
+        "fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor",
+        "(fastconvnext.bench.roofline, every op at peak). Regenerate after a kernel change:",
+        "    python -m fastconvnext.kernels.sass_report",
+        '"""',
+        "",
+        "PREDICTED = {",
+    ]
+    for result in sorted(results, key=lambda r: r.case.key):
+        if result.error or not result.launches:
+            continue
+        lines.append(f"    {result.case.key!r}: {{\"fused_us\": {result.fused_s * 1e6:.3f}, "
+                     f"\"eager_us\": {result.eager_s * 1e6:.3f}}},")
+    lines.append("}")
+    lines += ["", f"# Per-launch detail for {DETAIL_DTYPE}, batch {DETAIL_BATCH} (what the PREDICTED sums are made of).",
+              "LAUNCHES = {"]
+    for result in sorted(results, key=lambda r: r.case.key):
+        c = result.case
+        if result.error or not result.launches or c.dtype != DETAIL_DTYPE or c.batch != DETAIL_BATCH:
+            continue
+        lines.append(f"    {c.key!r}: [")
+        lines += [f"        {launch_record(launch)!r}," for launch in result.launches]
+        lines.append("    ],")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+DETAIL_DTYPE, DETAIL_BATCH = "bf16", 256
+
+
+def launch_record(launch: LaunchEstimate) -> dict:
+    """One launch as plain data for perf_table.LAUNCHES (rendered in benchmarks/ROOFLINE.md)."""
+    loops = []
+    for counts in launch.loops:
+        keep = {k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS}
+        loops.append({"instructions": counts.total, "iterations_per_body": counts.iterations_per_body,
+                      "classes": {k: counts.classes[k] for k in CLASSES if counts.classes.get(k)},
+                      "detail": dict(sorted(keep.items()))})
+    return {
+        "kernel": launch.kernel, "config": launch.label, "phase": launch.phase, "grid": list(launch.grid),
+        "registers": launch.registers, "shared_bytes": launch.shared_bytes, "ctas_per_sm": launch.ctas_per_sm,
+        "waves": round(launch.waves, 2), "loop_trips": launch.loop_trips, "us": round(launch.seconds * 1e6, 2),
+        "bound": launch.bound, "terms_us": {k: round(v * 1e6, 2) for k, v in launch.terms.items()},
+        "hbm_mb": round(launch.hbm_bytes / 1e6, 2), "l2_mb": round(launch.l2_bytes / 1e6, 2), "hot_loops": loops,
+    }
+
+
+_DETAIL_OPS = ("HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "LDSM", "STS", "STG", "BAR", "MUFU", "WARPGROUP", "SYNCS",
+               "UTMALDG")
+
+
+def _fmt_counts(counter: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def loop_lines(launch: LaunchEstimate) -> list[str]:
+    lines = []
+    for counts in launch.loops:
+        cls = " ".join(f"{name}={counts.classes[name]}" for name in CLASSES if counts.classes.get(name))
+        per = "iter" if counts.iterations_per_body == 1 else f"{counts.iterations_per_body} iters (unrolled)"
+        lines.append(f"      hot loop 0x{counts.loop.start:x}-0x{counts.loop.end:x}: {counts.total} instr/{per}: {cls}")
+        keys = Counter({k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS})
+        if keys:
+            lines.append(f"        detail: {_fmt_counts(keys)}")
+    return lines
+
+
+def text_report(results: list[CaseResult], loops: bool = False) -> str:
+    lines = ["Static SASS model (MODEL, not measurement). time = max(hbm, l2, tensor, issue, mufu) per launch.",
+             *("  " + s for s in MACHINE_SOURCES), ""]
+    for result in results:
+        c = result.case
+        head = (f"{c.op} sm_{c.arch} {c.dtype} C={c.channels} {c.size}x{c.size} batch {c.batch} {c.mode}: "
+                f"fused {result.fused_s * 1e6:,.1f} µs, eager floor {result.eager_s * 1e6:,.1f} µs "
+                f"({result.fused_s / result.eager_s:.2f}x eager), minimum {result.minimum_s * 1e6:,.1f} µs "
+                f"[plans: {result.source}]")
+        lines.append(head)
+        if result.error:
+            lines.append(f"    ERROR: {result.error}")
+        for launch in result.launches:
+            terms = " ".join(f"{k}={v * 1e6:,.1f}" for k, v in launch.terms.items())
+            lines.append(f"    {launch.kernel} [{launch.label}] grid={launch.grid} regs={launch.registers} "
+                         f"smem={launch.shared_bytes} CTAs/SM={launch.ctas_per_sm} waves={launch.waves:.2f} "
+                         f"trips={launch.loop_trips}: {launch.seconds * 1e6:,.1f} µs ({launch.bound}; {terms})")
+            if loops:
+                lines += loop_lines(launch)
+    return "\n".join(lines)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(prog=f"python -m {_PACKAGE}.sass_report", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(MACHINES))
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--models", nargs="+", default=["tiny", "base"], choices=sorted(STAGE_CHANNELS))
+    parser.add_argument("--op", nargs="+", default=list(KERNEL_OPS), choices=list(KERNEL_OPS))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--table", type=Path, default=None,
+                        help=f"write the PREDICTED table here (default with the full grid: {DEFAULT_TABLE})")
+    parser.add_argument("--no-table", action="store_true", help="do not write the PREDICTED table")
+    parser.add_argument("--loops", action="store_true", help="print per-iteration instruction classes of hot loops")
+    parser.add_argument("--json", type=Path, help="also write every launch estimate as JSON")
+    return parser.parse_args(argv)
+
+
+def _full_grid(args) -> bool:
+    return (set(args.arch) == set(MACHINES) and set(args.dtype) == set(DTYPES) and set(args.batch) >= {64, 256}
+            and set(args.models) == set(STAGE_CHANNELS) and set(args.op) == set(KERNEL_OPS))
+
+
+def _as_json(results):
+    out = []
+    for r in results:
+        launches = []
+        for launch in r.launches:
+            launches.append({
+                "kernel": launch.kernel, "label": launch.label, "phase": launch.phase, "grid": list(launch.grid),
+                "registers": launch.registers, "shared_bytes": launch.shared_bytes, "ctas_per_sm": launch.ctas_per_sm,
+                "waves": launch.waves, "loop_trips": launch.loop_trips, "terms_us": {k: v * 1e6 for k, v in
+                                                                                   launch.terms.items()},
+                "hot_loops": [{"start": lc.loop.start, "end": lc.loop.end, "classes": dict(lc.classes),
+                               "details": dict(lc.details)} for lc in launch.loops],
+            })
+        out.append({"key": list(r.case.key), "fused_us": r.fused_s * 1e6, "eager_us": r.eager_s * 1e6,
+                    "minimum_us": r.minimum_s * 1e6, "plans": r.source, "error": r.error, "launches": launches})
+    return out
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("sass_report: TRITON_INTERPRET is set; unset it (compiling for a GPU target is impossible in "
+              "interpreter mode)", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    case_list = cases(tuple(args.arch), tuple(args.dtype), tuple(args.batch), tuple(args.models), tuple(args.op))
+    results = run_model(case_list, args.jobs, progress=lambda msg: print(msg, file=sys.stderr))
+    print(text_report(results, loops=args.loops))
+    table = args.table or (DEFAULT_TABLE if _full_grid(args) else None)
+    if table is not None and not args.no_table:
+        command = "python -m fastconvnext.kernels.sass_report " + " ".join(argv if argv is not None else sys.argv[1:])
+        table.write_text(perf_table_source(results, command.strip()))
+        print(f"\nwrote {table}")
+    if args.json:
+        args.json.write_text(json.dumps(_as_json(results), indent=1))
+    failed = [r for r in results if r.error]
+    print(f"\n{len(results)} cases in {time.perf_counter() - start:.0f} s, {len(failed)} with errors")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The static SASS model: instruction classes, hot-loop detection, the time formula, one real compile.
+
+Everything but the real compile is pure text processing and arithmetic, checked against counts done by hand.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+
+from fastconvnext.kernels import sass_report as sr
+from fastconvnext.kernels.compile_spec import CompileTarget, LaunchPlan
+
+# Hand-written in cuobjdump's layout. Outer loop 0x20..0xe0, inner loop 0x30..0xc0, end-of-kernel trap at 0x100.
+CANNED = """
+        /*0000*/                   S2R R0, SR_TID.X ;                                  /* 0x0000000000007919 */
+        /*0010*/                   IMAD.MOV.U32 R2, RZ, RZ, 0x0 ;                      /* 0x000000ffff027424 */
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;                    /* 0x0000000402047981 */
+        /*0030*/                   LDS.U16 R8, [R0] ;                                  /* 0x0000000000087984 */
+        /*0040*/                   FFMA R9, R4, R5, R9 ;                               /* 0x0000000504097223 */
+        /*0050*/                   FFMA R10, R6, R7, R10 ;                             /* 0x00000007060a7223 */
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;     /* 0x00600000081879f0 */
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;                       /* 0x0000000000007b1d */
+        /*0080*/                   MUFU.EX2 R11, R9 ;                                  /* 0x00000009000b7308 */
+        /*0090*/                   F2FP.BF16.F32.PACK_AB R12, R10, R9 ;                /* 0x000000090a0c723e */
+        /*00a0*/                   IADD3 R3, R3, 0x1, RZ ;                             /* 0x0000000103037810 */
+        /*00b0*/                   ISETP.GE.AND P0, PT, R3, 0x10, PT ;                 /* 0x000000100300780c */
+        /*00c0*/              @!P0 BRA 0x30 ;                                          /* 0xfffffffc00008947 */
+        /*00d0*/                   STG.E.64 desc[UR4][R2.64], R8 ;                     /* 0x0000000802007986 */
+        /*00e0*/               @P1 BRA 0x20 ;                                          /* 0xfffffffc00001947 */
+        /*00f0*/                   EXIT ;                                              /* 0x000000000000794d */
+        /*0100*/                   BRA 0x100;                                          /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_instruction_classes_of_a_canned_loop_counted_by_hand():
+    instrs = sr.parse_sass(CANNED)
+    assert len(instrs) == 17
+    loops = sr.find_loops(instrs)
+    inner = sr.hot_loops(loops)
+    assert inner == [sr.Loop(0x30, 0xC0)]
+    counts = sr.count_loop(instrs, inner[0])
+    assert counts.total == 10
+    assert counts.classes == Counter({
+        "shared load": 1, "ffma": 2, "tensor": 1, "barrier/wait": 1, "mufu": 1, "convert": 1, "int/address": 2,
+        "control/other": 1,
+    })
+    assert counts.details["HGMMA 64x128x16"] == 1
+    assert counts.details["LDS.16"] == 1
+    assert counts.details["BAR.SYNC"] == 1
+
+
+def test_widths_and_tensor_shapes():
+    def detail(line):
+        return sr.classify(sr.parse_sass(line)[0])
+
+    assert detail("/*0000*/ LDG.E.U16 R1, desc[UR4][R2.64] ;") == ("global load", "LDG.16")
+    assert detail("/*0000*/ LDG.E R1, desc[UR4][R2.64] ;") == ("global load", "LDG.32")
+    assert detail("/*0000*/ LDGSTS.E.BYPASS.LTC128B.128 [R1], desc[UR4][R2.64] ;") == ("global->shared", "LDGSTS.128")
+    assert detail("/*0000*/ LDSM.16.M88.4 R4, [R1] ;") == ("shared load", "LDSM.128")
+    assert detail("/*0000*/ STS.64 [R1], R2 ;") == ("shared store", "STS.64")
+    assert detail("/*0000*/ HMMA.16816.F32.BF16 R4, R8, R12, R4 ;") == ("tensor", "HMMA 16x8x16")
+    assert detail("/*0000*/ HFMA2.MMA R3, -RZ, RZ, 0, 0 ;")[0] == "move/shuffle"  # a move idiom, not math
+    assert detail("/*0000*/ HFMA2 R3, R1, R2, R3 ;") == ("hfma2", "HFMA2")
+    assert sr.tensor_shape("HGMMA.64x256x16.F32.BF16") == (64, 256, 16)
+
+
+def test_nested_and_unrolled_loops():
+    instrs = sr.parse_sass(CANNED)
+    loops = sr.find_loops(instrs)
+    assert loops == [sr.Loop(0x20, 0xE0), sr.Loop(0x30, 0xC0)]
+    assert sr.Loop(0x20, 0xE0).contains(sr.Loop(0x30, 0xC0))
+    # a main loop with 4x the work of the loop after it is the same loop unrolled 4 times plus its remainder
+    main = sr.LoopCounts(sr.Loop(0, 1), Counter({"ffma": 16, "global load": 4, "int/address": 9}), Counter())
+    rest = sr.LoopCounts(sr.Loop(2, 3), Counter({"ffma": 4, "global load": 1, "int/address": 5}), Counter())
+    assert sr.unroll_factor(main, rest) == 4
+    assert sr.unroll_factor(rest, main) == 1
+    odd = sr.LoopCounts(sr.Loop(2, 3), Counter({"ffma": 4, "global load": 2}), Counter())
+    assert sr.unroll_factor(main, odd) == 1
+
+
+def test_time_formula_on_the_canned_kernel():
+    """grid 264 on 132 SMs = 2 programs on the busiest SM; 4 warps = one warpgroup; 16 inner x 4 outer trips."""
+    machine = sr.H100_SXM
+    target = CompileTarget(kernel="canned", fn=None, signature={}, constexprs={}, num_warps=4, num_stages=1)
+    plan = LaunchPlan(target=target, grid=(264,), phase="forward", hbm_bytes=6.7e6, l2_bytes=11e6, loop_trips=64,
+                      outer_trips=4)
+    compiled = sr.Compiled(CANNED, registers=64, shared_bytes=16384, spill_bytes=0)
+    est = sr.estimate_launch(plan, machine, compiled, "bf16")
+    clock = 1.83e9
+    # per warp: 3 instructions outside the loops (S2R, IMAD.MOV, EXIT; the trap is not executed),
+    # 3 in the outer loop only (LDG, STG, BRA) x 4, 10 in the inner loop x 64
+    per_warp = 3 + 3 * 4 + 10 * 64
+    assert est.terms["issue"] == pytest.approx(2 * per_warp * 4 / (4 * clock))
+    assert est.terms["mufu"] == pytest.approx(2 * 64 * 4 * 32 / (16 * clock))
+    macs = 64 * 64 * 128 * 16  # one wgmma per inner iteration for the warpgroup
+    assert est.terms["tensor"] == pytest.approx(2 * macs / (2048 * 128 / 144) / clock)
+    assert est.terms["hbm"] == pytest.approx(6.7e6 / 3.35e12)
+    assert est.terms["l2"] == pytest.approx(11e6 / 5.5e12)
+    # 2 x 8.4M MACs at 2048 x 128/144 per clock: 9,216 clocks, above the 1,310 issue clocks
+    assert est.seconds == max(est.terms.values()) and est.bound == "tensor"
+    # 64 registers x 128 threads = 8192 per CTA -> 8 CTAs; 16 KB + 1 KB reserved shared -> 13; warps 16: 8
+    assert est.ctas_per_sm == 8
+    assert est.waves == pytest.approx(264 / (132 * 8))
+
+
+def test_occupancy_limits():
+    h100 = sr.H100_SXM
+    assert sr.ctas_per_sm(h100, 255, 0, 8) == 1  # 256 regs x 256 threads = the whole register file
+    assert sr.ctas_per_sm(h100, 32, 100 * 1024, 4) == 2  # shared memory bound
+    assert sr.ctas_per_sm(h100, 16, 0, 1) == 32  # CTA-count bound
+
+
+def test_specialization_follows_tritons_launcher():
+    class FakeFn:
+        arg_names = ["x_ptr", "n", "m", "k", "BLOCK"]
+
+    target = CompileTarget(kernel="k", fn=FakeFn(), signature={"x_ptr": "*bf16", "n": "i32", "m": "i32", "k": "i32",
+                                                               "BLOCK": "constexpr"}, constexprs={"BLOCK": 64})
+    plan = LaunchPlan(target=target, grid=(1,), phase="forward", hbm_bytes=0, l2_bytes=0, loop_trips=1,
+                      int_args={"n": 1, "m": 48, "k": 7})
+    signature, constexprs, attrs = sr.specialization(target, plan)
+    assert signature["n"] == "constexpr" and constexprs["n"] == 1  # a 1 becomes a constant
+    assert attrs == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}  # pointer and m = 48
+    by_name = LaunchPlan(target=target, grid=(1,), phase="forward", hbm_bytes=0, l2_bytes=0, loop_trips=1,
+                         divisible_by_16=("k",))
+    assert sr.specialization(target, by_name)[2] == {(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]]}
+
+
+def test_perf_table_source_is_a_plain_dict(tmp_path):
+    case = sr.Case("convnext_mlp", 90, "bf16", 96, 56, 64, "forward")
+    est = sr.LaunchEstimate("k", "", "forward", "", (1,), 1, 4, terms={"hbm": 2e-6, "issue": 5e-6})
+    result = sr.CaseResult(case, [est], "module", eager_s=10e-6, minimum_s=1e-6)
+    source = sr.perf_table_source([result], "python -m fastconvnext.kernels.sass_report")
+    namespace = {}
+    exec(compile(source, "perf_table.py", "exec"), namespace)
+    assert namespace["PREDICTED"] == {("convnext_mlp", 90, "bf16", 96, 3136, 64, "forward"):
+                                      {"fused_us": 5.0, "eager_us": 10.0}}
+
+
+def test_committed_perf_table_covers_the_grid():
+    from fastconvnext.kernels import perf_table
+
+    keys = set(perf_table.PREDICTED)
+    for op in sr.KERNEL_OPS:
+        for arch in (80, 90):
+            for channels, size in ((96, 56), (768, 7), (1024, 7)):
+                for mode in sr.MODES:
+                    assert (op, arch, "bf16", channels, size * size, 256, mode) in keys
+    assert all(v["fused_us"] > 0 and v["eager_us"] > 0 for v in perf_table.PREDICTED.values())
+
+
+TINY_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def scaled_sum(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(n):
+        acc = acc * 1.5 + tl.load(x_ptr + i * BLOCK + offs)
+    tl.store(y_ptr + offs, acc)
+'''
+
+COMPILE_TINY = '''
+import json, sys
+sys.path.insert(0, ".")
+from tiny_kernel import scaled_sum
+from fastconvnext.kernels import sass_report as sr
+from fastconvnext.kernels.compile_spec import CompileTarget, LaunchPlan
+
+target = CompileTarget(kernel="scaled_sum", fn=scaled_sum, constexprs={"BLOCK": 512}, num_warps=4, num_stages=1,
+                       signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"})
+out = {}
+for n in (32, 1):
+    plan = LaunchPlan(target=target, grid=(132,), phase="forward", hbm_bytes=0, l2_bytes=0, loop_trips=n,
+                      int_args={"n": n})
+    first, again = sr.compile_sass(target, 90, plan), sr.compile_sass(target, 90, plan)
+    est = sr.estimate_launch(plan, sr.H100_SXM, first, "fp32")
+    out[n] = {"registers": first.registers, "cached": [first.cached, again.cached],
+              "loops": [[dict(c.classes), dict(c.details), c.iterations_per_body] for c in est.loops],
+              "issue": est.terms["issue"]}
+print(json.dumps(out))
+'''
+
+
+def test_one_real_compile_finds_the_loop_and_caches_it(tmp_path):
+    (tmp_path / "tiny_kernel.py").write_text(textwrap.dedent(TINY_KERNEL))
+    (tmp_path / "run.py").write_text(COMPILE_TINY)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env[sr.CACHE_ENV] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    looped = out["32"]
+    assert looped["cached"] == [False, True] and looped["registers"] > 0
+    assert looped["loops"], "the runtime loop over n must show as a backward branch"
+    # 512 fp32 over 128 threads: 4 elements each, one 16-byte load and 4 FFMA per iteration (times any unroll)
+    classes, details, per_body = looped["loops"][0]
+    assert classes["ffma"] == 4 * per_body and details["LDG.128"] == per_body
+    # n == 1 is a constant in a real launch: the loop disappears
+    assert out["1"]["loops"] == [] and out["1"]["issue"] < looped["issue"]
