@@ -923,19 +923,21 @@ def _target_dtype(dtype, canonical, source):
 
 
 def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes, dtype, device):
-    """Build `cls` on the meta device, match every name and shape, and only then allocate and load."""
-    with torch.device("meta"):
-        model = cls(config)
-    expected = model.state_dict()
-    model_keys = {_strip_prefix(k, BASE_PREFIX): k for k in expected}
-    expected_shapes = {name: tuple(expected[key].shape) for name, key in model_keys.items()}
+    """Match every name and shape against the layout of `cls(config)`, and only then build, allocate and load."""
+    model_keys, expected_shapes = _expected_layout(cls, config)
     match = _KeyMatch(model_keys, expected_shapes, canonical)
-    report = _MismatchReport(model, source, model_keys, expected_shapes, canonical, origins)
+    report = _MismatchReport(cls.__name__, config, source, model_keys, expected_shapes, canonical, origins)
     if match.mismatched and not ignore_mismatched_sizes:
         raise ValueError(report.describe(match.missing, match.unexpected, match.mismatched))
     if strict and (match.missing or match.unexpected):
         raise ValueError(report.describe(match.missing, match.unexpected, []))
     initialized = sorted(set(model_keys) - set(match.loadable))
+    incomplete_blocks = {m.group(0) for m in map(_BLOCK_KEY.match, initialized) if m}
+    if len(incomplete_blocks) > MAX_ABSENT_BLOCKS:
+        raise ValueError(
+            f"{report.header()}: {len(incomplete_blocks)} encoder blocks lack tensors the checkpoint does not "
+            f"provide (or has in another shape); at most {MAX_ABSENT_BLOCKS} are initialized instead"
+        )
     new_parameters = sum(math.prod(expected_shapes[k]) for k in initialized)
     allowed = max(MIN_NEW_PARAMETERS_ALLOWED, sum(canonical[k].numel() for k in match.loadable))
     if new_parameters > allowed:
@@ -947,6 +949,10 @@ def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismat
     if match.missing or match.unexpected:
         warnings.warn(report.describe(match.missing, match.unexpected, [], strict=False), stacklevel=4)
 
+    with torch.device("meta"):
+        model = cls(config)
+    if set(model.state_dict()) != set(model_keys.values()):
+        raise RuntimeError(f"{cls.__name__} has other tensors than its one-block-per-stage layout predicted")
     model.to(dtype=dtype)
     model.to_empty(device=device)
     _initialize(model, [model_keys[k] for k in initialized])
@@ -966,6 +972,32 @@ def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismat
     if match.dropped_head:
         logger.info("%s from %s: ignored checkpoint head tensors %s", type(model).__name__, source, match.dropped_head)
     return model, _loading_info(match, model_keys, expected_shapes, canonical, origins)
+
+
+def _expected_layout(cls, config):
+    """({canonical name: model key}, {canonical name: shape}) of cls(config), without building all its blocks.
+
+    Building a model costs time linear in its block count even on the meta device, so the layout is read
+    off a model with at most one block per stage and the block names are repeated for every block; the
+    full model is built only after the checkpoint has matched this layout (and so has paid for every
+    block with tensors of the right shape).
+    """
+    small = ConvNextConfig.from_dict({**config.to_dict(), "depths": [min(d, 1) for d in config.depths]})
+    with torch.device("meta"):
+        template = cls(small).state_dict()
+    model_keys, shapes = {}, {}
+    for key, tensor in template.items():
+        name = _strip_prefix(key, BASE_PREFIX)
+        prefix = key[: len(key) - len(name)]
+        match = _BLOCK_KEY.match(name)
+        if match is None:
+            model_keys[name], shapes[name] = key, tuple(tensor.shape)
+            continue
+        stage, rest = int(match.group(1)), name[match.end():]
+        for block in range(config.depths[stage]):
+            block_name = f"encoder.stages.{stage}.layers.{block}.{rest}"
+            model_keys[block_name], shapes[block_name] = prefix + block_name, tuple(tensor.shape)
+    return model_keys, shapes
 
 
 def _loading_info(match, model_keys, expected_shapes, canonical, origins):
@@ -1002,15 +1034,15 @@ class _KeyMatch:
 class _MismatchReport:
     """Builds the message listing missing, unexpected and mis-shaped tensors with their shapes."""
 
-    def __init__(self, model, source, model_keys, expected_shapes, canonical, origins):
-        self.model, self.source = model, source
+    def __init__(self, class_name, config, source, model_keys, expected_shapes, canonical, origins):
+        self.class_name, self.config, self.source = class_name, config, source
         self.model_keys, self.expected_shapes = model_keys, expected_shapes
         self.canonical, self.origins = canonical, origins
 
     def header(self):
-        config = self.model.config
+        config = self.config
         return (
-            f"checkpoint {self.source} does not match {type(self.model).__name__}(hidden_sizes={config.hidden_sizes}, "
+            f"checkpoint {self.source} does not match {self.class_name}(hidden_sizes={config.hidden_sizes}, "
             f"depths={config.depths}, num_labels={config.num_labels}, layer_scale={config.layer_scale_init_value > 0})"
         )
 
