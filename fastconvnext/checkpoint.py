@@ -1006,7 +1006,7 @@ def _loading_info(match, model_keys, expected_shapes, canonical, origins):
         "missing_keys": {model_keys[k] for k in match.missing + match.new_head},
         "unexpected_keys": {origins.get(k, k) for k in match.unexpected + match.dropped_head},
         "mismatched_keys": {
-            (model_keys[k], tuple(canonical[k].shape), expected_shapes[k]) for k in match.mismatched
+            (model_keys[k], canonical[k].shape, torch.Size(expected_shapes[k])) for k in match.mismatched
         },
         "error_msgs": [],
     }
@@ -1074,7 +1074,7 @@ class _MismatchReport:
 
     def _origin_note(self, name):
         origin = self.origins.get(name, name)
-        return "" if _strip_prefix(origin, BASE_PREFIX) == name else f" (checkpoint key {origin!r})"
+        return "" if origin == self.model_keys[name] else f" (checkpoint key {origin!r})"
 
     @staticmethod
     def _section(title, lines):

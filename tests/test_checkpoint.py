@@ -515,3 +515,68 @@ def test_hub_id_downloads_through_snapshot_download(tmp_path, monkeypatch):
     assert repo_id == "facebook/convnext-tiny-224" and "config.json" in patterns and options == {"revision": "v1"}
     assert "revision" not in model.config.to_dict()
     assert_same_outputs(model, hf)
+
+
+# ---- loading options (issue 11), transformers as the oracle ----------------------------------------
+
+INFO_CASES = [
+    ("ConvNextModel", "ConvNextForImageClassification", {}),
+    ("ConvNextForImageClassification", "ConvNextModel", {}),
+    ("ConvNextForImageClassification", "ConvNextForImageClassification",
+     {"num_labels": 3, "ignore_mismatched_sizes": True}),
+    ("ConvNextBackbone", "ConvNextForImageClassification", {}),
+]
+
+
+@pytest.mark.parametrize("cls_name, saved_name, kwargs", INFO_CASES)
+def test_output_loading_info_matches_transformers(tmp_path, cls_name, saved_name, kwargs, recwarn):
+    hf_model(saved_name).save_pretrained(tmp_path)
+    reference, want = hf_from_pretrained(cls_name, tmp_path, **kwargs)
+    ours, got = OURS[cls_name].from_pretrained(tmp_path, output_loading_info=True, **kwargs)
+    assert got == want
+    assert ours.training is False and type(ours) is OURS[cls_name]
+    if not want["missing_keys"] and not want["mismatched_keys"]:
+        assert_same_outputs(ours, reference)
+
+
+def test_subfolder_matches_transformers(tmp_path):
+    hf = hf_model()
+    hf.save_pretrained(tmp_path / "nested" / "model")
+    reference = transformers.ConvNextForImageClassification.from_pretrained(tmp_path, subfolder="nested/model")
+    ours = fastconvnext.ConvNextForImageClassification.from_pretrained(tmp_path, subfolder="nested/model")
+    assert_same_outputs(ours, reference.eval())
+    assert_same_outputs(load_pretrained(None, tmp_path / "nested", subfolder="model"), hf)
+    with pytest.raises(FileNotFoundError, match="no subfolder 'elsewhere'"):
+        load_pretrained(None, tmp_path, subfolder="elsewhere")
+    for escaping in ("../nested", str(tmp_path / "nested")):
+        with pytest.raises(ValueError, match="subfolder must be a relative path inside"):
+            load_pretrained(None, tmp_path / "nested", subfolder=escaping)
+
+
+def test_from_pretrained_none_with_config_and_state_dict_matches_transformers():
+    hf = hf_model()
+    config = transformers.ConvNextConfig(**SMALL, num_labels=NUM_LABELS)
+    reference = transformers.ConvNextForImageClassification.from_pretrained(
+        None, config=config, state_dict=hf.state_dict()
+    )
+    ours = fastconvnext.ConvNextForImageClassification.from_pretrained(
+        None, config=fastconvnext.ConvNextConfig.from_dict(config.to_dict()), state_dict=hf.state_dict()
+    )
+    assert ours.training is False
+    assert_same_outputs(ours, reference.eval())
+    # the base class picks the class from the tensors, as for a directory
+    chosen = fastconvnext.ConvNextPreTrainedModel.from_pretrained(None, config=config, state_dict=hf.state_dict())
+    assert type(chosen) is fastconvnext.ConvNextForImageClassification
+    with pytest.raises(TypeError, match="pass both"):
+        fastconvnext.ConvNextModel.from_pretrained(None, config=config)
+    with pytest.raises(TypeError, match="expected a mapping of tensor names to tensors, got list"):
+        fastconvnext.ConvNextModel.from_pretrained(None, config=config, state_dict=[1, 2])
+
+
+def test_state_dict_argument_replaces_the_weights_of_a_directory(tmp_path):
+    saved, replacement = hf_model(), hf_model()
+    with torch.no_grad():
+        replacement.classifier.bias.add_(1.0)
+    saved.save_pretrained(tmp_path)
+    ours = load_pretrained(None, tmp_path, state_dict=replacement.state_dict())
+    assert_same_outputs(ours, replacement)
