@@ -184,11 +184,18 @@ def _mode(tensors):
     return "forward_backward" if needs_grad else "forward"
 
 
+def _compute_dtype(x):
+    """Under autocast both ops compute an fp32 input in the autocast dtype, so that dtype's times apply."""
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def policy_key(op, x, channels, tensors=(), arch=None):
     """The PolicyKey of one call: x is [N, H, W, C]; channels from the weights (static under compile)."""
     if arch is None:
         arch = device_arch(x.device.index) if x.device.type == "cuda" else CPU_ARCH
-    dtype = DTYPE_NAMES.get(x.dtype, str(x.dtype).replace("torch.", ""))
+    dtype = DTYPE_NAMES.get(_compute_dtype(x), str(x.dtype).replace("torch.", ""))
     return PolicyKey(op, arch, dtype, channels, bucket(x.shape[1] * x.shape[2]), bucket(x.shape[0]),
                      _mode((x, *tensors)))
 

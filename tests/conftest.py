@@ -2,11 +2,40 @@ import os
 
 # The kernels are tested in Triton's interpreter on CPU. Triton reads this variable when a
 # @triton.jit function is defined, so it must be set before any kernel module is imported.
-# A GPU run can opt out with TRITON_INTERPRET=0.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# GPU mode: FASTCONVNEXT_TEST_DEVICE=cuda leaves TRITON_INTERPRET unset, so the kernel tests run the
+# compiled kernels natively (real configs, the autotuner) on a CUDA device (tests/helpers.py: KERNEL_DEVICE).
+TEST_DEVICE_ENV = "FASTCONVNEXT_TEST_DEVICE"
+TEST_DEVICES = ("cpu", "cuda")
+_test_device = os.environ.get(TEST_DEVICE_ENV, "cpu").strip().lower() or "cpu"
+if _test_device not in TEST_DEVICES:
+    raise ValueError(f"{TEST_DEVICE_ENV} must be one of {TEST_DEVICES}, got {os.environ[TEST_DEVICE_ENV]!r}")
+if _test_device == "cuda":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise ValueError(f"{TEST_DEVICE_ENV}=cuda runs the kernels natively: unset TRITON_INTERPRET "
+                         f"(it is {os.environ['TRITON_INTERPRET']!r})")
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs only with FASTCONVNEXT_TEST_DEVICE=cuda (native kernels, "
+                                       "large shapes); skipped, and reported as skipped, otherwise")
+    if _test_device == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"{TEST_DEVICE_ENV}=cuda but torch sees no CUDA device "
+                                f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _test_device == "cuda":
+        return
+    skip = pytest.mark.skip(reason=f"GPU-only test: set {TEST_DEVICE_ENV}=cuda on a machine with a GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

@@ -28,3 +28,34 @@ def twin_models(kind="ConvNextModel", **config):
     ours = getattr(fastconvnext, kind)(fastconvnext.ConvNextConfig(**config))
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf.eval(), ours.eval()
+
+
+# ---------------------------------------------------------------------------------- kernel test device
+# Kernel tests run in Triton's interpreter on CPU by default; with FASTCONVNEXT_TEST_DEVICE=cuda
+# (see conftest.py) they run natively on the GPU. Put every kernel input on KERNEL_DEVICE, take the
+# shapes from kernel_shapes(), and mark GPU-only tests with @gpu (skipped on CPU).
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+ON_GPU = os.environ.get("FASTCONVNEXT_TEST_DEVICE", "cpu").strip().lower() == "cuda"
+KERNEL_DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
+gpu = pytest.mark.gpu
+
+# ConvNeXt-T's stage activations at 224x224 input, batch 8, as (N, H, W, C).
+CONVNEXT_T_STAGES = ((8, 56, 56, 96), (8, 28, 28, 192), (8, 14, 14, 384), (8, 7, 7, 768))
+
+
+def gpu_shapes():
+    """Full ConvNeXt-T stage shapes (N, H, W, C) at batch 8: native runs only (the interpreter would take hours)."""
+    return list(CONVNEXT_T_STAGES) if ON_GPU else []
+
+
+def kernel_shapes(small):
+    """The small interpreter shapes, plus the full stage shapes when running natively on the GPU."""
+    return list(small) + gpu_shapes()
+
+
+def kernel_dtypes():
+    """Activation dtypes a kernel test can check here: bf16 only natively (the interpreter refuses it)."""
+    return (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)

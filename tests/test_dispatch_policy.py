@@ -4,11 +4,16 @@ Decisions come from a fake static-model table (the format of kernels/perf_table.
 choice below follows from numbers written here; the roofline fallback is checked against
 fastconvnext.bench.roofline computed independently in the test.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from fastconvnext import backend
 from fastconvnext.backend import Decision, PolicyKey
+from helpers import KERNEL_DEVICE, ON_GPU, gpu, gpu_shapes, kernel_dtypes, kernel_shapes
 
 MLP, DW = "convnext_mlp", "dwconv_layernorm"
 FWD, TRAIN = "forward", "forward_backward"
@@ -113,6 +118,9 @@ def test_policy_key_of_a_call():
     assert backend.policy_key(DW, x, 96, (w.detach(),), arch=90).mode == FWD
     assert backend.policy_key(DW, x.double(), 96, (), arch=90).dtype == "float64"
     assert backend.policy_key(DW, x, 96).arch == backend.CPU_ARCH
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the ops compute fp32 inputs in the autocast dtype
+        assert backend.policy_key(DW, x.float(), 96, (), arch=90).dtype == "bf16"
+    assert backend.policy_key(DW, x.float(), 96, (), arch=90).dtype == "fp32"
     assert [backend.bucket(n) for n in (1, 2, 3, 49, 64, 65, 3136)] == [1, 2, 4, 64, 64, 128, 4096]
 
 
@@ -153,3 +161,31 @@ def test_default_report_keys_are_convnext_t_stages_when_nothing_ran():
     keys = backend.default_report_keys()
     assert len(keys) == 16 and {k.channels for k in keys} == {96, 192, 384, 768}
     assert {(k.hw, k.batch) for k in keys if k.channels == 96} == {(4096, 64)}
+
+
+# ---------------------------------------------------------------------------- GPU test mode (conftest)
+
+
+@gpu
+def test_gpu_mode_runs_kernels_natively_on_cuda():
+    assert KERNEL_DEVICE.type == "cuda" and torch.cuda.is_available()
+    assert os.environ.get("TRITON_INTERPRET") is None
+    assert gpu_shapes() == [(8, 56, 56, 96), (8, 28, 28, 192), (8, 14, 14, 384), (8, 7, 7, 768)]
+
+
+def test_cpu_mode_keeps_the_interpreter_and_small_shapes():
+    if ON_GPU:
+        pytest.skip("GPU mode")
+    assert KERNEL_DEVICE == torch.device("cpu") and os.environ.get("TRITON_INTERPRET") == "1"
+    assert kernel_shapes([(1, 5, 5, 8)]) == [(1, 5, 5, 8)] and torch.bfloat16 not in kernel_dtypes()
+
+
+def test_gpu_mode_without_a_gpu_is_a_usage_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "gpu_mode_runs"],
+                          env={**env, "FASTCONVNEXT_TEST_DEVICE": "cuda"}, capture_output=True, text=True,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage-error exit code
+    assert "FASTCONVNEXT_TEST_DEVICE=cuda but torch sees no CUDA device" in done.stdout + done.stderr
