@@ -18,6 +18,7 @@ import platform
 import sys
 import traceback
 import unicodedata
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: choose a command: classify, convert, info or bench", file=sys.stderr)
         return 2
     try:
-        with _backend_scope(getattr(args, "backend", None)):
+        with _backend_scope(getattr(args, "backend", None)), _cli_warnings():
             return args.handler(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -204,6 +205,22 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: error: {_message(error)}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _cli_warnings():
+    """Show warnings as `fastconvnext: warning: ...` (escaped, detail lines indented) instead of Python's
+    `file:line: Category: ...` form, for the duration of a command."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"{PROG}: warning: {_message(message)}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _message(error: BaseException) -> str:
@@ -246,8 +263,9 @@ def run_classify(args: argparse.Namespace) -> int:
     image_paths = [Path(p) for p in args.images]
     _check_images_readable(image_paths)
     device = _pick_device(args.device)
+    processor = _saved_processor(args.model)  # a broken preprocessor_config.json fails before the model loads
     model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]), args.ignore_mismatched_sizes)
-    processor = _processor_for(args.model, model.config)
+    processor = processor or _imagenet_processor(args.model, model.config)
     predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels))
     if args.json:
         print(json.dumps(list(predictions), indent=2))
@@ -358,11 +376,22 @@ def _load_classifier(path: str, device, dtype, ignore_mismatched_sizes: bool = F
 
 def _processor_for(model_path: str, config):
     """MODEL/preprocessor_config.json when there is one, else the ImageNet evaluation settings (with a note)."""
+    return _saved_processor(model_path) or _imagenet_processor(model_path, config)
+
+
+def _saved_processor(model_path: str):
+    """The processor saved in the model directory, or None when there is none."""
     from fastconvnext.image_processing import PREPROCESSOR_CONFIG_NAME, ConvNextImageProcessor
 
     directory = Path(model_path)
     if directory.is_dir() and (directory / PREPROCESSOR_CONFIG_NAME).is_file():
         return ConvNextImageProcessor.from_pretrained(directory)
+    return None
+
+
+def _imagenet_processor(model_path: str, config):
+    from fastconvnext.image_processing import PREPROCESSOR_CONFIG_NAME, ConvNextImageProcessor
+
     note = (f"no {PREPROCESSOR_CONFIG_NAME} with {model_path}; using the ImageNet evaluation settings "
             f"(ConvNextImageProcessor.for_imagenet(image_size={config.image_size}))")
     print(f"{PROG}: note: {terminal_safe(note)}", file=sys.stderr)
