@@ -40,7 +40,8 @@ examples:
   fastconvnext bench --help
 
 environment:
-  FASTCONVNEXT_BACKEND=auto|triton|eager   which implementation the fused ops use (default auto)"""
+  FASTCONVNEXT_BACKEND=auto|triton|eager   which implementation the fused ops use (default auto)
+  FASTCONVNEXT_MAX_IMAGE_PIXELS=N          largest image, decoded or resized, in pixels (default 178956970)"""
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # What a failing command raises for its user's input or environment; anything else is a bug and keeps its traceback.
