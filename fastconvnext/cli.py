@@ -280,11 +280,10 @@ def _predict(model, processor, image_paths: list[Path], batch_size: int, top_k: 
     """Yield {"image", "predictions": [{"label", "index", "probability"}, ...]} per image, in order."""
     import torch
 
-    from fastconvnext.image_processing import load_image
-
     for start in range(0, len(image_paths), batch_size):
         batch_paths = image_paths[start : start + batch_size]
-        pixels = processor([load_image(p) for p in batch_paths], return_tensors="pt").pixel_values
+        # Paths, not decoded images: the processor names the file in its errors (EXIF orientation applied).
+        pixels = processor([str(p) for p in batch_paths], return_tensors="pt").pixel_values
         with torch.inference_mode():
             logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits.float()
         values, indices = _probabilities(logits, model.config.problem_type).topk(top_k, dim=-1)

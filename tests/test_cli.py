@@ -395,6 +395,14 @@ def test_cut_jpeg_is_one_error_line_naming_it(capsys, model_dir, images, tmp_pat
     assert "Traceback" not in err
 
 
+def test_tiny_tall_png_is_one_error_line_naming_it(capsys, model_dir, tmp_path):
+    tall = tmp_path / "tall.png"
+    Image.new("L", (1, 60000)).save(tall, optimize=True)  # a few hundred bytes; resized: 73 x 4,380,000
+    code, out, err = run(capsys, "classify", "--model", model_dir, tall)
+    assert code == 1
+    assert_one_line_error(err, "tall.png resized", "limit of 178,956,970")
+
+
 def test_image_pixel_limit_from_environment(capsys, model_dir, images, monkeypatch):
     monkeypatch.setenv("FASTCONVNEXT_MAX_IMAGE_PIXELS", "1000")
     code, out, err = run(capsys, "classify", "--model", model_dir, images[0])
