@@ -1,14 +1,24 @@
-"""ConvNextConfig: the fields, defaults, validation and config.json form of transformers' ConvNextConfig."""
+"""ConvNextConfig: the fields, defaults, generic flags and config.json form of transformers' ConvNextConfig.
+
+Every field is checked when the config is built (and again by `validate()`, which the models call):
+a value of the wrong kind raises TypeError, a value out of range ValueError, each naming the field,
+what was expected and what was found. Architecture fields have upper bounds (ARCH_LIMITS,
+MAX_PARAMETERS) far above any published ConvNeXt, so that a hostile or mistyped config.json fails
+here instead of reaching the allocator.
+"""
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 CONFIG_NAME = "config.json"
 
-# transformers' hidden_act names -> the activation name used by the ops (kernels/reference.py).
+# transformers' hidden_act names (every parameter-free ACT2FN entry of transformers 5.23) -> the
+# activation name of the ops (kernels/reference.py ACTIVATIONS). Mathematically equal forms share a name.
 HIDDEN_ACTS = {
     "gelu": "gelu",
     "gelu_python": "gelu",
@@ -16,35 +26,149 @@ HIDDEN_ACTS = {
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
     "gelu_python_tanh": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_10": "gelu_10",
+    "laplace": "laplace",
     "relu": "relu",
+    "relu2": "relu2",
+    "relu6": "relu6",
+    "leaky_relu": "leaky_relu",
     "silu": "silu",
     "swish": "silu",
     "quick_gelu": "quick_gelu",
-    "relu6": "relu6",
-    "leaky_relu": "leaky_relu",
     "mish": "mish",
+    "sqrtsoftplus": "sqrtsoftplus",
     "tanh": "tanh",
     "sigmoid": "sigmoid",
     "hardswish": "hardswish",
     "linear": "linear",
 }
+# ACT2FN entries that carry learnable parameters (one set per block); refused, see _check_hidden_act.
+PARAMETRIC_ACTS = ("prelu", "xielu")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
-# Keys transformers writes that carry no meaning for this model; accepted and dropped on read.
-_IGNORED_KEYS = {
-    "transformers_version", "architectures", "model_type", "stage_names", "torch_dtype", "dtype",
-    "_name_or_path", "return_dict", "output_hidden_states", "output_attentions", "use_return_dict",
-    "torchscript", "chunk_size_feed_forward", "is_encoder_decoder", "tie_word_embeddings",
+# Upper bounds on the architecture. The largest published ConvNeXt (ConvNeXt-XXLarge, ~850M parameters)
+# has hidden_sizes up to 3072, 30 blocks in a stage, 4 stages, patch_size 4 (isotropic variants: 16).
+ARCH_LIMITS = {
+    "num_channels": 1024,  # hyperspectral inputs included
+    "patch_size": 64,
+    "num_stages": 16,
+    "hidden_sizes": 16384,
+    "depths": 512,
+    "num_labels": 1_000_000,
 }
+MAX_PARAMETERS = 4_000_000_000  # about 4.7x ConvNeXt-XXLarge; 16 GB in fp32
+
+# PretrainedConfig's generic flags: stored, written to config.json and readable, as in transformers.
+GENERIC_FLAGS = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "dtype": None,
+    "chunk_size_feed_forward": 0,
+    "is_encoder_decoder": False,
+    "architectures": None,
+}
+_DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+# Keys transformers writes that are derived or only describe the writer; accepted and dropped on read.
+_DERIVED_KEYS = {"transformers_version", "model_type", "stage_names", "use_return_dict"}
+_ALIASES = {"torch_dtype": "dtype", "num_hidden_layers": "num_stages", "name_or_path": "_name_or_path"}
+
+
+def _kind(value):
+    return "null" if value is None else type(value).__name__
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(name, value, low, high):
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int in [{low}, {high}], got {_kind(value)} {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be an int in [{low}, {high}], got {value}")
+
+
+def _check_int_list(name, values, low, high, length):
+    if not isinstance(values, (list, tuple)):
+        raise TypeError(f"{name} must be a list of {length} ints, got {_kind(values)} {values!r}")
+    if len(values) != length:
+        raise ValueError(f"{name} must have num_stages={length} entries, got {len(values)}: {list(values)}")
+    for value in values:
+        _check_int(f"every entry of {name}", value, low, high)
+
+
+def _check_real(name, value, low=-math.inf, high=math.inf):
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a number in [{low}, {high}], got {_kind(value)} {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {_kind(value)} {value!r}")
+
+
+def _check_hidden_act(value):
+    if not isinstance(value, str):
+        raise TypeError(f"hidden_act must be a string, one of {sorted(HIDDEN_ACTS)}, got {_kind(value)} {value!r}")
+    if value in PARAMETRIC_ACTS:
+        raise ValueError(
+            f"hidden_act {value!r} has learnable parameters of its own (transformers builds one per block); "
+            f"fastconvnext supports the parameter-free activations {sorted(HIDDEN_ACTS)}"
+        )
+    if value not in HIDDEN_ACTS:
+        raise ValueError(f"hidden_act must be one of {sorted(HIDDEN_ACTS)}, got {value!r}")
+
+
+def _checked_image_size(value):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"image_size must be an int or a pair [height, width], got {list(value)}")
+        for side in value:
+            _check_int("every entry of image_size", side, 1, 2**20)
+    else:
+        _check_int("image_size", value, 1, 2**20)
+
+
+def _dtype_name(value):
+    """config.dtype as transformers writes it to config.json (a name such as "float32") or None."""
+    if value is None:
+        return None
+    name = value if isinstance(value, str) else str(value)
+    name = name.removeprefix("torch.")
+    if name not in _DTYPE_NAMES + ("auto",):
+        raise ValueError(f"dtype must be None, 'auto' or one of {_DTYPE_NAMES} (or a torch.dtype), got {value!r}")
+    return name
+
+
+def estimated_parameters(config):
+    """Parameter count of ConvNextForImageClassification for this config (the largest of the classes)."""
+    sizes, total = config.hidden_sizes, 0
+    total += config.num_channels * sizes[0] * config.patch_size**2 + 3 * sizes[0]
+    for i, (width, depth) in enumerate(zip(sizes, config.depths)):
+        if i > 0:
+            total += 2 * sizes[i - 1] + 4 * sizes[i - 1] * width + width
+        total += depth * (8 * width * width + 58 * width)
+    return total + 2 * sizes[-1] + (sizes[-1] + 1) * config.num_labels
 
 
 class ConvNextConfig:
     """Configuration of a ConvNeXt model, field for field the same as transformers' ConvNextConfig.
 
-    Inconsistent values raise ValueError here, when the config is built, not deep inside a forward.
+    Besides the ConvNeXt fields it keeps transformers' generic flags (return_dict, output_hidden_states,
+    output_attentions, dtype, ...), which the models honour, and any unknown key (readable as an
+    attribute and written back to config.json).
     """
 
     model_type = "convnext"
+    attribute_map = {"num_hidden_layers": "num_stages"}
 
     def __init__(
         self,
@@ -65,13 +189,22 @@ class ConvNextConfig:
         id2label=None,
         label2id=None,
         problem_type=None,
-        **unused,
+        return_dict=True,
+        output_hidden_states=False,
+        output_attentions=False,
+        dtype=None,
+        **kwargs,
     ):
+        kwargs = {_ALIASES.get(k, k): v for k, v in kwargs.items()}
         self.num_channels = num_channels
         self.patch_size = patch_size
         self.num_stages = num_stages
-        self.hidden_sizes = list(hidden_sizes) if hidden_sizes is not None else [96, 192, 384, 768]
-        self.depths = list(depths) if depths is not None else [3, 3, 9, 3]
+        self.hidden_sizes = list(hidden_sizes) if isinstance(hidden_sizes, tuple) else hidden_sizes
+        self.depths = list(depths) if isinstance(depths, tuple) else depths
+        if hidden_sizes is None:
+            self.hidden_sizes = [96, 192, 384, 768]
+        if depths is None:
+            self.depths = [3, 3, 9, 3]
         self.hidden_act = hidden_act
         self.initializer_range = initializer_range
         self.layer_norm_eps = layer_norm_eps
@@ -79,27 +212,80 @@ class ConvNextConfig:
         self.drop_path_rate = drop_path_rate
         self.image_size = image_size
         self.problem_type = problem_type
+        self.return_dict = return_dict
+        self.output_hidden_states = output_hidden_states
+        self.output_attentions = output_attentions
+        self.dtype = kwargs.pop("dtype", dtype)
+        self.num_stages = kwargs.pop("num_stages", self.num_stages)
+        self.name_or_path = kwargs.pop("_name_or_path", "")
+        for name in ("chunk_size_feed_forward", "is_encoder_decoder", "architectures"):
+            setattr(self, name, kwargs.pop(name, GENERIC_FLAGS[name]))
         self._set_labels(num_labels, id2label, label2id)
-        self._validate()
+        self._validate_fields()
         self.set_out_features(out_features, out_indices)
-        unknown = set(unused) - _IGNORED_KEYS
-        self.extra = {k: unused[k] for k in unknown}
+        self.extra = {k: v for k, v in kwargs.items() if k not in _DERIVED_KEYS}
+
+    # ---- unknown keys and aliases read as attributes, as transformers' configs do ------------------
+    def __getattr__(self, name):
+        extra = self.__dict__.get("extra")
+        if extra is not None and name in extra:
+            return extra[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def num_hidden_layers(self):
+        return self.num_stages
+
+    @property
+    def dtype(self):
+        """The weights' dtype recorded in config.json, as a torch.dtype (or None / "auto")."""
+        if self._dtype in (None, "auto"):
+            return self._dtype
+        import torch
+
+        return getattr(torch, self._dtype)
+
+    @dtype.setter
+    def dtype(self, value):
+        self._dtype = _dtype_name(value)
+
+    @property
+    def torch_dtype(self):
+        """Old name of `dtype` (transformers keeps it as an alias)."""
+        return self.dtype
+
+    @property
+    def use_return_dict(self):
+        return self.return_dict
 
     # ---- labels -------------------------------------------------------------------------------
     def _set_labels(self, num_labels, id2label, label2id):
         if id2label is not None:
-            id2label = {int(k): v for k, v in dict(id2label).items()}
+            id2label = self._checked_id2label(id2label)
             if num_labels is not None and num_labels != len(id2label):
                 raise ValueError(f"num_labels={num_labels} but id2label has {len(id2label)} entries")
         else:
             count = 2 if num_labels is None else num_labels
-            if not isinstance(count, int) or count < 0:
-                raise ValueError(f"num_labels must be a non-negative int, got {count!r}")
+            _check_int("num_labels", count, 0, ARCH_LIMITS["num_labels"])
             id2label = {i: f"LABEL_{i}" for i in range(count)}
-        self.id2label = id2label
-        self.label2id = {k: int(v) for k, v in dict(label2id).items()} if label2id else {
-            v: k for k, v in id2label.items()
-        }
+        if label2id is not None and not isinstance(label2id, Mapping):
+            raise TypeError(f"label2id must be a mapping from label to index, got {_kind(label2id)}")
+        try:
+            label2id = {k: int(v) for k, v in label2id.items()} if label2id else {v: k for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"label2id must map labels to int indices, got {dict(label2id)!r}") from None
+        self.id2label, self.label2id = id2label, label2id
+
+    @staticmethod
+    def _checked_id2label(id2label):
+        if not isinstance(id2label, Mapping):
+            raise TypeError(f"id2label must be a mapping from index to label, got {_kind(id2label)} {id2label!r}")
+        if len(id2label) > ARCH_LIMITS["num_labels"]:
+            raise ValueError(f"id2label must have at most {ARCH_LIMITS['num_labels']:,} entries, got {len(id2label):,}")
+        try:
+            return {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"id2label keys must be int indices, got {list(id2label)[:5]!r}") from None
 
     @property
     def num_labels(self):
@@ -114,15 +300,36 @@ class ConvNextConfig:
     def stage_names(self):
         return ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
 
+    @property
+    def out_features(self):
+        return self._out_features
+
+    @out_features.setter
+    def out_features(self, value):
+        """Setting out_features re-derives out_indices (transformers' backbone configs do the same)."""
+        self.set_out_features(value, None)
+
+    @property
+    def out_indices(self):
+        return self._out_indices
+
+    @out_indices.setter
+    def out_indices(self, value):
+        self.set_out_features(None, value)
+
     def set_out_features(self, out_features=None, out_indices=None):
         """Align out_features and out_indices over stage_names, as transformers' backbones do."""
         names = self.stage_names
         if out_indices is not None:
-            out_indices = [i % len(names) if isinstance(i, int) and i < 0 else i for i in out_indices]
-            bad = [i for i in out_indices if not isinstance(i, int) or not 0 <= i < len(names)]
+            if not isinstance(out_indices, (list, tuple)):
+                raise TypeError(f"out_indices must be a list of ints, got {_kind(out_indices)} {out_indices!r}")
+            out_indices = [i % len(names) if _is_int(i) and i < 0 else i for i in out_indices]
+            bad = [i for i in out_indices if not _is_int(i) or not 0 <= i < len(names)]
             if bad:
                 raise ValueError(f"out_indices must index stage_names {names}, got {list(out_indices)}")
         if out_features is not None:
+            if not isinstance(out_features, (list, tuple)):
+                raise TypeError(f"out_features must be a list of stage names, got {_kind(out_features)} {out_features!r}")
             bad = [f for f in out_features if f not in names]
             if bad:
                 raise ValueError(f"out_features must be a subset of stage_names {names}, got unknown {bad}")
@@ -138,31 +345,45 @@ class ConvNextConfig:
             )
         if len(set(out_indices)) != len(out_indices) or list(out_indices) != sorted(out_indices):
             raise ValueError(f"out_features must be unique and in stage order {names}, got {list(out_features)}")
-        self.out_features, self.out_indices = list(out_features), list(out_indices)
+        self._out_features, self._out_indices = list(out_features), list(out_indices)
 
     # ---- validation ---------------------------------------------------------------------------
-    def _validate(self):
-        def positive_int(name, value):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+    def validate(self):
+        """Check every field again (after attribute edits); the models call this when built."""
+        self._set_labels(self.num_labels, self.id2label, self.label2id)
+        self._validate_fields()
+        self.set_out_features(self.out_features, self.out_indices)
 
-        positive_int("num_channels", self.num_channels)
-        positive_int("patch_size", self.patch_size)
-        positive_int("num_stages", self.num_stages)
-        for name in ("hidden_sizes", "depths"):
-            values = getattr(self, name)
-            if len(values) != self.num_stages:
-                raise ValueError(f"{name} must have num_stages={self.num_stages} entries, got {len(values)}: {values}")
-            for v in values:
-                positive_int(f"every entry of {name}", v)
-        if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(f"hidden_act must be one of {sorted(HIDDEN_ACTS)}, got {self.hidden_act!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}")
+    def _validate_fields(self):
+        _check_int("num_channels", self.num_channels, 1, ARCH_LIMITS["num_channels"])
+        if isinstance(self.patch_size, (list, tuple)):
+            raise ValueError(f"patch_size must be one int (square patches), got {list(self.patch_size)}")
+        _check_int("patch_size", self.patch_size, 1, ARCH_LIMITS["patch_size"])
+        _check_int("num_stages", self.num_stages, 1, ARCH_LIMITS["num_stages"])
+        _check_int_list("hidden_sizes", self.hidden_sizes, 1, ARCH_LIMITS["hidden_sizes"], self.num_stages)
+        _check_int_list("depths", self.depths, 0, ARCH_LIMITS["depths"], self.num_stages)
+        _check_hidden_act(self.hidden_act)
+        _check_real("initializer_range", self.initializer_range, 0.0)
+        _check_real("layer_norm_eps", self.layer_norm_eps, 0.0)
+        _check_real("layer_scale_init_value", self.layer_scale_init_value)
+        _check_real("drop_path_rate", self.drop_path_rate, 0.0, 1.0)
+        _checked_image_size(self.image_size)
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(f"problem_type must be None or one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        if self.problem_type == "single_label_classification" and self.num_labels == 1:
+            raise ValueError(
+                'problem_type="single_label_classification" needs num_labels > 1, got num_labels=1 (the loss would '
+                'always be 0): use num_labels=2 for binary classification or problem_type="regression"'
+            )
+        for name in ("return_dict", "output_hidden_states", "output_attentions", "is_encoder_decoder"):
+            _check_bool(name, getattr(self, name))
+        _check_int("chunk_size_feed_forward", self.chunk_size_feed_forward, 0, 2**31)
+        parameters = estimated_parameters(self)
+        if parameters > MAX_PARAMETERS:
+            raise ValueError(
+                f"the config describes a model of {parameters:,} parameters (hidden_sizes {list(self.hidden_sizes)}, "
+                f"depths {list(self.depths)}); fastconvnext builds at most {MAX_PARAMETERS:,}"
+            )
 
     # ---- serialization ------------------------------------------------------------------------
     def to_dict(self):
@@ -184,15 +405,37 @@ class ConvNextConfig:
             "stage_names": self.stage_names,
             "id2label": {str(k): v for k, v in self.id2label.items()},
             "label2id": dict(self.label2id),
+            "problem_type": self.problem_type,
             "model_type": self.model_type,
+            "_name_or_path": self.name_or_path,
+            "return_dict": self.return_dict,
+            "output_hidden_states": self.output_hidden_states,
+            "output_attentions": self.output_attentions,
+            "dtype": self._dtype,
+            "chunk_size_feed_forward": self.chunk_size_feed_forward,
+            "is_encoder_decoder": self.is_encoder_decoder,
+            "architectures": copy.deepcopy(self.architectures),
             **copy.deepcopy(self.extra),
         }
-        if self.problem_type is not None:
-            data["problem_type"] = self.problem_type
         return dict(sorted(data.items()))
+
+    def update(self, values):
+        """Set the given fields (a dict), then check the whole config again."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"update takes a dict of config fields, got {_kind(values)}")
+        for key, value in values.items():
+            if key in ("out_features", "out_indices", "num_labels") or hasattr(type(self), key):
+                setattr(self, key, value)
+            elif key in self.__dict__:
+                self.__dict__[key] = value
+            else:
+                self.extra[key] = value
+        self.validate()
 
     @classmethod
     def from_dict(cls, data, **overrides):
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a ConvNextConfig is built from a JSON object of fields, got {_kind(data)} {data!r:.80}")
         data = {**data, **overrides}
         if data.get("model_type", "convnext") != "convnext":
             raise ValueError(f"expected a config with model_type 'convnext', got {data['model_type']!r}")
@@ -210,18 +453,31 @@ class ConvNextConfig:
             data = json.loads(Path(path).read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
-        return cls.from_dict(data, **overrides)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+        if not isinstance(data, Mapping):
+            raise TypeError(f"{path} must hold a JSON object of ConvNextConfig fields, found {_kind(data)}")
+        try:
+            return cls.from_dict(data, **overrides)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: {err}") from None
 
     def save_pretrained(self, directory):
         os.makedirs(directory, exist_ok=True)
         self.to_json_file(Path(directory) / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
-        path = Path(path)
-        file = path / CONFIG_NAME if path.is_dir() else path
+    def from_pretrained(cls, path, subfolder="", **overrides):
+        """Read config.json from a directory (or `directory/subfolder`) or a JSON file."""
+        root = Path(path)
+        if subfolder:
+            folder = (root / subfolder).resolve()
+            if not folder.is_relative_to(root.resolve()):
+                raise ValueError(f"subfolder {subfolder!r} points outside {root}")
+            root = folder
+        file = root / CONFIG_NAME if root.is_dir() else root
         if not file.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {root}")
         return cls.from_json_file(file, **overrides)
 
     @property

@@ -86,7 +86,9 @@ def drop_path_scale(drop_prob, training, x):
     if drop_prob == 0.0 or not training:
         return None
     keep_prob = 1.0 - drop_prob
-    return torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob) / keep_prob
+    keep = torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob)
+    # drop_prob 1 drops every sample (transformers computes 0/0 there and returns NaN)
+    return keep / keep_prob if keep_prob > 0 else keep
 
 
 class ConvNextDropPath(nn.Module):
@@ -206,7 +208,21 @@ class ConvNextPreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, ConvNextConfig):
             raise TypeError(f"config must be a fastconvnext.ConvNextConfig, got {type(config).__name__}")
+        config.validate()
         self.config = config
+
+    def _flags(self, output_hidden_states, return_dict):
+        """The per-call flags, defaulting to the config's (as transformers does)."""
+        config = self.config
+        return (
+            config.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
+            config.return_dict if return_dict is None else bool(return_dict),
+        )
+
+    @property
+    def base_model(self):
+        """The ConvNeXt trunk (`self.convnext` in the classifier, the model itself otherwise)."""
+        return getattr(self, self.base_model_prefix, self)
 
     def post_init(self):
         self.apply(self._init_weights)
@@ -315,17 +331,18 @@ class ConvNextModel(ConvNextPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
         self.post_init()
 
-    def forward(self, pixel_values=None, output_hidden_states=None, return_dict=None):
+    def forward(self, pixel_values=None, output_hidden_states=None, return_dict=None, output_attentions=None):
+        """output_attentions is accepted and ignored, as in transformers (ConvNeXt has no attention)."""
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         self._check_pixel_values(pixel_values)
-        output_hidden_states = bool(output_hidden_states)
+        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
         last, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states)
         pooled = self.layernorm(last.mean(dim=(-2, -1)))
         output = BaseModelOutputWithPoolingAndNoAttention(
             last_hidden_state=last.contiguous(), pooler_output=pooled, hidden_states=_contiguous_nchw(hidden_states)
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
 
 class ConvNextForImageClassification(ConvNextPreTrainedModel):
@@ -340,12 +357,14 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         )
         self.post_init()
 
-    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None):
-        outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states)
+    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None):
+        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
+        # the trunk always answers with its output object, whatever config.return_dict says
+        outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = None if labels is None else self.loss(logits, labels)
         output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     def loss(self, logits, labels):
         """transformers' rule: problem_type, inferred (and stored in the config) on first use when unset."""
@@ -361,6 +380,11 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
                 self.config.problem_type = "multi_label_classification"
         labels = labels.to(logits.device)
         problem = self.config.problem_type
+        if problem == "single_label_classification" and num_labels == 1:
+            raise ValueError(
+                'problem_type="single_label_classification" needs num_labels > 1, got num_labels=1 (the loss would '
+                'always be 0): use num_labels=2 for binary classification or problem_type="regression"'
+            )
         if problem == "regression":
             if num_labels == 1:
                 return F.mse_loss(logits.squeeze(), labels.squeeze())
@@ -371,30 +395,76 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
 
 
 class ConvNextBackbone(ConvNextPreTrainedModel):
-    """Feature maps of the stages named in config.out_features, each through its own LayerNorm."""
+    """Feature maps of the stages named in config.out_features, each through its own LayerNorm.
+
+    out_features / out_indices are read from the config on every call and setting either (here or on
+    the config) re-aligns the other, as in transformers; a stage can only be returned if the backbone
+    was built with its LayerNorm.
+    """
+
+    has_attentions = False
 
     def __init__(self, config):
         super().__init__(config)
         self.embeddings = ConvNextEmbeddings(config)
         self.encoder = ConvNextEncoder(config)
         self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
-        self.out_features = list(config.out_features)
-        self.channels = [self.num_features[i] for i in config.out_indices]
         self.hidden_states_norms = nn.ModuleDict(
             {stage: ConvNextLayerNorm(c, data_format="channels_first") for stage, c in zip(self.out_features, self.channels)}
         )
         self.post_init()
 
-    def forward(self, pixel_values, output_hidden_states=None, return_dict=None):
+    @property
+    def stage_names(self):
+        return self.config.stage_names
+
+    @property
+    def out_features(self):
+        return self.config.out_features
+
+    @out_features.setter
+    def out_features(self, value):
+        self.config.out_features = value
+
+    @property
+    def out_indices(self):
+        return self.config.out_indices
+
+    @out_indices.setter
+    def out_indices(self, value):
+        self.config.out_indices = value
+
+    @property
+    def out_feature_channels(self):
+        return dict(zip(self.stage_names, self.num_features))
+
+    @property
+    def channels(self):
+        return [self.out_feature_channels[stage] for stage in self.out_features]
+
+    def forward_with_filtered_kwargs(self, *args, **kwargs):
+        """transformers' BackboneMixin entry point used by detection/segmentation heads."""
+        kwargs.pop("output_attentions", None)
+        return self(*args, **kwargs)
+
+    def forward(self, pixel_values, output_hidden_states=None, return_dict=None, output_attentions=None):
+        """output_attentions is accepted and ignored, as in transformers (ConvNeXt has no attention)."""
         self._check_pixel_values(pixel_values)
+        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
+        missing = [stage for stage in self.out_features if stage not in self.hidden_states_norms]
+        if missing:
+            raise ValueError(
+                f"config.out_features asks for {missing}, but this backbone was built with LayerNorms for "
+                f"{list(self.hidden_states_norms)} only; build a new ConvNextBackbone for other stages"
+            )
         _, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states=True)
         feature_maps = tuple(
             self.hidden_states_norms[stage](h)
-            for stage, h in zip(self.config.stage_names, hidden_states)
+            for stage, h in zip(self.stage_names, hidden_states)
             if stage in self.out_features
         )
         output = BackboneOutput(
             feature_maps=_contiguous_nchw(feature_maps),
             hidden_states=_contiguous_nchw(hidden_states) if output_hidden_states else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()

@@ -56,3 +56,4 @@ class ImageClassifierOutputWithNoAttention(ModelOutput):
 class BackboneOutput(ModelOutput):
     feature_maps: tuple[torch.Tensor, ...] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None  # always None: ConvNeXt has no attention

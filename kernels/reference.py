@@ -24,6 +24,10 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
     "hardswish": F.hardswish,
     "linear": lambda t: t,
+    "gelu_10": lambda t: torch.clamp(F.gelu(t), -10.0, 10.0),
+    "laplace": lambda t: 0.5 * (1.0 + torch.erf((t - 0.707107) / (0.282095 * 2.0**0.5))),
+    "relu2": lambda t: torch.square(F.relu(t)),
+    "sqrtsoftplus": lambda t: torch.sqrt(F.softplus(t)),
 }
 FUSED_ACTS = ("gelu", "gelu_tanh", "relu")
 # What the fused depthwise-conv kernel implements: square odd kernels up to 7, up to 2048 channels

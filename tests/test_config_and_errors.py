@@ -10,29 +10,102 @@ from helpers import SMALL, twin_models
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(hidden_sizes=[8, 16, 24]), "hidden_sizes must have num_stages=4 entries, got 3"),
-        (dict(depths=[1, 1, 1]), "depths must have num_stages=4 entries, got 3"),
-        (dict(hidden_act="gelu_typo"), "hidden_act must be one of"),
-        (dict(hidden_sizes=[8, 0, 24, 32]), "every entry of hidden_sizes must be a positive int, got 0"),
-        (dict(depths=[1, -1, 1, 1]), "every entry of depths must be a positive int, got -1"),
-        (dict(patch_size=0), "patch_size must be a positive int, got 0"),
-        (dict(num_channels=2.5), "num_channels must be a positive int, got 2.5"),
-        (dict(out_features=["stage7"]), "out_features must be a subset of stage_names"),
-        (dict(out_indices=[9]), "out_indices must index stage_names"),
-        (dict(out_features=["stage2"], out_indices=[3]), "name different stages"),
-        (dict(out_features=["stage3", "stage1"]), "in stage order"),
-        (dict(drop_path_rate=1.0), "drop_path_rate must be in [0, 1)"),
-        (dict(layer_norm_eps=0), "layer_norm_eps must be > 0"),
-        (dict(problem_type="ranking"), "problem_type must be None or one of"),
-        (dict(num_labels=3, id2label={0: "a"}), "num_labels=3 but id2label has 1 entries"),
+        (dict(hidden_sizes=[8, 16, 24]), ValueError, "hidden_sizes must have num_stages=4 entries, got 3"),
+        (dict(depths=[1, 1, 1]), ValueError, "depths must have num_stages=4 entries, got 3"),
+        (dict(depths="3393"), TypeError, "depths must be a list of 4 ints, got str '3393'"),
+        (dict(hidden_act="gelu_typo"), ValueError, "hidden_act must be one of"),
+        (dict(hidden_act=["gelu"]), TypeError, "hidden_act must be a string, one of"),
+        (dict(hidden_act="xielu"), ValueError, "'xielu' has learnable parameters of its own"),
+        (dict(hidden_act="prelu"), ValueError, "'prelu' has learnable parameters of its own"),
+        (dict(hidden_sizes=[8, 0, 24, 32]), ValueError, "every entry of hidden_sizes must be an int in [1, 16384], got 0"),
+        (dict(depths=[1, -1, 1, 1]), ValueError, "every entry of depths must be an int in [0, 512], got -1"),
+        (dict(depths=[1_000_000, 1, 1, 1]), ValueError, "every entry of depths must be an int in [0, 512], got 1000000"),
+        (dict(hidden_sizes=[10**9, 8, 8, 8]), ValueError, "hidden_sizes must be an int in [1, 16384], got 1000000000"),
+        (dict(hidden_sizes=[8, 8, 8, 8.0]), TypeError, "every entry of hidden_sizes must be an int in [1, 16384], got float"),
+        (dict(hidden_sizes=[16384] * 4, depths=[512] * 4), ValueError, "parameters (hidden_sizes [16384, 16384"),
+        (dict(patch_size=0), ValueError, "patch_size must be an int in [1, 64], got 0"),
+        (dict(patch_size=10**6), ValueError, "patch_size must be an int in [1, 64], got 1000000"),
+        (dict(patch_size=[4, 4]), ValueError, "patch_size must be one int (square patches), got [4, 4]"),
+        (dict(num_stages=10**6), ValueError, "num_stages must be an int in [1, 16], got 1000000"),
+        (dict(num_channels=2.5), TypeError, "num_channels must be an int in [1, 1024], got float 2.5"),
+        (dict(num_channels=True), TypeError, "num_channels must be an int in [1, 1024], got bool True"),
+        (dict(out_features=["stage7"]), ValueError, "out_features must be a subset of stage_names"),
+        (dict(out_features="stage2"), TypeError, "out_features must be a list of stage names, got str"),
+        (dict(out_indices=[9]), ValueError, "out_indices must index stage_names"),
+        (dict(out_features=["stage2"], out_indices=[3]), ValueError, "name different stages"),
+        (dict(out_features=["stage3", "stage1"]), ValueError, "in stage order"),
+        (dict(drop_path_rate=1.5), ValueError, "drop_path_rate must be a finite number in [0.0, 1.0], got 1.5"),
+        (dict(layer_norm_eps=-1e-6), ValueError, "layer_norm_eps must be a finite number in [0.0, inf], got -1e-06"),
+        (dict(layer_norm_eps="1e-6"), TypeError, "layer_norm_eps must be a number in [0.0, inf], got str '1e-6'"),
+        (dict(layer_scale_init_value=float("nan")), ValueError, "layer_scale_init_value must be a finite number"),
+        (dict(initializer_range=float("inf")), ValueError, "initializer_range must be a finite number"),
+        (dict(problem_type="ranking"), ValueError, "problem_type must be None or one of"),
+        (dict(num_labels=1, problem_type="single_label_classification"), ValueError, "needs num_labels > 1, got num_labels=1"),
+        (dict(num_labels=3, id2label={0: "a"}), ValueError, "num_labels=3 but id2label has 1 entries"),
+        (dict(num_labels=10**9), ValueError, "num_labels must be an int in [0, 1000000], got 1000000000"),
+        (dict(id2label=["a", "b"]), TypeError, "id2label must be a mapping from index to label, got list"),
+        (dict(id2label={"x": "a"}), ValueError, "id2label keys must be int indices"),
+        (dict(return_dict="yes"), TypeError, "return_dict must be true or false, got str 'yes'"),
+        (dict(output_hidden_states=1), TypeError, "output_hidden_states must be true or false, got int 1"),
+        (dict(dtype="complex64"), ValueError, "dtype must be None, 'auto' or one of"),
+        (dict(image_size=[224, 224, 3]), ValueError, "image_size must be an int or a pair [height, width]"),
     ],
 )
-def test_inconsistent_config_raises_when_built(kwargs, message):
-    with pytest.raises(ValueError) as err:
+def test_bad_config_field_raises_one_clear_error(kwargs, error, message):
+    with pytest.raises(error) as err:
         fastconvnext.ConvNextConfig(**kwargs)
     assert message in str(err.value)
+
+
+def test_attribute_edits_are_checked_when_a_model_is_built():
+    config = fastconvnext.ConvNextConfig(**SMALL)
+    config.depths = [1, 1, 1_000_000, 1]
+    with pytest.raises(ValueError, match=r"every entry of depths must be an int in \[0, 512\], got 1000000"):
+        fastconvnext.ConvNextModel(config)
+
+
+def test_bounds_admit_the_largest_published_convnext():
+    # ConvNeXt-XXLarge (open_clip): the widest and deepest published ConvNeXt
+    config = fastconvnext.ConvNextConfig(hidden_sizes=[384, 768, 1536, 3072], depths=[3, 4, 30, 3], num_labels=21841)
+    assert config.depths == [3, 4, 30, 3]
+
+
+@pytest.mark.parametrize("kind", ["ConvNextForImageClassification", "ConvNextModel", "ConvNextBackbone"])
+def test_parameter_estimate_bounds_every_class(kind):
+    """The parameter bound is computed, not allocated: the estimate must cover each class's true count."""
+    config = dict(hidden_sizes=[8, 12, 20, 24], depths=[2, 0, 1, 3], num_labels=7, patch_size=3, num_channels=2,
+                  out_features=["stem", "stage1", "stage2", "stage3", "stage4"])
+    theirs = getattr(transformers, kind)(transformers.ConvNextConfig(**config))
+    estimate = fastconvnext.configuration.estimated_parameters(fastconvnext.ConvNextConfig(**config))
+    count = sum(p.numel() for p in theirs.parameters())
+    if kind == "ConvNextForImageClassification":
+        assert estimate == count
+    else:
+        assert estimate >= count
+
+
+@pytest.mark.parametrize(
+    "text, kind", [("[1, 2]", "list"), ('"convnext"', "str"), ("3", "int"), ("null", "null"), ("true", "bool")]
+)
+def test_config_json_that_is_not_an_object(tmp_path, text, kind):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(TypeError) as err:
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path)
+    assert f"config.json must hold a JSON object of ConvNextConfig fields, found {kind}" in str(err.value)
+    with pytest.raises(TypeError, match=f"built from a JSON object of fields, got {kind}"):
+        fastconvnext.ConvNextConfig.from_dict(json.loads(text))
+
+
+def test_config_json_field_errors_name_the_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"layer_norm_eps": "1e-6", "model_type": "convnext"}))
+    with pytest.raises(TypeError) as err:
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value) and "layer_norm_eps must be a number" in str(err.value)
+    (tmp_path / "config.json").write_text('{"layer_scale_init_value": NaN}')
+    with pytest.raises(ValueError, match="layer_scale_init_value must be a finite number"):
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path)
 
 
 def test_defaults_equal_transformers():

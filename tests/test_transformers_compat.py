@@ -1,0 +1,199 @@
+"""Code written against transformers' ConvNeXt classes, run on fastconvnext's: transformers 5.23 is the oracle.
+
+Config flags and fields, activations, the configs transformers accepts, backbone attributes, export and
+vmap; and the sensible answer where transformers itself breaks (config.return_dict=False in the
+classifier, drop_path_rate=1 in training).
+"""
+import json
+
+import pytest
+import torch
+import transformers
+from transformers.activations import ACT2CLS, ACT2FN
+
+import fastconvnext
+from fastconvnext.configuration import HIDDEN_ACTS, PARAMETRIC_ACTS
+from fastconvnext.kernels.reference import ACTIVATIONS
+from helpers import SMALL, twin_models
+
+ATOL = 1e-5
+TINY = dict(hidden_sizes=[8, 12, 20, 24], depths=[1, 1, 1, 1])
+
+
+def assert_close(ours, theirs, what, atol=ATOL):
+    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+
+
+def _has_state(module):
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
+# ---- hidden_act -------------------------------------------------------------------------------------
+
+
+def test_every_parameter_free_act2fn_entry_is_a_hidden_act():
+    parameter_free = {name for name in ACT2CLS if not _has_state(ACT2FN[name])}
+    assert parameter_free == set(HIDDEN_ACTS)
+    assert set(ACT2CLS) - parameter_free == set(PARAMETRIC_ACTS)
+
+
+@pytest.mark.parametrize("hidden_act", sorted(HIDDEN_ACTS))
+def test_activation_equals_transformers_act2fn(hidden_act):
+    x = torch.linspace(-30.0, 30.0, 4001, dtype=torch.float64)
+    theirs = ACT2FN[hidden_act].double()(x)
+    ours = ACTIVATIONS[HIDDEN_ACTS[hidden_act]](x)
+    assert_close(ours, theirs, hidden_act, atol=1e-12)
+
+
+# ---- configs transformers accepts ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(SMALL, depths=[1, 0, 2, 0]), dict(SMALL, layer_norm_eps=0.0), dict(SMALL, drop_path_rate=1.0)],
+    ids=["depths-with-0", "eps-0", "drop-path-1"],
+)
+def test_configs_transformers_accepts_build_and_match_in_eval(config):
+    hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, **config)
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        expected, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
+    assert_close(got.logits, expected.logits, "logits")
+    for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states, strict=True)):
+        assert_close(a, b, f"hidden_states[{i}]")
+
+
+def test_drop_path_rate_1_drops_the_last_block_in_training():
+    """transformers divides by keep_prob = 0 there (NaN); a block dropped with probability 1 is skipped."""
+    hf, ours = twin_models("ConvNextModel", hidden_sizes=[8, 12, 20, 24], depths=[1, 1, 1, 2], drop_path_rate=1.0)
+    hf.train(), ours.train()
+    last_block = hf.encoder.stages[3].layers[1]
+    last_block.register_forward_hook(lambda module, inputs, output: inputs[0])  # the oracle: block skipped
+    x = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(7)
+    expected = hf(x).last_hidden_state
+    torch.manual_seed(7)
+    got = ours(x).last_hidden_state
+    assert torch.isfinite(got).all()
+    assert_close(got, expected, "last_hidden_state with drop_path_rate=1")
+
+
+def test_num_labels_1_with_single_label_classification_is_refused_as_in_transformers():
+    kwargs = dict(num_labels=1, problem_type="single_label_classification")
+    with pytest.raises(ValueError):
+        transformers.ConvNextConfig(**kwargs)
+    with pytest.raises(ValueError, match="needs num_labels > 1, got num_labels=1"):
+        fastconvnext.ConvNextConfig(**kwargs)
+
+
+def test_single_label_loss_with_one_label_set_after_construction_is_refused():
+    _, ours = twin_models("ConvNextForImageClassification", num_labels=1, **TINY)
+    ours.config.problem_type = "single_label_classification"
+    with pytest.raises(ValueError, match="needs num_labels > 1"):
+        ours(torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 0]))
+
+
+# ---- generic PretrainedConfig flags ----------------------------------------------------------------
+
+READABLE = (
+    "return_dict", "output_hidden_states", "output_attentions", "dtype", "torch_dtype", "id2label", "label2id",
+    "num_labels", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "architectures",
+    "name_or_path", "use_return_dict", "num_hidden_layers", "model_type", "stage_names", "out_features",
+    "out_indices", "hidden_sizes", "depths", "image_size",
+)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(TINY),
+        dict(TINY, return_dict=False, output_hidden_states=True, output_attentions=True, dtype="bfloat16"),
+        dict(TINY, dtype=torch.float16, num_labels=3, problem_type="regression", architectures=["X"]),
+        dict(TINY, torch_dtype="float32", id2label={0: "cat", 1: "dog"}, out_indices=[1, 3], custom_key=5),
+        dict(hidden_sizes=(8, 12, 20, 24), depths=(1, 1, 1, 1), chunk_size_feed_forward=4),
+    ],
+)
+def test_generic_flags_are_kept_and_read_as_in_transformers(kwargs, tmp_path):
+    theirs = transformers.ConvNextConfig(**kwargs)
+    ours = fastconvnext.ConvNextConfig(**kwargs)
+    for name in READABLE + tuple(k for k in kwargs if k not in ("torch_dtype",)):
+        if name == "label2id" and theirs.label2id is None:  # transformers leaves it unset given id2label alone
+            assert ours.label2id == {label: i for i, label in theirs.id2label.items()}
+            continue
+        expected = getattr(theirs, name)
+        if isinstance(expected, tuple):  # fastconvnext stores hidden_sizes/depths as lists (see the backbone test)
+            expected = list(expected)
+        assert getattr(ours, name) == expected, name
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours.save_pretrained(tmp_path / "ours")
+    from_theirs = fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "theirs")
+    from_ours = transformers.ConvNextConfig.from_pretrained(tmp_path / "ours")
+    for name in READABLE:
+        if name not in ("name_or_path", "label2id"):  # transformers' from_pretrained records the path it read
+            assert getattr(from_theirs, name) == getattr(ours, name), f"{name} after transformers' save"
+            assert getattr(from_ours, name) == getattr(from_theirs, name), f"{name} read back by transformers"
+
+
+def test_config_from_pretrained_subfolder(tmp_path):
+    transformers.ConvNextConfig(**TINY, num_labels=5).save_pretrained(tmp_path / "nested" / "model")
+    theirs = transformers.ConvNextConfig.from_pretrained(tmp_path / "nested", subfolder="model")
+    ours = fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "nested", subfolder="model")
+    assert ours.hidden_sizes == theirs.hidden_sizes and ours.num_labels == theirs.num_labels == 5
+    with pytest.raises(ValueError, match="points outside"):
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "nested", subfolder="../..")
+
+
+def test_config_output_hidden_states_is_honoured_by_forward():
+    config = dict(TINY, output_hidden_states=True)
+    for kind in ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"):
+        hf, ours = twin_models(kind, **config)
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            expected, got = hf(x), ours(x)
+            assert ours(x, output_hidden_states=False).hidden_states is None
+        assert got.hidden_states is not None and len(got.hidden_states) == len(expected.hidden_states) == 5, kind
+        for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+            assert_close(a, b, f"{kind} hidden_states[{i}]")
+
+
+@pytest.mark.parametrize("kind", ["ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"])
+def test_config_return_dict_false_returns_tuples(kind):
+    """transformers 5.23 crashes in the classifier here (its trunk answers with a tuple); both work here.
+
+    The oracle is transformers with return_dict=False passed to the call, which it handles."""
+    hf, ours = twin_models(kind, **TINY)
+    ours.config.return_dict = False
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf(x, return_dict=False), ours(x)
+        assert not isinstance(ours(x, return_dict=True), tuple)
+    assert isinstance(got, tuple) and len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        for j, (u, v) in enumerate(zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,))):
+            assert_close(u, v, f"{kind} output[{i}][{j}]")
+
+
+def test_output_attentions_is_accepted_and_yields_no_attentions():
+    for kind in ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"):
+        hf, ours = twin_models(kind, **TINY)
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            expected, got = hf(x, output_attentions=True), ours(x, output_attentions=True)
+        assert list(got.keys()) == list(expected.keys()), kind
+        assert getattr(got, "attentions", None) is None and getattr(expected, "attentions", None) is None
+
+
+def test_default_config_builds_a_backbone():
+    """transformers' default ConvNextConfig() keeps tuple hidden_sizes, which its ConvNextBackbone cannot
+    concatenate; fastconvnext stores lists, so the default (convnext-tiny) backbone builds."""
+    with pytest.raises(TypeError):
+        transformers.ConvNextBackbone(transformers.ConvNextConfig())
+    backbone = fastconvnext.ConvNextBackbone(fastconvnext.ConvNextConfig())
+    theirs = transformers.ConvNextBackbone(transformers.ConvNextConfig(hidden_sizes=[96, 192, 384, 768]))
+    assert backbone.channels == theirs.channels == [768]
+    assert sorted(backbone.state_dict()) == sorted(theirs.state_dict())
+    assert json.loads(fastconvnext.ConvNextConfig(hidden_sizes=(8, 12, 20, 24)).to_json_string())["hidden_sizes"] == [
+        8, 12, 20, 24
+    ]
