@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import fastconvnext
 from fastconvnext import backend, tuning
-from fastconvnext.backend import Decision, PolicyKey
+from fastconvnext.backend import PolicyKey
 
 HIDDEN = [8, 12, 20, 24]
 CONFIG = dict(hidden_sizes=HIDDEN, depths=[1, 1, 1, 1])

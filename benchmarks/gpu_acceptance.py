@@ -1,0 +1,414 @@
+"""GPU acceptance run (issue 10 item 3): one command, one report, non-zero exit on any failed step.
+
+Steps, each in its own Python process (a CUDA fault in one cannot take the others down), each with a
+time limit (570 s in all, so under 10 minutes):
+  kernel_tests   the kernel test files with FASTCONVNEXT_TEST_DEVICE=cuda (native kernels, real configs
+                 and autotuner, ConvNeXt-T stage shapes at batch 8)
+  inductor       torch.compile (default inductor backend, fullgraph) of ConvNeXt-T through both fused ops,
+                 forward and backward, against the eager ops (tests/tolerance.py's rule, fp64 reference)
+  training       50 steps of bf16-autocast AdamW training of ConvNeXt-T on random data (a fixed set of
+                 batches), fused and eager from one initialization, losses side by side
+  tune           fastconvnext.tune() on ConvNeXt-T (inference and training passes) and the policy table
+  modelled       fused and eager timed at ConvNeXt-T stage shapes (batch 64, bf16) beside the static
+                 model's prediction (fastconvnext.bench.ops_report.predicted_us, when present)
+Writes <output>/gpu_acceptance.md and <output>/gpu_acceptance.json (plus steps/<name>.json and logs).
+
+    benchmarks/gpu_acceptance.sh OUTPUT_DIR            # or: python benchmarks/gpu_acceptance.py --output DIR
+    python benchmarks/gpu_acceptance.py --output DIR --steps training,tune
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ("kernel_tests", "inductor", "training", "tune", "modelled")
+# Limits per step (sum 570 s, so the run stays under 10 minutes); not yet checked on a GPU.
+STEP_TIMEOUT_S = {"kernel_tests": 210, "inductor": 90, "training": 120, "tune": 75, "modelled": 75}
+KERNEL_TEST_FILES = ("test_dwconv_layernorm.py", "test_dwconv_launch_paths.py", "test_convnext_mlp.py",
+                     "test_convnext_mlp_launch_paths.py", "test_convnext_mlp_fp32_intermediates.py",
+                     "test_fused_equivalence.py", "test_dispatch_policy.py")
+CONVNEXT_T = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
+STAGES_T = ((56, 96), (28, 192), (14, 384), (7, 768))
+TRAINING_LOSS_RTOL = 0.05  # fused vs eager loss per step; bf16 rounding differs between the two paths
+
+
+@dataclass
+class StepResult:
+    name: str
+    ok: bool
+    seconds: float = 0.0
+    summary: str = ""  # markdown
+    data: dict = field(default_factory=dict)
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------ orchestration
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, required=True, help="directory for the report (created)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma list out of {', '.join(STEPS)}")
+    parser.add_argument("--train-steps", type=int, default=50)
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--run-step", choices=STEPS, help=argparse.SUPPRESS)  # internal: one step, in-process
+    args = parser.parse_args(argv)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown or not steps:
+        parser.error(f"--steps takes a comma list out of {', '.join(STEPS)}, got {args.steps!r}")
+    if args.train_steps < 2 or args.train_batch < 1:
+        parser.error(f"--train-steps must be >= 2 and --train-batch >= 1, got {args.train_steps}, {args.train_batch}")
+    args.steps = steps
+    return args
+
+
+def subprocess_runner(args):
+    """Runs one step as `python gpu_acceptance.py --run-step NAME` and reads its steps/NAME.json."""
+
+    def run(name):
+        steps_dir = args.output / "steps"
+        steps_dir.mkdir(parents=True, exist_ok=True)
+        result_path, log_path = steps_dir / f"{name}.json", steps_dir / f"{name}.log"
+        result_path.unlink(missing_ok=True)
+        command = [sys.executable, str(Path(__file__).resolve()), "--output", str(args.output), "--run-step", name,
+                   "--train-steps", str(args.train_steps), "--train-batch", str(args.train_batch)]
+        begin = time.perf_counter()
+        with open(log_path, "w") as log:
+            try:
+                done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      timeout=STEP_TIMEOUT_S[name])
+                rc = done.returncode
+            except subprocess.TimeoutExpired:
+                rc = None
+        seconds = time.perf_counter() - begin
+        if result_path.is_file():
+            result = StepResult(**json.loads(result_path.read_text()))
+        else:
+            result = StepResult(name, False, error="no result written")
+        result.seconds = seconds
+        if rc is None:
+            result.ok, result.error = False, f"timed out after {STEP_TIMEOUT_S[name]} s (log: {log_path})"
+        elif rc != 0 and result.ok:
+            result.ok, result.error = False, f"exit code {rc} (log: {log_path})"
+        elif not result.ok and not result.error:
+            result.error = f"exit code {rc} (log: {log_path})"
+        return result
+
+    return run
+
+
+def orchestrate(steps, runner, progress=print):
+    """Run every step (a failure does not stop the rest); a runner that raises counts as a failed step."""
+    results = []
+    for name in steps:
+        progress(f"[gpu_acceptance] {name} ...")
+        begin = time.perf_counter()
+        try:
+            result = runner(name)
+        except Exception as error:  # the report must still be written
+            result = StepResult(name, False, time.perf_counter() - begin, error=f"{type(error).__name__}: {error}")
+        progress(f"[gpu_acceptance] {name}: {'ok' if result.ok else 'FAILED ' + result.error} ({result.seconds:.0f} s)")
+        results.append(result)
+    return results
+
+
+def environment():
+    env = {"python": platform.python_version(), "host": platform.node()}
+    try:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["cuda"] = str(torch.version.cuda)
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            env["gpu"] = f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
+    except ImportError:
+        env["torch"] = "not installed"
+    for package in ("triton", "transformers", "fastconvnext"):
+        try:
+            from importlib import metadata
+
+            env[package] = metadata.version(package)
+        except Exception:
+            env[package] = "not installed"
+    return env
+
+
+def write_report(output, results, env):
+    """<output>/gpu_acceptance.md and .json; returns the markdown path."""
+    output.mkdir(parents=True, exist_ok=True)
+    passed = all(r.ok for r in results)
+    lines = [f"# GPU acceptance run: {'PASSED' if passed else 'FAILED'}", "",
+             "Measured on the machine below unless a figure is labelled as a model.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in env.items()]
+    lines += ["", "| step | result | seconds |", "|---|---|---|"]
+    lines += [f"| {r.name} | {'ok' if r.ok else 'FAILED: ' + r.error} | {r.seconds:.0f} |" for r in results]
+    for r in results:
+        lines += ["", f"## {r.name}: {'ok' if r.ok else 'FAILED'}", ""]
+        if r.error:
+            lines += [f"Error: {r.error}", ""]
+        if r.summary:
+            lines.append(r.summary)
+    md = output / "gpu_acceptance.md"
+    md.write_text("\n".join(lines) + "\n")
+    (output / "gpu_acceptance.json").write_text(json.dumps(
+        {"passed": passed, "environment": env, "steps": [asdict(r) for r in results]}, indent=1, default=str))
+    return md
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.run_step:
+        return _run_step_in_process(args)
+    results = orchestrate(args.steps, subprocess_runner(args))
+    md = write_report(args.output, results, environment())
+    print(f"[gpu_acceptance] report: {md}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def _run_step_in_process(args):
+    name = args.run_step
+    try:
+        result = STEP_FUNCTIONS[name](args)
+    except Exception as error:
+        import traceback
+
+        traceback.print_exc()
+        result = StepResult(name, False, error=f"{type(error).__name__}: {error}")
+    steps_dir = args.output / "steps"
+    steps_dir.mkdir(parents=True, exist_ok=True)
+    (steps_dir / f"{name}.json").write_text(json.dumps(asdict(result), indent=1, default=str))
+    return 0 if result.ok else 1
+
+
+# -------------------------------------------------------------------------------------------- steps
+
+
+def _md_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _require_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device: the acceptance run needs a GPU")
+    return torch
+
+
+def step_kernel_tests(args):
+    _require_cuda()
+    files = [f"tests/{name}" for name in KERNEL_TEST_FILES if (ROOT / "tests" / name).is_file()]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTCONVNEXT_TEST_DEVICE"] = "cuda"
+    env["XDG_CACHE_HOME"] = str(args.output / "cache")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *files],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=STEP_TIMEOUT_S["kernel_tests"] - 10)
+    (args.output / "kernel_tests.log").write_text(done.stdout + done.stderr)
+    tail = [line for line in done.stdout.splitlines() if line.strip()][-15:]
+    summary = "Files: " + ", ".join(files) + "\n\n```\n" + "\n".join(tail) + "\n```"
+    return StepResult("kernel_tests", done.returncode == 0, summary=summary,
+                      data={"returncode": done.returncode, "files": files, "tail": tail},
+                      error="" if done.returncode == 0 else f"pytest exit code {done.returncode}")
+
+
+def _tolerance():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import tolerance
+
+    return tolerance
+
+
+def _convnext_t(torch, classify=False, num_labels=10):
+    import fastconvnext
+
+    torch.manual_seed(0)
+    config = fastconvnext.ConvNextConfig(**CONVNEXT_T, num_labels=num_labels, layer_scale_init_value=0.5)
+    cls = fastconvnext.ConvNextForImageClassification if classify else fastconvnext.ConvNextModel
+    return cls(config)
+
+
+def step_inductor(args):
+    torch = _require_cuda()
+    import copy
+
+    import fastconvnext
+
+    tolerance = _tolerance()
+    model = _convnext_t(torch).cuda().train()
+    pixels = torch.randn(2, 3, 224, 224, device="cuda")
+
+    def forward_backward(m, dtype):
+        m = copy.deepcopy(m).to(dtype)
+        out = m(pixels.to(dtype)).pooler_output
+        out.backward(torch.ones_like(out))
+        stem = m.embeddings.patch_embeddings.weight.grad
+        return out.detach(), stem.detach()
+
+    with fastconvnext.use_backend("eager"):
+        reference = forward_backward(model, torch.float64)
+        eager = forward_backward(model, torch.float32)
+    torch._dynamo.reset()
+    with fastconvnext.use_backend("triton"):
+        m = copy.deepcopy(model)
+        compiled = torch.compile(m, fullgraph=True)  # default backend: inductor
+        out = compiled(pixels).pooler_output
+        out.backward(torch.ones_like(out))
+        fused = (out.detach(), m.embeddings.patch_embeddings.weight.grad.detach())
+    rows, ok = [], True
+    for what, f, e, r in zip(("pooler_output", "d stem weight"), fused, eager, reference):
+        limit = 2 * tolerance.max_abs_diff(e, r) + tolerance.ATOL[torch.float32]
+        err = tolerance.max_abs_diff(f, r)
+        ok &= err <= limit
+        rows.append((what, f"{err:.3g}", f"{limit:.3g}", "ok" if err <= limit else "FAILED"))
+    summary = ("torch.compile(model, fullgraph=True), inductor, backend 'triton', ConvNeXt-T fp32 batch 2 at 224², "
+               "forward + backward; max |compiled - fp64 eager| against the rule 2*max|eager fp32 - fp64| + atol:\n\n"
+               + _md_table(("tensor", "compiled error", "allowed", "result"), rows))
+    return StepResult("inductor", ok, summary=summary, data={"rows": rows},
+                      error="" if ok else "compiled output outside the tolerance rule")
+
+
+def _train(torch, model, batches, labels, steps, backend_name):
+    import fastconvnext
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses, times = [], []
+    with fastconvnext.use_backend(backend_name):
+        for step in range(steps):
+            i = step % len(batches)
+            torch.cuda.synchronize()
+            begin = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(batches[i], labels=labels[i]).loss
+            loss.backward()
+            optimizer.step()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - begin) * 1e3)
+            losses.append(loss.item())
+    return losses, times
+
+
+def step_training(args):
+    torch = _require_cuda()
+    import copy
+
+    model = _convnext_t(torch, classify=True).cuda().train()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randn(args.train_batch, 3, 224, 224, device="cuda", generator=gen) for _ in range(4)]
+    labels = [torch.randint(0, 10, (args.train_batch,), device="cuda", generator=gen) for _ in range(4)]
+    fused_losses, fused_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "triton")
+    eager_losses, eager_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "eager")
+    finite = all(math.isfinite(v) for v in fused_losses + eager_losses)
+    rel = [abs(f - e) / max(abs(e), 1e-6) for f, e in zip(fused_losses, eager_losses)]
+    learned = fused_losses[-1] < fused_losses[0] and eager_losses[-1] < eager_losses[0]
+    ok = finite and max(rel) <= TRAINING_LOSS_RTOL and learned
+    rows = [(s + 1, f"{f:.4f}", f"{e:.4f}", f"{r:.2%}") for s, (f, e, r) in
+            enumerate(zip(fused_losses, eager_losses, rel)) if s < 5 or s % 10 == 9 or s == len(rel) - 1]
+    median = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731 (first steps compile and autotune)
+    summary = (f"ConvNeXt-T classifier, bf16 autocast, AdamW lr 1e-4, batch {args.train_batch} at 224², "
+               f"{args.train_steps} steps over 4 fixed random batches. Measured median step: fused "
+               f"{median(fused_ms):.1f} ms, eager {median(eager_ms):.1f} ms. Pass: finite, |fused-eager|/|eager| <= "
+               f"{TRAINING_LOSS_RTOL:.0%} at every step (max {max(rel):.2%}), loss decreased on both.\n\n"
+               + _md_table(("step", "fused loss", "eager loss", "rel. diff"), rows))
+    error = "" if ok else ("non-finite loss" if not finite else "loss did not decrease" if not learned
+                           else f"fused and eager losses differ by {max(rel):.2%}")
+    return StepResult("training", ok, summary=summary, error=error,
+                      data={"fused_losses": fused_losses, "eager_losses": eager_losses, "fused_ms": fused_ms,
+                            "eager_ms": eager_ms})
+
+
+def step_tune(args):
+    torch = _require_cuda()
+    os.environ["XDG_CACHE_HOME"] = str(args.output / "cache")
+    import fastconvnext
+    from fastconvnext import backend
+
+    model = _convnext_t(torch).cuda().to(torch.bfloat16)
+    pixels = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    tables = {}
+    for training in (False, True):
+        model.train(training)
+        tables[training] = fastconvnext.tune(model, pixels, training=training)
+    keys = sorted(set(tables[False]) | set(tables[True]), key=lambda k: tuple(map(str, k)))
+    rows = [(label, choice, source, fused_us, eager_us, backend.static_decision(key).choice)
+            for key, (label, choice, source, fused_us, eager_us, _) in zip(keys, backend.policy_table(keys))]
+    summary = ("fastconvnext.tune() on ConvNeXt-T bf16 batch 8 at 224² (inference, then training); µs are "
+               "measured medians (CUDA events); 'default' is what the untuned policy (static model / roofline) "
+               "would have chosen.\n\n"
+               + _md_table(("shape", "tuned choice", "source", "fused µs", "eager µs", "default"), rows))
+    ok = len(keys) > 0 and all(r[2] == "tuned" for r in rows)
+    return StepResult("tune", ok, summary=summary, data={"rows": rows},
+                      error="" if ok else "no tuned shape recorded")
+
+
+def _stage_call(torch, op, n, size, channels, dtype):
+    x = torch.randn(n, size, size, channels, device="cuda", dtype=dtype)
+    if op == "dwconv_layernorm":
+        return (x, torch.randn(channels, 1, 7, 7, device="cuda", dtype=dtype) * 0.1,
+                torch.randn(channels, device="cuda", dtype=dtype), torch.ones(channels, device="cuda", dtype=dtype),
+                torch.zeros(channels, device="cuda", dtype=dtype), 1e-6)
+    w = lambda *s: torch.randn(*s, device="cuda", dtype=dtype) * 0.05  # noqa: E731
+    return (x, torch.randn_like(x), w(4 * channels, channels), w(4 * channels), w(channels, 4 * channels),
+            w(channels), torch.full((channels,), 0.5, device="cuda", dtype=dtype), "gelu", None)
+
+
+def _predicted(op, shape, dtype, mode, arch):
+    try:
+        from fastconvnext.bench.ops_report import predicted_us
+    except ImportError:
+        return None
+    try:
+        return predicted_us(op, shape, dtype, mode, arch)
+    except Exception:
+        return None
+
+
+def step_modelled(args, batch=64):
+    torch = _require_cuda()
+    from fastconvnext import backend, tuning
+
+    arch = backend.device_arch()
+    rows = []
+    for size, channels in STAGES_T:
+        for op in backend.OPS:
+            for mode in backend.MODES:
+                call = _stage_call(torch, op, batch, size, channels, torch.bfloat16)
+                for t in call:
+                    if isinstance(t, torch.Tensor) and mode == "forward_backward":
+                        t.requires_grad_(True)
+                key = backend.policy_key(op, call[0], channels, [t for t in call[1:] if isinstance(t, torch.Tensor)])
+                measured = tuning.time_call(op, key, tuning._recorded(call))
+                model = _predicted(op, (batch, size, size, channels), "bf16", mode, 90 if arch >= 90 else 80)
+                ratio = lambda m, p: f"{m / p:.2f}" if p else "n/a"  # noqa: E731
+                rows.append((op, f"{batch}x{size}x{size}x{channels}", mode,
+                             f"{measured.fused_us:,.1f}", f"{model['fused_us']:,.1f}" if model else "not modelled",
+                             ratio(measured.fused_us, model and model["fused_us"]),
+                             f"{measured.eager_us:,.1f}", f"{model['eager_us']:,.1f}" if model else "not modelled",
+                             ratio(measured.eager_us, model and model["eager_us"])))
+    summary = ("Per call, bf16, ConvNeXt-T stage shapes at batch 64: measured median µs (CUDA events, this GPU) "
+               "beside the static SASS model's prediction (a MODEL, kernels/perf_table.py; eager predicted = its "
+               "optimistic floor).\n\n"
+               + _md_table(("op", "shape", "mode", "fused measured", "fused model", "ratio", "eager measured",
+                            "eager model", "ratio"), rows))
+    return StepResult("modelled", True, summary=summary, data={"rows": rows})
+
+
+STEP_FUNCTIONS = {"kernel_tests": step_kernel_tests, "inductor": step_inductor, "training": step_training,
+                  "tune": step_tune, "modelled": step_modelled}
+
+if __name__ == "__main__":
+    sys.exit(main())
