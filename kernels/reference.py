@@ -59,19 +59,22 @@ def convnext_mlp_reference(
 _ONEDNN_ACTS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu": ("relu", "")}
 
 
+# Read once at import: torch.compile refuses to trace torch.backends.mkldnn.is_available().
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def onednn_mlp_available(x, act, sample_scale):
-    """Whether `convnext_mlp_cpu_inference` applies: fp32 CPU inference outside autocast, a fusable activation,
-    no drop path."""
+    """Whether `convnext_mlp_cpu_inference` applies: fp32 CPU inference outside autocast and outside
+    torch.compile (which fuses the reference itself), a fusable activation, no drop path."""
     return (
-        x.device.type == "cpu"
+        not torch.compiler.is_compiling()
+        and _ONEDNN_LINEAR
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and act in _ONEDNN_ACTS
         and sample_scale is None
         and not torch.is_grad_enabled()
         and not torch.is_autocast_enabled("cpu")  # autocast would run eager's linears in low precision
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-        and not torch.compiler.is_compiling()
     )
 
 
