@@ -140,12 +140,18 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.
     """
     path = Path(path)
     limit = max_image_pixels(max_pixels)
+    _check_regular_file(path)
+    with open(path, "rb") as handle:
+        return _decode(handle, path, limit, header_only=False)
+
+
+def _check_regular_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
     if path.is_dir():
         raise ValueError(f"expected an image file, got a directory: {path}")
-    with open(path, "rb") as handle:
-        return _decode(handle, path, limit, header_only=False)
+    if not path.is_file():  # a FIFO would block, /dev/zero or /dev/urandom never end
+        raise ValueError(f"expected a regular image file, got a device, FIFO or socket: {path}")
 
 
 def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> tuple[int, int]:
@@ -153,8 +159,7 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> 
     for a missing file, bytes that are no image, or a pixel count over the limit (nothing is decoded)."""
     path = Path(path)
     limit = max_image_pixels(max_pixels)
-    if path.is_dir():
-        raise ValueError(f"expected an image file, got a directory: {path}")
+    _check_regular_file(path)
     with open(path, "rb") as handle:
         image = _decode(handle, path, limit, header_only=True)
         return image.width, image.height

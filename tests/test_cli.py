@@ -403,6 +403,14 @@ def test_tiny_tall_png_is_one_error_line_naming_it(capsys, model_dir, tmp_path):
     assert_one_line_error(err, "tall.png resized", "limit of 178,956,970")
 
 
+def test_fifo_image_is_one_error_line(capsys, model_dir, tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    code, out, err = run(capsys, "classify", "--model", model_dir, fifo)
+    assert code == 1
+    assert_one_line_error(err, "regular image file", "pipe.jpg")
+
+
 def test_image_pixel_limit_from_environment(capsys, model_dir, images, monkeypatch):
     monkeypatch.setenv("FASTCONVNEXT_MAX_IMAGE_PIXELS", "1000")
     code, out, err = run(capsys, "classify", "--model", model_dir, images[0])

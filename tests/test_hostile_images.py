@@ -2,8 +2,10 @@
 the limit, invalid settings refused at construction; EXIF orientation and transformers parity (the oracle)."""
 import io
 import json
+import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,6 +132,16 @@ def test_jpeg_cut_inside_its_data_names_the_file(tmp_path):
     check_image_file(path)  # the header is intact ...
     with pytest.raises(ImageDecodeError, match=r"half\.jpg.*truncated"):  # ... the pixels are not
         ConvNextImageProcessor()(str(path))
+
+
+def test_special_files_are_refused_without_reading(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    for path in (fifo, Path("/dev/zero")):
+        with pytest.raises(ValueError, match=f"regular image file.*{path.name}"):
+            ConvNextImageProcessor()(str(path))
+        with pytest.raises(ValueError, match="regular image file"):
+            check_image_file(path)
 
 
 # ---- settings refused when the processor is built --------------------------------------------------------
