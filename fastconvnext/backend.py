@@ -117,10 +117,12 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
     if _backend == "auto":
         if not (usable and x.device.type == "cuda" and unsupported_reason is None):
             return False
-        key = policy_key(op, x, channels, tensors)
-        if call is not None and not torch.compiler.is_compiling() and key not in _tuned and _tune_on_first_use():
-            _tune_call(op, key, call)
-        return _prefers_fused(*key)
+        if call is not None and not torch.compiler.is_compiling() and _tune_on_first_use():
+            key = policy_key(op, x, channels, tensors)
+            if key not in _tuned:
+                _tune_call(op, key, call)
+        index = x.device.index if x.device.index is not None else -1
+        return _prefers_fused(op, index, *_call_shape(x, channels, tensors))
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
@@ -191,13 +193,17 @@ def _compute_dtype(x):
     return x.dtype
 
 
+def _call_shape(x, channels, tensors):
+    """(dtype, channels, hw bucket, batch bucket, mode) of a call: traced to constants by torch.compile."""
+    dtype = DTYPE_NAMES.get(_compute_dtype(x), str(x.dtype).replace("torch.", ""))
+    return dtype, channels, bucket(x.shape[1] * x.shape[2]), bucket(x.shape[0]), _mode((x, *tensors))
+
+
 def policy_key(op, x, channels, tensors=(), arch=None):
     """The PolicyKey of one call: x is [N, H, W, C]; channels from the weights (static under compile)."""
     if arch is None:
         arch = device_arch(x.device.index) if x.device.type == "cuda" else CPU_ARCH
-    dtype = DTYPE_NAMES.get(_compute_dtype(x), str(x.dtype).replace("torch.", ""))
-    return PolicyKey(op, arch, dtype, channels, bucket(x.shape[1] * x.shape[2]), bucket(x.shape[0]),
-                     _mode((x, *tensors)))
+    return PolicyKey(op, arch, *_call_shape(x, channels, tensors))
 
 
 _arch_cache = {}
@@ -372,9 +378,12 @@ def _load_tuned_cache():
 
 
 @torch.compiler.assume_constant_result
-def _prefers_fused(op, arch, dtype, channels, hw, batch, mode):
-    """decide(...).fused, evaluated once at trace time under torch.compile (all arguments are constants)."""
-    return decide((op, arch, dtype, channels, hw, batch, mode)).fused
+def _prefers_fused(op, device_index, dtype, channels, hw, batch, mode):
+    """decide(...).fused for a call on CUDA device `device_index` (-1: the current one); under torch.compile
+    evaluated once per trace, outside the graph (all arguments are constants), so reading the device's
+    arch, the static table or the tuning cache never breaks the graph."""
+    key = (op, device_arch(None if device_index < 0 else device_index), dtype, channels, hw, batch, mode)
+    return decide(key).fused
 
 
 def policy_table(keys=None):

@@ -124,7 +124,7 @@ def test_policy_key_of_a_call():
     assert [backend.bucket(n) for n in (1, 2, 3, 49, 64, 65, 3136)] == [1, 2, 4, 64, 64, 128, 4096]
 
 
-def test_the_decision_is_made_at_trace_time_under_torch_compile_with_dynamic_shapes():
+def test_the_decision_is_made_at_trace_time_under_torch_compile_with_dynamic_shapes(monkeypatch):
     """The dispatch path (policy_key + the constant-result lookup) compiles with fullgraph=True and
     dynamic sizes; a size in another bucket recompiles and decides again."""
 
@@ -135,10 +135,11 @@ def test_the_decision_is_made_at_trace_time_under_torch_compile_with_dynamic_sha
 
         def forward(self, x):
             weight = self.fc1.weight
-            if backend._prefers_fused(*backend.policy_key(MLP, x, weight.shape[1], (weight,), arch=90)):
+            if backend._prefers_fused(MLP, 5, *backend._call_shape(x, weight.shape[1], (weight,))):
                 return x * 2
             return x - 1
 
+    monkeypatch.setitem(backend._arch_cache, 5, 90)  # a pretend sm_90 as CUDA device 5
     compiled = torch.compile(DispatchLike(), fullgraph=True, backend="eager", dynamic=True)
     with torch.no_grad():
         fused_shape = torch.ones(64, 56, 56, 96, dtype=torch.bfloat16)  # table: fused
