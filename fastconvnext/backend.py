@@ -400,6 +400,20 @@ def policy_table(keys=None):
     return rows
 
 
+POLICY_HEADERS = ("shape", "choice", "source", "fused µs", "eager µs", "why")
+
+
+def format_policy_table(keys=None):
+    """policy_table() as aligned text, for the bench report (keys default to default_report_keys()).
+    µs from "tuned" rows are measurements on this GPU; from "model" and "roofline" rows, MODELLED."""
+    rows = [tuple("" if v is None else str(v) for v in row)
+            for row in policy_table(default_report_keys() if keys is None else keys)]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(POLICY_HEADERS)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(POLICY_HEADERS, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
 def stage_keys(arch, dtype="bf16", batch=64, channels=(96, 192, 384, 768), sizes=(56, 28, 14, 7)):
     """PolicyKeys of both ops at ConvNeXt-T's four stage shapes, forward and forward_backward."""
     return [PolicyKey(op, arch, dtype, c, bucket(s * s), bucket(batch), mode)

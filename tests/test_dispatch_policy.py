@@ -156,6 +156,9 @@ def test_policy_table_rows_and_describe():
     report = backend.describe()
     assert report[f"policy {key().label}"].startswith("fused (model: ")
     assert key().label == "convnext_mlp C=96 H*W<=4096 N<=64 bf16 forward sm_90"
+    text = backend.format_policy_table().splitlines()
+    assert text[0].split() == ["shape", "choice", "source", "fused", "µs", "eager", "µs", "why"]
+    assert text[1].startswith(key().label) and " fused " in text[1] and " 50.0 " in text[1]
 
 
 def test_default_report_keys_are_convnext_t_stages_when_nothing_ran():
@@ -190,3 +193,50 @@ def test_gpu_mode_without_a_gpu_is_a_usage_error():
                           timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage-error exit code
     assert "FASTCONVNEXT_TEST_DEVICE=cuda but torch sees no CUDA device" in done.stdout + done.stderr
+
+
+# ------------------------------------------------------------------------------- the dispatch wiring
+
+
+class FakeCudaTensor:
+    """Just what the dispatch reads of an activation: device, dtype, shape, requires_grad."""
+
+    def __init__(self, *shape, dtype=torch.bfloat16, requires_grad=False):
+        self.device, self.dtype, self.shape, self.requires_grad = torch.device("cuda", 3), dtype, shape, requires_grad
+
+
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    monkeypatch.setattr(backend, "_kernels_usable", lambda device_type: (True, ""))
+    monkeypatch.setitem(backend._arch_cache, 3, 90)
+    monkeypatch.setattr(backend, "_cache_checked", True)  # no tuning cache on this pretend GPU
+
+
+def test_auto_on_cuda_follows_the_policy_and_forced_backends_do_not(fake_gpu):
+    wins, loses = FakeCudaTensor(64, 56, 56, 96), FakeCudaTensor(64, 7, 7, 768)
+    with torch.no_grad(), backend.use_backend("auto"):
+        assert backend._choose(MLP, wins, 96, ()) is True
+        assert backend._choose(MLP, loses, 768, ()) is False
+        assert backend._choose(MLP, wins, 96, (), unsupported_reason="odd kernel") is False
+    with torch.no_grad(), backend.use_backend("triton"):
+        assert backend._choose(MLP, loses, 768, ()) is True
+    with torch.no_grad(), backend.use_backend("eager"):
+        assert backend._choose(MLP, wins, 96, ()) is False
+
+
+def test_tune_env_var_times_each_untuned_shape_once(fake_gpu, monkeypatch):
+    tuned = []
+
+    def fake_tune(op, key, call):
+        tuned.append(key)
+        backend.install_tuned({key: Decision(False, "tuned", "measured", 2.0, 1.0)})
+
+    monkeypatch.setattr(backend, "_tune_call", fake_tune)
+    x = FakeCudaTensor(64, 56, 56, 96)
+    with torch.no_grad(), backend.use_backend("auto"):
+        monkeypatch.delenv(backend.TUNE_ENV_VAR, raising=False)
+        assert backend._choose(MLP, x, 96, (), call=(x,)) is True and tuned == []
+        monkeypatch.setenv(backend.TUNE_ENV_VAR, "1")
+        assert backend._choose(MLP, x, 96, (), call=(x,)) is False  # measured: eager is faster
+        assert backend._choose(MLP, x, 96, (), call=(x,)) is False
+    assert tuned == [key(hw=4096, batch=64)]
