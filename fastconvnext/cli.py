@@ -82,10 +82,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def _subparser(commands, name: str, help_text: str, description: str, epilog: str | None = None):
-    return commands.add_parser(
+    parser = commands.add_parser(
         name, help=help_text, description=description, epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # also after the command (`fastconvnext classify ... --traceback`); SUPPRESS keeps a value given before it
+    parser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback when the command fails")
+    return parser
 
 
 def _add_backend_option(parser: argparse.ArgumentParser) -> None:

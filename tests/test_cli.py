@@ -442,6 +442,11 @@ def test_broken_checkpoint_files_are_one_error_line(capsys, hf_model, images, tm
         code, out, err = run(capsys, "classify", "--model", tmp_path / name, images[0])
         assert code == 1
         assert_one_line_error(err, name)
+    for argv in (["--traceback", "classify", "--model", tmp_path / name, images[0]],
+                 ["classify", "--model", tmp_path / name, images[0], "--traceback"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1
+        assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("fastconvnext: error:")
 
 
 # ---- --ignore-mismatched-sizes ---------------------------------------------------------------------------
