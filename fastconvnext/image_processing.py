@@ -19,12 +19,17 @@ Image files are opened as transformers' `load_image` does: the EXIF orientation 
 
 Bounded memory: an image whose decoded size (width x height, read from the file header before decoding)
 or whose resized size exceeds `max_pixels` is refused with `ImageTooLargeError` naming the image and the
-limit. The limit defaults to the size at which Pillow refuses a decompression bomb (178,956,970 pixels, twice
-Pillow's default `Image.MAX_IMAGE_PIXELS`) and is set
-per processor (`ConvNextImageProcessor(max_pixels=...)`, never saved to preprocessor_config.json) or
-process-wide with the environment variable FASTCONVNEXT_MAX_IMAGE_PIXELS; Pillow's own bomb check (twice
-`PIL.Image.MAX_IMAGE_PIXELS`) still applies on top: raise that too for a higher limit. Settings whose output alone would pass the limit
-(`size`, `crop_size`, a tiny `crop_pct`) are refused when the processor is built.
+limit. The limit defaults to the size at which Pillow refuses a decompression bomb (178,956,970 pixels,
+twice Pillow's default `Image.MAX_IMAGE_PIXELS`) and is set per processor
+(`ConvNextImageProcessor(max_pixels=...)`, never saved to preprocessor_config.json) or process-wide with
+the environment variable FASTCONVNEXT_MAX_IMAGE_PIXELS; Pillow's own bomb check (twice
+`PIL.Image.MAX_IMAGE_PIXELS`) still applies on top: raise that too for a higher limit. Only regular files
+are opened (a FIFO or /dev/zero is refused).
+
+Settings are checked when the processor is built (and on every change): settings whose output alone
+would pass the pixel limit (`size`, `crop_size`, a tiny `crop_pct`), `crop_pct <= 0` or so large the
+resized edge is 0, `image_std` containing 0, and rescale/normalise values under which a pixel overflows
+float32 are refused, so a processor that builds gives finite outputs.
 
 Errors: every bad input or setting raises a ValueError or TypeError subclass (files: OSError subclasses such
 as FileNotFoundError / PermissionError, or `ImageDecodeError` for bytes Pillow cannot decode), and every

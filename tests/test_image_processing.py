@@ -252,7 +252,8 @@ def test_transformers_loads_our_config_with_identical_outputs(tmp_path):
     assert type(theirs).__name__.startswith("ConvNextImageProcessor")
     images = [random_rgb(h, w) for h, w in ODD_SIZES]
     expected = theirs(images, return_tensors="pt")["pixel_values"]
-    assert_close(ConvNextImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"], expected)
+    loaded = ConvNextImageProcessor.from_pretrained(tmp_path)
+    assert_close(loaded(images, return_tensors="pt")["pixel_values"], expected)
 
 
 def test_we_load_transformers_config_with_identical_outputs(tmp_path):
