@@ -20,6 +20,7 @@ hidden_states_norms.<stage>.*).
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import logging
@@ -982,7 +983,8 @@ def _expected_layout(cls, config):
     full model is built only after the checkpoint has matched this layout (and so has paid for every
     block with tensors of the right shape).
     """
-    small = ConvNextConfig.from_dict({**config.to_dict(), "depths": [min(d, 1) for d in config.depths]})
+    small = copy.copy(config)  # not from_dict(to_dict()): that rebuilds id2label, slow for a million labels
+    small.depths = [min(d, 1) for d in config.depths]
     with torch.device("meta"):
         template = cls(small).state_dict()
     model_keys, shapes = {}, {}

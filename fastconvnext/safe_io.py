@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
@@ -38,16 +39,42 @@ class StagedFiles:
         return temporary
 
     def commit(self):
-        """fsync every staged file, rename each over its final name, then fsync the directory."""
+        """fsync every staged file, rename each over its final name, then fsync the directory.
+
+        Each rename is atomic; should a later one raise, the files already renamed are put back from
+        hard-link backups taken just before, so the old set of files stays consistent (a kill between
+        two renames, microseconds apart, is the one case this cannot cover).
+        """
         for temporary, _ in self._staged:
             _fsync_path(temporary)
-        committed = []
-        for temporary, final in self._staged:
-            os.replace(temporary, final)
-            committed.append(final)
+        backups, replaced = [], []  # backups: (backup of the old file or None, final path)
+        try:
+            for temporary, final in self._staged:
+                backups.append((self._backup(final), final))
+                os.replace(temporary, final)
+                replaced.append(backups[-1])
+        except BaseException:
+            _restore(replaced)
+            raise
+        finally:
+            for backup, _ in backups:
+                if backup is not None and backup.exists():
+                    backup.unlink()
+        committed = [final for _, final in self._staged]
         self._staged = []
         _fsync_directory(self.directory)
         return committed
+
+    def _backup(self, final):
+        """A second name for the current `final` file (a hard link, a copy where links are unsupported)."""
+        if not final.is_file():
+            return None
+        backup = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(6)}-old-{final.name}"
+        try:
+            os.link(final, backup)
+        except OSError:
+            shutil.copy2(final, backup)
+        return backup
 
     def discard(self):
         for temporary, _ in self._staged:
@@ -56,6 +83,14 @@ class StagedFiles:
             except FileNotFoundError:
                 pass
         self._staged = []
+
+
+def _restore(backups):
+    for backup, final in reversed(backups):
+        if backup is None:
+            final.unlink(missing_ok=True)
+        else:
+            os.replace(backup, final)
 
 
 def _fsync_path(path):

@@ -1,0 +1,451 @@
+"""Hostile and broken checkpoints (issue 12): each ends in one clear error naming the file, fast and small.
+
+The memory bound is measured in a subprocess (ru_maxrss after the imports vs after all loads); the time
+bound is the subprocess timeout, generous for a loaded machine: the files here used to build models of a
+million blocks, which runs out of memory or takes hours, so any bound catches a regression.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+import fastconvnext
+from fastconvnext import checkpoint, safe_io
+from fastconvnext.checkpoint import load_pretrained, save_pretrained
+
+SMALL = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1])
+DOCUMENTED_ERRORS = (ValueError, TypeError, OSError)
+MAX_FILE_BYTES = 2**20
+MAX_RSS_GROWTH_MB = 500
+
+
+def hf_classifier(seed=0, **fields):
+    torch.manual_seed(seed)
+    return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**SMALL, num_labels=5, **fields))
+
+
+def model_directory(path, **config_changes):
+    """A transformers directory of a small classifier, with config.json fields changed."""
+    hf_classifier().save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(config_changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def same_outputs(a, b):
+    """Logits agree to test_checkpoint's tolerance (fastconvnext vs transformers differ in rounding only)."""
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        return torch.allclose(a(x).logits, b(x).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- hostile files: denial of service -------------------------------------------------------------
+
+
+def timm_huge_block_index(path):
+    tensors = {"stem.0.weight": torch.zeros(8, 3, 4, 4), "stem.0.bias": torch.zeros(8)}
+    for name in ("conv_dw.weight", "mlp.fc1.weight", "mlp.fc2.weight", "gamma"):
+        tensors[f"stages.0.blocks.1000000.{name}"] = torch.zeros(8)
+    save_file(tensors, str(path))
+    return path
+
+
+def zero_width_blocks(path):
+    """512 blocks of width 768 declared by zero-element tensors (a few hundred KB)."""
+    tensors = {"embeddings.patch_embeddings.weight": torch.zeros(768, 3, 4, 4, dtype=torch.float16)}
+    for block in range(512):
+        tensors[f"encoder.stages.0.layers.{block}.dwconv.weight"] = torch.zeros(768, 0, 7, 7)
+    save_file(tensors, str(path))
+    return path
+
+
+def one_tensor_per_block(path):
+    """A real block 0, then 511 blocks that hold nothing but a layer scale (for strict=False)."""
+    tensors = {"embeddings.patch_embeddings.weight": torch.zeros(8, 3, 4, 4),
+               "encoder.stages.0.layers.0.dwconv.weight": torch.zeros(8, 1, 7, 7)}
+    for block in range(1, 512):
+        tensors[f"encoder.stages.0.layers.{block}.layer_scale_parameter"] = torch.zeros(8)
+    save_file(tensors, str(path))
+    return path
+
+
+def huge_stage_index(path):
+    save_file({"stem.0.weight": torch.zeros(8, 3, 4, 4), "stages.0.blocks.0.conv_dw.weight": torch.zeros(8, 1, 7, 7),
+               "stages.999999999.downsample.1.weight": torch.zeros(8, 8, 2, 2)}, str(path))
+    return path
+
+
+def zip_bomb(path):
+    """A torch.save archive re-packed with deflate plus 64 MB of zeros that compress to ~64 KB."""
+    torch.save({"stem.0.weight": torch.zeros(8, 3, 4, 4)}, path.with_suffix(".plain"))
+    with zipfile.ZipFile(path.with_suffix(".plain")) as plain, \
+            zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as bomb:
+        for entry in plain.infolist():
+            bomb.writestr(entry.filename, plain.read(entry.filename))
+        with bomb.open("archive/data/1", "w") as padding:
+            for _ in range(64):
+                padding.write(bytes(2**20))
+    path.with_suffix(".plain").unlink()
+    return path
+
+
+def lying_safetensors_header(path):
+    header = json.dumps({"stem.0.weight": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}})
+    header = header.encode() + b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(64))
+    return path
+
+
+def hostile_cases(root):
+    """[(id, path, load_pretrained kwargs)] of small files that used to allocate without bound."""
+    def directory(name, **changes):
+        return model_directory(root / name, **changes)
+
+    return [
+        ("timm block index 1e6", timm_huge_block_index(root / "timm_block.safetensors"), {}),
+        ("stage index 1e9", huge_stage_index(root / "stage.safetensors"), {}),
+        ("zero-width blocks", zero_width_blocks(root / "zero_width.safetensors"), {}),
+        ("one tensor per block", one_tensor_per_block(root / "one_tensor.safetensors"), {"strict": False}),
+        ("depths 1e6", directory("depths", depths=[1_000_000, 1, 2, 1]), {}),
+        ("hidden_sizes 1e9", directory("hidden", hidden_sizes=[10**9, 16, 24, 32]), {}),
+        ("patch_size 1e6", directory("patch", patch_size=10**6), {}),
+        ("num_labels 1e6", directory("labels", num_labels=1_000_000, id2label=None, label2id=None), {}),
+        ("zip bomb", zip_bomb(root / "bomb.pth"), {}),
+        ("lying safetensors header", lying_safetensors_header(root / "lying.safetensors"), {}),
+    ]
+
+
+def test_hostile_small_files_fail_clearly_in_bounded_memory(tmp_path):
+    cases = hostile_cases(tmp_path)
+    for _, path, _ in cases:
+        weights = path if path.is_file() else next(path.glob("*.safetensors"))
+        assert weights.stat().st_size <= MAX_FILE_BYTES, weights
+    script = textwrap.dedent("""
+        import json, resource, sys, time
+        import fastconvnext.modeling  # imports are not part of what a load costs
+        from fastconvnext.checkpoint import load_pretrained
+        cases = json.loads(sys.argv[1])
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        results = []
+        for path, kwargs in cases:
+            start = time.perf_counter()
+            try:
+                load_pretrained(None, path, **kwargs)
+                outcome = ("loaded", "")
+            except (ValueError, TypeError, OSError) as err:
+                outcome = (type(err).__name__, str(err))
+            results.append([*outcome, time.perf_counter() - start])
+        growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        print(json.dumps({"results": results, "growth_mb": growth_mb}))
+    """)
+    argument = json.dumps([[str(path), kwargs] for _, path, kwargs in cases])
+    done = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for (case_id, path, _), (kind, message, seconds) in zip(cases, report["results"]):
+        assert kind != "loaded", f"{case_id}: {path} loaded"
+        assert str(path) in message, f"{case_id}: the error does not name {path}: {message}"
+        print(f"{case_id}: {kind} in {seconds:.3f} s")
+    assert report["growth_mb"] < MAX_RSS_GROWTH_MB, report
+
+
+@pytest.mark.parametrize("field, value, error, expected", [
+    ("depths", [1_000_000, 1, 2, 1], ValueError, r"depths must be an int in \[0, 512\], got 1000000"),
+    ("hidden_sizes", [10**9, 16, 24, 32], ValueError, "hidden_sizes must be an int"),
+    ("patch_size", 10**6, ValueError, "patch_size must be an int"),
+    ("layer_norm_eps", "small", TypeError, "layer_norm_eps must be a number"),
+    ("hidden_act", ["gelu"], TypeError, "hidden_act must be a string"),
+    ("layer_scale_init_value", float("nan"), ValueError, "layer_scale_init_value must be a finite number"),
+])
+def test_bad_config_fields_name_config_json_and_the_field(tmp_path, field, value, error, expected):
+    directory = model_directory(tmp_path / "model", **{field: value})
+    with pytest.raises(error, match=expected) as raised:
+        load_pretrained(None, directory)
+    assert str(directory / "config.json") in str(raised.value)
+
+
+def test_huge_timm_block_index_names_the_file_and_the_indices(tmp_path):
+    path = timm_huge_block_index(tmp_path / "tiny.safetensors")
+    assert path.stat().st_size < 4096
+    with pytest.raises(ValueError, match=r"tiny\.safetensors.*stage 0 has block indices \[1000000\]"):
+        load_pretrained(None, path)
+
+
+def test_strict_false_initializes_a_few_absent_blocks_but_not_hundreds(tmp_path):
+    with pytest.raises(ValueError, match=r"512 encoder blocks lack tensors.*at most 64"):
+        load_pretrained(None, one_tensor_per_block(tmp_path / "sparse.safetensors"), strict=False)
+
+
+def test_new_head_larger_than_the_checkpoint_is_refused(tmp_path):
+    directory = model_directory(tmp_path / "model", num_labels=1_000_000, id2label=None, label2id=None)
+    with pytest.raises(ValueError, match=r"would initialize 33,000,000 parameters the checkpoint does not provide \(at most 16,777,216"):
+        load_pretrained(None, directory, ignore_mismatched_sizes=True)
+
+
+def test_compressed_torch_archive_is_refused_before_inflating(tmp_path):
+    with pytest.raises(ValueError, match=r"bomb\.pth as a PyTorch checkpoint: entries .* are compressed"):
+        load_pretrained(None, zip_bomb(tmp_path / "bomb.pth"))
+
+
+# ---- shard indexes --------------------------------------------------------------------------------
+
+
+def sharded_directory(path):
+    """A transformers directory with the weights split over two safetensors shards."""
+    hf = hf_classifier()
+    hf.save_pretrained(path, max_shard_size="20KB")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    return hf, index
+
+
+def write_index(path, index):
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def redirect_first_shard(model, index, target):
+    """Point every entry of the first shard at `target` (a string written into the index)."""
+    first = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (target if v == first else v) for k, v in index["weight_map"].items()}
+    write_index(model, index)
+    return first
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "proc_self_cwd", "symlink_out"])
+def test_shard_entries_resolving_outside_the_model_are_refused(tmp_path, monkeypatch, where):
+    model = tmp_path / "model"
+    _, index = sharded_directory(model)
+    outside = tmp_path / "outside.safetensors"
+    first = sorted(set(index["weight_map"].values()))[0]
+    outside.write_bytes((model / first).read_bytes())
+    monkeypatch.chdir(tmp_path)
+    entry = {
+        "dotdot": "../outside.safetensors",
+        "absolute": str(outside),
+        "proc_self_cwd": "/proc/self/cwd/outside.safetensors",
+        "symlink_out": "link.safetensors",
+    }[where]
+    if where == "symlink_out":
+        (model / "link.safetensors").symlink_to(outside)
+    redirect_first_shard(model, index, entry)
+    with pytest.raises(PermissionError, match=f"refusing.*{entry}") as raised:
+        load_pretrained(None, model)
+    assert "model.safetensors.index.json" in str(raised.value)
+
+
+def test_shards_reached_through_symlinks_inside_the_model_load(tmp_path):
+    """The hub cache's layout: a symlinked model directory and shards that link within it."""
+    hf, index = sharded_directory(tmp_path / "real")
+    first = redirect_first_shard(tmp_path / "real", index, "alias.safetensors")
+    (tmp_path / "real" / "alias.safetensors").symlink_to(tmp_path / "real" / first)
+    (tmp_path / "linked").symlink_to(tmp_path / "real")
+    assert same_outputs(load_pretrained(None, tmp_path / "linked"), hf.eval())
+
+
+@pytest.mark.parametrize("content, found", [
+    ([1, 2], "found a list"),
+    ({"weight_map": ["model-00001-of-00002.safetensors"]}, "found weight_map a list"),
+    ({"weight_map": {"classifier.weight": 3}}, "found weight_map an object"),
+])
+def test_malformed_index_is_refused_with_what_was_found(tmp_path, content, found):
+    sharded_directory(tmp_path)
+    write_index(tmp_path, content)
+    with pytest.raises(ValueError, match=f"index.json must be a JSON object whose 'weight_map'.*{found}"):
+        load_pretrained(None, tmp_path)
+
+
+def test_index_listing_tensors_no_shard_holds_is_refused(tmp_path):
+    _, index = sharded_directory(tmp_path)
+    index["weight_map"]["convnext.encoder.stages.9.layers.0.dwconv.weight"] = index["weight_map"]["classifier.weight"]
+    write_index(tmp_path, index)
+    with pytest.raises(ValueError, match=r"lists tensors its shards do not hold: 'convnext\.encoder\.stages\.9"):
+        load_pretrained(None, tmp_path)
+
+
+def test_shard_holding_tensors_the_index_does_not_list_is_refused(tmp_path):
+    _, index = sharded_directory(tmp_path)
+    del index["weight_map"]["classifier.bias"]
+    write_index(tmp_path, index)
+    with pytest.raises(ValueError, match=r"holds tensors that .*index\.json does not assign to it: 'classifier\.bias'"):
+        load_pretrained(None, tmp_path)
+
+
+# ---- config.json of a transformers directory -------------------------------------------------------
+# An error, not a guess: transformers' defaults (gelu, eps 1e-12) silently differ from timm-trained
+# weights; the file itself can still be loaded (its layout defines the inferred fields) or config= given.
+
+
+@pytest.mark.parametrize("state, error, expected", [
+    ("missing", FileNotFoundError, "has weights but no config.json"),
+    ("null", ValueError, "config.json must hold a JSON object of ConvNextConfig fields, found null"),
+    ("list", ValueError, "config.json must hold a JSON object of ConvNextConfig fields, found a list"),
+    ("directory", IsADirectoryError, "config.json is not a file"),
+])
+def test_directory_without_a_usable_config_json_is_an_error(tmp_path, state, error, expected):
+    hf = hf_classifier()
+    hf.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.unlink()
+    if state in ("null", "list"):
+        config_file.write_text({"null": "null", "list": "[1, 2]"}[state])
+    elif state == "directory":
+        config_file.mkdir()
+    with pytest.raises(error, match=expected) as raised:
+        load_pretrained(None, tmp_path)
+    assert "pass config=ConvNextConfig" in str(raised.value)
+    config = fastconvnext.ConvNextConfig.from_dict(hf.config.to_dict())
+    assert same_outputs(load_pretrained(None, tmp_path, config=config), hf.eval())
+
+
+# ---- dtype and map_location --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int8, torch.bool, "complex64", "float8", 3])
+def test_non_floating_dtypes_are_refused(tmp_path, dtype):
+    hf_classifier().save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"dtype must be 'auto' or one of float32, float16, bfloat16, float64"):
+        load_pretrained(None, tmp_path, dtype=dtype)
+
+
+def test_map_location_cuda_without_cuda_is_a_clear_error(tmp_path, monkeypatch):
+    hf_classifier().save_pretrained(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="map_location='cuda' asks for CUDA, but PyTorch sees no CUDA device"):
+        load_pretrained(None, tmp_path, map_location="cuda")
+    with pytest.raises(ValueError, match="map_location='gpu please' is not a device name"):
+        load_pretrained(None, tmp_path, map_location="gpu please")
+    with pytest.raises(TypeError, match="map_location must be a device name"):
+        load_pretrained(None, tmp_path, map_location={"cuda:0": "cpu"})
+
+
+# ---- atomic save_pretrained ------------------------------------------------------------------------
+
+
+def snapshot(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def saved_pair(tmp_path, safe_serialization=True):
+    """(directory holding a saved classifier, a changed model to save over it)."""
+    old = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, num_labels=5))
+    save_pretrained(old, tmp_path, safe_serialization=safe_serialization)
+    new = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, num_labels=5))
+    with torch.no_grad():
+        new.classifier.bias.add_(1.0)
+    return old, new
+
+
+def test_unserialisable_config_leaves_the_previous_checkpoint_untouched(tmp_path):
+    old, new = saved_pair(tmp_path)
+    before = snapshot(tmp_path)
+    new.config.extra["note"] = {"a set", "is not JSON"}
+    with pytest.raises(TypeError, match="config of ConvNextForImageClassification cannot be written as JSON"):
+        save_pretrained(new, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert same_outputs(load_pretrained(None, tmp_path), old)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False])
+def test_write_failing_mid_file_leaves_the_previous_checkpoint_untouched(tmp_path, monkeypatch, safe_serialization):
+    old, new = saved_pair(tmp_path, safe_serialization=not safe_serialization)  # the other format is stale
+    before = snapshot(tmp_path)
+
+    def half_then_disk_full(tensors, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"\x00" * 1000)
+        raise OSError(28, "No space left on device")
+
+    if safe_serialization:
+        import safetensors.torch
+
+        monkeypatch.setattr(safetensors.torch, "save_file", half_then_disk_full)
+    else:
+        monkeypatch.setattr(checkpoint.torch, "save", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(new, tmp_path, safe_serialization=safe_serialization)
+    assert snapshot(tmp_path) == before  # no temporary file left, old weights and config as they were
+    assert same_outputs(load_pretrained(None, tmp_path), old)
+
+
+def test_failed_rename_of_config_keeps_the_old_config_and_no_stray_files(tmp_path, monkeypatch):
+    """The weights are renamed first: a config rename that then fails must put the old weights back."""
+    old, new = saved_pair(tmp_path)
+    before = snapshot(tmp_path)
+
+    class OsWhoseConfigRenameFails:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def replace(source, target):
+            if str(target).endswith("config.json"):
+                raise OSError(5, "Input/output error")
+            os.replace(source, target)
+
+    monkeypatch.setattr(safe_io, "os", OsWhoseConfigRenameFails())
+    with pytest.raises(OSError, match="Input/output error"):
+        save_pretrained(new, tmp_path)
+    assert snapshot(tmp_path) == before
+    assert same_outputs(load_pretrained(None, tmp_path), old)
+
+
+def test_saving_over_another_format_removes_the_stale_weights_only_after(tmp_path):
+    old, new = saved_pair(tmp_path, safe_serialization=False)
+    save_pretrained(new, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    reference = transformers.ConvNextForImageClassification.from_pretrained(tmp_path).eval()
+    assert same_outputs(new.eval(), reference)
+
+
+def test_save_pretrained_into_a_file_path_is_refused(tmp_path):
+    model, _ = saved_pair(tmp_path / "model")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        save_pretrained(model, tmp_path / "file")
+
+
+# ---- the mismatch message (issue 13.5) ---------------------------------------------------------------
+
+
+def test_mismatch_message_names_the_files_keys_and_the_existing_option(tmp_path):
+    base = transformers.ConvNextModel(transformers.ConvNextConfig(**SMALL))
+    base.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError) as raised:
+        load_pretrained(fastconvnext.ConvNextModel, tmp_path, hidden_sizes=[8, 16, 24, 40])
+    message = str(raised.value)
+    assert "ignore_mismatched_sizes=True" in message and "--ignore-mismatched-sizes" in message
+    assert "encoder.stages.3.layers.0.dwconv.weight: expected [40, 1, 7, 7], given [32, 1, 7, 7]" in message
+    assert "convnext." not in message, "the file and the model have no convnext. prefix"
+    assert config["architectures"] == ["ConvNextModel"]
+    state = {k: v for k, v in base.state_dict().items()}
+    state["encoder.stages.0.layers.0.extra.weight"] = torch.ones(2)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected.*\n    encoder\.stages\.0\.layers\.0\.extra\.weight given \[2\]"):
+        load_pretrained(fastconvnext.ConvNextForImageClassification, tmp_path)
+
+
+# ---- the import circle ---------------------------------------------------------------------------------
+
+
+def test_checkpoint_module_does_not_import_modeling():
+    script = (
+        "import sys, fastconvnext.checkpoint as c, fastconvnext.safe_io\n"
+        "assert 'fastconvnext.modeling' not in sys.modules, 'imported modeling'\n"
+        "import ast, inspect\n"
+        "tree = ast.parse(inspect.getsource(c))\n"
+        "names = [a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names]\n"
+        "modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]\n"
+        "assert 'modeling' not in names and 'fastconvnext.modeling' not in names + modules, (names, modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
