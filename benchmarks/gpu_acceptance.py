@@ -201,16 +201,44 @@ def _md_table(headers, rows):
     return "\n".join(lines)
 
 
-def _require_cuda():
+@dataclass
+class Setup:
+    """What the steps run on. The defaults are the acceptance run; tests shrink it to run the same code
+    on CPU in Triton's interpreter (fp32, no autocast, tiny shapes, a fast timer)."""
+
+    device: str = "cuda"
+    model: dict = field(default_factory=lambda: dict(CONVNEXT_T))
+    image: int = 224
+    stages: tuple = STAGES_T  # (side, channels) of the modelled op shapes
+    modelled_batch: int = 64
+    tune_batch: int = 8
+    dtype: str = "bf16"  # tune/modelled activations; training uses autocast to it when autocast is set
+    autocast: bool = True
+    timer: object = None  # None: fastconvnext.tuning.event_timer
+
+
+SETUP = Setup()
+
+
+def _torch_on_device():
     import torch
 
-    if not torch.cuda.is_available():
+    if SETUP.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: the acceptance run needs a GPU")
     return torch
 
 
+def _sync(torch):
+    if SETUP.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _dtype(torch):
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[SETUP.dtype]
+
+
 def step_kernel_tests(args):
-    _require_cuda()
+    _torch_on_device()
     files = [f"tests/{name}" for name in KERNEL_TEST_FILES if (ROOT / "tests" / name).is_file()]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FASTCONVNEXT_TEST_DEVICE"] = "cuda"
@@ -232,52 +260,49 @@ def _tolerance():
     return tolerance
 
 
-def _convnext_t(torch, classify=False, num_labels=10):
+def _convnext(torch, classify=False, num_labels=10):
     import fastconvnext
 
     torch.manual_seed(0)
-    config = fastconvnext.ConvNextConfig(**CONVNEXT_T, num_labels=num_labels, layer_scale_init_value=0.5)
+    config = fastconvnext.ConvNextConfig(**SETUP.model, num_labels=num_labels, layer_scale_init_value=0.5)
     cls = fastconvnext.ConvNextForImageClassification if classify else fastconvnext.ConvNextModel
-    return cls(config)
+    return cls(config).to(SETUP.device)
 
 
 def step_inductor(args):
-    torch = _require_cuda()
+    torch = _torch_on_device()
     import copy
 
     import fastconvnext
 
     tolerance = _tolerance()
-    model = _convnext_t(torch).cuda().train()
-    pixels = torch.randn(2, 3, 224, 224, device="cuda")
+    model = _convnext(torch).train()
+    pixels = torch.randn(2, 3, SETUP.image, SETUP.image, device=SETUP.device)
 
-    def forward_backward(m, dtype):
+    def forward_backward(m, dtype, compile_=False):
         m = copy.deepcopy(m).to(dtype)
-        out = m(pixels.to(dtype)).pooler_output
+        run = torch.compile(m, fullgraph=True) if compile_ else m  # default backend: inductor
+        out = run(pixels.to(dtype)).pooler_output
         out.backward(torch.ones_like(out))
-        stem = m.embeddings.patch_embeddings.weight.grad
-        return out.detach(), stem.detach()
+        return out.detach().double(), m.embeddings.patch_embeddings.weight.grad.detach().double()
 
     with fastconvnext.use_backend("eager"):
         reference = forward_backward(model, torch.float64)
         eager = forward_backward(model, torch.float32)
     torch._dynamo.reset()
     with fastconvnext.use_backend("triton"):
-        m = copy.deepcopy(model)
-        compiled = torch.compile(m, fullgraph=True)  # default backend: inductor
-        out = compiled(pixels).pooler_output
-        out.backward(torch.ones_like(out))
-        fused = (out.detach(), m.embeddings.patch_embeddings.weight.grad.detach())
+        fused = forward_backward(model, torch.float32, compile_=True)
     rows, ok = [], True
     for what, f, e, r in zip(("pooler_output", "d stem weight"), fused, eager, reference):
         limit = 2 * tolerance.max_abs_diff(e, r) + tolerance.ATOL[torch.float32]
         err = tolerance.max_abs_diff(f, r)
         ok &= err <= limit
         rows.append((what, f"{err:.3g}", f"{limit:.3g}", "ok" if err <= limit else "FAILED"))
-    summary = ("torch.compile(model, fullgraph=True), inductor, backend 'triton', ConvNeXt-T fp32 batch 2 at 224², "
-               "forward + backward; max |compiled - fp64 eager| against the rule 2*max|eager fp32 - fp64| + atol:\n\n"
+    summary = (f"torch.compile(model, fullgraph=True), inductor, backend 'triton', ConvNeXt fp32 batch 2 at "
+               f"{SETUP.image}², forward + backward; max |compiled - fp64 eager| against the rule "
+               f"2*max|eager fp32 - fp64| + atol:\n\n"
                + _md_table(("tensor", "compiled error", "allowed", "result"), rows))
-    return StepResult("inductor", ok, summary=summary, data={"rows": rows},
+    return StepResult("inductor", bool(ok), summary=summary, data={"rows": rows},
                       error="" if ok else "compiled output outside the tolerance rule")
 
 
@@ -285,123 +310,144 @@ def _train(torch, model, batches, labels, steps, backend_name):
     import fastconvnext
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(SETUP.device, dtype=_dtype(torch), enabled=SETUP.autocast)
     losses, times = [], []
     with fastconvnext.use_backend(backend_name):
         for step in range(steps):
             i = step % len(batches)
-            torch.cuda.synchronize()
+            _sync(torch)
             begin = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with autocast:
                 loss = model(batches[i], labels=labels[i]).loss
             loss.backward()
             optimizer.step()
-            torch.cuda.synchronize()
+            _sync(torch)
             times.append((time.perf_counter() - begin) * 1e3)
             losses.append(loss.item())
     return losses, times
 
 
-def step_training(args):
-    torch = _require_cuda()
-    import copy
-
-    model = _convnext_t(torch, classify=True).cuda().train()
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    batches = [torch.randn(args.train_batch, 3, 224, 224, device="cuda", generator=gen) for _ in range(4)]
-    labels = [torch.randint(0, 10, (args.train_batch,), device="cuda", generator=gen) for _ in range(4)]
-    fused_losses, fused_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "triton")
-    eager_losses, eager_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "eager")
+def training_verdict(fused_losses, eager_losses, cycle):
+    """(ok, max relative difference, error): finite, fused within TRAINING_LOSS_RTOL of eager at every
+    step, and (given two passes over the batches) a lower mean loss over the last pass than the first."""
     finite = all(math.isfinite(v) for v in fused_losses + eager_losses)
     rel = [abs(f - e) / max(abs(e), 1e-6) for f, e in zip(fused_losses, eager_losses)]
-    learned = fused_losses[-1] < fused_losses[0] and eager_losses[-1] < eager_losses[0]
-    ok = finite and max(rel) <= TRAINING_LOSS_RTOL and learned
-    rows = [(s + 1, f"{f:.4f}", f"{e:.4f}", f"{r:.2%}") for s, (f, e, r) in
-            enumerate(zip(fused_losses, eager_losses, rel)) if s < 5 or s % 10 == 9 or s == len(rel) - 1]
-    median = lambda xs: sorted(xs[2:])[len(xs[2:]) // 2]  # noqa: E731 (first steps compile and autotune)
-    summary = (f"ConvNeXt-T classifier, bf16 autocast, AdamW lr 1e-4, batch {args.train_batch} at 224², "
-               f"{args.train_steps} steps over 4 fixed random batches. Measured median step: fused "
-               f"{median(fused_ms):.1f} ms, eager {median(eager_ms):.1f} ms. Pass: finite, |fused-eager|/|eager| <= "
-               f"{TRAINING_LOSS_RTOL:.0%} at every step (max {max(rel):.2%}), loss decreased on both.\n\n"
+    worst = max(rel) if finite else float("nan")
+    learned = all(sum(losses[-cycle:]) < sum(losses[:cycle]) for losses in (fused_losses, eager_losses)) \
+        if len(fused_losses) >= 2 * cycle else True
+    if not finite:
+        return False, worst, "non-finite loss"
+    if worst > TRAINING_LOSS_RTOL:
+        return False, worst, f"fused and eager losses differ by {worst:.2%}"
+    if not learned:
+        return False, worst, "the loss did not decrease from the first pass over the batches to the last"
+    return True, worst, ""
+
+
+def step_training(args, cycle=4):
+    torch = _torch_on_device()
+    import copy
+
+    model = _convnext(torch, classify=True).train()
+    gen = torch.Generator(device=SETUP.device).manual_seed(1)
+    batches = [torch.randn(args.train_batch, 3, SETUP.image, SETUP.image, device=SETUP.device, generator=gen)
+               for _ in range(cycle)]
+    labels = [torch.randint(0, 10, (args.train_batch,), device=SETUP.device, generator=gen) for _ in range(cycle)]
+    fused_losses, fused_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "triton")
+    eager_losses, eager_ms = _train(torch, copy.deepcopy(model), batches, labels, args.train_steps, "eager")
+    ok, worst, error = training_verdict(fused_losses, eager_losses, cycle)
+    rows = [(s + 1, f"{f:.4f}", f"{e:.4f}", f"{abs(f - e) / max(abs(e), 1e-6):.2%}")
+            for s, (f, e) in enumerate(zip(fused_losses, eager_losses)) if s < 5 or s % 10 == 9 or s == len(fused_losses) - 1]
+    median = lambda xs: sorted(xs[2:] or xs)[len(xs[2:] or xs) // 2]  # noqa: E731 (first steps compile, autotune)
+    precision = f"{SETUP.dtype} autocast" if SETUP.autocast else "fp32"
+    summary = (f"ConvNeXt classifier ({SETUP.model}), {precision}, AdamW lr 1e-4, batch {args.train_batch} at "
+               f"{SETUP.image}², {args.train_steps} steps cycling over {cycle} fixed random batches, fused and eager "
+               f"from one initialization. Measured median step: fused {median(fused_ms):.1f} ms, eager "
+               f"{median(eager_ms):.1f} ms. Pass: finite, |fused-eager|/|eager| <= {TRAINING_LOSS_RTOL:.0%} at every "
+               f"step (max {worst:.2%}), mean loss of the last pass below the first.\n\n"
                + _md_table(("step", "fused loss", "eager loss", "rel. diff"), rows))
-    error = "" if ok else ("non-finite loss" if not finite else "loss did not decrease" if not learned
-                           else f"fused and eager losses differ by {max(rel):.2%}")
     return StepResult("training", ok, summary=summary, error=error,
                       data={"fused_losses": fused_losses, "eager_losses": eager_losses, "fused_ms": fused_ms,
                             "eager_ms": eager_ms})
 
 
 def step_tune(args):
-    torch = _require_cuda()
+    torch = _torch_on_device()
     os.environ["XDG_CACHE_HOME"] = str(args.output / "cache")
     import fastconvnext
     from fastconvnext import backend
 
-    model = _convnext_t(torch).cuda().to(torch.bfloat16)
-    pixels = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    model = _convnext(torch).to(_dtype(torch))
+    pixels = torch.randn(SETUP.tune_batch, 3, SETUP.image, SETUP.image, device=SETUP.device, dtype=_dtype(torch))
     tables = {}
     for training in (False, True):
         model.train(training)
-        tables[training] = fastconvnext.tune(model, pixels, training=training)
+        tables[training] = fastconvnext.tune(model, pixels, training=training, timer=SETUP.timer)
     keys = sorted(set(tables[False]) | set(tables[True]), key=lambda k: tuple(map(str, k)))
     rows = [(label, choice, source, fused_us, eager_us, backend.static_decision(key).choice)
             for key, (label, choice, source, fused_us, eager_us, _) in zip(keys, backend.policy_table(keys))]
-    summary = ("fastconvnext.tune() on ConvNeXt-T bf16 batch 8 at 224² (inference, then training); µs are "
-               "measured medians (CUDA events); 'default' is what the untuned policy (static model / roofline) "
-               "would have chosen.\n\n"
+    summary = (f"fastconvnext.tune() on ConvNeXt {SETUP.dtype} batch {SETUP.tune_batch} at {SETUP.image}² "
+               "(inference, then training); µs are measured medians (CUDA events); 'default' is what the "
+               "untuned policy (static model, else roofline) would have chosen (a MODEL).\n\n"
                + _md_table(("shape", "tuned choice", "source", "fused µs", "eager µs", "default"), rows))
     ok = len(keys) > 0 and all(r[2] == "tuned" for r in rows)
     return StepResult("tune", ok, summary=summary, data={"rows": rows},
                       error="" if ok else "no tuned shape recorded")
 
 
-def _stage_call(torch, op, n, size, channels, dtype):
-    x = torch.randn(n, size, size, channels, device="cuda", dtype=dtype)
+def _stage_call(torch, op, n, size, channels, dtype, needs_grad):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=SETUP.device, dtype=dtype) * scale).requires_grad_(needs_grad)
+
+    x = rand(n, size, size, channels)
     if op == "dwconv_layernorm":
-        return (x, torch.randn(channels, 1, 7, 7, device="cuda", dtype=dtype) * 0.1,
-                torch.randn(channels, device="cuda", dtype=dtype), torch.ones(channels, device="cuda", dtype=dtype),
-                torch.zeros(channels, device="cuda", dtype=dtype), 1e-6)
-    w = lambda *s: torch.randn(*s, device="cuda", dtype=dtype) * 0.05  # noqa: E731
-    return (x, torch.randn_like(x), w(4 * channels, channels), w(4 * channels), w(channels, 4 * channels),
-            w(channels), torch.full((channels,), 0.5, device="cuda", dtype=dtype), "gelu", None)
+        return (x, rand(channels, 1, 7, 7, scale=0.1), rand(channels), rand(channels), rand(channels), 1e-6)
+    return (x, rand(n, size, size, channels), rand(4 * channels, channels, scale=0.05), rand(4 * channels, scale=0.05),
+            rand(channels, 4 * channels, scale=0.05), rand(channels, scale=0.05), rand(channels, scale=0.5), "gelu", None)
 
 
 def _predicted(op, shape, dtype, mode, arch):
+    """The static model's {"fused_us", "eager_us"}, or None when ops_report or the table lacks it."""
     try:
         from fastconvnext.bench.ops_report import predicted_us
     except ImportError:
         return None
     try:
         return predicted_us(op, shape, dtype, mode, arch)
-    except Exception:
+    except Exception as error:  # a model that cannot answer must not fail the measurement
+        print(f"predicted_us failed for {op} {shape}: {type(error).__name__}: {error}")
         return None
 
 
-def step_modelled(args, batch=64):
-    torch = _require_cuda()
+def _ratio(measured, predicted):
+    return f"{measured / predicted:.2f}" if predicted else "n/a"
+
+
+def step_modelled(args):
+    torch = _torch_on_device()
     from fastconvnext import backend, tuning
 
-    arch = backend.device_arch()
+    arch = backend.device_arch() if SETUP.device == "cuda" else 90
     rows = []
-    for size, channels in STAGES_T:
+    for size, channels in SETUP.stages:
         for op in backend.OPS:
             for mode in backend.MODES:
-                call = _stage_call(torch, op, batch, size, channels, torch.bfloat16)
-                for t in call:
-                    if isinstance(t, torch.Tensor) and mode == "forward_backward":
-                        t.requires_grad_(True)
-                key = backend.policy_key(op, call[0], channels, [t for t in call[1:] if isinstance(t, torch.Tensor)])
-                measured = tuning.time_call(op, key, tuning._recorded(call))
-                model = _predicted(op, (batch, size, size, channels), "bf16", mode, 90 if arch >= 90 else 80)
-                ratio = lambda m, p: f"{m / p:.2f}" if p else "n/a"  # noqa: E731
-                rows.append((op, f"{batch}x{size}x{size}x{channels}", mode,
+                call = _stage_call(torch, op, SETUP.modelled_batch, size, channels, _dtype(torch),
+                                   mode == "forward_backward")
+                tensors = [t for t in call[1:] if isinstance(t, torch.Tensor)]
+                key = backend.policy_key(op, call[0], channels, tensors)
+                measured = tuning.time_call(op, key, tuning._recorded(call), SETUP.timer or tuning.event_timer)
+                shape = (SETUP.modelled_batch, size, size, channels)
+                model = _predicted(op, shape, SETUP.dtype, mode, 90 if arch >= 90 else 80)
+                rows.append((op, "x".join(map(str, shape)), mode,
                              f"{measured.fused_us:,.1f}", f"{model['fused_us']:,.1f}" if model else "not modelled",
-                             ratio(measured.fused_us, model and model["fused_us"]),
+                             _ratio(measured.fused_us, model and model["fused_us"]),
                              f"{measured.eager_us:,.1f}", f"{model['eager_us']:,.1f}" if model else "not modelled",
-                             ratio(measured.eager_us, model and model["eager_us"])))
-    summary = ("Per call, bf16, ConvNeXt-T stage shapes at batch 64: measured median µs (CUDA events, this GPU) "
-               "beside the static SASS model's prediction (a MODEL, kernels/perf_table.py; eager predicted = its "
-               "optimistic floor).\n\n"
+                             _ratio(measured.eager_us, model and model["eager_us"])))
+    summary = (f"Per call, {SETUP.dtype}, stage shapes at batch {SETUP.modelled_batch}: measured median µs (CUDA "
+               "events, this GPU) beside the static SASS model's prediction (a MODEL, kernels/perf_table.py; eager "
+               "predicted = its optimistic floor); ratio = measured / modelled.\n\n"
                + _md_table(("op", "shape", "mode", "fused measured", "fused model", "ratio", "eager measured",
                             "eager model", "ratio"), rows))
     return StepResult("modelled", True, summary=summary, data={"rows": rows})

@@ -82,3 +82,55 @@ def test_the_shell_command_fails_loudly_without_a_gpu(tmp_path):
     assert report["steps"][0]["name"] == "tune" and not report["steps"][0]["ok"]
     assert "RuntimeError: no CUDA device: the acceptance run needs a GPU" in report["steps"][0]["error"]
     assert (tmp_path / "steps" / "tune.log").is_file()
+
+
+# ------------------------------------------------------- the steps themselves, shrunk to the interpreter
+
+
+def _fast_timer(run, key, impl):
+    run()  # one real run of each implementation
+    return {"fused": 1.0, "eager": 2.0}[impl] if key.op == "convnext_mlp" else {"fused": 3.0, "eager": 2.0}[impl]
+
+
+@pytest.fixture()
+def tiny(monkeypatch, tmp_path):
+    """The acceptance steps on CPU: Triton's interpreter (TRITON_INTERPRET=1 from conftest), fp32, one stage."""
+    from fastconvnext import backend
+
+    monkeypatch.setattr(acceptance, "SETUP", acceptance.Setup(
+        device="cpu", model=dict(num_stages=1, hidden_sizes=[8], depths=[1]), image=8, stages=((4, 8),),
+        modelled_batch=1, tune_batch=1, dtype="fp32", autocast=False, timer=_fast_timer))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    saved = backend.tuned_decisions()
+    yield acceptance.parse_args(["--output", str(tmp_path), "--train-steps", "2", "--train-batch", "1"])
+    backend.clear_policy()
+    backend.install_tuned(saved)
+
+
+def test_training_step_runs_fused_and_eager_from_one_initialization(tiny):
+    result = acceptance.step_training(tiny)
+    fused, eager = result.data["fused_losses"], result.data["eager_losses"]
+    assert len(fused) == len(eager) == 2
+    assert fused[0] == pytest.approx(eager[0], rel=1e-5)  # same weights, same batch, before any update
+    assert result.ok, result.error
+
+
+def test_training_verdict():
+    assert acceptance.training_verdict([2.0, 1.9, 1.5, 1.4], [2.0, 1.91, 1.5, 1.41], cycle=2)[0]
+    assert acceptance.training_verdict([2.0, float("nan")], [2.0, 1.9], cycle=2)[2] == "non-finite loss"
+    assert "differ by 10.00%" in acceptance.training_verdict([2.2, 1.9], [2.0, 1.9], cycle=2)[2]
+    assert "did not decrease" in acceptance.training_verdict([2.0, 1.9, 2.1, 2.0], [2.0, 1.9, 2.1, 2.0], cycle=2)[2]
+
+
+def test_tune_and_modelled_steps(tiny):
+    from fastconvnext import backend
+
+    tuned = acceptance.step_tune(tiny)
+    assert tuned.ok, tuned.error
+    shapes = {row[0].split(" C=")[0] + " " + row[0].split()[-2] for row in tuned.data["rows"]}
+    assert shapes == {f"{op} {mode}" for op in backend.OPS for mode in backend.MODES}
+    assert all(row[1] == ("fused" if row[0].startswith("convnext_mlp") else "eager") for row in tuned.data["rows"])
+    modelled = acceptance.step_modelled(tiny)
+    assert modelled.ok and len(modelled.data["rows"]) == 4
+    for row in modelled.data["rows"]:  # 1x4x4x8 is no table point: nothing modelled, nothing invented
+        assert row[1] == "1x4x4x8" and row[4] == "not modelled" and row[5] == "n/a"
