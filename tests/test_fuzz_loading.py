@@ -1,0 +1,247 @@
+"""Fuzzing the loader (issue 12 item 7, checkpoint side): mutated safetensors (header and body), .bin and
+.pth archives, config.json and shard indexes either load or raise one of the documented errors
+(ValueError, TypeError, OSError), each within a deadline, and nothing outside the model's folder is read.
+
+Reads are watched twice: an audit hook sees every Python-level open(), and a spy on the loader's single
+entry point for weight files sees the paths handed to safetensors' Rust reader, which Python's audit
+hooks cannot see. A canary file beside the model folder is what hostile shard names aim at.
+
+Bounded for CI: derandomized (the same cases every run, so never flaky), a per-example deadline, and a
+total time budget after which the remaining examples are skipped; the number of cases run is printed.
+"""
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+import fastconvnext
+from fastconvnext import checkpoint
+
+DOCUMENTED_ERRORS = (ValueError, TypeError, OSError)
+TIME_BUDGET_S = 40.0
+DEADLINE = timedelta(seconds=20)  # per example; a load here takes ~0.1 s on an idle machine
+CONFIG = fastconvnext.ConvNextConfig(num_stages=2, hidden_sizes=[4, 8], depths=[1, 1], num_labels=3)
+CANARY = "canary.safetensors"
+HOSTILE_NAMES = [
+    f"../{CANARY}", f"../../{CANARY}", "/etc/passwd", f"/proc/self/cwd/{CANARY}", "/dev/zero", "",
+    "model-00001-of-00002.safetensors/..", "./model-00002-of-00002.safetensors", "\x00", "a" * 300,
+    "model.safetensors.index.json", "config.json", "link-out.safetensors",
+]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True) | st.text(max_size=20)
+    | st.sampled_from([0, 1, -1, 10**6, 10**12, 1e-12, "gelu", "stage1", "float16", "complex64"]),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+class ReadWatch:
+    """Files opened or handed to a weight reader while `active`; installed once (audit hooks stay)."""
+
+    def __init__(self):
+        self.active, self.paths = False, []
+        sys.addaudithook(self._hook)
+
+    def _hook(self, event, args):
+        if self.active and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.paths.append(os.fsdecode(args[0]))
+
+    def outside(self, folder):
+        """Paths read outside `folder` (Python's own library files, read by lazy imports, excepted)."""
+        folder, library = folder.resolve(), [Path(p).resolve() for p in {sys.prefix, sys.base_prefix}]
+        found = []
+        for path in self.paths:
+            resolved = Path(path).resolve()
+            if not resolved.is_relative_to(folder) and not any(resolved.is_relative_to(p) for p in library):
+                found.append(path)
+        return found
+
+
+WATCH = ReadWatch()
+
+
+def tensors_of(model):
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_templates(root):
+    """The valid checkpoints the mutations start from, one folder each, with a canary beside them."""
+    torch.manual_seed(0)
+    model = fastconvnext.ConvNextForImageClassification(CONFIG)
+    tensors = tensors_of(model)
+    config_text = json.dumps(CONFIG.to_dict())
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    sharded = root / "sharded"
+    sharded.mkdir()
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+    weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "config.json").write_text(config_text)
+    pickled = root / "pickled"
+    pickled.mkdir()
+    torch.save(tensors, pickled / "pytorch_model.bin")
+    (pickled / "config.json").write_text(config_text)
+    single = root / "single"
+    single.mkdir()
+    save_file(tensors, str(single / "weights.safetensors"))
+    torch.save({"model": {k.replace("convnext.", ""): v for k, v in tensors.items()}}, single / "wrapped.pth")
+    save_file({"x": torch.zeros(4)}, str(root / CANARY))
+    return {"sharded": sharded, "pickled": pickled, "single": single}
+
+
+@pytest.fixture(scope="module")
+def templates():
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        folders = write_templates(root)
+        for source in (folders["sharded"], folders["pickled"], folders["single"] / "weights.safetensors"):
+            checkpoint.load_pretrained(None, source)  # every lazy import happens here, not under the watch
+        yield root, folders
+
+
+# ---- mutations ----------------------------------------------------------------------------------------
+
+BYTE_EDITS = st.lists(
+    st.one_of(
+        st.tuples(st.just("set"), st.floats(0, 1), st.integers(0, 255)),
+        st.tuples(st.just("truncate"), st.floats(0, 1), st.just(0)),
+        st.tuples(st.just("insert"), st.floats(0, 1), st.binary(min_size=1, max_size=16)),
+        st.tuples(st.just("header_length"), st.just(0.0), st.sampled_from([0, 7, 2**31, 2**63 - 1, 10**8])),
+    ),
+    min_size=1, max_size=4,
+)
+
+
+def edit_bytes(data, edits):
+    data = bytearray(data)
+    for kind, where, value in edits:
+        position = min(int(where * len(data)), max(len(data) - 1, 0))
+        if kind == "set" and data:
+            data[position] = value
+        elif kind == "truncate":
+            del data[position:]
+        elif kind == "insert":
+            data[position:position] = value
+        elif kind == "header_length" and len(data) >= 8:
+            data[:8] = value.to_bytes(8, "little")
+    return bytes(data)
+
+
+def edit_json(value, path, replacement, delete):
+    """`value` with the entry reached by following `path` (indices into keys/items) replaced or deleted."""
+    if not path or not isinstance(value, (dict, list)) or not value:
+        return replacement
+    keys = list(value) if isinstance(value, dict) else list(range(len(value)))
+    key = keys[path[0] % len(keys)]
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    if delete and len(path) == 1:
+        del copy[key]
+        return copy
+    copy[key] = edit_json(value[key], path[1:], replacement, delete)
+    return copy
+
+
+JSON_EDITS = st.tuples(st.lists(st.integers(0, 50), max_size=3), JSON_VALUES, st.booleans())
+INDEX_EDITS = st.tuples(st.integers(0, 10**6), st.sampled_from(HOSTILE_NAMES) | st.text(max_size=40))
+CASES = st.one_of(
+    st.tuples(st.just("config.json"), st.sampled_from(["sharded", "pickled"]), JSON_EDITS),
+    st.tuples(st.just("index json"), st.just("sharded"), JSON_EDITS),
+    st.tuples(st.just("index entry"), st.just("sharded"), INDEX_EDITS),
+    st.tuples(st.just("bytes"), st.sampled_from([
+        "sharded/model-00001-of-00002.safetensors", "sharded/model.safetensors.index.json",
+        "pickled/pytorch_model.bin", "single/weights.safetensors", "single/wrapped.pth", "sharded/config.json",
+    ]), BYTE_EDITS),
+)
+
+
+def apply_case(case, folder):
+    """Mutate the copy in `folder`; return what to load."""
+    kind, target, edit = case
+    if kind == "bytes":
+        file = folder / target
+        file.write_bytes(edit_bytes(file.read_bytes(), edit))
+        return file if target.startswith("single/") else file.parent
+    directory = folder / target
+    if kind == "index entry":
+        index_file = directory / "model.safetensors.index.json"
+        index = json.loads(index_file.read_text())
+        names = sorted(index["weight_map"])
+        position, name = edit
+        if name == "link-out.safetensors":
+            (directory / name).symlink_to(folder / CANARY)
+        index["weight_map"][names[position % len(names)]] = name
+        index_file.write_text(json.dumps(index))
+        return directory
+    file = directory / ("config.json" if kind == "config.json" else "model.safetensors.index.json")
+    path, replacement, delete = edit
+    file.write_text(json.dumps(edit_json(json.loads(file.read_text()), path, replacement, delete)))
+    return directory
+
+
+def load_one_case(root, folders, case):
+    """Copy the templates, apply `case`, load it under the watch; return 'loaded' or 'refused'."""
+    with tempfile.TemporaryDirectory(dir=root) as scratch:
+        folder = Path(scratch)
+        for name, source in folders.items():
+            shutil.copytree(source, folder / name)
+        shutil.copy(root / CANARY, folder / CANARY)  # what hostile names reach from inside a model folder
+        source = apply_case(case, folder)
+        model_folder = source if source.is_dir() else source.parent
+        handed_to_readers = []
+        original_read_file = checkpoint._read_file
+
+        def spied_read_file(path):
+            handed_to_readers.append(str(path))
+            return original_read_file(path)
+
+        WATCH.paths, WATCH.active = [], True
+        checkpoint._read_file = spied_read_file
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                checkpoint.load_pretrained(None, source)
+            outcome = "loaded"
+        except DOCUMENTED_ERRORS as err:
+            assert str(err), f"{type(err).__name__} without a message for {case}"
+            outcome = "refused"
+        finally:
+            WATCH.active = False
+            checkpoint._read_file = original_read_file
+        outside = WATCH.outside(model_folder) + [p for p in handed_to_readers if not Path(p).resolve().is_relative_to(
+            model_folder.resolve())]
+        assert outside == [], f"read outside {model_folder} for {case}"
+        return outcome
+
+
+def test_mutated_checkpoints_load_or_fail_with_documented_errors_inside_the_folder(templates):
+    root, folders = templates
+    counts = {"loaded": 0, "refused": 0, "skipped after the budget": 0}
+    started = time.monotonic()
+
+    @settings(max_examples=400, deadline=DEADLINE, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(case=CASES)
+    def run(case):
+        if time.monotonic() - started > TIME_BUDGET_S:
+            counts["skipped after the budget"] += 1
+            assume(False)
+        counts[load_one_case(root, folders, case)] += 1
+
+    run()
+    ran = counts["loaded"] + counts["refused"]
+    print(f"fuzz cases run: {ran} in {time.monotonic() - started:.0f} s ({counts})")
+    assert ran >= 25, f"the time budget left too few cases: {counts}"
