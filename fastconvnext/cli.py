@@ -270,7 +270,8 @@ def run_classify(args: argparse.Namespace) -> int:
     device = _pick_device(args.device)
     processor = _saved_processor(args.model)  # a broken preprocessor_config.json fails before the model loads
     model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]), args.ignore_mismatched_sizes)
-    processor = processor or _imagenet_processor(args.model, model.config)
+    if processor is None:
+        processor = _imagenet_processor(args.model, model.config)
     predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels))
     if args.json:
         print(json.dumps(list(predictions), indent=2))
@@ -380,7 +381,8 @@ def _load_classifier(path: str, device, dtype, ignore_mismatched_sizes: bool = F
 
 def _processor_for(model_path: str, config):
     """MODEL/preprocessor_config.json when there is one, else the ImageNet evaluation settings (with a note)."""
-    return _saved_processor(model_path) or _imagenet_processor(model_path, config)
+    processor = _saved_processor(model_path)
+    return _imagenet_processor(model_path, config) if processor is None else processor
 
 
 def _saved_processor(model_path: str):

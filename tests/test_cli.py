@@ -449,6 +449,23 @@ def test_broken_checkpoint_files_are_one_error_line(capsys, hf_model, images, tm
         assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("fastconvnext: error:")
 
 
+@pytest.mark.parametrize("raised", [
+    AssertionError("Torch not compiled with CUDA enabled"),  # torch.load(map_location="cuda") on a CPU build
+    EOFError("Ran out of input"),
+])
+def test_foreign_loader_errors_are_one_line_naming_the_model(capsys, model_dir, images, monkeypatch, raised):
+    import fastconvnext.checkpoint
+
+    def load_pretrained(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(fastconvnext.checkpoint, "load_pretrained", load_pretrained)
+    for argv in (["classify", "--model", model_dir, images[0]], ["convert", model_dir, model_dir.parent / "out"]):
+        code, out, err = run(capsys, *argv)
+        assert code == 1
+        assert_one_line_error(err, f"cannot load {model_dir}", type(raised).__name__, str(raised))
+
+
 # ---- --ignore-mismatched-sizes ---------------------------------------------------------------------------
 
 
