@@ -25,6 +25,7 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import tempfile
 import time
 import warnings
@@ -48,15 +49,22 @@ def cache_dir():
     return Path(base) / "fastconvnext"
 
 
-def _driver_version():
-    query = getattr(torch._C, "_cuda_getDriverVersion", None)
+def _driver_version(index):
+    """The driver release (nvidia-smi) and the CUDA API version it supports, as far as they can be read."""
+    parts = []
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", "-i", str(index)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode == 0 and done.stdout.strip():
+            parts.append(done.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    query = getattr(torch._C, "_cuda_getDriverVersion", None)  # present in CUDA builds of torch
     if query is not None:
-        try:
+        with contextlib.suppress(RuntimeError):
             version = query()
-            return f"{version // 1000}.{version % 1000 // 10}"
-        except RuntimeError:
-            pass
-    return "unknown"
+            parts.append(f"CUDA {version // 1000}.{version % 1000 // 10}")
+    return " / ".join(parts) or "unknown"
 
 
 def _version(package):
@@ -74,7 +82,8 @@ def environment(device=None):
 
     device = torch.device(device) if device is not None else _default_device()
     if device.type == "cuda":
-        gpu, driver = torch.cuda.get_device_name(device), _driver_version()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        gpu, driver = torch.cuda.get_device_name(index), _driver_version(index)
     else:
         gpu, driver = device.type, "none"
     return {"gpu": gpu, "driver": driver, "torch": torch.__version__, "triton": _version("triton"),
