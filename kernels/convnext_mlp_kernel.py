@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -172,19 +173,19 @@ def _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward kernel
+# Forward kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _mlp_fwd_kernel(
-    x_ptr,  # [M, C] activation dtype
-    res_ptr,  # [M, C] activation dtype
-    w1_ptr,  # [D, C] activation dtype
-    b1_ptr,  # [D] fp32
-    w2_ptr,  # [C, D] activation dtype
-    b2_ptr,  # [C] fp32
+    x_ptr,  # [M, C] activation dtype; with LOAD_H the hidden [M, D] (h, or dpre for dx)
+    res_ptr,  # [M, C] activation dtype (HAS_RESIDUAL)
+    w1_ptr,  # [D, C] activation dtype (unused with LOAD_H)
+    b1_ptr,  # [D] fp32 (unused with LOAD_H)
+    w2_ptr,  # [C, D] activation dtype; with B_KN a [D, C] matrix (W1 for dx)
+    b2_ptr,  # [C] fp32 (HAS_BIAS)
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
-    out_ptr,  # [M, C] activation dtype
+    out_ptr,  # [M, C] activation dtype (or the autocast output dtype)
     y2_ptr,  # [M, C] activation dtype (SAVE_Y2)
     M,
     HW,
@@ -195,51 +196,64 @@ def _mlp_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACT: tl.constexpr,
+    LOAD_H: tl.constexpr,
+    B_KN: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     SAVE_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one program per (row tile, column tile), column tiles fastest: the programs sharing a row tile run
+    # together, so its rows come from HBM once
+    pid_m = tl.program_id(0) // tl.cdiv(C, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C, BLOCK_N)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < C
-    if BLOCK_K >= C:
+    RESIDENT_X: tl.constexpr = BLOCK_K >= C and not LOAD_H
+    if RESIDENT_X:
         x_tile = _load_rows(x_ptr, rows, row_mask, tl.arange(0, BLOCK_K), C)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_offs = d0 + tl.arange(0, BLOCK_D)
-        if BLOCK_K >= C:
-            w1_t = _load_w_t(w1_ptr, tl.arange(0, BLOCK_K), d_offs, C, D)
-            pre = tl.dot(x_tile, w1_t, input_precision=DOT_PRECISION)
+        if LOAD_H:
+            h = _load_rows(x_ptr, rows, row_mask, d_offs, D)
         else:
-            pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
-                                DOT_PRECISION)
-        pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
-        h = _activation(pre, ACT).to(x_ptr.dtype.element_ty)
-        w2_t = _load_w_t(w2_ptr, d_offs, n_offs, D, C)
-        acc = tl.dot(h, w2_t, acc, input_precision=DOT_PRECISION)
+            if RESIDENT_X:
+                w1_t = _load_w_t(w1_ptr, tl.arange(0, BLOCK_K), d_offs, C, D)
+                pre = tl.dot(x_tile, w1_t, input_precision=DOT_PRECISION)
+            else:
+                pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
+                                    DOT_PRECISION)
+            pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
+            h = _activation(pre, ACT).to(x_ptr.dtype.element_ty)
+        if B_KN:
+            w = _load_w(w2_ptr, d_offs, n_offs, D, C)
+        else:
+            w = _load_w_t(w2_ptr, d_offs, n_offs, D, C)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
-    y2 = acc + tl.load(b2_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
+    y2 = acc
+    if HAS_BIAS:
+        y2 += tl.load(b2_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
     offs = rows[:, None] * C + n_offs[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
     if SAVE_Y2:
         tl.store(y2_ptr + offs, y2.to(y2_ptr.dtype.element_ty), mask=mask)
-    branch = y2
+    out = y2
     if HAS_GAMMA:
-        branch = branch * tl.load(gamma_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
+        out = out * tl.load(gamma_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
     if HAS_SCALE:
-        branch = branch * tl.load(scale_ptr + rows // HW, mask=row_mask, other=0.0)[:, None]
-    out = tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) + branch
+        out = out * tl.load(scale_ptr + rows // HW, mask=row_mask, other=0.0)[:, None]
+    if HAS_RESIDUAL:
+        out += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# Backward kernels
-# ---------------------------------------------------------------------------------------------
 @triton.jit
 def _store_row_group_sums(part_ptr, values, pid_m, n_offs, n_mask, n_parts, C: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PART_ROWS: tl.constexpr):
@@ -252,6 +266,70 @@ def _store_row_group_sums(part_ptr, values, pid_m, n_offs, n_mask, n_parts, C: t
 
 
 @triton.jit
+def _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dpre, pid_m, rows, row_mask, d_offs, M, D: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PART_ROWS: tl.constexpr, ACT: tl.constexpr,
+                  STORE_H: tl.constexpr):
+    # dpre (and h = act(pre)) in the activation dtype for the weight-gradient GEMMs; db1 partials from fp32 dpre
+    offs = rows[:, None] * D + d_offs[None, :]
+    d_mask = d_offs < D
+    mask = row_mask[:, None] & d_mask[None, :]
+    if STORE_H:
+        tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+    _store_row_group_sums(db1_part_ptr, dpre, pid_m, d_offs, d_mask, tl.cdiv(M, PART_ROWS), D, BLOCK_M, BLOCK_D,
+                          PART_ROWS)
+
+
+@triton.jit
+def _mlp_hidden_kernel(
+    x_ptr,  # [M, C] activation dtype
+    dy_ptr,  # [M, C] activation dtype (IS_BACKWARD)
+    w1_ptr,  # [D, C] activation dtype
+    b1_ptr,  # [D] fp32
+    w2_ptr,  # [C, D] activation dtype (IS_BACKWARD)
+    gamma_ptr,  # [C] fp32 (HAS_GAMMA)
+    scale_ptr,  # [N] fp32 (HAS_SCALE)
+    h_ptr,  # [M, D] activation dtype
+    dpre_ptr,  # [M, D] activation dtype (IS_BACKWARD)
+    db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (IS_BACKWARD)
+    M,
+    HW,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PART_ROWS: tl.constexpr,
+    ACT: tl.constexpr,
+    IS_BACKWARD: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # forward: h = act(x W1^T + b1); backward also dh = g W2 and dpre = dh * act'(pre) (fp32 until stored)
+    pid_m = tl.program_id(0) // tl.cdiv(D, BLOCK_D)  # hidden tiles fastest (see _mlp_fwd_kernel)
+    pid_d = tl.program_id(0) % tl.cdiv(D, BLOCK_D)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D, DOT_PRECISION)
+    pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
+    if IS_BACKWARD:
+        row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
+        dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
+                          BLOCK_D, HAS_GAMMA, DOT_PRECISION)
+        _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
+                      d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT, True)
+    else:
+        mask = row_mask[:, None] & (d_offs[None, :] < D)
+        tl.store(h_ptr + rows[:, None] * D + d_offs[None, :], _activation(pre, ACT).to(h_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
 def _mlp_bwd_dx_kernel(
     x_ptr,  # [M, C] activation dtype
     dy_ptr,  # [M, C] activation dtype
@@ -260,10 +338,9 @@ def _mlp_bwd_dx_kernel(
     w2_ptr,  # [C, D] activation dtype
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
-    y2_ptr,  # [M, C] activation dtype (HAS_Y2)
     dx_ptr,  # [M, C] activation dtype
-    db2_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32
-    dgamma_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (HAS_Y2)
+    dpre_ptr,  # [M, D] activation dtype (STORE_DPRE)
+    db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (STORE_DPRE)
     M,
     HW,
     C: tl.constexpr,
@@ -276,11 +353,14 @@ def _mlp_bwd_dx_kernel(
     ACT: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    HAS_Y2: tl.constexpr,
+    STORE_DPRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # STORE_DPRE needs one C tile (BLOCK_N >= C): each hidden element is then stored by exactly one program
+    # one program per (row tile, column tile), column tiles fastest: the programs sharing a row tile run
+    # together, so its rows come from HBM once
+    pid_m = tl.program_id(0) // tl.cdiv(C, BLOCK_N)
+    pid_n = tl.program_id(0) % tl.cdiv(C, BLOCK_N)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -303,34 +383,32 @@ def _mlp_bwd_dx_kernel(
             dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M,
                               BLOCK_K, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
         pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
-        dpre = (dh * _activation_grad(pre, ACT)).to(x_ptr.dtype.element_ty)
-        dx = tl.dot(dpre, _load_w(w1_ptr, d_offs, n_offs, D, C), dx, input_precision=DOT_PRECISION)
+        dpre = dh * _activation_grad(pre, ACT)
+        if STORE_DPRE:
+            _store_hidden(dpre_ptr, dpre_ptr, db1_part_ptr, pre, dpre, pid_m, rows, row_mask, d_offs, M, D, BLOCK_M,
+                          BLOCK_D, PART_ROWS, ACT, False)
+        dx = tl.dot(dpre.to(x_ptr.dtype.element_ty), _load_w(w1_ptr, d_offs, n_offs, D, C), dx,
+                    input_precision=DOT_PRECISION)
 
     offs = rows[:, None] * C + n_offs[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-
-    n_parts = tl.cdiv(M, PART_ROWS)
-    g_n = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, n_offs, C, HAS_GAMMA)
-    _store_row_group_sums(db2_part_ptr, g_n, pid_m, n_offs, n_mask, n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
-    if HAS_Y2:
-        dy_n = _load_rows(dy_ptr, rows, row_mask, n_offs, C).to(tl.float32)
-        y2_n = _load_rows(y2_ptr, rows, row_mask, n_offs, C).to(tl.float32)
-        _store_row_group_sums(dgamma_part_ptr, dy_n * row_scale[:, None] * y2_n, pid_m, n_offs, n_mask,
-                              n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
 
 
 @triton.jit
 def _mlp_bwd_dw_kernel(
     x_ptr,  # [M, C] activation dtype
     dy_ptr,  # [M, C] activation dtype
-    w1_ptr,  # [D, C] activation dtype
-    b1_ptr,  # [D] fp32
-    w2_ptr,  # [C, D] activation dtype
+    w1_ptr,  # [D, C] activation dtype (RECOMPUTE_H)
+    b1_ptr,  # [D] fp32 (RECOMPUTE_H)
+    h_ptr,  # [M, D] activation dtype (unless RECOMPUTE_H)
+    dpre_ptr,  # [M, D] activation dtype
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
+    y2_ptr,  # [M, C] activation dtype (HAS_Y2)
     dw1_part_ptr,  # [NUM_SEGMENTS, D, C] fp32, NUM_SEGMENTS = cdiv(M, SEGMENT_ROWS)
     dw2_part_ptr,  # [NUM_SEGMENTS, C, D] fp32
-    db1_part_ptr,  # [NUM_SEGMENTS, D] fp32
+    db2_part_ptr,  # [NUM_SEGMENTS, C] fp32
+    dgamma_part_ptr,  # [NUM_SEGMENTS, C] fp32 (HAS_Y2)
     M,
     HW,
     SEGMENT_ROWS,
@@ -340,10 +418,16 @@ def _mlp_bwd_dw_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACT: tl.constexpr,
+    RECOMPUTE_H: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    HAS_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # two GEMMs over the segment's rows: dW1^T[c-tile, chunk] += x^T dpre, dW2[c-tile, chunk] += g^T h; the
+    # programs of the first D chunk also sum the C-wide vectors db2 = sum g and dgamma = sum dy * scale * y2.
+    # RECOMPUTE_H (one C tile, BLOCK_C >= C): h = act(x W1^T + b1) from the x tile already loaded, one more
+    # matmul unit instead of storing and re-reading the [M, D] h
     pid_d = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -351,44 +435,46 @@ def _mlp_bwd_dw_kernel(
     d_mask = d_offs < D
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    b1 = tl.load(b1_ptr + d_offs, mask=d_mask, other=0.0)
-
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + c_offs, mask=c_mask, other=0.0)
+    if RECOMPUTE_H:
+        b1 = tl.load(b1_ptr + d_offs, mask=d_mask, other=0.0)
     first_row = pid_s * SEGMENT_ROWS  # SEGMENT_ROWS is a multiple of BLOCK_M
     last_row = tl.minimum(first_row + SEGMENT_ROWS, M)
 
     dw1_t = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
     dw2 = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    db1 = tl.zeros([BLOCK_D], dtype=tl.float32)
+    db2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    dgamma = tl.zeros([BLOCK_C], dtype=tl.float32)
     for row0 in range(first_row, last_row, BLOCK_M):
         rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # row0 < M fits i32
         row_mask = rows < M
-        row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
         x_c = _load_rows(x_ptr, rows, row_mask, c_offs, C)
-        g_c = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, c_offs, C, HAS_GAMMA).to(x_c.dtype)
-        if BLOCK_C >= C:
-            # the weight chunks are re-read per tile (L2 hits) rather than held: registers are the limit here
+        dys = _load_rows(dy_ptr, rows, row_mask, c_offs, C).to(tl.float32)
+        dys = dys * _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)[:, None]
+        g = dys * gamma[None, :] if HAS_GAMMA else dys
+        if RECOMPUTE_H:
             pre = tl.dot(x_c, _load_w_t(w1_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
-            dh = tl.dot(g_c, _load_w(w2_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
+            h = _activation(pre + b1[None, :], ACT).to(x_c.dtype)
         else:
-            pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_C, BLOCK_D,
-                                DOT_PRECISION)
-            dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M,
-                              BLOCK_C, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
-        pre += b1[None, :]
-        h = _activation(pre, ACT).to(x_c.dtype)
-        # rows past M have g = 0, hence dh = dpre = 0: they add nothing below
-        dpre = dh * _activation_grad(pre, ACT)
-        db1 += tl.sum(dpre, axis=0)
+            h = _load_rows(h_ptr, rows, row_mask, d_offs, D)
+        dpre = _load_rows(dpre_ptr, rows, row_mask, d_offs, D)
         # both weight grads as [BLOCK_C, BLOCK_D] = (tile^T) @ (chunk): one accumulator layout for the two
-        dw1_t = tl.dot(tl.trans(x_c), dpre.to(x_c.dtype), dw1_t, input_precision=DOT_PRECISION)
-        dw2 = tl.dot(tl.trans(g_c), h, dw2, input_precision=DOT_PRECISION)
+        dw1_t = tl.dot(tl.trans(x_c), dpre, dw1_t, input_precision=DOT_PRECISION)
+        dw2 = tl.dot(tl.trans(g.to(x_c.dtype)), h, dw2, input_precision=DOT_PRECISION)
+        if pid_d == 0:
+            db2 += tl.sum(g, axis=0)
+            if HAS_Y2:
+                dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
 
     seg = pid_s.to(tl.int64)
     mask = c_mask[:, None] & d_mask[None, :]
     tl.store(dw1_part_ptr + seg * D * C + d_offs[None, :] * C + c_offs[:, None], dw1_t, mask=mask)
     tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
-    if pid_c == 0:
-        tl.store(db1_part_ptr + seg * D + d_offs, db1, mask=d_mask)
+    if pid_d == 0:
+        tl.store(db2_part_ptr + seg * C + c_offs, db2, mask=c_mask)
+        if HAS_Y2:
+            tl.store(dgamma_part_ptr + seg * C + c_offs, dgamma, mask=c_mask)
 
 
 @triton.jit
@@ -402,60 +488,88 @@ def _bf16_dot_probe_kernel(a_ptr, b_ptr, out_ptr):  # [16, 16] bf16, [16, 16] bf
 # Configs
 # ---------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
-# One small deterministic config for the interpreter (no autotuning there): C <= 32 takes the
-# resident-x paths, wider C the streamed ones with several C tiles.
-_INTERPRETER_FWD = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=1, num_stages=1)
-_INTERPRETER_DX = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, BLOCK_D=32, num_warps=1, num_stages=1)
-_INTERPRETER_DW = dict(BLOCK_M=32, BLOCK_C=32, BLOCK_D=32, num_warps=1, num_stages=1)
+
+def _cfg(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) -> dict:
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=num_warps,
+                num_stages=num_stages)
+
+
+def _hidden_cfg(BLOCK_M, BLOCK_D, BLOCK_K, num_warps, num_stages) -> dict:
+    return dict(BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, BLOCK_K=BLOCK_K, num_warps=num_warps, num_stages=num_stages)
+
+
+def _dw_cfg(BLOCK_M, BLOCK_C, BLOCK_D, num_warps, num_stages) -> dict:
+    return dict(BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+
+
+# One small deterministic config per kernel for the interpreter (no autotuning there): C <= 32 takes the
+# fused/resident-x paths, wider C the two-GEMM and streamed ones.
+_INTERPRETER_MN = _cfg(32, 32, 32, 32, 1, 1)
+_INTERPRETER_HIDDEN = _hidden_cfg(32, 32, 32, 1, 1)
+_INTERPRETER_DW = _dw_cfg(32, 32, 32, 1, 1)
 
 
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-# Candidate configs per (C, D, dtype) bucket. Each one was compiled for sm_80 and sm_90 without spills
-# (see compile_targets); the ones that spilled on either were dropped (e.g. 128-row dx tiles, dW tiles
-# with BLOCK_D = 64 or 64x64 C tiles in 4 warps, 64x128 forward tiles in 4 warps at C = 96 with tanh-GELU,
-# 128x256 forward tiles, fp32 FMA tiles wider than 32x64).
-def _cfg(BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_D, num_warps, num_stages) -> dict:
-    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D, num_warps=num_warps,
-                num_stages=num_stages)
-
-
+# Candidate configs per (C, D, dtype) bucket, compiled for sm_80 and sm_90 without spills (compile_targets).
+# fp16/bf16 tiles are chosen so that every tl.dot is at least 64x64 per warpgroup (sm_90: wgmma m64 n>=64):
+# Triton gives each group of 4 warps 64 rows of the output tile when BLOCK_M allows, else splits the columns,
+# so BLOCK_M = 16 * num_warps and the dot's N >= 64 (a 64-row tile in 8 warps would give n = N / 2).
 def _fwd_configs(C: int, D: int, dtype: str) -> List[dict]:
-    """Forward candidates; BLOCK_N covers all of C when C <= 128 (no fc1 recomputation)."""
+    """Fused forward (fc1 + act + fc2 in one kernel): BLOCK_N covers all of C up to 128."""
     cp = _pow2(C)
     if dtype == "fp32":  # "ieee" dots run on FMA units: small register tiles
         return [_cfg(32, min(cp, 64), min(cp, 32), 32, 4, 2)]
-    if cp <= 64:
-        return [_cfg(64, cp, cp, 64, 4, 3), _cfg(128, cp, cp, 32, 8, 3), _cfg(128, cp, min(cp, 32), 64, 8, 3)]
-    if cp <= 128:
-        return [_cfg(128, cp, cp, 32, 8, 3), _cfg(128, cp, 32, 64, 8, 3)]
-    return [_cfg(64, 256, 64, 64, 8, 3), _cfg(64, 128, 64, 64, 4, 3)]
+    block_n = max(64, min(cp, 128))
+    return [_cfg(128, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 8, 3),
+            _cfg(64, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 4, 3)]
+
+
+def _gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """[M, D] @ [D, C] with the fused epilogues (fc2 of the two-GEMM forward, dx = dpre W1); BLOCK_D is the
+    K step (BLOCK_K unused)."""
+    cp = _pow2(C)
+    if dtype == "fp32":
+        return [_cfg(32, min(cp, 64), 32, 32, 4, 2)]
+    return [_cfg(128, max(64, min(cp, 128)), 64, 64, 8, 3)]
+
+
+def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """fc1 + b1 + act -> h, one [BLOCK_M, BLOCK_D] tile per program."""
+    if dtype == "fp32":
+        return [_hidden_cfg(32, 64, 32, 4, 2)]
+    return [_hidden_cfg(128, 128, 64, 8, 3)]
+
+
+def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """Recompute pre, dh = g W2 -> dpre, h: two fp32 [BLOCK_M, BLOCK_D] accumulators."""
+    if dtype == "fp32":
+        return [_hidden_cfg(32, 32, 32, 4, 2)]
+    return [_hidden_cfg(128, 64, 64, 8, 3)]
 
 
 def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
-    """dx-kernel candidates: like forward with one more [BLOCK_M, BLOCK_D] fp32 tile (dh) live."""
+    """Fused dx kernel for C <= BLOCK_N (recomputes pre and dh, stores dpre and h for the dW GEMMs)."""
     cp = _pow2(C)
     if dtype == "fp32":
         return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
-    if cp <= 128:
-        return [_cfg(64, cp, cp, 32, 8, 3), _cfg(64, cp, cp, 64, 8, 2)]
-    # one (BLOCK_M, BLOCK_N, num_warps) per bucket: the epilogue's row-group sums keep one order
-    return [_cfg(64, 256, 64, 32, 8, 3)]
+    block_n = max(64, min(cp, 128))
+    return [_cfg(128, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 8, 2)]
 
 
 def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
-    """dW-kernel candidates: the dW1^T and dW2 accumulators [BLOCK_C, BLOCK_D] stay in registers."""
+    """dW GEMMs: the dW1^T and dW2 accumulators [BLOCK_C, BLOCK_D] stay in registers."""
     cp = _pow2(C)
     if dtype == "fp32":
-        # BLOCK_D=16 at C <= 64 leaves ptxas at 80 registers with a 16-byte stack on sm_90 (compile_check).
-        block_d = 32 if cp <= 64 else 16
-        return [dict(BLOCK_M=32, BLOCK_C=min(cp, 32), BLOCK_D=block_d, num_warps=4, num_stages=1)]
-    if cp <= 128:
-        return [dict(BLOCK_M=64, BLOCK_C=cp, BLOCK_D=32, num_warps=8, num_stages=2)]
-    return [dict(BLOCK_M=64, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=1)]
+        # BLOCK_D=16 at C > 64 keeps ptxas below a stack spill on sm_90 (compile_check).
+        return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
+    if cp <= 64:
+        return [_dw_cfg(64, 64, 64, 4, 2)]
+    return [_dw_cfg(64, 128, 64, 8, 2)]
 
 
 def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
@@ -466,11 +580,62 @@ def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
     return out
 
 
+# kind -> (jit function, GPU candidates, interpreter config)
 _KERNEL_TABLE = {
-    "fwd": (lambda: _mlp_fwd_kernel, _fwd_configs, _INTERPRETER_FWD),
-    "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_DX),
+    "fwd": (lambda: _mlp_fwd_kernel, _fwd_configs, _INTERPRETER_MN),
+    "hidden": (lambda: _mlp_hidden_kernel, _hidden_configs, _INTERPRETER_HIDDEN),
+    "fc2": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
+    "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
+    "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
+    "dx_gemm": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
     "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
 }
+
+
+def _config(kind: str, C: int, D: int, dtype: str, gpu: bool = False) -> dict:
+    """The config a launch of `kind` uses with autotuning off (the interpreter's in the interpreter, unless
+    `gpu`: what a GPU launch would use)."""
+    fn, configs, interpreter_cfg = _KERNEL_TABLE[kind]
+    return interpreter_cfg if interpreting() and not gpu else configs(C, D, dtype)[0]
+
+
+# Roofline constants of the path choice (H100 SXM, dense; a model, not a measurement).
+_MODEL_PEAK_FLOPS = {"ieee": 67e12, "tf32": 495e12, "fp16": 990e12, "bf16": 990e12}
+_MODEL_HBM_BYTES_PER_S = 3.35e12
+
+
+def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
+    """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel.
+
+    The fused kernel recomputes fc1 once per C tile beyond the first; the split pays 2 * M * D bytes of h
+    (written, read back). Per row, each kernel costs max(its tensor work / peak, its bytes / bandwidth); the
+    cheaper plan wins. This picks the fused kernel at C <= 192 and the split at C >= 384 for fp16/bf16 (ConvNeXt),
+    and the split whenever fp32 would recompute (FMA-bound)."""
+    c_tiles = triton.cdiv(C, _config("fwd", C, D, dtype, gpu)["BLOCK_N"])
+    if c_tiles == 1:
+        return False
+    s = _DTYPE_BYTES[dtype]
+    peak = _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
+    unit = 2 * C * D / peak
+    fused = max((1 + c_tiles) * unit, 4 * C * s / _MODEL_HBM_BYTES_PER_S)  # x, residual, out, y2
+    split = max(unit, (C + D) * s / _MODEL_HBM_BYTES_PER_S) + max(unit, (D + 3 * C) * s / _MODEL_HBM_BYTES_PER_S)
+    return split < fused
+
+
+def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
+    """Whether backward uses the fused dx kernel (one C tile: pre, dh, dx and the dpre/h stores in one pass)
+    rather than the hidden-backward kernel followed by the dx GEMM; the dW kernel then recomputes h from its
+    x tile (one C tile there too)."""
+    return _config("dx", C, D, dtype, gpu)["BLOCK_N"] >= C and _config("dw", C, D, dtype, gpu)["BLOCK_C"] >= C
+
+
+def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool = False) -> List[str]:
+    """The kernels one call launches, in order (x and weight gradients wanted in training)."""
+    kinds = ["hidden", "fc2"] if _two_gemm_forward(C, D, dtype, precision, gpu) else ["fwd"]
+    if training:
+        kinds += ["dx"] if _fused_dx(C, D, dtype, gpu) else ["hidden_bwd", "dx_gemm"]
+        kinds.append("dw")
+    return kinds
 
 
 def _m_bucket(M: int) -> int:
@@ -501,16 +666,17 @@ def _select(kernel_name: str, C: int, D: int, dtype: torch.dtype, M: int, flags:
 
 
 def _same_reduction_order(kernel_name: str, configs: List[dict]) -> bool:
-    """Whether the candidates reduce every output element in the same order.
+    """Whether the candidates reduce every output element in the same order, and take the same path.
 
     The dots chain their K steps through the fp32 accumulator (one MMA/FMA k-step after another), so the
-    blocking of K (BLOCK_K, BLOCK_D, BLOCK_M of the dW kernel) does not change the order. What does: the
-    tree of a tl.sum, fixed by the tile shape and warp count: the dx kernel's row-group sums need one
-    (BLOCK_M, BLOCK_N, num_warps); the dW kernel's db1 sum and segment split need one config."""
-    if kernel_name == "dx":
-        return len({(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in configs}) == 1
-    if kernel_name == "dw":
+    blocking of K (BLOCK_K, BLOCK_D of the GEMMs, BLOCK_M of the dW kernel) does not change the order. What
+    does: the tree of a tl.sum, fixed by the tile shape and warp count (the db1 row-group sums of the dx and
+    hidden-backward kernels, the dW kernel's column sums and segment split), hence one config for those; the
+    forward candidates share BLOCK_N, which decides the fused/two-GEMM path."""
+    if kernel_name in ("dx", "hidden_bwd", "dw"):
         return len(configs) == 1
+    if kernel_name == "fwd":
+        return len({c["BLOCK_N"] for c in configs}) == 1
     return True
 
 
@@ -600,11 +766,23 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
     _check_interpreter_dtype(x.dtype)
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     b2 = fc2_bias.to(torch.float32).contiguous()
-
-    args = (x, residual, w1, b1, w2, b2, g, s, out, y2 if save_y2 else out, M, HW)
+    precision = _dot_precision(x.dtype)
+    epilogue = dict(HAS_BIAS=True, HAS_RESIDUAL=True, HAS_GAMMA=gamma is not None,
+                    HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=precision)
+    y2_or_out = y2 if save_y2 else out
     with _device_guard(x):
-        _launch("fwd", functools.partial(_grid, "fwd", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=gamma is not None,
-                HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=_dot_precision(x.dtype))
+        if _two_gemm_forward(C, D, _TRITON_DTYPE[x.dtype], precision):
+            h = torch.empty((M, D), device=x.device, dtype=x.dtype)
+            _launch("hidden", functools.partial(_grid, "hidden", M=M, C=C, D=D),
+                    (x, x, w1, b1, w1, b1, b1, h, h, b1, M, HW), C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act,
+                    IS_BACKWARD=False, HAS_GAMMA=False, HAS_SCALE=False, DOT_PRECISION=precision)
+            _launch("fc2", functools.partial(_grid, "fc2", M=M, C=C, D=D),
+                    (h, residual, w1, b1, w2, b2, g, s, out, y2_or_out, M, HW), C, D, x.dtype, M, ACT=act,
+                    LOAD_H=True, B_KN=False, **epilogue)
+        else:
+            _launch("fwd", functools.partial(_grid, "fwd", M=M, C=C, D=D),
+                    (x, residual, w1, b1, w2, b2, g, s, out, y2_or_out, M, HW), C, D, x.dtype, M, ACT=act,
+                    LOAD_H=False, B_KN=False, **epilogue)
     return out, y2
 
 
@@ -623,40 +801,58 @@ def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
     """Programs of one launch (shared by the launchers and launch_plans)."""
     if kind == "dw":
         return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
-    return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_N"]))
+    if kind in ("hidden", "hidden_bwd"):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_D"]),)
+    return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
 
 
-def _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act):
-    """Writes dx; returns db2 and (with y2) dgamma as fp32 sums."""
+def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act, want_x_side, want_hidden):
+    """Writes dx (when wanted). With `want_hidden` returns what the dW GEMMs need: h ([M, D], activation dtype;
+    None when the dW kernel recomputes it), dpre ([M, D], activation dtype) and the fp32 db1 row-group partials."""
     N, H, W, C = x.shape
     D = w1.shape[0]
     M, HW = N * H * W, H * W
-    n_parts = triton.cdiv(M, _PART_ROWS)
-    db2_part = torch.empty((n_parts, C), device=x.device, dtype=torch.float32)
-    has_y2 = y2 is not None and y2.numel() > 0
-    dgamma_part = torch.empty_like(db2_part) if has_y2 else db2_part
+    dtype, precision = _TRITON_DTYPE[x.dtype], _dot_precision(x.dtype)
+    fused = want_x_side and _fused_dx(C, D, dtype)
+    h = dpre = db1_part = None
+    if want_hidden or not fused:
+        dpre = torch.empty((M, D), device=x.device, dtype=x.dtype)
+        db1_part = torch.empty((triton.cdiv(M, _PART_ROWS), D), device=x.device, dtype=torch.float32)
+    flags = dict(PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
+    if fused:
+        hidden = (dpre, db1_part) if want_hidden else (x, b1)
+        _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D), (x, grad_out, w1, b1, w2, g, s, dx, *hidden, M, HW),
+                C, D, x.dtype, M, **flags, STORE_DPRE=want_hidden, DOT_PRECISION=precision)
+        return h, dpre, db1_part
+    h = torch.empty_like(dpre)
+    _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
+            (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, M, HW), C, D, x.dtype, M, **flags, IS_BACKWARD=True,
+            DOT_PRECISION=precision)
+    if want_x_side:
+        _launch("dx_gemm", functools.partial(_grid, "dx_gemm", M=M, C=C, D=D),
+                (dpre, x, w1, b1, w1, b1, b1, b1, dx, dx, M, HW), C, D, x.dtype, M, ACT=act, LOAD_H=True, B_KN=True,
+                HAS_BIAS=False, HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_SCALE=False, SAVE_Y2=False,
+                DOT_PRECISION=precision)
+    return h, dpre, db1_part
 
-    args = (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, db2_part, dgamma_part, M, HW)
-    _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D), args, C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma,
-            HAS_SCALE=has_scale, HAS_Y2=has_y2, DOT_PRECISION=_dot_precision(x.dtype))
-    dgamma = dgamma_part.sum(0) if has_y2 else None
-    return db2_part.sum(0), dgamma
 
-
-def _backward_dw(grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act):
-    """dW1, db1, dW2 as fp32 sums of per-M-segment partials."""
+def _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma, has_scale, act):
+    """dW1, dW2, db2 and (with y2) dgamma as fp32 sums of per-M-segment partials; h None: recomputed."""
     N, H, W, C = x.shape
-    D = w1.shape[0]
+    D = dpre.shape[1]
     M, HW = N * H * W, H * W
     segments, segment_rows = _segments(M)
+    has_y2 = y2 is not None and y2.numel() > 0
     dw1_part = torch.empty((segments, D, C), device=x.device, dtype=torch.float32)
     dw2_part = torch.empty((segments, C, D), device=x.device, dtype=torch.float32)
-    db1_part = torch.empty((segments, D), device=x.device, dtype=torch.float32)
-
-    args = (x, grad_out, w1, b1, w2, g, s, dw1_part, dw2_part, db1_part, M, HW, segment_rows)
-    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
+    db2_part = torch.empty((segments, C), device=x.device, dtype=torch.float32)
+    dgamma_part = torch.empty_like(db2_part) if has_y2 else db2_part
+    args = (x, grad_out, w1, b1, dpre if h is None else h, dpre, g, s, y2 if has_y2 else x, dw1_part, dw2_part,
+            db2_part, dgamma_part, M, HW, segment_rows)
+    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act,
+            RECOMPUTE_H=h is None, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
             DOT_PRECISION=_dot_precision(x.dtype))
-    return dw1_part.sum(0), db1_part.sum(0), dw2_part.sum(0)
+    return dw1_part.sum(0), dw2_part.sum(0), db2_part.sum(0), (dgamma_part.sum(0) if has_y2 else None)
 
 
 def _grad_like(t: Optional[torch.Tensor], wanted: bool, fallback: torch.Tensor) -> torch.Tensor:
@@ -669,34 +865,33 @@ def _grad_like(t: Optional[torch.Tensor], wanted: bool, fallback: torch.Tensor) 
 def _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
                     want_weight_side):
     """Uninitialised outputs of the backward op: (dx, dW1, db1, dW2, db2, dgamma); shared with the fake."""
-    has_dgamma = want_x_side and gamma is not None and y2.numel() > 0
+    has_dgamma = want_weight_side and gamma is not None and y2.numel() > 0
     return (_grad_like(x, want_x_side, x), _grad_like(fc1_weight, want_weight_side, x),
             _grad_like(fc1_bias, want_weight_side, x), _grad_like(fc2_weight, want_weight_side, x),
-            _grad_like(fc2_bias, want_x_side, x), _grad_like(gamma, has_dgamma, fc2_bias))
+            _grad_like(fc2_bias, want_weight_side, x), _grad_like(gamma, has_dgamma, fc2_bias))
 
 
 def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, act,
                    want_x_side, want_weight_side):
     grads = _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
                             want_weight_side)
-    if x.numel() == 0:
+    if x.numel() == 0 or not (want_x_side or want_weight_side):
         return tuple(g.zero_() for g in grads)
     _check_interpreter_dtype(x.dtype)
     dx, dw1, db1, dw2, db2, dgamma = grads
     grad_out = grad_out.contiguous()
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
-    flags = dict(has_gamma=gamma is not None, has_scale=sample_scale is not None, act=act)
+    has_gamma, has_scale = gamma is not None, sample_scale is not None
     with _device_guard(x):
-        if want_x_side:
-            db2_f32, dgamma_f32 = _backward_dx(dx, grad_out, x, w1, b1, w2, g, s, y2, **flags)
-            db2.copy_(db2_f32)
+        h, dpre, db1_part = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act,
+                                             want_x_side, want_weight_side)
+        if want_weight_side:
+            dw1_f32, dw2_f32, db2_f32, dgamma_f32 = _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma,
+                                                                 has_scale, act)
+            for grad, value in ((dw1, dw1_f32), (db1, db1_part.sum(0)), (dw2, dw2_f32), (db2, db2_f32)):
+                grad.copy_(value)
             if dgamma.numel():
                 dgamma.copy_(dgamma_f32)
-        if want_weight_side:
-            dw1_f32, db1_f32, dw2_f32 = _backward_dw(grad_out, x, w1, b1, w2, g, s, **flags)
-            dw1.copy_(dw1_f32)
-            db1.copy_(db1_f32)
-            dw2.copy_(dw2_f32)
     return dx, dw1, db1, dw2, db2, dgamma
 
 
@@ -764,8 +959,8 @@ def _setup_context(ctx, inputs, output):
 def _mlp_backward(ctx, grad_out, _grad_y2):
     x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2 = ctx.saved_tensors
     need = ctx.needs_input_grad
-    want_x_side = need[0] or need[5] or (ctx.has_gamma and need[6])
-    want_weight_side = need[2] or need[3] or need[4]
+    want_x_side = need[0]
+    want_weight_side = need[2] or need[3] or need[4] or need[5] or (ctx.has_gamma and need[6])
     dx, dw1, db1, dw2, db2, dgamma = _mlp_bwd_op(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
                                                  gamma, sample_scale, y2, ctx.act, want_x_side,
                                                  want_weight_side)
@@ -904,12 +1099,69 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
     return out
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Compile targets (for kernels/compile_check.py)
 # ---------------------------------------------------------------------------------------------
 # Representative (C, D) buckets: a small odd one, then the four ConvNeXt stage widths.
 _BUCKETS = ((40, 72), (96, 384), (192, 768), (384, 1536), (768, 3072))
 _DTYPES = ("fp32", "fp16", "bf16")
+
+_FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr", "scale_ptr", "out_ptr",
+                 "y2_ptr"]
+_HIDDEN_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "h_ptr", "dpre_ptr",
+                    "db1_part_ptr"]
+_DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "dx_ptr", "dpre_ptr",
+                "db1_part_ptr"]
+_DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dw1_part_ptr",
+                "dw2_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
+# kind -> (display name, pointer args, integer args, structural flags); optional HAS_* flags come from _flags
+_KERNELS = {
+    "fwd": ("convnext_mlp_fwd", _FWD_POINTERS, ["M", "HW"],
+            dict(LOAD_H=False, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
+    "hidden": ("convnext_mlp_fc1_act", _HIDDEN_POINTERS, ["M", "HW"], dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False)),
+    "fc2": ("convnext_mlp_fc2", _FWD_POINTERS, ["M", "HW"],
+            dict(LOAD_H=True, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
+    "dx": ("convnext_mlp_bwd_dx", _DX_POINTERS, ["M", "HW"], dict(PART_ROWS=_PART_ROWS)),
+    "hidden_bwd": ("convnext_mlp_bwd_hidden", _HIDDEN_POINTERS, ["M", "HW"],
+                   dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True)),
+    "dx_gemm": ("convnext_mlp_bwd_dx_gemm", _FWD_POINTERS, ["M", "HW"],
+                dict(LOAD_H=True, B_KN=True, HAS_BIAS=False, HAS_RESIDUAL=False)),
+    "dw": ("convnext_mlp_bwd_dw", _DW_POINTERS, ["M", "HW", "SEGMENT_ROWS"], {}),
+}
+
+
+def _flags(kind: str, act: str = "gelu", has_gamma: bool = True, has_scale: bool = True,
+           training: bool = True, fused_dx: bool = True) -> dict:
+    """Every constexpr flag of a launch of `kind`, as the launchers pass them (`fused_dx`: the backward path)."""
+    flags = dict(_KERNELS[kind][3], ACT=act)
+    if kind in ("fwd", "fc2"):
+        flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, SAVE_Y2=has_gamma and training)
+    elif kind == "dx_gemm":
+        flags.update(HAS_GAMMA=False, HAS_SCALE=False, SAVE_Y2=False)
+    elif kind == "hidden":
+        flags.update(HAS_GAMMA=False, HAS_SCALE=False)
+    elif kind in ("dx", "hidden_bwd"):
+        flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
+        if kind == "dx":
+            flags["STORE_DPRE"] = training
+    else:
+        flags.update(RECOMPUTE_H=fused_dx, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_gamma and training)
+    return flags
+
+
+def _target(kind: str, cfg: dict, C: int, D: int, dtype: str, flags: dict, precision: str) -> CompileTarget:
+    name, pointers, ints, _ = _KERNELS[kind]
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    constexprs = dict(C=C, D=D, **meta, **flags, DOT_PRECISION=precision)
+    on = " ".join(k for k, v in flags.items() if v is True)
+    label = " ".join(f"{k}={v}" for k, v in meta.items())
+    label += f" w{cfg['num_warps']} s{cfg['num_stages']} C={C} D={D} act={flags.get('ACT', '-')} {precision} {on}"
+    return CompileTarget(
+        kernel=name, fn=_KERNEL_TABLE[kind][0](), signature=_signature(pointers, ints, list(constexprs), dtype),
+        constexprs=constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype,
+        label=label.strip(), expects_tensor_cores=dtype in ("fp16", "bf16") or precision == "tf32",
+    )
 
 
 def _signature(pointers: List[str], ints: List[str], constexprs: List[str], dtype: str) -> dict:
@@ -922,63 +1174,34 @@ def _signature(pointers: List[str], ints: List[str], constexprs: List[str], dtyp
     return sig
 
 
-_FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr", "scale_ptr", "out_ptr",
-                 "y2_ptr"]
-_DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dx_ptr",
-                "db2_part_ptr", "dgamma_part_ptr"]
-_DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "dw1_part_ptr",
-                "dw2_part_ptr", "db1_part_ptr"]
-_KERNELS = {
-    "fwd": ("convnext_mlp_fwd", lambda: _mlp_fwd_kernel, _FWD_POINTERS, ["M", "HW"], _fwd_configs),
-    "dx": ("convnext_mlp_bwd_dx", lambda: _mlp_bwd_dx_kernel, _DX_POINTERS, ["M", "HW"], _dx_configs),
-    "dw": ("convnext_mlp_bwd_dw", lambda: _mlp_bwd_dw_kernel, _DW_POINTERS, ["M", "HW", "SEGMENT_ROWS"], _dw_configs),
-}
-
-
-def _flags(kind: str, act: str = "gelu", on: bool = True) -> dict:
-    flags = dict(ACT=act, HAS_GAMMA=on, HAS_SCALE=on)
-    if kind == "fwd":
-        flags["SAVE_Y2"] = on
-    elif kind == "dx":
-        flags.update(PART_ROWS=_PART_ROWS, HAS_Y2=on)
-    return flags
-
-
-def _target(kind: str, cfg: dict, C: int, D: int, dtype: str, flags: dict, precision: str) -> CompileTarget:
-    name, fn, pointers, ints, _ = _KERNELS[kind]
-    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-    constexprs = dict(C=C, D=D, **meta, **flags, DOT_PRECISION=precision)
-    on = " ".join(k for k, v in flags.items() if v is True)
-    label = " ".join(f"{k}={v}" for k, v in meta.items())
-    label += f" w{cfg['num_warps']} s{cfg['num_stages']} C={C} D={D} act={flags['ACT']} {precision} {on}"
-    return CompileTarget(
-        kernel=name, fn=fn(), signature=_signature(pointers, ints, list(constexprs), dtype), constexprs=constexprs,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], dtype=dtype, label=label.strip(),
-        expects_tensor_cores=dtype in ("fp16", "bf16") or precision == "tf32",
-    )
-
-
 def compile_targets() -> List[CompileTarget]:
     """Every config the launchers can pick, per dtype and representative (C, D) bucket.
 
-    Each config is compiled with all optional features on (the most registers live); fp32 both with
-    "ieee" (torch's default) and "tf32" dots. The first config of each bucket is also compiled with the
-    features off, and the other activations once per dtype at C = 96.
-    """
+    Each kernel a bucket launches (under either fp32 precision) is compiled with all optional features on (the
+    most registers live), fp32 both with "ieee" (torch's default) and "tf32" dots; every candidate config of
+    it once more with the features off. The other activations are compiled once per dtype at C = 96."""
     targets = []
     for dtype in _DTYPES:
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for C, D in _BUCKETS:
-            for kind, (_, _, _, _, configs) in _KERNELS.items():
-                for i, cfg in enumerate(configs(C, D, dtype)):
+            kinds = []
+            for precision in precisions:
+                kinds += [k for k in _kinds(C, D, dtype, precision, training=True, gpu=True) if k not in kinds]
+            for kind in kinds:
+                for i, cfg in enumerate(_KERNEL_TABLE[kind][1](C, D, dtype)):
+                    fused_dx = _fused_dx(C, D, dtype, gpu=True)
                     for precision in precisions:
-                        targets.append(_target(kind, cfg, C, D, dtype, _flags(kind), precision))
-                    if i == 0:
-                        targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, on=False), "ieee"))
+                        if kind in _kinds(C, D, dtype, precision, training=True, gpu=True):
+                            targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, fused_dx=fused_dx), precision))
+                    targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_gamma=False, has_scale=False,
+                                                                          training=False, fused_dx=fused_dx),
+                                           precisions[0]))
         for act in ("gelu_tanh", "relu"):
-            for kind in ("fwd", "dw"):
-                cfg = _KERNELS[kind][4](96, 384, dtype)[0]
-                targets.append(_target(kind, cfg, 96, 384, dtype, _flags(kind, act), "ieee"))
+            for kind in _kinds(96, 384, dtype, "ieee", training=True, gpu=True):
+                if kind != "dw" or _fused_dx(96, 384, dtype, gpu=True):
+                    cfg = _KERNEL_TABLE[kind][1](96, 384, dtype)[0]
+                    targets.append(_target(kind, cfg, 96, 384, dtype,
+                                           _flags(kind, act, fused_dx=_fused_dx(96, 384, dtype, gpu=True)), "ieee"))
     return targets
 
 
@@ -986,72 +1209,77 @@ def compile_targets() -> List[CompileTarget]:
 # Launch plans (for kernels/sass_report.py): every figure below is a model, not a measurement
 # ---------------------------------------------------------------------------------------------
 _MODEL_L2_BYTES = 50e6  # H100: data whose footprint exceeds this is re-read from HBM
-_MODEL_SMS = 132  # H100 SXM: programs of the dW kernel in flight at once (one per SM)
-_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+_MODEL_SMS = 132  # H100 SXM
 
 
-def _kernel_flags(kind: str, act: str, has_gamma: bool, has_scale: bool, training: bool) -> dict:
-    """The constexpr flags a real launch passes (same order as the launchers)."""
-    flags = dict(ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
-    if kind == "fwd":
-        flags["SAVE_Y2"] = has_gamma and training
-    elif kind == "dx":
-        flags = dict(PART_ROWS=_PART_ROWS, **flags, HAS_Y2=has_gamma)
-    return flags
+def _plan_figures(kind, cfg, M, C, D, s, flags):
+    """(grid, HBM bytes, L2 bytes, loop trips, outer trips, executed M*C*D matmul units) of one launch (a model).
 
-
-def _streamed_trips(block_k: int, C: int, outer: int) -> Tuple[int, int]:
-    """(loop_trips, outer_trips): the inner C loop runs per outer iteration when the reduction is streamed."""
-    inner = triton.cdiv(C, block_k) if block_k < C else 1
-    return outer * inner, (outer if inner > 1 else 1)
-
-
-def _fwd_plan_figures(cfg, M, C, D, s, small, save_y2):
-    grid = _grid("fwd", cfg, M, C, D)
-    act, weights = M * C * s, 2 * D * C * s
-    c_tiles, chunks = grid[1], triton.cdiv(D, cfg["BLOCK_D"])
-    x_reads = c_tiles if c_tiles > 1 and act + weights > _MODEL_L2_BYTES else 1
-    hbm = act * (x_reads + 2 + save_y2) + weights + small
-    streamed = cfg["BLOCK_K"] < C
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    per_program = (bm * C * s * (chunks if streamed else 1) + D * C * s + bn * D * s + bm * bn * s * (2 + save_y2)
-                   + D * 4 + 3 * bn * 4)
-    trips = _streamed_trips(cfg["BLOCK_K"], C, chunks)
-    return grid, hbm, grid[0] * grid[1] * per_program, trips, 1 + c_tiles
-
-
-def _dx_plan_figures(cfg, M, C, D, s, small, has_y2):
-    grid = _grid("dx", cfg, M, C, D)
-    act, weights = M * C * s, 2 * D * C * s
-    c_tiles, chunks = grid[1], triton.cdiv(D, cfg["BLOCK_D"])
-    parts = triton.cdiv(M, _PART_ROWS) * C * 4 * (1 + has_y2)
-    reads = c_tiles if c_tiles > 1 and 2 * act + weights > _MODEL_L2_BYTES else 1
-    hbm = 2 * act * reads + act * (1 + has_y2) + weights + small + parts
-    streamed = cfg["BLOCK_K"] < C
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    per_program = (2 * bm * C * s * (chunks if streamed else 1) + 2 * D * C * s + bn * D * s
-                   + bm * bn * s * (2 + has_y2) + D * 4 + 2 * bn * 4)
-    trips = _streamed_trips(cfg["BLOCK_K"], C, chunks)
-    return grid, hbm, grid[0] * grid[1] * per_program + parts, trips, 1 + 2 * c_tiles
-
-
-def _dw_plan_figures(cfg, M, C, D, s, small):
-    grid = _grid("dw", cfg, M, C, D)
+    The row-tile kernels run the column tiles of a row tile next to each other, so the rows they share come from
+    HBM once; the weights (at most 2 * 3072 * 768 * 2 bytes) stay in L2."""
+    grid = _grid(kind, cfg, M, C, D)
+    act, hidden, w = M * C * s, M * D * s, D * C * s
+    programs = math.prod(grid)
+    bm = cfg["BLOCK_M"]
+    if kind in ("fwd", "fc2", "dx_gemm"):
+        bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
+        c_tiles, chunks = triton.cdiv(C, bn), triton.cdiv(D, bd)
+        epilogue = act * (flags["HAS_RESIDUAL"] + 1 + flags["SAVE_Y2"])
+        vectors = (D + 3 * C) * 4
+        if kind == "fwd":
+            inner = _inner_trips(cfg["BLOCK_K"], C)
+            rows_l2 = bm * C * s * (chunks if inner > 1 else 1)
+            return (grid, act + epilogue + 2 * w + vectors, programs * (rows_l2 + (D + bn) * C * s + bm * bn * s * 3),
+                    chunks * inner, (chunks if inner > 1 else 1), 1 + c_tiles)
+        hbm = hidden + epilogue + w + vectors
+        return grid, hbm, programs * ((bm + bn) * D * s + bm * bn * s * 3), chunks, 1, 1
+    if kind in ("hidden", "hidden_bwd"):
+        bd, backward = cfg["BLOCK_D"], kind == "hidden_bwd"
+        parts = triton.cdiv(M, _PART_ROWS) * D * 4 * backward
+        hbm = (act + hidden + w) * (1 + backward) + parts + D * 4
+        per_program = (bm + bd) * C * s * (1 + backward) + bm * bd * s * (1 + backward)
+        return grid, hbm, programs * per_program + parts, _inner_trips(cfg["BLOCK_K"], C), 1, 1 + backward
+    if kind == "dx":
+        bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
+        c_tiles, chunks, inner = triton.cdiv(C, bn), triton.cdiv(D, bd), _inner_trips(cfg["BLOCK_K"], C)
+        stores = flags["STORE_DPRE"] * (hidden + triton.cdiv(M, _PART_ROWS) * D * 4)
+        hbm = 3 * act + 2 * w + stores + (D + 2 * C) * 4
+        per_program = 2 * bm * C * s * (chunks if inner > 1 else 1) + 2 * D * C * s + bn * D * s + bm * bn * s
+        return grid, hbm, programs * per_program + stores, chunks * inner, (chunks if inner > 1 else 1), \
+            1 + 2 * c_tiles
+    # dw: the programs of one segment are consecutive in launch order and walk its rows in the same order; those
+    # resident together share each tile's HBM read, later waves re-read the segment unless it stays in L2
     segments, segment_rows = _segments(M)
-    act, weights = M * C * s, 2 * D * C * s
-    # The programs of one segment are consecutive in launch order and walk its rows in the same order: those
-    # resident together share each tile's HBM read; later waves re-read the segment unless it stays in L2.
+    bc, bd = cfg["BLOCK_C"], cfg["BLOCK_D"]
+    has_y2, recompute = flags["HAS_Y2"], flags["RECOMPUTE_H"]
     waves = triton.cdiv(grid[0] * grid[1], _MODEL_SMS)
-    reads = waves if 2 * segment_rows * C * s + weights > _MODEL_L2_BYTES else 1
-    partials = segments * (2 * D * C + D) * 4
-    hbm = 2 * act * reads + weights + small + partials
-    bm, bc, bd = cfg["BLOCK_M"], cfg["BLOCK_C"], cfg["BLOCK_D"]
-    streamed = bc < C
+    streamed = (2 * act + (2 - recompute) * hidden)
+    footprint = streamed * min(segment_rows, M) / M
+    partials = segments * (2 * D * C + (1 + has_y2) * C) * 4
+    hbm = streamed * (waves if footprint > _MODEL_L2_BYTES else 1) + has_y2 * act + partials + recompute * w
     tiles = triton.cdiv(min(segment_rows, M), bm)
-    per_tile = 2 * bm * bc * s + 2 * C * bd * s + (2 * bm * C * s if streamed else 0)
-    l2 = grid[0] * grid[1] * grid[2] * (tiles * per_tile + bd * 4) + partials
-    trips = _streamed_trips(bc, C, tiles)
-    return grid, hbm, l2, trips, 2 + 2 * grid[1], segment_rows
+    per_tile = bm * (2 * bc + (2 - recompute) * bd) * s + recompute * bc * bd * s
+    l2 = programs * tiles * per_tile + grid[1] * grid[2] * tiles * bm * bc * s * has_y2 + partials
+    return grid, hbm, l2, tiles, 1, 2 + recompute
+
+
+def _inner_trips(block_k: int, K: int) -> int:
+    return triton.cdiv(K, block_k) if block_k < K else 1
+
+
+_PLAN_NOTES = {
+    "fwd": "fused fc1 + b1 + act + fc2 + b2, x gamma x scale + residual (hidden kept on chip)",
+    "hidden": "fc1 + b1 + act -> h [M, D] stored once (two-GEMM forward)",
+    "fc2": "h W2^T + b2, x gamma x scale + residual (two-GEMM forward)",
+    "dx": "fused dx: recomputes pre and dh, stores dpre for the dW GEMMs, db1 row-group partials",
+    "hidden_bwd": "recomputes pre, dh = g W2 -> dpre and h [M, D], db1 row-group partials",
+    "dx_gemm": "dx = dpre W1",
+    "dw": "dW1^T = x^T dpre, dW2 = g^T h (h recomputed at one C tile), db2 and dgamma, per-segment partials",
+}
+
+
+# matmul units of a launch that eager also runs (the rest is recomputation)
+_USEFUL_UNITS = {"fwd": 2, "hidden": 1, "fc2": 1, "dx": 2, "hidden_bwd": 1, "dx_gemm": 1, "dw": 2}
 
 
 def _torch_plan(phase: str, nbytes: float, note: str):
@@ -1069,7 +1297,8 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     Defaults are ConvNeXt's block: GELU, a layer scale (trained when training), no drop path, hidden = 4C,
     parameters in the activation dtype. The dots' precision is what the current TF32 flags give. Byte figures
     are a model (H100: 50 MB L2): hbm_bytes counts a tensor once plus the re-reads whose footprint exceeds L2,
-    l2_bytes what the programs request. torch steps (partial sums, casts) are plans with target None."""
+    l2_bytes what the programs request. torch steps (partial sums, casts) are plans with target None. Each
+    kernel's note gives the matmul work it executes in units of one M*C*D matmul (eager: 2 forward, 4 backward)."""
     from .compile_spec import LaunchPlan
 
     dtype = _TRITON_DTYPE.get(dtype, dtype)
@@ -1077,39 +1306,29 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     C, D, s = channels, hidden or 4 * channels, _DTYPE_BYTES[dtype]
     M, HW = batch * height * width, height * width
     precision = "tf32" if dtype == "fp32" and _tf32_allowed() else "ieee"
-    small = (D + 2 * C) * 4 + (batch * 4 if has_scale else 0)
-    matmul_flops = 2 * M * C * D
-
-    def plan(kind, cfg, figures, phase, note, **ints):
-        grid, hbm, l2, (trips, outer), units = figures[:5]
-        flags = _kernel_flags(kind, act, has_gamma, has_scale, training)
-        int_args = dict(M=M, HW=HW, **ints)
-        return LaunchPlan(target=_target(kind, cfg, C, D, dtype, flags, precision), grid=grid, phase=phase,
-                          hbm_bytes=float(hbm), l2_bytes=float(l2), loop_trips=trips, outer_trips=outer,
-                          flops=float(2 * matmul_flops), note=f"{note}; executes {units} M*C*D matmul units",
-                          divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args)
-
-    save_y2 = has_gamma and training
-    cfg = _fwd_configs(C, D, dtype)[0]
-    plans = [plan("fwd", cfg, _fwd_plan_figures(cfg, M, C, D, s, small, save_y2), "forward",
-                  "fc1 + b1 + act + fc2 + b2, x gamma x scale + residual" + (", writes y2" if save_y2 else ""))]
+    plans = []
     if dtype != "fp32":
-        plans.insert(0, _torch_plan("forward", (D + 2 * C) * (s + 4), "torch: b1, b2, gamma cast to fp32"))
-    if not training:
-        return plans
-    if dtype != "fp32":
-        plans.append(_torch_plan("backward", (D + C) * (s + 4), "torch: b1, gamma cast to fp32"))
-    cfg = _dx_configs(C, D, dtype)[0]
-    plans.append(plan("dx", cfg, _dx_plan_figures(cfg, M, C, D, s, small, has_gamma), "backward",
-                      "dx (recomputes fc1 and dh), db2/dgamma row-group partials"))
-    sums = 1 + has_gamma  # db2, and dgamma when the layer scale is trained
-    plans.append(_torch_plan("backward", sums * (triton.cdiv(M, _PART_ROWS) * C * 4 + C * (8 + s)),
-                             "torch: db2" + (" and dgamma" if has_gamma else "") + " partial sums + casts"))
-    cfg = _dw_configs(C, D, dtype)[0]
-    figures = _dw_plan_figures(cfg, M, C, D, s, small)
-    plans.append(plan("dw", cfg, figures, "backward", "dW1, dW2, db1 per-segment partials (recomputes fc1 and dh)",
-                      SEGMENT_ROWS=figures[5]))
-    segments = _segments(M)[0]
-    for what, size in (("dW1", D * C), ("db1", D), ("dW2", C * D)):
-        plans.append(_torch_plan("backward", segments * size * 4 + size * (8 + s), f"torch: {what} partial sum + cast"))
+        plans.append(_torch_plan("forward", (D + 2 * C) * (s + 4), "torch: b1, b2, gamma cast to fp32"))
+    for kind in _kinds(C, D, dtype, precision, training, gpu=True):
+        phase = "forward" if kind in ("fwd", "hidden", "fc2") else "backward"
+        if kind in ("dx", "hidden_bwd") and dtype != "fp32":
+            plans.append(_torch_plan("backward", (D + C) * (s + 4), "torch: b1, gamma cast to fp32"))
+        cfg = _KERNEL_TABLE[kind][1](C, D, dtype)[0]
+        flags = _flags(kind, act, has_gamma, has_scale, training, _fused_dx(C, D, dtype, gpu=True))
+        int_args = dict(M=M, HW=HW)
+        if kind == "dw":
+            int_args["SEGMENT_ROWS"] = _segments(M)[1]
+        grid, hbm, l2, trips, outer, units = _plan_figures(kind, cfg, M, C, D, s, flags)
+        plans.append(LaunchPlan(
+            target=_target(kind, cfg, C, D, dtype, flags, precision), grid=grid, phase=phase, hbm_bytes=float(hbm),
+            l2_bytes=float(l2), loop_trips=trips, outer_trips=outer, flops=float(2 * M * C * D * _USEFUL_UNITS[kind]),
+            note=f"{_PLAN_NOTES[kind]}; executes {units} M*C*D matmul units",
+            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args))
+    if training:
+        segments = _segments(M)[0]
+        sums = (2 * D * C + (1 + has_gamma) * C) * (segments + 1) * 4
+        plans.append(_torch_plan("backward", sums, "torch: dW1, dW2, db2, dgamma segment sums"))
+        plans.append(_torch_plan("backward", (triton.cdiv(M, _PART_ROWS) + 1) * D * 4, "torch: db1 partial sum"))
+        grads = 2 * D * C + D + (1 + has_gamma) * C
+        plans.append(_torch_plan("backward", grads * (4 + s), "torch: copies into the parameter dtype"))
     return plans

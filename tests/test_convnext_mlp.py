@@ -277,8 +277,9 @@ def test_compile_targets_cover_every_config():
     targets = mlp.compile_targets()
     for dtype in ("fp32", "fp16", "bf16"):
         for C, D in mlp._BUCKETS:
-            for kernel, configs in (("convnext_mlp_fwd", mlp._fwd_configs), ("convnext_mlp_bwd_dx", mlp._dx_configs),
-                                    ("convnext_mlp_bwd_dw", mlp._dw_configs)):
+            kinds = {k for p in ("ieee", "tf32") for k in mlp._kinds(C, D, dtype, p, training=True, gpu=True)}
+            for kind in kinds:
+                kernel, configs = mlp._KERNELS[kind][0], mlp._KERNEL_TABLE[kind][1]
                 labels = [t.label for t in targets if t.kernel == kernel and t.dtype == dtype
                           and t.constexprs["C"] == C and t.constexprs["D"] == D]
                 for cfg in configs(C, D, dtype):
