@@ -13,8 +13,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    # One thread: the figures are not the point here, and a loaded 2-core runner makes 2 threads crawl.
-    code = cli.main(["--quick", "--output", str(out), "--threads", "1"])
+    # The quick run's code path on a model small enough for a test (its real defaults: ConvNeXt-T 224² batch 8,
+    # checked without running below). One thread: a loaded 2-core runner makes 2 threads crawl.
+    code = cli.main(["--quick", "--output", str(out), "--threads", "1", "--model", "atto", "--resolution", "64",
+                     "--batch", "2", "--repeats", "5", "--passes", "infer,train", "--no-progress"])
     return code, out
 
 
@@ -65,6 +67,74 @@ def test_quick_run_writes_a_png_plot_and_no_fused_rows_on_cpu(quick_run):
     assert "fastconvnext (fused kernels) not run on CPU" in summary
     assert all(r["implementation"] != "fastconvnext-fused" for r in _csv_rows(out / "bench.csv"))
     assert (out / "roofline.md").stat().st_size > 0
+
+
+def test_quick_run_prints_a_ratio_interval_the_load_and_a_verdict(quick_run):
+    _, out = quick_run
+    summary = (out / "bench.md").read_text()
+    assert "## Verdict" in summary
+    verdicts = [line for line in summary.splitlines() if "the speed of transformers (95% interval" in line]
+    assert len(verdicts) == 2  # infer and train
+    assert all("machine load" in line and " -> " in line for line in verdicts)
+    for row in _csv_rows(out / "bench.csv"):
+        if row["implementation"] == "fastconvnext-eager":
+            assert float(row["speedup_ci_low"]) <= float(row["speedup_vs_baseline"]) <= float(row["speedup_ci_high"])
+        assert float(row["load_average"]) >= 0
+    assert "torch.compile works on CPU" in summary
+
+
+def test_cpu_quick_defaults_are_convnext_t_224_batch_8_inference(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    settings = cli.settings_from_args(cli.build_parser().parse_args(["--quick"]))
+    assert (settings.model, settings.resolution, settings.batch, settings.model_passes) == ("tiny", 224, 8, ("infer",))
+    assert settings.sections == ("model",) and settings.repeats >= 20
+
+
+def _timing(samples):
+    return timing.Timing(tuple(float(x) for x in samples))
+
+
+def test_ratio_of_medians_interval_brackets_the_ratio_and_narrows_with_agreement():
+    steady = timing.ratio_of_medians(_timing([20, 20.2, 19.8, 20.1, 19.9] * 4), _timing([10, 10.1, 9.9, 10.05, 9.95] * 4))
+    assert steady.value == pytest.approx(2.0)
+    assert steady.low <= steady.value <= steady.high and steady.readable()
+    noisy = timing.ratio_of_medians(_timing([5, 40, 12, 30, 8, 25, 15, 35] * 2), _timing([10, 11, 9, 10.5] * 4))
+    assert noisy.half_width > 0.10 and not noisy.readable()
+    again = timing.ratio_of_medians(_timing([5, 40, 12, 30, 8, 25, 15, 35] * 2), _timing([10, 11, 9, 10.5] * 4))
+    assert again == noisy  # seeded: one set of samples prints one interval
+
+
+def _model_row(impl, median, q1, q3, ci=("", "")):
+    return {"section": "model", "case": "ConvNeXt-tiny 224²", "pass": "infer", "implementation": impl,
+            "baseline": "transformers", "median_ms": median, "q1_ms": q1, "q3_ms": q3, "batch": 8, "repeats": 20,
+            "speedup_vs_baseline": round(100 / median, 3), "speedup_ci_low": ci[0], "speedup_ci_high": ci[1],
+            "load_average": 3.5, "img_per_s": 8 / (median / 1e3)}
+
+
+def test_verdict_says_too_noisy_and_no_ratio_is_drawn_from_a_baseline_whose_spread_exceeds_the_difference():
+    from fastconvnext.bench import report
+
+    base = _model_row("transformers", 100, 60, 160)  # IQR 100 ms
+    close = _model_row("fastconvnext-eager", 80, 75, 85, ci=(0.7, 1.6))  # 20 ms faster: inside the noise
+    outcome = runner.Outcome([base, close], [], {}, loads=[3.5])
+    (line,) = report.verdict_lines(outcome)
+    assert "1.25x the speed of transformers (95% interval 0.70-1.60x" in line and "too noisy to read" in line
+    assert "machine load 3.5" in line
+    assert not report.resolved(close, base)
+    assert not report.resolved(_model_row("fastconvnext-eager", 30, 29, 31), base)  # 70 ms < IQR 100 ms
+    assert report.resolved(_model_row("fastconvnext-eager", 30, 29, 31), _model_row("transformers", 100, 90, 115))
+    clear = _model_row("fastconvnext-eager", 80, 79, 81, ci=(1.2, 1.3))
+    (line,) = report.verdict_lines(runner.Outcome([_model_row("transformers", 100, 99, 101), clear], [], {}))
+    assert line.endswith("-> faster than transformers")
+
+
+def test_plot_footnote_explains_only_the_panels_drawn():
+    from fastconvnext.bench import report
+
+    model_only = report.plot_footnote({"img/s"})
+    assert "Model panel" in model_only and "Op " not in model_only and "within noise" in model_only
+    ops = report.plot_footnote({"speed-up", "img/s"})
+    assert "Op speed-up panels" in ops and "no bar is drawn" in ops and "Op ms panels" not in ops
 
 
 def test_roofline_option_prints_without_measuring(monkeypatch, capsys):

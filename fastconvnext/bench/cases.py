@@ -52,7 +52,11 @@ CPU_FUSED_REASON = (
     "not run on CPU: the fused Triton kernels need a CUDA GPU (on CPU they only run in Triton's interpreter, "
     "a correctness tool, not a performance path)"
 )
-CPU_COMPILE_REASON = "not run on CPU: torch.compile is benchmarked on CUDA only"
+CPU_COMPILE_REASON = (
+    "not timed on CPU: torch.compile works on CPU (the model compiles to one graph, inductor included; see "
+    "tests/test_compile_cpu.py), but inductor's build of a whole model takes minutes on a small CPU, so only CUDA "
+    "runs time it"
+)
 
 
 def unavailable_reason(impl, device):

@@ -11,15 +11,18 @@ DEFAULT_OUTPUT = "bench-results"
 SECTION_NAMES = ("dwconv_layernorm", "convnext_mlp", "model")
 
 # Defaults per (device type, quick): what a run does when an option is not given.
+# The CPU quick run is the README's first command: ConvNeXt-T inference at 224², batch 8 (small models and
+# images gave ratios that moved by 3x between runs), with enough interleaved repeats for a ratio interval.
+BOTH_PASSES = ("infer", "train")
 DEFAULTS = {
     ("cuda", False): dict(dtype="bf16", sections=SECTION_NAMES, model="tiny", batch=64, resolution=224,
-                          stage_models=("tiny", "base"), repeats=30, warmup=5),
+                          stage_models=("tiny", "base"), repeats=30, warmup=5, passes=BOTH_PASSES),
     ("cuda", True): dict(dtype="bf16", sections=SECTION_NAMES, model="tiny", batch=32, resolution=224,
-                         stage_models=("tiny",), repeats=10, warmup=3),
+                         stage_models=("tiny",), repeats=10, warmup=3, passes=BOTH_PASSES),
     ("cpu", False): dict(dtype="fp32", sections=SECTION_NAMES, model="tiny", batch=8, resolution=224,
-                         stage_models=("tiny",), repeats=10, warmup=2),
-    ("cpu", True): dict(dtype="fp32", sections=("model",), model="atto", batch=2, resolution=64,
-                        stage_models=("tiny",), repeats=5, warmup=1),
+                         stage_models=("tiny",), repeats=15, warmup=2, passes=BOTH_PASSES),
+    ("cpu", True): dict(dtype="fp32", sections=("model",), model="tiny", batch=8, resolution=224,
+                        stage_models=("tiny",), repeats=25, warmup=1, passes=("infer",)),
 }
 ROOFLINE_BATCH = 64
 
@@ -52,13 +55,12 @@ def _comma_list(choices):
 def add_arguments(parser):
     """Add the bench options to `parser` (the `fastconvnext bench` subparser, or a standalone one)."""
     parser.add_argument("--model", choices=tuple(cases.MODEL_PRESETS),
-                        help="model size for the end-to-end case (default: tiny; --quick on CPU: atto)")
+                        help="model size for the end-to-end case (default: tiny)")
     parser.add_argument("--batch", type=_positive_int,
-                        help="batch size of the model and op cases (default: 64 on CUDA, 8 on CPU; --quick: 32 / 2); "
+                        help="batch size of the model and op cases (default: 64 on CUDA, 8 on CPU; --quick: 32 / 8); "
                              f"with --roofline the analytic batch (default {ROOFLINE_BATCH}; 128 is the other "
                              "common choice)")
-    parser.add_argument("--resolution", type=_positive_int, help="model input height = width (default 224; --quick on "
-                                                                 "CPU: 64)")
+    parser.add_argument("--resolution", type=_positive_int, help="model input height = width (default 224)")
     parser.add_argument("--dtype", choices=tuple(cases.DTYPES),
                         help="activation and parameter dtype (default: bf16 on CUDA, fp32 on CPU; --roofline: bf16)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -72,14 +74,17 @@ def add_arguments(parser):
                         help=f"directory for bench.csv, bench.png, bench.md, roofline.md (default {DEFAULT_OUTPUT}/; "
                              "with --roofline nothing is written unless given)")
     parser.add_argument("--quick", action="store_true",
-                        help="a small run: on CPU the eager model vs transformers at atto 64x64 batch 2 (< 2 min), "
-                             "plus the roofline")
+                        help="a first look: on CPU, ConvNeXt-T inference at 224x224, batch 8, fastconvnext vs "
+                             "transformers interleaved, the ratio with a 95%% interval and the machine load (about "
+                             "1 min on an idle 2-core machine); plus the roofline")
     parser.add_argument("--roofline", action="store_true",
                         help="print the analytic roofline (bytes, FLOPs, H100/A100 bounds) and exit; measures nothing")
     parser.add_argument("--markdown", action="store_true", help="with --roofline: print it as markdown "
                                                                "(benchmarks/ROOFLINE.md)")
     parser.add_argument("--repeats", type=_positive_int, help="timed calls per implementation (default 30 CUDA, "
-                                                              "10 CPU, --quick 10 / 5)")
+                                                              "15 CPU; --quick 10 CUDA, 25 CPU)")
+    parser.add_argument("--passes", type=_comma_list(BOTH_PASSES), metavar="LIST",
+                        help="model passes: infer, train (default: both; --quick on CPU: infer)")
     parser.add_argument("--warmup", type=_non_negative_int, help="untimed calls first (default 5 CUDA, 2 CPU; at "
                                                                  "least 1 is always run)")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls and convs on CUDA (and in "
@@ -114,6 +119,7 @@ def settings_from_args(args):
         progress=not args.no_progress,
         allow_tf32=bool(args.tf32),
         compile=not args.no_compile,
+        model_passes=args.passes or defaults["passes"],
     )
 
 

@@ -55,6 +55,22 @@ def nvidia_driver_version():
         return "unknown"
 
 
+def load_average():
+    """The 1-minute load average (runnable processes), or None where the OS does not report it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_text(load, cores=None):
+    cores = cores or os.cpu_count()
+    if load is None:
+        return f"machine load unknown ({cores} cores)"
+    busy = " — busy: other processes compete for the cores" if load > 0.5 * cores else ""
+    return f"machine load {load:.1f} on {cores} cores (1-min average){busy}"
+
+
 def describe(device):
     """A flat dict recorded with every result row."""
     device = torch.device(device)

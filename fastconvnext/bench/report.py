@@ -7,7 +7,7 @@ import importlib.util
 import textwrap
 from pathlib import Path
 
-from fastconvnext.bench import cases, environment, roofline
+from fastconvnext.bench import cases, environment, roofline, timing
 from fastconvnext.bench.runner import CSV_COLUMNS
 from fastconvnext.bench.table import format_table, markdown_table
 
@@ -92,6 +92,33 @@ ANALYTIC_NOTE = (
 )
 
 
+NOISE_LIMIT = 0.10  # a ratio whose 95 % interval is wider than +-10 % is reported as too noisy to read
+
+
+def verdict_lines(outcome):
+    """Per model pass and contender: the ratio to transformers, its interval, the load, and whether it reads."""
+    lines = []
+    for row in outcome.rows:
+        if row["section"] != "model" or row["speedup_ci_low"] == "":
+            continue
+        ratio = timing.Ratio(row["speedup_vs_baseline"], row["speedup_ci_low"], row["speedup_ci_high"], 0.95)
+        load = environment.load_text(row["load_average"] if row["load_average"] != "" else None)
+        head = (f"{row['case']} batch {row['batch']} {row['pass']}: {cases.IMPL_LABELS[row['implementation']]} "
+                f"runs at {ratio.value:.2f}x the speed of transformers (95% interval {ratio.low:.2f}-"
+                f"{ratio.high:.2f}x, +-{ratio.half_width:.0%}; {row['repeats']} interleaved repeats; {load})")
+        if not ratio.readable(NOISE_LIMIT):
+            tail = (f"too noisy to read: the interval is wider than +-{NOISE_LIMIT:.0%}; rerun on a quiet machine "
+                    "or with more --repeats")
+        elif ratio.low > 1:
+            tail = "faster than transformers"
+        elif ratio.high < 1:
+            tail = "slower than transformers"
+        else:
+            tail = "no difference this run can resolve"
+        lines.append(f"{head} -> {tail}")
+    return lines
+
+
 def terminal_report(outcome):
     lines = [environment.header_line(outcome.env), ""]
     for section in ("dwconv_layernorm", "convnext_mlp", "model"):
@@ -104,6 +131,9 @@ def terminal_report(outcome):
     if analytic:
         lines += ["== Per-call bytes, eager vs fused (analytic; valid whatever the device)",
                   format_table(ANALYTIC_HEADERS, analytic), ANALYTIC_NOTE, ""]
+    verdicts = verdict_lines(outcome)
+    if verdicts:
+        lines += ["== Verdict"] + verdicts + [""]
     if outcome.notes:
         lines += ["Notes:"] + [f"- {note}" for note in outcome.notes]
     return "\n".join(lines)
@@ -120,6 +150,9 @@ def markdown_report(outcome):
     if analytic:
         lines += ["## Per-call bytes, eager vs fused (analytic)", "", markdown_table(ANALYTIC_HEADERS, analytic), "",
                   ANALYTIC_NOTE, ""]
+    verdicts = verdict_lines(outcome)
+    if verdicts:
+        lines += ["## Verdict", ""] + [f"- {line}" for line in verdicts] + [""]
     if outcome.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in outcome.notes]
     return "\n".join(lines) + "\n"
@@ -149,6 +182,13 @@ def _panel_mode(rows, section):
     if any(r["implementation"] != r["baseline"] and r["speedup_vs_baseline"] != "" for r in rows):
         return "speed-up"
     return "ms"
+
+
+def resolved(row, base_row):
+    """Whether a contender's difference from its baseline exceeds the baseline's own spread (IQR).
+    When it does not, no speed-up bar or label is drawn from it: the difference is noise."""
+    spread = base_row["q3_ms"] - base_row["q1_ms"]
+    return abs(base_row["median_ms"] - row["median_ms"]) > spread
 
 
 def _value_and_spread(row, mode, by):
@@ -198,6 +238,47 @@ def _section_axes_data(rows, section):
     return mode, [label(c, p) for c, p in keys], impls, values, spreads, keys, by
 
 
+def _row_resolved(by, key, impl):
+    row = by.get((*key, impl))
+    base = by.get((*key, row["baseline"])) if row is not None and row["baseline"] else None
+    return base is not None and resolved(row, base)
+
+
+def _label_model_ratios(ax, impl, xs, values, spreads, keys, by):
+    """Above each non-baseline model bar: its speed-up vs transformers with the 95 % interval, or 'within noise'."""
+    for x, v, s, key in zip(xs, values, spreads, keys):
+        row = by.get((*key, impl))
+        if v is None or row is None or row["speedup_vs_baseline"] == "" or impl == row["baseline"]:
+            continue
+        if _row_resolved(by, key, impl) and row["speedup_ci_low"] != "":
+            text = f"{row['speedup_vs_baseline']:.2f}×\n({row['speedup_ci_low']:.2f}–{row['speedup_ci_high']:.2f})"
+        else:
+            text = "within\nnoise"
+        ax.annotate(text, (x, v + s[1]), textcoords="offset points", xytext=(0, 2), ha="center", va="bottom",
+                    fontsize=7)
+
+
+def plot_footnote(modes):
+    """What the whiskers, bars and labels of the panels present mean (only the panel kinds drawn)."""
+    parts = ["Whiskers: interquartile range of the timed calls."]
+    if "speed-up" in modes:
+        parts.append("Op speed-up panels: median time of eager PyTorch (channels-last) / median time of each "
+                     "contender, dashed line = eager; where the difference of medians is smaller than eager's IQR, "
+                     "no bar is drawn (hollow marker at 1, 'noise').")
+    if "ms" in modes:
+        parts.append("Op ms panels: median time per call.")
+    if "img/s" in modes:
+        parts.append("Model panel: images per second; label: speed-up vs transformers (ratio of medians) and its "
+                     "95% bootstrap interval, or 'within noise' where the difference of medians is smaller than "
+                     "transformers' IQR.")
+    return " ".join(parts) + " Times per case are in bench.csv."
+
+
+def _load_footnote(outcome):
+    known = [x for x in outcome.loads if x is not None]
+    return f"Highest {environment.load_text(max(known))}." if known else ""
+
+
 def write_plot(outcome, path):
     """One panel per section: ops as speed-up over eager, the model as images/s; IQR whiskers."""
     import matplotlib
@@ -227,18 +308,19 @@ def write_plot(outcome, path):
             present = [(x, v, s) for x, v, s in zip(xs, values[impl], spreads[impl]) if v is not None]
             if not present:
                 continue
-            px, pv, ps = zip(*present)
-            ax.bar(px, pv, bar_w, label=cases.IMPL_LABELS[impl], color=impl_colors[impl],
-                   yerr=[[s[0] for s in ps], [s[1] for s in ps]], capsize=2, error_kw={"linewidth": 0.8})
-            if mode == "ms":
-                continue
-            for x, v, s, key in zip(xs, values[impl], spreads[impl], keys):
-                row = by.get((*key, impl))
-                if v is None or row is None or row["speedup_vs_baseline"] == "" or impl == row["baseline"]:
-                    continue
-                ax.annotate(f"{row['speedup_vs_baseline']:.2f}×", (x, v + s[1]), textcoords="offset points",
-                            xytext=(0, 2), ha="center", va="bottom", fontsize=7,
-                            rotation=90 if mode == "speed-up" and len(impls) > 2 else 0)
+            if mode == "speed-up":  # a bar only where the difference from the baseline is not noise
+                noisy = [p for p, key in zip(present, keys) if not _row_resolved(by, key, impl)]
+                present = [p for p, key in zip(present, keys) if _row_resolved(by, key, impl)]
+                for x, _, _ in noisy:
+                    ax.plot([x], [1.0], marker="o", markerfacecolor="none", color=impl_colors[impl])
+                    ax.annotate("noise", (x, 1.0), textcoords="offset points", xytext=(0, 4), ha="center",
+                                va="bottom", fontsize=7, rotation=90 if len(impls) > 2 else 0)
+            if present:
+                px, pv, ps = zip(*present)
+                ax.bar(px, pv, bar_w, label=cases.IMPL_LABELS[impl], color=impl_colors[impl],
+                       yerr=[[s[0] for s in ps], [s[1] for s in ps]], capsize=2, error_kw={"linewidth": 0.8})
+            if mode == "img/s":
+                _label_model_ratios(ax, impl, xs, values[impl], spreads[impl], keys, by)
         if mode == "speed-up":
             ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         if mode != "ms":
@@ -251,16 +333,17 @@ def write_plot(outcome, path):
         batch = f", batch {rows[0]['batch']}"
         ax.set_title(f"{SECTION_TITLES[section]} — {device}, {rows[0]['dtype']}{batch}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    modes = {_panel_mode([r for r in outcome.rows if r["section"] == s], s) for s in sections}
     caption = (f"torch {env['torch_version']}, triton {env['triton_version']}, transformers "
                f"{env['transformers_version']}, fastconvnext {env['fastconvnext_version']}"
                + (f", CUDA {env['cuda_version']}, driver {env['driver_version']}" if env["device_type"] == "cuda"
-                  else f", {env['threads']} CPU thread(s) — CPU figures, not GPU"))
-    caption += (". Whiskers: interquartile range. Ops: median time of eager PyTorch (channels-last) / median time "
-                "of each contender (dashed line = eager); model: images per second; labels: speed-up vs eager "
-                "(ops) or transformers (model). Times per case are in bench.csv.")
+                  else f", {env['threads']} CPU thread(s) — CPU figures, not GPU") + ". " + plot_footnote(modes)
+               + " " + _load_footnote(outcome))
     width_chars = int(fig.get_figwidth() * 15)
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, width_chars)), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.07 if len(sections) == 1 else 0.04, 1, 1))
+    caption_lines = textwrap.wrap(caption, width_chars)
+    fig.text(0.01, 0.005, "\n".join(caption_lines), fontsize=7, va="bottom")
+    caption_inches = (len(caption_lines) + 1) * 7 * 1.25 / 72  # 7 pt text, 1.25 line spacing
+    fig.tight_layout(rect=(0, caption_inches / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)

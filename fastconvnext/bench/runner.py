@@ -30,6 +30,7 @@ class Settings:
     progress: bool = True
     allow_tf32: bool = False
     compile: bool = True
+    model_passes: tuple = cases.MODEL_PASSES
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Outcome:
     env: dict
     groups: list = field(default_factory=list)
     saved: dict = field(default_factory=dict)  # (op, StageShape, impl) -> memory.SavedBytes
+    loads: list = field(default_factory=list)  # 1-min load average before the first and after each case
 
 
 def _op_impls(op, settings):
@@ -68,7 +70,7 @@ def build_plan(settings):
             groups.append(_group(op, case, _op_impls(op, settings), settings.device))
     if "model" in settings.sections:
         impls = [i for i in cases.MODEL_IMPLS if settings.compile or not i.endswith("-compile")]
-        for pass_ in cases.MODEL_PASSES:
+        for pass_ in settings.model_passes:
             case = cases.ModelCase(settings.model, settings.batch, settings.resolution, settings.dtype,
                                    str(settings.device), pass_)
             groups.append(_group("model", case, impls, settings.device))
@@ -168,15 +170,17 @@ def run(settings, progress_factory=None):
     rows = []
     progress = (progress_factory or _null_progress)(_units(groups, settings))
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    loads = [environment.load_average()]
     try:
         for group in groups:
             progress.set_description(f"{group.case.label} {group.case.pass_}")
             results = measure_group(group, settings, clock, progress, notes)
-            rows += _rows(group, results, saved, env, settings, stamp)
+            loads.append(environment.load_average())
+            rows += _rows(group, results, saved, env, settings, stamp, loads[-2:])
     finally:
         progress.close()
         clock.release()
-    return Outcome(rows, notes, env, groups, saved)
+    return Outcome(rows, notes, env, groups, saved, loads)
 
 
 def _skip_notes(groups):
@@ -212,6 +216,7 @@ CSV_COLUMNS = (
     "shape", "batch", "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "repeats", "warmup",
     "img_per_s", "gb_per_s", "effective_gb_per_s", "tflop_per_s", "pct_of_hbm_peak", "modelled_bytes",
     "modelled_flops", "peak_mem_mb", "saved_for_backward_mb", "saved_extra_mb", "baseline", "speedup_vs_baseline",
+    "speedup_ci_low", "speedup_ci_high", "load_average",
     "torch_version", "triton_version", "transformers_version", "fastconvnext_version", "python_version",
     "cuda_version", "driver_version", "cudnn_version", "cpu_model", "threads", "timestamp",
 )
@@ -221,9 +226,10 @@ def _roofline_impl(impl):
     return {"eager": "eager", "eager_nchw": "eager_nchw", "fused": "fused", "compile": "eager"}.get(impl)
 
 
-def _rows(group, results, saved, env, settings, stamp):
+def _rows(group, results, saved, env, settings, stamp, loads=()):
     baseline = cases.MODEL_BASELINE if group.section == "model" else cases.OP_BASELINE
     base = results.get(baseline)
+    known = [x for x in loads if x is not None]
     rows = []
     for impl, (t, peak) in results.items():
         row = {key: "" for key in CSV_COLUMNS}
@@ -238,7 +244,11 @@ def _rows(group, results, saved, env, settings, stamp):
             peak_mem_mb="n/a (CPU)" if peak is None else round(peak / 1e6, 2),
             baseline=baseline if base is not None else "",
             speedup_vs_baseline=round(base[0].median_ms / t.median_ms, 3) if base is not None else "",
+            load_average=round(max(known), 2) if known else "",
         )
+        if base is not None and impl != baseline:
+            ratio = timing.ratio_of_medians(base[0], t)
+            row.update(speedup_ci_low=round(ratio.low, 3), speedup_ci_high=round(ratio.high, 3))
         seconds = t.median_ms / 1e3
         if group.section == "model":
             row["img_per_s"] = round(group.case.batch / seconds, 2)

@@ -8,6 +8,7 @@ other load) falls on all of them alike.
 """
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -109,6 +110,39 @@ def interleaved(contenders, clock, repeats, warmup, progress=None):
             if progress is not None:
                 progress.update(1)
     return {name: Timing(tuple(values)) for name, values in samples.items()}
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """baseline median / contender median, with a bootstrap confidence interval (> 1: contender faster)."""
+
+    value: float
+    low: float
+    high: float
+    level: float
+
+    @property
+    def half_width(self):
+        """Half the interval's width relative to the ratio (0.05 = +-5 %)."""
+        return (self.high - self.low) / (2 * self.value)
+
+    def readable(self, max_half_width=0.10):
+        return self.half_width <= max_half_width
+
+
+def ratio_of_medians(baseline, contender, level=0.95, resamples=2000, seed=0):
+    """Ratio of the medians with a percentile bootstrap interval (samples of each resampled on their own).
+
+    Seeded, so one set of samples always prints the same interval."""
+    rng = random.Random(seed)
+    a, b = baseline.samples_ms, contender.samples_ms
+    ratios = sorted(
+        statistics.median(rng.choices(a, k=len(a))) / statistics.median(rng.choices(b, k=len(b)))
+        for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    low, high = ratios[int(tail * (resamples - 1))], ratios[int(round((1 - tail) * (resamples - 1)))]
+    return Ratio(baseline.median_ms / contender.median_ms, low, high, level)
 
 
 def peak_memory_bytes(run, setup, device):
