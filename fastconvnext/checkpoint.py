@@ -10,8 +10,9 @@ Sources `load_pretrained` understands:
 
 Nothing is read outside the model directory (shard names and symlinks are resolved and checked), and
 the architecture is checked against the checkpoint's tensors before any parameter is allocated, so a
-small hostile file cannot make the loader allocate gigabytes. Pickled files are only ever read with `torch.load(weights_only=True)`: a file that would run code
-when unpickled is refused, not executed.
+small hostile file cannot make the loader allocate gigabytes. Pickled files are only ever read with
+`torch.load(weights_only=True)`: a file that would run code when unpickled is refused, not executed;
+compressed archives (which torch.save never writes) are refused before they could inflate.
 
 Inside this module state dicts are handled in a "canonical" form: transformers' names without the
 `convnext.` prefix that ForImageClassification adds to its trunk, so ConvNextModel, the classifier
