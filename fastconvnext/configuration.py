@@ -318,15 +318,16 @@ class ConvNextConfig:
         self.set_out_features(None, value)
 
     def set_out_features(self, out_features=None, out_indices=None):
-        """Align out_features and out_indices over stage_names, as transformers' backbones do."""
+        """Align out_features and out_indices over stage_names, as transformers' backbones do (negative
+        out_indices are kept as given, and count from the end)."""
         names = self.stage_names
+        positions = None
         if out_indices is not None:
             if not isinstance(out_indices, (list, tuple)):
                 raise TypeError(f"out_indices must be a list of ints, got {_kind(out_indices)} {out_indices!r}")
-            out_indices = [i % len(names) if _is_int(i) and i < 0 else i for i in out_indices]
-            bad = [i for i in out_indices if not _is_int(i) or not 0 <= i < len(names)]
-            if bad:
+            if not all(_is_int(i) and -len(names) <= i < len(names) for i in out_indices):
                 raise ValueError(f"out_indices must index stage_names {names}, got {list(out_indices)}")
+            positions = [i % len(names) for i in out_indices]
         if out_features is not None:
             if not isinstance(out_features, (list, tuple)):
                 raise TypeError(f"out_features must be a list of stage names, got {_kind(out_features)} {out_features!r}")
@@ -338,12 +339,13 @@ class ConvNextConfig:
         elif out_indices is None:
             out_indices = [names.index(f) for f in out_features]
         elif out_features is None:
-            out_features = [names[i] for i in out_indices]
-        elif list(out_features) != [names[i] for i in out_indices]:
+            out_features = [names[i] for i in positions]
+        elif list(out_features) != [names[i] for i in positions]:
             raise ValueError(
                 f"out_features {list(out_features)} and out_indices {list(out_indices)} name different stages"
             )
-        if len(set(out_indices)) != len(out_indices) or list(out_indices) != sorted(out_indices):
+        positions = [names.index(f) for f in out_features]
+        if len(set(positions)) != len(positions) or positions != sorted(positions):
             raise ValueError(f"out_features must be unique and in stage order {names}, got {list(out_features)}")
         self._out_features, self._out_indices = list(out_features), list(out_indices)
 

@@ -32,6 +32,14 @@ def _nchw(x):
     return x.permute(0, 3, 1, 2)
 
 
+def _channels_last(x):
+    """x in channels-last memory. Inside torch.func transforms (vmap cannot query memory formats) x is
+    left as it is: the eager ops read any layout, only speed depends on it."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class ConvNextLayerNorm(nn.LayerNorm):
     """LayerNorm over channels for [N, H, W, C] ("channels_last") or [N, C, H, W] ("channels_first") input."""
 
@@ -73,8 +81,8 @@ class ConvNextEmbeddings(nn.Module):
         self.num_channels = config.num_channels
 
     def forward(self, pixel_values):
-        x = self.patch_embeddings(pixel_values.contiguous(memory_format=torch.channels_last))
-        return self.layernorm(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embeddings(_channels_last(pixel_values))
+        return self.layernorm(_channels_last(x))
 
 
 def drop_path_scale(drop_prob, training, x):
@@ -160,7 +168,7 @@ class ConvNextStage(nn.Module):
     def forward(self, x):
         for module in self.downsampling_layer:
             x = module(x)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = _channels_last(x)
         for layer in self.layers:
             x = layer(x)
         return x

@@ -5,12 +5,35 @@ reads a field by name; iteration, keys(), values() and `in` behave like transfor
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import torch
+from torch.utils import _pytree as pytree
+
+
+def _flatten(output):
+    return output.values(), output.keys()
+
+
+def _flatten_with_keys(output):
+    return [(pytree.MappingKey(name), value) for name, value in output.items()], output.keys()
+
+
+def _unflatten(values, names, output_type):
+    return output_type(**dict(zip(names, values)))
 
 
 class ModelOutput:
+    def __init_subclass__(cls, **kwargs):
+        """Each output class is a pytree node (over its fields that are not None), as transformers' are, so
+        torch.export, torch.func and DDP's static graph see the tensors inside."""
+        super().__init_subclass__(**kwargs)
+        pytree.register_pytree_node(
+            cls, _flatten, functools.partial(_unflatten, output_type=cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__name__}", flatten_with_keys_fn=_flatten_with_keys,
+        )
+
     def to_tuple(self):
         return tuple(value for _, value in self.items())
 

@@ -197,3 +197,127 @@ def test_default_config_builds_a_backbone():
     assert json.loads(fastconvnext.ConvNextConfig(hidden_sizes=(8, 12, 20, 24)).to_json_string())["hidden_sizes"] == [
         8, 12, 20, 24
     ]
+
+
+# ---- backbone ---------------------------------------------------------------------------------------
+
+BACKBONE_ATTRIBUTES = ("stage_names", "out_features", "out_indices", "out_feature_channels", "channels", "num_features")
+
+
+def assert_backbones_agree(hf, ours, x, what):
+    for name in BACKBONE_ATTRIBUTES:
+        assert getattr(ours, name) == getattr(hf, name), f"{what}: {name}"
+        assert getattr(ours.config, name, None) == getattr(hf.config, name, None), f"{what}: config.{name}"
+    with torch.no_grad():
+        expected, got = hf(x), ours(x)
+    assert len(got.feature_maps) == len(expected.feature_maps), what
+    for i, (a, b) in enumerate(zip(got.feature_maps, expected.feature_maps)):
+        assert_close(a, b, f"{what}: feature_maps[{i}]")
+
+
+def test_backbone_attributes_match_transformers():
+    hf, ours = twin_models("ConvNextBackbone", **dict(SMALL, out_indices=[0, 2, -1]))
+    assert_backbones_agree(hf, ours, torch.randn(2, 3, 35, 40), "built")
+    assert ours.has_attentions is hf.has_attentions is False
+    with torch.no_grad():
+        out = ours.forward_with_filtered_kwargs(torch.randn(1, 3, 32, 32), output_attentions=True)
+    assert out.attentions is None and "attentions" in type(out).__dataclass_fields__
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ("config", "out_features", ["stage4"]),
+        ("config", "out_indices", [1, 4]),
+        ("config", "out_indices", (-1,)),
+        ("model", "out_features", ["stage1", "stage2"]),
+        ("model", "out_indices", [2]),
+    ],
+    ids=lambda edit: f"{edit[0]}.{edit[1]}={edit[2]}",
+)
+def test_editing_out_features_after_construction_stays_aligned(edit):
+    hf, ours = twin_models("ConvNextBackbone", **dict(TINY, out_features=["stage1", "stage2", "stage4"]))
+    where, name, value = edit
+    for model in (hf, ours):
+        setattr(model.config if where == "config" else model, name, value)
+    assert_backbones_agree(hf, ours, torch.randn(1, 3, 32, 32), f"after {where}.{name} = {value}")
+
+
+def test_out_features_without_a_built_layernorm_is_a_clear_error():
+    hf, ours = twin_models("ConvNextBackbone", **dict(TINY, out_features=["stage2", "stage4"]))
+    x = torch.randn(1, 3, 32, 32)
+    hf.config.out_features = ours.config.out_features = ["stage1", "stage4"]
+    with pytest.raises(KeyError):  # transformers
+        hf(x)
+    with pytest.raises(ValueError, match=r"asks for \['stage1'\], but this backbone was built with LayerNorms for"):
+        ours(x)
+
+
+@pytest.mark.parametrize("kind", ["ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"])
+def test_base_model_is_the_trunk_as_in_transformers(kind):
+    hf, ours = twin_models(kind, **TINY)
+    assert type(ours.base_model).__name__ == type(hf.base_model).__name__
+    assert (ours.base_model is ours) == (hf.base_model is hf)
+    assert sorted(ours.base_model.state_dict()) == sorted(hf.base_model.state_dict())
+
+
+# ---- torch.export, pytree, torch.func --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"])
+def test_outputs_flatten_as_pytrees_like_transformers(kind):
+    hf, ours = twin_models(kind, **TINY)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
+    leaves, spec = torch.utils._pytree.tree_flatten(got)
+    expected_leaves, _ = torch.utils._pytree.tree_flatten(expected)
+    assert len(leaves) == len(expected_leaves)
+    for i, (a, b) in enumerate(zip(leaves, expected_leaves)):
+        assert_close(a, b, f"{kind} leaf {i}")
+    again = torch.utils._pytree.tree_unflatten(leaves, spec)
+    assert type(again) is type(got) and list(again.keys()) == list(got.keys())
+    def paths(output):
+        return [torch.utils._pytree.keystr(path) for path, _ in torch.utils._pytree.tree_flatten_with_path(output)[0]]
+
+    assert paths(got) == paths(expected)
+
+
+@pytest.mark.parametrize("kind", ["ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"])
+def test_torch_export_matches_transformers(kind):
+    hf, ours = twin_models(kind, **TINY)
+    program = torch.export.export(ours, (torch.randn(2, 3, 32, 32),))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf(x), program.module()(x)
+    assert type(got).__name__ == type(expected).__name__ and list(got.keys()) == list(expected.keys())
+    for name in got.keys():
+        for i, (a, b) in enumerate(zip(torch.utils._pytree.tree_leaves(got[name]),
+                                       torch.utils._pytree.tree_leaves(expected[name]), strict=True)):
+            assert_close(a, b, f"exported {kind}.{name}[{i}]")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("grad_enabled", [False, True], ids=["no-grad", "grad"])
+def test_vmap_over_the_model_matches_transformers(grad_enabled):
+    hf, ours = twin_models("ConvNextModel", **TINY)
+    x = torch.randn(3, 3, 32, 36)
+
+    def per_sample(model):
+        return lambda image: model(image.unsqueeze(0)).pooler_output.squeeze(0)
+
+    with torch.set_grad_enabled(grad_enabled):
+        expected = torch.func.vmap(per_sample(hf))(x)
+        got = torch.func.vmap(per_sample(ours))(x)
+    assert_close(got, expected, "vmap pooler_output")
+
+
+def test_func_grad_per_sample_matches_transformers():
+    hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, **TINY)
+    x = torch.randn(2, 3, 32, 32)
+
+    def input_grads(model):
+        score = lambda image: model(image.unsqueeze(0)).logits[0, 1]  # noqa: E731
+        return torch.func.vmap(torch.func.grad(score))(x)
+
+    assert_close(input_grads(ours), input_grads(hf), "per-sample input gradients", atol=1e-4)
