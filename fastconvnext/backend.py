@@ -115,14 +115,8 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
         return False
     usable, why = _kernels_usable(x.device.type)
     if _backend == "auto":
-        if not (usable and x.device.type == "cuda" and unsupported_reason is None):
-            return False
-        if call is not None and not torch.compiler.is_compiling() and _tune_on_first_use():
-            key = policy_key(op, x, channels, tensors)
-            if key not in _tuned:
-                _tune_call(op, key, call)
-        index = x.device.index if x.device.index is not None else -1
-        return _prefers_fused(op, index, *_call_shape(x, channels, tensors))
+        return usable and x.device.type == "cuda" and unsupported_reason is None and _auto_prefers_fused(
+            op, x, channels, tensors, call)
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
@@ -131,6 +125,16 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
             warnings.warn(f"fastconvnext: {unsupported_reason}; that op runs eagerly", stacklevel=3)
         return False
     return True
+
+
+def _auto_prefers_fused(op, x, channels, tensors, call):
+    """The auto policy for a CUDA call (tuning the shape first under FASTCONVNEXT_TUNE=1)."""
+    if call is not None and not torch.compiler.is_compiling() and _tune_on_first_use():
+        key = policy_key(op, x, channels, tensors)
+        if key not in _tuned:
+            _tune_call(op, key, call)
+    index = x.device.index if x.device.index is not None else -1
+    return _prefers_fused(op, index, *_call_shape(x, channels, tensors))
 
 
 # ------------------------------------------------------------------------------------------- policy
