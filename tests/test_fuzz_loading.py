@@ -216,7 +216,7 @@ def load_one_case(root, folders, case):
                 checkpoint.load_pretrained(None, source)
             outcome = "loaded"
         except DOCUMENTED_ERRORS as err:
-            assert str(err), f"{type(err).__name__} without a message for {case}"
+            assert str(model_folder) in str(err), f"{type(err).__name__} not naming {model_folder} for {case}: {err}"
             outcome = "refused"
         finally:
             WATCH.active = False
