@@ -52,6 +52,7 @@ def _activation_names():
         activations.NewGELUActivation: "gelu_tanh",
         activations.GELUTanh: "gelu_tanh",
         activations.FastGELUActivation: "gelu_tanh",
+        activations.AccurateGELUActivation: "gelu_tanh",  # the same tanh formula as NewGELUActivation
         nn.ReLU: "relu",
     }
 

@@ -7,6 +7,8 @@ from transformers.models.convnext import modeling_convnext
 
 import fastconvnext
 from fastconvnext import backend, patch
+from fastconvnext.configuration import HIDDEN_ACTS
+from fastconvnext.kernels.reference import FUSED_ACTS
 from helpers import randomize_
 
 ORIGINAL_LAYER = modeling_convnext.ConvNextLayer
@@ -105,6 +107,21 @@ def test_patched_model_trains_like_the_original(hidden_act, monkeypatch):
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
         torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("hidden_act", sorted(HIDDEN_ACTS))
+def test_patched_forward_equals_the_original_for_every_hidden_act(hidden_act, monkeypatch):
+    """Fused where the MLP kernel has the activation, transformers' own block otherwise: same output."""
+    original = _tiny_classifier(hidden_act=hidden_act).eval()
+    patched = patch.patch_model(_tiny_classifier(hidden_act=hidden_act).eval())
+    patched.load_state_dict(original.state_dict())
+    calls = _count_backend_calls(monkeypatch)
+    pixels = torch.randn(2, 3, 33, 40)
+    with torch.no_grad():
+        expected, got = original(pixels).logits, patched(pixels).logits
+    fused = HIDDEN_ACTS[hidden_act] in FUSED_ACTS
+    assert calls.count("convnext_mlp") == (sum(TINY["depths"]) if fused else 0)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
 def test_drop_path_is_active_in_that_comparison():
