@@ -9,7 +9,8 @@ pixels, halo included) once into registers, with that row's K taps, and every wi
 the K outputs it touches: BLOCK_W*K FMAs per kh for BLOCK_W + K - 1 loads. Tensors are 1-D per
 pixel ([BLOCK_C], kept in tuples indexed at compile time), so the sliding window is register
 renaming: no shared memory, no barrier and no 64-bit address math in the tap loop (the window's
-base pointer is computed once in int64 and advanced by one image row per kh).
+base pointer is computed once in int64 and advanced by one image row per kh; per-thread 32-bit
+offsets are loop-invariant, so each load costs one address computation).
 
 Forward (one kernel): conv + bias in fp32, the strip's columns stacked into a [BLOCK_C, BLOCK_W]
 tile for LayerNorm over all C (BLOCK_C >= C); y in x's dtype (or the autocast dtype), mean/rstd
@@ -94,6 +95,17 @@ def _conv_strip(
     h = row % H
     src = src_ptr + ((row - PAD).to(tl.int64) * W + (w0 - PAD)) * C
     row_step = W.to(tl.int64) * C
+    tap_row = taps_ptr
+    # Per-thread 32-bit offsets, loop-invariant: each load is one base + offset address computation.
+    offsets = ()
+    col_ok = ()
+    for i in tl.static_range(WINDOW):
+        src_w = w0 - PAD + i
+        offsets = offsets + (i * C + c,)
+        col_ok = col_ok + ((src_w >= 0) & (src_w < W),)
+    tap_offsets = ()
+    for kw in tl.static_range(K):
+        tap_offsets = tap_offsets + (kw * C + c,)
     accs = ()
     for j in tl.static_range(BLOCK_W):
         accs = accs + (tl.zeros([BLOCK_C], dtype=tl.float32),)
@@ -104,12 +116,11 @@ def _conv_strip(
         row_limit = tl.where(live & (src_h >= 0) & (src_h < H), C, 0)
         taps = ()
         for kw in tl.static_range(K):
-            taps = taps + (tl.load(taps_ptr + (kh * K + kw) * C + c, mask=c_ok, other=0.0),)
+            taps = taps + (tl.load(tap_row + tap_offsets[kw], mask=c_ok, other=0.0),)
         window = ()
         for i in tl.static_range(WINDOW):
-            src_w = w0 - PAD + i
-            limit = tl.where((src_w >= 0) & (src_w < W), row_limit, 0)
-            window = window + (tl.load(src + i * C + c, mask=c < limit, other=0.0).to(tl.float32),)
+            limit = tl.where(col_ok[i], row_limit, 0)
+            window = window + (tl.load(src + offsets[i], mask=c < limit, other=0.0).to(tl.float32),)
         updated = ()
         for j in tl.static_range(BLOCK_W):
             acc = accs[j]
@@ -118,6 +129,7 @@ def _conv_strip(
             updated = updated + (acc,)
         accs = updated
         src += row_step
+        tap_row += K * C
     return accs
 
 
@@ -352,12 +364,14 @@ def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) 
 def _forward_configs(block_c: int) -> list[tuple[int, int]]:
     """(BLOCK_W, num_warps) candidates of the forward: 4 channels per thread, then 2. Same summation
     order in both, so the autotuner's pick never changes the bits."""
-    return [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
+    configs = [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
+    return sorted(set(configs), key=configs.index)  # at BLOCK_C = 64 both are one warp
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
-    """(BLOCK_W, num_warps) of the LayerNorm backward: z, dy and g tiles live at once."""
-    return BLOCK_W, _full_c_warps(block_c)
+    """(BLOCK_W, num_warps) of the LayerNorm backward: z, dy and g tiles live at once. At BLOCK_C = 2048
+    (512 threads, so at most 128 registers each) quarter-width strips keep them out of local memory."""
+    return (BLOCK_W if block_c <= 1024 else BLOCK_W // 4), _full_c_warps(block_c)
 
 
 def _wgrad_config() -> tuple[int, int]:
@@ -426,12 +440,13 @@ def _split(items: int, max_groups: int) -> tuple[int, int]:
 def _backward_grids(rows: int, width: int, channels: int, kernel_size: int) -> dict:
     """Grids and grid-stride lengths of the backward launches (shared by launchers and launch_plans)."""
     strips = triton.cdiv(width, BLOCK_W)
-    norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // strips)
+    norm_strips = triton.cdiv(width, _norm_bwd_config(_block_c(channels))[0])
+    norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // norm_strips)
     row_tiles = triton.cdiv(rows, BWD_ROW_TILE)
     conv_groups, tiles_per_program = _split(
         row_tiles, min(GRID_Y_MAX, PARTIAL_ELEMENTS // (strips * kernel_size**2 * channels)))
     return dict(
-        strips=strips, norm_groups=norm_groups, rows_per_program=rows_per_program,
+        strips=strips, norm_strips=norm_strips, norm_groups=norm_groups, rows_per_program=rows_per_program,
         conv_groups=conv_groups, tiles_per_program=tiles_per_program,
         channel_blocks=triton.cdiv(channels, BWD_BLOCK_C),
     )
@@ -462,9 +477,10 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     block_c = _block_c(c)
     block_w, warps = _norm_bwd_config(block_c)
     g = torch.empty((n, h, w, c), device=x.device, dtype=torch.float32)
-    norm_partials = torch.empty((grids["norm_groups"] * strips, 3, c), device=x.device, dtype=torch.float32)
+    norm_strips = grids["norm_strips"]
+    norm_partials = torch.empty((grids["norm_groups"] * norm_strips, 3, c), device=x.device, dtype=torch.float32)
     _launch(
-        _dwconv_ln_bwd_norm_kernel, (strips, grids["norm_groups"]),
+        _dwconv_ln_bwd_norm_kernel, (norm_strips, grids["norm_groups"]),
         x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, n * h, h, w, c, grids["rows_per_program"],
         K=kernel_size, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
@@ -809,13 +825,14 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     if not training:
         return plans
     grids = _backward_grids(rows, width, c, k)
-    norm_groups, per_program = grids["norm_groups"], grids["rows_per_program"]
-    norm_partials = norm_groups * strips * 3 * c * 4
+    norm_groups, per_program, norm_strips = grids["norm_groups"], grids["rows_per_program"], grids["norm_strips"]
+    norm_partials = norm_groups * norm_strips * 3 * c * 4
     norm_w, _ = _norm_bwd_config(block_c)
+    norm_window = batch * _valid_taps(height, k) * _valid_window_columns(width, k, norm_w) * c
     plans.append(_int_plan(
-        _norm_bwd_target(name, name, k, block_c), (strips, norm_groups), "backward",
+        _norm_bwd_target(name, name, k, block_c), (norm_strips, norm_groups), "backward",
         2 * act + 4 * pixels * c + stats + small + norm_partials + halo_hbm,
-        window_elements * s + rows * strips * taps * c * 4 + act + 4 * pixels * c + stats + norm_partials,
+        norm_window * s + rows * norm_strips * taps * c * 4 + act + 4 * pixels * c + stats + norm_partials,
         k * per_program, conv_flops + 2 * _LN_FLOPS_PER_ELEMENT * pixels * c,
         "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
         dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
@@ -833,7 +850,7 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         "dx = conv(g, flipped taps) and tap-gradient partials from one read of g and x; hot loop = row tiles",
         dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles),
     ))
-    for count, columns, what in ((norm_groups * strips, 3 * c, "LN weight/bias and conv bias"),
+    for count, columns, what in ((norm_groups * norm_strips, 3 * c, "LN weight/bias and conv bias"),
                                  (conv_groups * strips, taps * c, "tap")):
         nbytes = (count + 1) * columns * 4
         plans.append(_int_plan(

@@ -92,6 +92,12 @@ def test_fp32_params_with_low_precision_activations(dtype):
     check_against_reference(make_case(1, 6, 5, 40, 7, True, seed=3), dtype, torch.float32)
 
 
+def test_widest_channel_class():
+    """C > 1024 (BLOCK_C = 2048): the LayerNorm backward runs half-width strips there."""
+    assert kernel_module._norm_bwd_config(2048)[0] < kernel_module.BLOCK_W
+    check_against_reference(make_case(1, 3, 6, 1030, 3, True, seed=12), torch.float32)
+
+
 def test_multi_tile_partial_reductions(monkeypatch):
     """Several row groups in both backward kernels, each grid-striding over rows / row tiles, with a
     tail (a row, a tile) entirely past the image: the partials and their fixed-order sums stay exact."""
