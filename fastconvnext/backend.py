@@ -344,7 +344,12 @@ def static_decision(key):
         return Decision(False, "none", f"no fused kernel for {key.dtype}")
     table = _predicted_table()
     if table:
-        decision = model_decision(key, table)
+        try:
+            decision = model_decision(key, table)
+        except (KeyError, TypeError, ValueError, IndexError) as error:  # a malformed generated table
+            _warn_once(f"kernels/perf_table.py has a malformed entry ({type(error).__name__}: {error}); "
+                       f"using the roofline")
+            decision = None
         if decision is not None:
             return decision
     decision = roofline_decision(key)

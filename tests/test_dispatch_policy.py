@@ -99,6 +99,12 @@ def test_without_a_table_entry_the_roofline_decides():
         assert backend.decide(key()).source == "roofline"
 
 
+def test_a_malformed_table_falls_back_to_the_roofline_with_a_warning():
+    broken = {(MLP, 90, "bf16", 96, 3136, 64, FWD): {"fused": 1.0}}
+    with backend.use_predicted_table(broken), pytest.warns(UserWarning, match="perf_table.py has a malformed entry"):
+        assert backend.decide(key()).source == "roofline"
+
+
 def test_a_tuned_measurement_wins_over_the_model():
     measured = Decision(False, "tuned", "measured: fused 70 µs vs eager 60 µs", 70.0, 60.0)
     assert backend.decide(key()).fused
