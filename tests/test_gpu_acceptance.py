@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import KERNEL_DEVICE
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gpu_acceptance", ROOT / "benchmarks" / "gpu_acceptance.py")
 acceptance = importlib.util.module_from_spec(spec)
@@ -94,11 +96,12 @@ def _fast_timer(run, key, impl):
 
 @pytest.fixture()
 def tiny(monkeypatch, tmp_path):
-    """The acceptance steps on CPU: Triton's interpreter (TRITON_INTERPRET=1 from conftest), fp32, one stage."""
+    """The acceptance steps shrunk: fp32, one stage; on CPU in Triton's interpreter (TRITON_INTERPRET=1 from
+    conftest), natively in the GPU test mode."""
     from fastconvnext import backend
 
     monkeypatch.setattr(acceptance, "SETUP", acceptance.Setup(
-        device="cpu", model=dict(num_stages=1, hidden_sizes=[8], depths=[1]), image=8, stages=((4, 8),),
+        device=KERNEL_DEVICE.type, model=dict(num_stages=1, hidden_sizes=[8], depths=[1]), image=8, stages=((4, 8),),
         modelled_batch=1, tune_batch=1, dtype="fp32", autocast=False, timer=_fast_timer))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     saved = backend.tuned_decisions()

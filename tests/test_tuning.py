@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import fastconvnext
 from fastconvnext import backend, tuning
 from fastconvnext.backend import PolicyKey
+from helpers import KERNEL_DEVICE
 
 HIDDEN = [8, 12, 20, 24]
 CONFIG = dict(hidden_sizes=HIDDEN, depths=[1, 1, 1, 1])
@@ -29,18 +30,23 @@ def _isolated(tmp_path, monkeypatch):
     backend.install_tuned(saved)
 
 
-def _model():
+def _model(device=KERNEL_DEVICE):
     torch.manual_seed(0)
-    return fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig(**CONFIG)).eval()
+    return fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig(**CONFIG)).eval().to(device)
 
 
-def _pixels():
-    return torch.randn(BATCH, 3, SIZE, SIZE)
+def _pixels(device=KERNEL_DEVICE):
+    return torch.randn(BATCH, 3, SIZE, SIZE, device=device)
 
 
-def expected_keys(mode):
+def _arch(device=KERNEL_DEVICE):
+    return backend.device_arch(device.index) if device.type == "cuda" else backend.CPU_ARCH
+
+
+def expected_keys(mode, arch=None):
     sides = [SIZE // 4 // 2 ** i for i in range(4)]
-    return {PolicyKey(op, backend.CPU_ARCH, "fp32", c, backend.bucket(side * side), backend.bucket(BATCH), mode)
+    arch = _arch() if arch is None else arch
+    return {PolicyKey(op, arch, "fp32", c, backend.bucket(side * side), backend.bucket(BATCH), mode)
             for c, side in zip(HIDDEN, sides) for op in backend.OPS}
 
 
@@ -87,14 +93,15 @@ def test_the_runners_execute_both_implementations_with_gradients():
     """One real run of each runner: the fused side in Triton's interpreter (tests set TRITON_INTERPRET=1)."""
     model = fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig(num_stages=1, hidden_sizes=[8], depths=[1]))
     timer = FakeTimer(run=True)
-    table = tuning.tune(model.train(), torch.randn(1, 3, 16, 16), training=True, timer=timer, cache=False)
+    table = tuning.tune(model.train().to(KERNEL_DEVICE), torch.randn(1, 3, 16, 16, device=KERNEL_DEVICE),
+                        training=True, timer=timer, cache=False)
     assert {k.op for k in table} == set(backend.OPS) and len(timer.calls) == 4
 
 
 def test_second_tune_reads_the_cache_and_retune_measures_again():
     model, pixels = _model(), _pixels()
     first = tuning.tune(model, pixels, timer=FakeTimer())
-    path = tuning.cache_path(tuning.environment("cpu"))
+    path = tuning.cache_path(tuning.environment(KERNEL_DEVICE))
     assert path.is_file()
     backend.clear_policy()
     assert tuning.tune(model, pixels, timer=_refuse) == first
@@ -215,7 +222,7 @@ def _rank_worker(rank, port, cache_root, result_path):
             fused_faster = (key.op == "convnext_mlp") == (rank == 0)
             return 10.0 if (impl == "fused") == fused_faster else 20.0
 
-        table = tuning.tune(_model(), _pixels(), timer=timer)
+        table = tuning.tune(_model("cpu"), _pixels("cpu"), timer=timer)
         decided = {tuple(k): backend.decide(k).fused for k in table}
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -239,7 +246,7 @@ def test_every_rank_takes_rank_zeros_choices(tmp_path):
                        start_method="spawn")
     rank0, rank1 = (torch.load(f"{result}.{r}") for r in (0, 1))
     assert rank0["decided"] == rank1["decided"]
-    assert set(rank0["decided"]) == {tuple(k) for k in expected_keys("forward")}
+    assert set(rank0["decided"]) == {tuple(k) for k in expected_keys("forward", backend.CPU_ARCH)}
     assert all(fused == (key[0] == "convnext_mlp") for key, fused in rank0["decided"].items())  # rank 0's timer
     assert rank0["cache_files"] == ["tuned-policy-cpu.json"] and rank1["cache_files"] == []
     assert rank0["first_use_warning"] and rank1["first_use_warning"]
