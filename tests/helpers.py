@@ -41,6 +41,7 @@ import pytest  # noqa: E402
 ON_GPU = os.environ.get("FASTCONVNEXT_TEST_DEVICE", "cpu").strip().lower() == "cuda"
 KERNEL_DEVICE = torch.device("cuda") if ON_GPU else torch.device("cpu")
 gpu = pytest.mark.gpu
+interpreter_only = pytest.mark.skipif(ON_GPU, reason="checks a behaviour of Triton's CPU interpreter")
 
 # ConvNeXt-T's stage activations at 224x224 input, batch 8, as (N, H, W, C).
 CONVNEXT_T_STAGES = ((8, 56, 56, 96), (8, 28, 28, 192), (8, 14, 14, 384), (8, 7, 7, 768))

@@ -13,7 +13,7 @@ import torch
 
 from fastconvnext import backend
 from fastconvnext.backend import Decision, PolicyKey
-from helpers import KERNEL_DEVICE, ON_GPU, gpu, gpu_shapes, kernel_dtypes, kernel_shapes
+from helpers import KERNEL_DEVICE, gpu, gpu_shapes, interpreter_only, kernel_dtypes, kernel_shapes
 
 MLP, DW = "convnext_mlp", "dwconv_layernorm"
 FWD, TRAIN = "forward", "forward_backward"
@@ -183,9 +183,8 @@ def test_gpu_mode_runs_kernels_natively_on_cuda():
     assert gpu_shapes() == [(8, 56, 56, 96), (8, 28, 28, 192), (8, 14, 14, 384), (8, 7, 7, 768)]
 
 
+@interpreter_only
 def test_cpu_mode_keeps_the_interpreter_and_small_shapes():
-    if ON_GPU:
-        pytest.skip("GPU mode")
     assert KERNEL_DEVICE == torch.device("cpu") and os.environ.get("TRITON_INTERPRET") == "1"
     assert kernel_shapes([(1, 5, 5, 8)]) == [(1, 5, 5, 8)] and torch.bfloat16 not in kernel_dtypes()
 
