@@ -753,8 +753,9 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
 # --------------------------------------------------------------------------- launch plans
 # A model, not a measurement. hbm_bytes: every tensor once, plus re-reads whose reuse footprint exceeds L2
 # (halo rows/columns are shared by programs launched side by side, so they are L2 hits at every shape
-# whose K image rows fit in L2). l2_bytes: every global load and store the programs issue, as issued
-# (masked-off halo outside the image excluded; L1 hits not subtracted, so an upper bound).
+# whose K image rows fit in L2). l2_bytes: the global loads and stores the programs issue (masked-off halo
+# outside the image excluded). The one L1 hit subtracted: the warps of a backward conv tile request the
+# same g rows in the same iteration, counted once per tile; all other re-reads are counted.
 L2_BYTES = 50e6
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _LN_FLOPS_PER_ELEMENT = 8  # bias, centre, square, sum, scale, shift (forward); the backward ~2x
@@ -777,6 +778,18 @@ def _valid_window_columns(width: int, k: int, block_w: int) -> int:
     """Columns of the strips' loaded windows (BLOCK_W + K - 1 each) that lie inside the image, all strips."""
     pad = k // 2
     return sum(min(w0 - pad + block_w + k - 1, width) - max(w0 - pad, 0) for w0 in range(0, width, block_w))
+
+
+def _tile_g_rows(rows: int, height: int, k: int) -> int:
+    """In-image g rows the backward conv tiles request (distinct per tile of BWD_ROW_TILE image rows)."""
+    pad, total = k // 2, 0
+    for first in range(0, rows, BWD_ROW_TILE):
+        wanted = set()
+        for row in range(first, min(first + BWD_ROW_TILE, rows)):
+            image, h = divmod(row, height)
+            wanted.update((image, src) for src in range(max(h - pad, 0), min(h + pad, height - 1) + 1))
+        total += len(wanted)
+    return total
 
 
 def _int_plan(target, grid, phase, hbm, l2, trips, flops, note, int_args, outer_trips=1) -> LaunchPlan:
@@ -841,11 +854,12 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     conv_bwd_c, _ = _wgrad_config()
     tap_partials = conv_groups * strips * taps * c * 4
     conv_programs = strips * conv_groups * grids["channel_blocks"]
-    g_halo_hbm = (window_elements - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
+    g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, BLOCK_W) * c
+    g_halo_hbm = (g_requested - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
     plans.append(_int_plan(
         _bwd_conv_target(name, k), (strips, conv_groups, grids["channel_blocks"]), "backward",
         4 * pixels * c + 2 * act + taps * c * 4 + tap_partials + g_halo_hbm,
-        window_elements * 4 + 2 * act + conv_programs * taps * conv_bwd_c * 4 + tap_partials, tiles,
+        g_requested * 4 + 2 * act + conv_programs * taps * conv_bwd_c * 4 + tap_partials, tiles,
         2 * conv_flops,
         "dx = conv(g, flipped taps) and tap-gradient partials from one read of g and x; hot loop = row tiles",
         dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles),
