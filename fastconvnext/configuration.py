@@ -293,7 +293,9 @@ class ConvNextConfig:
 
     @num_labels.setter
     def num_labels(self, value):
-        self._set_labels(value, None, None)
+        """A new count resets the labels to LABEL_i; the same count keeps them (as in transformers)."""
+        if value != self.num_labels:
+            self._set_labels(value, None, None)
 
     # ---- stages / backbone outputs ------------------------------------------------------------
     @property
@@ -426,6 +428,7 @@ class ConvNextConfig:
         if not isinstance(values, Mapping):
             raise TypeError(f"update takes a dict of config fields, got {_kind(values)}")
         for key, value in values.items():
+            key = {"torch_dtype": "dtype", "_name_or_path": "name_or_path", **self.attribute_map}.get(key, key)
             if key in ("out_features", "out_indices", "num_labels") or hasattr(type(self), key):
                 setattr(self, key, value)
             elif key in self.__dict__:

@@ -321,3 +321,34 @@ def test_func_grad_per_sample_matches_transformers():
         return torch.func.vmap(torch.func.grad(score))(x)
 
     assert_close(input_grads(ours), input_grads(hf), "per-sample input gradients", atol=1e-4)
+
+
+# ---- config methods ---------------------------------------------------------------------------------
+
+
+def test_config_update_and_num_labels_setter_as_in_transformers():
+    theirs = transformers.ConvNextConfig(**TINY, id2label={0: "a", 1: "b"})
+    ours = fastconvnext.ConvNextConfig(**TINY, id2label={0: "a", 1: "b"})
+    for config in (theirs, ours):
+        config.num_labels = 2  # same count: labels kept
+    assert ours.id2label == theirs.id2label == {0: "a", 1: "b"}
+    for config in (theirs, ours):
+        config.num_labels = 3
+        config.update({"num_hidden_layers": 4, "depths": [1, 0, 2, 1], "hidden_sizes": [8, 8, 16, 16], "torch_dtype": "float16",
+                       "custom": 5, "output_hidden_states": True})
+    for name in ("id2label", "num_stages", "depths", "hidden_sizes", "custom", "output_hidden_states", "stage_names"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert theirs.dtype == "float16" and ours.dtype == torch.float16  # transformers leaves update()'s string as is
+    with pytest.raises(ValueError, match="every entry of depths must be an int in"):
+        ours.update({"depths": [1, -2, 1, 1]})
+
+
+def test_config_copies_and_pickles_with_its_unknown_keys():
+    import copy
+    import pickle
+
+    config = fastconvnext.ConvNextConfig(**TINY, custom=[1, 2], id2label={0: "a", 1: "b"})
+    for clone in (copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert clone == config and clone.custom == [1, 2]
+    with pytest.raises(AttributeError, match="has no attribute 'missing'"):
+        config.missing
