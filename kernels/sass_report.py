@@ -10,8 +10,9 @@ call makes (`launch_plans(batch, height, width, channels, dtype, training)`, see
 module without it gets plans derived here from its current launcher). Each launch's config is compiled with the
 specialization a real launch gets (16-byte aligned pointers; integer arguments divisible by 16 marked so, equal
 to 1 made constants, as Triton's launcher does), its SASS disassembled (cuobjdump) and cached on disk, keyed by
-the kernel file's hash, Triton's version and the config. The hot loops are the innermost backward branches;
-their instructions are counted per iteration by class.
+Triton's hash of the kernel as loaded (its source and the @jit functions it calls), Triton's version and the
+config (directory: $FASTCONVNEXT_SASS_CACHE, default ~/.cache/fastconvnext/sass). The hot loops are the innermost
+backward branches; their instructions are counted per iteration by class.
 
 The model, per launch (every figure it gives is a model, never a measurement):
     time = max(hbm, l2, tensor, issue, mufu)
@@ -375,10 +376,15 @@ def cache_dir() -> Path:
 
 
 def _source_hash(fn) -> str:
+    """Triton's own hash of the kernel as loaded (its source, the @jit functions it calls, the constexpr
+    globals it reads): in memory, so a kernel file edited during a run cannot key new text to old SASS."""
+    key = getattr(fn, "cache_key", None)
+    if isinstance(key, str):
+        return key[:24]
     import inspect
 
-    path = inspect.getsourcefile(getattr(fn, "fn", fn))
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    source = inspect.getsource(getattr(fn, "fn", fn))
+    return hashlib.sha256(source.encode()).hexdigest()[:24]
 
 
 def compile_key(target, arch: int, signature, constexprs, attrs) -> str:
@@ -471,7 +477,14 @@ class LaunchEstimate:
     tensor_macs: float = 0.0
     tensor_ops: dict = field(default_factory=dict)
     warp_instructions: float = 0.0
+    plan_flops: float = 0.0  # the plan's useful FLOPs: 2 x tensor_macs / plan_flops checks the loop weights
     terms: dict = field(default_factory=dict)  # seconds: hbm, l2, tensor, issue, mufu
+
+    @property
+    def tensor_vs_plan(self) -> float:
+        """Tensor-core FLOPs counted from the SASS over the plan's FLOPs (0 without either): near 1 (or above,
+        for recomputation) when trips and loop weights are right."""
+        return 2 * self.tensor_macs / self.plan_flops if self.tensor_macs and self.plan_flops else 0.0
 
     @property
     def seconds(self) -> float:
@@ -493,7 +506,7 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
         kernel=target.kernel if target else "torch", label=target.label if target else plan.note,
         phase=plan.phase, note=plan.note, grid=tuple(plan.grid), programs=programs,
         num_warps=target.num_warps if target else 0, loop_trips=plan.loop_trips,
-        hbm_bytes=plan.hbm_bytes, l2_bytes=plan.l2_bytes,
+        hbm_bytes=plan.hbm_bytes, l2_bytes=plan.l2_bytes, plan_flops=getattr(plan, "flops", 0.0),
     )
     est.terms["hbm"] = plan.hbm_bytes / machine.hbm_bytes_per_s
     est.terms["l2"] = plan.l2_bytes / machine.l2_bytes_per_s
@@ -802,15 +815,25 @@ def _compile_job(index):
         return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
-def _compile_all(jobs, workers):
+def _compile_all(jobs, workers, progress=None):
     global _JOBS
     _JOBS = jobs
+    out = []
+
+    def collect(results):
+        for result in results:
+            out.append(result)
+            if progress and len(out) % 10 == 0:
+                progress(f"  {len(out)}/{len(jobs)} compiled")
+
     if workers <= 1 or len(jobs) <= 1:
-        return [_compile_job(i) for i in range(len(jobs))]
+        collect(_compile_job(i) for i in range(len(jobs)))
+        return out
     from .compile_check import worker_pool
 
     with worker_pool(workers) as pool:
-        return list(pool.map(_compile_job, range(len(jobs)), chunksize=1))
+        collect(pool.map(_compile_job, range(len(jobs)), chunksize=1))
+    return out
 
 
 def run_model(case_list, workers=1, progress=None) -> list[CaseResult]:
@@ -836,7 +859,7 @@ def run_model(case_list, workers=1, progress=None) -> list[CaseResult]:
                 jobs.append((plan.target, case.arch, plan))
     if progress:
         progress(f"{len(jobs)} distinct compiles for {len(case_list)} cases")
-    compiled = _compile_all(jobs, workers)
+    compiled = _compile_all(jobs, workers, progress)
     results = []
     for case, plans, source, error in planned:
         machine = MACHINES[case.arch]
@@ -873,7 +896,7 @@ def _versions() -> str:
     return f"triton {triton.__version__}, torch {torch_version}"
 
 
-def perf_table_source(results: list[CaseResult], command: str) -> str:
+def perf_table_source(results: list[CaseResult], command: str, note: str = "") -> str:
     """kernels/perf_table.py: PREDICTED[(op, arch, dtype, channels, hw, batch, mode)] -> fused/eager µs."""
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
@@ -886,6 +909,7 @@ def perf_table_source(results: list[CaseResult], command: str) -> str:
         "fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor",
         "(fastconvnext.bench.roofline, every op at peak). Regenerate after a kernel change:",
         "    python -m fastconvnext.kernels.sass_report",
+        *([note] if note else []),
         '"""',
         "",
         "PREDICTED = {",
@@ -926,6 +950,7 @@ def launch_record(launch: LaunchEstimate) -> dict:
         "waves": round(launch.waves, 2), "loop_trips": launch.loop_trips, "us": round(launch.seconds * 1e6, 2),
         "bound": launch.bound, "terms_us": {k: round(v * 1e6, 2) for k, v in launch.terms.items()},
         "hbm_mb": round(launch.hbm_bytes / 1e6, 2), "l2_mb": round(launch.l2_bytes / 1e6, 2), "hot_loops": loops,
+        "tensor_vs_plan_flops": round(launch.tensor_vs_plan, 2),
     }
 
 
@@ -965,7 +990,8 @@ def text_report(results: list[CaseResult], loops: bool = False) -> str:
             terms = " ".join(f"{k}={v * 1e6:,.1f}" for k, v in launch.terms.items())
             lines.append(f"    {launch.kernel} [{launch.label}] grid={launch.grid} regs={launch.registers} "
                          f"smem={launch.shared_bytes} CTAs/SM={launch.ctas_per_sm} waves={launch.waves:.2f} "
-                         f"trips={launch.loop_trips}: {launch.seconds * 1e6:,.1f} µs ({launch.bound}; {terms})")
+                         f"trips={launch.loop_trips}: {launch.seconds * 1e6:,.1f} µs ({launch.bound}; {terms})"
+                         + (f" SASS/plan FLOPs={launch.tensor_vs_plan:.2f}" if launch.tensor_vs_plan else ""))
             if loops:
                 lines += loop_lines(launch)
     return "\n".join(lines)
@@ -984,6 +1010,7 @@ def _parse_args(argv):
     parser.add_argument("--no-table", action="store_true", help="do not write the PREDICTED table")
     parser.add_argument("--loops", action="store_true", help="print per-iteration instruction classes of hot loops")
     parser.add_argument("--json", type=Path, help="also write every launch estimate as JSON")
+    parser.add_argument("--note", default="", help="one line for the table's header (e.g. the kernels' commits)")
     return parser.parse_args(argv)
 
 
@@ -1010,6 +1037,19 @@ def _as_json(results):
     return out
 
 
+def _grid_command(argv) -> str:
+    """The command line that chose the grid (output paths, --jobs and --loops left out: they do not change it)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--table", "--json", "--jobs", "--note"):
+            skip = True
+        elif not arg.startswith(("--table=", "--json=", "--jobs=", "--note=")) and arg not in ("--loops", "--no-table"):
+            kept.append(arg)
+    return " ".join(["python -m fastconvnext.kernels.sass_report", *kept])
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -1022,8 +1062,8 @@ def main(argv=None) -> int:
     print(text_report(results, loops=args.loops))
     table = args.table or (DEFAULT_TABLE if _full_grid(args) else None)
     if table is not None and not args.no_table:
-        command = "python -m fastconvnext.kernels.sass_report " + " ".join(argv if argv is not None else sys.argv[1:])
-        table.write_text(perf_table_source(results, command.strip()))
+        table.write_text(perf_table_source(results, _grid_command(argv if argv is not None else sys.argv[1:]),
+                                           args.note))
         print(f"\nwrote {table}")
     if args.json:
         args.json.write_text(json.dumps(_as_json(results), indent=1))

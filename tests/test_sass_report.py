@@ -206,3 +206,33 @@ def test_one_real_compile_finds_the_loop_and_caches_it(tmp_path):
     assert classes["ffma"] == 4 * per_body and details["LDG.128"] == per_body
     # n == 1 is a constant in a real launch: the loop disappears
     assert out["1"]["loops"] == [] and out["1"]["issue"] < looped["issue"]
+
+
+class FakeTable:
+    """A perf_table with two ops at one ConvNeXt-T stage shape: what the report code reads."""
+    __doc__ = "Predicted...\n\nGenerated 2000-01-01 00:00 UTC by `test`\n"
+    PREDICTED = {
+        ("dwconv_layernorm", 90, "bf16", 96, 3136, 256, "forward"): {"fused_us": 100.0, "eager_us": 300.0},
+        ("convnext_mlp", 90, "bf16", 96, 3136, 256, "forward"): {"fused_us": 300.0, "eager_us": 500.0},
+    }
+    LAUNCHES = {}
+
+
+def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
+    from fastconvnext.bench import ops_report, roofline, roofline_report
+
+    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    mlp = ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=90)
+    assert mlp == {"fused_us": 300.0, "eager_us": 500.0}
+    assert ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=80) is None
+    with pytest.raises(ValueError, match="mode"):
+        ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "backward", arch=90)
+    rows = roofline_report.model_stage_rows(256, "bf16", ("tiny",), 90)
+    assert [r[:6] for r in rows] == [["T-s1 C=96@56²", "dwconv+LN", "fwd", "100.0", "300.0", "3.00×"],
+                                     ["T-s1 C=96@56²", "MLP", "fwd", "300.0", "500.0", "1.67×"]]
+    floor = roofline.traffic("convnext_mlp", "fused_min", "fwd", roofline.stage_shapes(("tiny",), 256)[0], "bf16")
+    assert rows[1][6] == f"{floor.seconds(roofline.H100_SXM) * 1e6:,.1f}"
+    # the block at T-s1 is (300 + 500) / (100 + 300); other stages and the A100 are not tabulated
+    summary = roofline_report.model_summary_markdown(256, "bf16", ("tiny",))
+    assert "| T-s1 C=96@56² | 2.00× | - | - | - |" in summary
+    assert roofline_report.blocks_ratio(256, "bf16", "tiny", 90, "forward") is None  # stages 2-4 missing

@@ -169,6 +169,24 @@ def _model_markdown(batch, dtype, arch, name, models=("tiny", "base")):
             + markdown_table(MODEL_HEADERS, rows))
 
 
+def model_summary_markdown(batch=256, dtype="bf16", models=("tiny", "base")):
+    """One block per stage (dwconv+LN then MLP), eager floor / fused model, H100 and A100: the README table."""
+    headers = ["stage"] + [f"{name} {pass_} eager/fused (model)" for _, name in MODEL_ARCHS for _, pass_ in MODES]
+    body = []
+    for shape in roofline.stage_shapes(models, batch):
+        cells = [shape.label]
+        for arch, _ in MODEL_ARCHS:
+            for mode, _ in MODES:
+                entries = [model_entry(op, arch, dtype, shape, mode) for op in roofline.OPS]
+                if any(entry is None for entry in entries):
+                    cells.append("-")
+                    continue
+                eager = sum(entry["eager_us"] for entry in entries)
+                cells.append(_speedup(eager / sum(entry["fused_us"] for entry in entries)))
+        body.append(cells)
+    return markdown_table(headers, body)
+
+
 def _launch_markdown(batch, dtype, arch, model="tiny"):
     table = perf_table()
     launches = getattr(table, "LAUNCHES", {}) if table is not None else {}
@@ -341,6 +359,12 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "Constants and their sources:",
         "",
         sources,
+        "",
+        "### One block per stage, batch 256, bf16 (model)",
+        "",
+        "Sum of both ops; eager/fused above 1× means the model predicts the fused block faster.",
+        "",
+        model_summary_markdown(256, "bf16"),
         "",
         "### Issue 9.5 targets: ConvNeXt-T, batch 256, bf16, H100 SXM (model)",
         "",
