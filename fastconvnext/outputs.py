@@ -1,7 +1,8 @@
 """Model outputs: dataclasses that also index like tuples, as transformers' ModelOutput does.
 
 Integer and slice indexing walk the fields that are not None, in declaration order; string indexing
-reads a field by name; iteration, keys(), values() and `in` behave like transformers' (dict-like).
+reads a field by name; iteration, keys(), values(), items(), get(), item assignment and `in` behave
+like transformers' (dict-like), and every output class is a pytree node.
 """
 from __future__ import annotations
 
@@ -47,6 +48,14 @@ class ModelOutput:
         if isinstance(key, str):
             return dict(self.items())[key]
         return self.to_tuple()[key]
+
+    def get(self, key, default=None):
+        return dict(self.items()).get(key, default)
+
+    def __setitem__(self, key, value):
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}; its fields: {[f.name for f in fields(self)]}")
+        setattr(self, key, value)
 
     def values(self):
         return list(self.to_tuple())

@@ -352,3 +352,19 @@ def test_config_copies_and_pickles_with_its_unknown_keys():
         assert clone == config and clone.custom == [1, 2]
     with pytest.raises(AttributeError, match="has no attribute 'missing'"):
         config.missing
+
+
+def test_outputs_read_and_write_like_transformers_model_output():
+    hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, **TINY)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf(x), ours(x)
+    assert list(got.keys()) == list(expected.keys()) and len(got) == len(expected)
+    assert got.get("loss") is None and expected.get("loss") is None
+    assert got.get("loss", 5) == expected.get("loss", 5) == 5
+    assert_close(dict(got)["logits"], dict(expected)["logits"], "dict(output)['logits']")
+    for output in (got, expected):
+        output["logits"] = torch.zeros(1, 3)
+        assert torch.equal(output.logits, torch.zeros(1, 3)) and torch.equal(output[0], torch.zeros(1, 3))
+    with pytest.raises(KeyError, match="has no field 'scores'"):
+        got["scores"] = torch.zeros(1)
