@@ -449,3 +449,23 @@ def test_checkpoint_module_does_not_import_modeling():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_pytorch_bin_index_entries_are_contained_too(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    hf = hf_classifier()
+    hf.config.save_pretrained(model)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[:10], "pytorch_model-00002-of-00002.bin": names[10:]}
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, model / shard)
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert same_outputs(load_pretrained(None, model), hf.eval())
+    (tmp_path / "outside.bin").write_bytes((model / "pytorch_model-00001-of-00002.bin").read_bytes())
+    weight_map.update({k: "../outside.bin" for k in shards["pytorch_model-00001-of-00002.bin"]})
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(PermissionError, match=r"refusing shard entry '\.\./outside\.bin' in .*bin\.index\.json"):
+        load_pretrained(None, model)
