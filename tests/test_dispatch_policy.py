@@ -32,7 +32,8 @@ FAKE_TABLE = {
 
 
 @pytest.fixture(autouse=True)
-def _fresh_policy():
+def _fresh_policy(monkeypatch):
+    monkeypatch.setattr(backend, "_cache_checked", True)  # never this machine's tuning cache
     saved = backend.tuned_decisions()
     backend.clear_policy()
     with backend.use_predicted_table(FAKE_TABLE):
@@ -214,7 +215,6 @@ class FakeCudaTensor:
 def fake_gpu(monkeypatch):
     monkeypatch.setattr(backend, "_kernels_usable", lambda device_type: (True, ""))
     monkeypatch.setitem(backend._arch_cache, 3, 90)
-    monkeypatch.setattr(backend, "_cache_checked", True)  # no tuning cache on this pretend GPU
 
 
 def test_auto_on_cuda_follows_the_policy_and_forced_backends_do_not(fake_gpu):
