@@ -236,3 +236,9 @@ def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
     summary = roofline_report.model_summary_markdown(256, "bf16", ("tiny",))
     assert "| T-s1 C=96@56² | 2.00× | - | - | - |" in summary
     assert roofline_report.blocks_ratio(256, "bf16", "tiny", 90, "forward") is None  # stages 2-4 missing
+    targets = roofline_report.targets_markdown(256, "bf16", "tiny", 90)
+    dw_fwd = next(line for line in targets.splitlines() if line.startswith("| T-s1 C=96@56² | dwconv+LN | fwd |"))
+    assert "| 100.0 | 300.0 | 0.33 | ≤ 0.8 | yes |" in dw_fwd  # 100 / 300 meets the forward target
+    mlp_fwd = next(line for line in targets.splitlines() if line.startswith("| T-s1 C=96@56² | MLP | fwd |"))
+    assert "| 0.60 | ≤ 0.8 | yes |" in mlp_fwd
+    assert "| T-s2 C=192@28² | dwconv+LN | fwd | - |" in targets  # not tabulated: shown as missing, not met

@@ -187,6 +187,44 @@ def model_summary_markdown(batch=256, dtype="bf16", models=("tiny", "base")):
     return markdown_table(headers, body)
 
 
+# issue 9.5: fused/eager at most this per pass, whole-model blocks eager/fused at least this, fused/minimum at most 2
+TARGET_FUSED_OVER_EAGER = {"forward": 0.8, "forward_backward": 1.0}
+TARGET_BLOCKS_SPEEDUP = {"forward": 2.0, "forward_backward": 1.5}
+TARGET_OVER_MINIMUM = 2.0
+
+
+def _met(ok):
+    return "yes" if ok else "**no**"
+
+
+def targets_markdown(batch=256, dtype="bf16", model="tiny", arch=90):
+    """The issue 9.5 targets checked on the model: per stage, op and pass, then the whole-model blocks."""
+    headers = ["stage", "op", "pass", "fused µs (model)", "eager µs (floor)", "fused/eager", "target",
+               "met", "minimum µs", "fused/minimum", "≤ 2 met"]
+    body = []
+    for shape in roofline.stage_shapes((model,), batch):
+        for op in roofline.OPS:
+            for mode, pass_ in MODES:
+                entry = model_entry(op, arch, dtype, shape, mode)
+                if entry is None:
+                    body.append([shape.label, OP_LABELS[op], pass_] + ["-"] * 8)
+                    continue
+                ratio = entry["fused_us"] / entry["eager_us"]
+                floor = minimum_us(op, arch, dtype, shape, mode)
+                body.append([shape.label, OP_LABELS[op], pass_, f"{entry['fused_us']:,.1f}",
+                             f"{entry['eager_us']:,.1f}", f"{ratio:.2f}", f"≤ {TARGET_FUSED_OVER_EAGER[mode]}",
+                             _met(ratio <= TARGET_FUSED_OVER_EAGER[mode]), f"{floor:,.1f}",
+                             f"{entry['fused_us'] / floor:.2f}", _met(entry["fused_us"] / floor <= TARGET_OVER_MINIMUM)])
+    blocks = []
+    for mode, pass_ in MODES:
+        ratio = blocks_ratio(batch, dtype, model, arch, mode)
+        if ratio is not None:
+            blocks.append(f"{pass_} {_speedup(ratio)} (target ≥ {TARGET_BLOCKS_SPEEDUP[mode]}×: "
+                          f"{_met(ratio >= TARGET_BLOCKS_SPEEDUP[mode])})")
+    return (f"Whole-model blocks (depth-weighted sum of both ops), eager/fused: {'; '.join(blocks) or '-'}.\n\n"
+            + markdown_table(headers, body))
+
+
 def _launch_markdown(batch, dtype, arch, model="tiny"):
     table = perf_table()
     launches = getattr(table, "LAUNCHES", {}) if table is not None else {}
@@ -368,7 +406,7 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "",
         "### Issue 9.5 targets: ConvNeXt-T, batch 256, bf16, H100 SXM (model)",
         "",
-        _model_markdown(256, "bf16", 90, "H100", ("tiny",)),
+        targets_markdown(256, "bf16", "tiny", 90),
         "",
         f"### H100 SXM, batch {batch}, {dtype} (model)",
         "",
