@@ -242,6 +242,15 @@ def test_shard_entries_resolving_outside_the_model_are_refused(tmp_path, monkeyp
     assert "model.safetensors.index.json" in str(raised.value)
 
 
+def test_weights_file_linking_outside_the_model_is_refused(tmp_path):
+    model = tmp_path / "model"
+    hf_classifier().save_pretrained(model)
+    (model / "model.safetensors").rename(tmp_path / "elsewhere.safetensors")
+    (model / "model.safetensors").symlink_to(tmp_path / "elsewhere.safetensors")
+    with pytest.raises(PermissionError, match=r"refusing to read .*model\.safetensors: it resolves to .*elsewhere"):
+        load_pretrained(None, model)
+
+
 def test_shards_reached_through_symlinks_inside_the_model_load(tmp_path):
     """The hub cache's layout: a symlinked model directory and shards that link within it."""
     hf, index = sharded_directory(tmp_path / "real")
@@ -395,6 +404,32 @@ def test_failed_rename_of_config_keeps_the_old_config_and_no_stray_files(tmp_pat
     with pytest.raises(OSError, match="Input/output error"):
         save_pretrained(new, tmp_path)
     assert snapshot(tmp_path) == before
+    assert same_outputs(load_pretrained(None, tmp_path), old)
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    """A process killed halfway through writing the new weights (SIGKILL: no cleanup runs)."""
+    old, _ = saved_pair(tmp_path)
+    before = snapshot(tmp_path)
+    script = textwrap.dedent("""
+        import os, signal, sys
+        import safetensors.torch
+        import fastconvnext
+
+        def write_half_then_die(tensors, path, *args, **kwargs):
+            with open(path, "wb") as file:
+                file.write(bytes(1000))
+                file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        safetensors.torch.save_file = write_half_then_die
+        config = fastconvnext.ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_labels=5)
+        fastconvnext.ConvNextForImageClassification(config).save_pretrained(sys.argv[1])
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith(safe_io.TEMP_PREFIX)} == before
     assert same_outputs(load_pretrained(None, tmp_path), old)
 
 
