@@ -754,9 +754,12 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
 # A model, not a measurement. hbm_bytes: every tensor once, plus re-reads whose reuse footprint exceeds L2
 # (halo rows/columns are shared by programs launched side by side, so they are L2 hits at every shape
 # whose K image rows fit in L2). l2_bytes: the global loads and stores the programs issue (masked-off halo
-# outside the image excluded). The one L1 hit subtracted: the warps of a backward conv tile request the
-# same g rows in the same iteration, counted once per tile; all other re-reads are counted.
+# outside the image excluded). L1 hits subtracted only within one program: the warps of a backward conv
+# tile request the same g rows in the same iteration (counted once per tile), and the LayerNorm backward
+# re-reads its taps every row (counted once per program while they fit L1_RESIDENT_BYTES). Re-reads
+# across programs are all counted.
 L2_BYTES = 50e6
+L1_RESIDENT_BYTES = 64 * 1024  # assumed: data one program re-reads stays in L1 up to this size
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 _LN_FLOPS_PER_ELEMENT = 8  # bias, centre, square, sum, scale, shift (forward); the backward ~2x
 
@@ -842,10 +845,12 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     norm_partials = norm_groups * norm_strips * 3 * c * 4
     norm_w, _ = _norm_bwd_config(block_c)
     norm_window = batch * _valid_taps(height, k) * _valid_window_columns(width, k, norm_w) * c
+    tap_bytes = taps * c * 4
+    norm_taps = norm_strips * norm_groups * tap_bytes * (1 if tap_bytes <= L1_RESIDENT_BYTES else per_program)
     plans.append(_int_plan(
         _norm_bwd_target(name, name, k, block_c), (norm_strips, norm_groups), "backward",
         2 * act + 4 * pixels * c + stats + small + norm_partials + halo_hbm,
-        norm_window * s + rows * norm_strips * taps * c * 4 + act + 4 * pixels * c + stats + norm_partials,
+        norm_window * s + norm_taps + act + 4 * pixels * c + stats + norm_partials,
         k * per_program, conv_flops + 2 * _LN_FLOPS_PER_ELEMENT * pixels * c,
         "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
         dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
