@@ -12,5 +12,13 @@ def interpreting() -> bool:
 def autotune_enabled() -> bool:
     """One switch for every kernel: FASTCONVNEXT_AUTOTUNE=0 pins each launcher's default config.
 
-    The interpreter never autotunes (it would time every candidate, very slowly)."""
-    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    The interpreter never autotunes (it would time every candidate, very slowly), and neither does a
+    launch inside CUDA-graph capture: timing candidates there would record them into the graph, so a
+    captured launch takes the launcher's default config (same reduction order, so the same bits)."""
+    return not interpreting() and os.environ.get(AUTOTUNE_ENV, "1") != "0" and not _capturing()
+
+
+def _capturing() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
