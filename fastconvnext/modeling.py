@@ -202,9 +202,24 @@ class ConvNextEncoder(nn.Module):
         return x, hidden_states
 
 
-def _contiguous_nchw(tensors):
-    """Outputs are handed out in standard NCHW memory, as transformers returns them (`.view` keeps working)."""
-    return None if tensors is None else tuple(t.contiguous() for t in tensors)
+def _contiguous_nchw(tensors, selected=None):
+    """Outputs are handed out in standard NCHW memory, as transformers returns them (`.view` keeps working);
+    with `selected` (a set of indices), the others are None, as transformers returns a selection."""
+    if tensors is None:
+        return None
+    return tuple(t.contiguous() if selected is None or i in selected else None for i, t in enumerate(tensors))
+
+
+def _hidden_states_selection(value, count):
+    """transformers' output_hidden_states: a flag, or an index or list of indices of the `count` hidden
+    states to return (negative ones count from the end, out-of-range ones select nothing).
+    Returns None (no hidden states), or the set of indices to return."""
+    if isinstance(value, bool):
+        return set(range(count)) if value else None
+    indices = [value] if isinstance(value, int) else value
+    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {value!r}")
+    return {i % count for i in indices if -count <= i < count}
 
 
 class ConvNextPreTrainedModel(nn.Module):
@@ -220,12 +235,13 @@ class ConvNextPreTrainedModel(nn.Module):
         self.config = config
 
     def _flags(self, output_hidden_states, return_dict):
-        """The per-call flags, defaulting to the config's (as transformers does)."""
+        """The per-call flags, defaulting to the config's (as transformers does): the set of hidden-state
+        indices to return (None for none) and whether to return the output object."""
         config = self.config
-        return (
-            config.output_hidden_states if output_hidden_states is None else bool(output_hidden_states),
-            config.return_dict if return_dict is None else bool(return_dict),
-        )
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        selection = _hidden_states_selection(output_hidden_states, config.num_stages + 1)
+        return selection, config.return_dict if return_dict is None else bool(return_dict)
 
     @property
     def base_model(self):
@@ -344,11 +360,12 @@ class ConvNextModel(ConvNextPreTrainedModel):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         self._check_pixel_values(pixel_values)
-        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
-        last, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states)
+        selection, return_dict = self._flags(output_hidden_states, return_dict)
+        last, hidden_states = self.encoder(self.embeddings(pixel_values), selection is not None)
         pooled = self.layernorm(last.mean(dim=(-2, -1)))
         output = BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last.contiguous(), pooler_output=pooled, hidden_states=_contiguous_nchw(hidden_states)
+            last_hidden_state=last.contiguous(), pooler_output=pooled,
+            hidden_states=_contiguous_nchw(hidden_states, selection),
         )
         return output if return_dict else output.to_tuple()
 
@@ -366,7 +383,7 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None):
-        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
+        _, return_dict = self._flags(output_hidden_states, return_dict)
         # the trunk always answers with its output object, whatever config.return_dict says
         outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
@@ -458,7 +475,7 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
     def forward(self, pixel_values, output_hidden_states=None, return_dict=None, output_attentions=None):
         """output_attentions is accepted and ignored, as in transformers (ConvNeXt has no attention)."""
         self._check_pixel_values(pixel_values)
-        output_hidden_states, return_dict = self._flags(output_hidden_states, return_dict)
+        selection, return_dict = self._flags(output_hidden_states, return_dict)
         missing = [stage for stage in self.out_features if stage not in self.hidden_states_norms]
         if missing:
             raise ValueError(
@@ -473,6 +490,6 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
         )
         output = BackboneOutput(
             feature_maps=_contiguous_nchw(feature_maps),
-            hidden_states=_contiguous_nchw(hidden_states) if output_hidden_states else None,
+            hidden_states=_contiguous_nchw(hidden_states, selection) if selection is not None else None,
         )
         return output if return_dict else output.to_tuple()

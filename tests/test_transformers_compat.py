@@ -368,3 +368,23 @@ def test_outputs_read_and_write_like_transformers_model_output():
         assert torch.equal(output.logits, torch.zeros(1, 3)) and torch.equal(output[0], torch.zeros(1, 3))
     with pytest.raises(KeyError, match="has no field 'scores'"):
         got["scores"] = torch.zeros(1)
+
+
+@pytest.mark.parametrize("selection", [[1, 3], [-1], (0,), 2, [7, -9, 4]], ids=str)
+@pytest.mark.parametrize("kind", ["ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone"])
+def test_output_hidden_states_selects_indices_as_transformers(kind, selection):
+    hf, ours = twin_models(kind, **TINY)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf(x, output_hidden_states=selection), ours(x, output_hidden_states=selection)
+    assert len(got.hidden_states) == len(expected.hidden_states) == 5
+    for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+        assert (a is None) == (b is None), f"hidden_states[{i}]"
+        if a is not None:
+            assert_close(a, b, f"hidden_states[{i}]")
+
+
+def test_output_hidden_states_of_another_type_is_a_clear_error():
+    _, ours = twin_models("ConvNextModel", **TINY)
+    with pytest.raises(TypeError, match="output_hidden_states must be a bool, an int or a list of ints, got 'all'"):
+        ours(torch.randn(1, 3, 32, 32), output_hidden_states="all")
