@@ -338,9 +338,12 @@ def _mlp_bwd_dx_kernel(
     w2_ptr,  # [C, D] activation dtype
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
+    y2_ptr,  # [M, C] activation dtype (HAS_Y2)
     dx_ptr,  # [M, C] activation dtype
     dpre_ptr,  # [M, D] activation dtype (STORE_DPRE)
     db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (STORE_DPRE)
+    db2_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_DPRE)
+    dgamma_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_DPRE and HAS_Y2)
     M,
     HW,
     C: tl.constexpr,
@@ -354,9 +357,11 @@ def _mlp_bwd_dx_kernel(
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     STORE_DPRE: tl.constexpr,
+    HAS_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # STORE_DPRE needs one C tile (BLOCK_N >= C): each hidden element is then stored by exactly one program
+    # STORE_DPRE (the weight gradients are wanted) needs one C tile (BLOCK_N >= C): each hidden element is then
+    # stored by exactly one program; the epilogue then also writes the db2 and dgamma row-group partials
     # one program per (row tile, column tile), column tiles fastest: the programs sharing a row tile run
     # together, so its rows come from HBM once
     pid_m = tl.program_id(0) // tl.cdiv(C, BLOCK_N)
@@ -392,6 +397,15 @@ def _mlp_bwd_dx_kernel(
 
     offs = rows[:, None] * C + n_offs[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+    if STORE_DPRE:
+        n_parts = tl.cdiv(M, PART_ROWS)
+        g_n = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, n_offs, C, HAS_GAMMA)
+        _store_row_group_sums(db2_part_ptr, g_n, pid_m, n_offs, n_mask, n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
+        if HAS_Y2:
+            dy_n = _load_rows(dy_ptr, rows, row_mask, n_offs, C).to(tl.float32)
+            y2_n = _load_rows(y2_ptr, rows, row_mask, n_offs, C).to(tl.float32)
+            _store_row_group_sums(dgamma_part_ptr, dy_n * row_scale[:, None] * y2_n, pid_m, n_offs, n_mask,
+                                  n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
 
 
 @triton.jit
@@ -407,8 +421,8 @@ def _mlp_bwd_dw_kernel(
     y2_ptr,  # [M, C] activation dtype (HAS_Y2)
     dw1_part_ptr,  # [NUM_SEGMENTS, D, C] fp32, NUM_SEGMENTS = cdiv(M, SEGMENT_ROWS)
     dw2_part_ptr,  # [NUM_SEGMENTS, C, D] fp32
-    db2_part_ptr,  # [NUM_SEGMENTS, C] fp32
-    dgamma_part_ptr,  # [NUM_SEGMENTS, C] fp32 (HAS_Y2)
+    db2_part_ptr,  # [NUM_SEGMENTS, C] fp32 (VECTOR_SUMS)
+    dgamma_part_ptr,  # [NUM_SEGMENTS, C] fp32 (VECTOR_SUMS and HAS_Y2)
     M,
     HW,
     SEGMENT_ROWS,
@@ -419,15 +433,16 @@ def _mlp_bwd_dw_kernel(
     BLOCK_D: tl.constexpr,
     ACT: tl.constexpr,
     RECOMPUTE_H: tl.constexpr,
+    VECTOR_SUMS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # two GEMMs over the segment's rows: dW1^T[c-tile, chunk] += x^T dpre, dW2[c-tile, chunk] += g^T h; the
-    # programs of the first D chunk also sum the C-wide vectors db2 = sum g and dgamma = sum dy * scale * y2.
-    # RECOMPUTE_H (one C tile, BLOCK_C >= C): h = act(x W1^T + b1) from the x tile already loaded, one more
-    # matmul unit instead of storing and re-reading the [M, D] h
+    # programs of the first D chunk also sum the C-wide db2 = sum g and dgamma = sum dy * scale * y2
+    # (VECTOR_SUMS; else the fused dx kernel wrote them). RECOMPUTE_H (one C tile, BLOCK_C >= C): h =
+    # act(x W1^T + b1) from the x tile already loaded, one more matmul unit instead of storing and re-reading h
     pid_d = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -453,6 +468,11 @@ def _mlp_bwd_dw_kernel(
         dys = _load_rows(dy_ptr, rows, row_mask, c_offs, C).to(tl.float32)
         dys = dys * _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)[:, None]
         g = dys * gamma[None, :] if HAS_GAMMA else dys
+        if VECTOR_SUMS:
+            if pid_d == 0:
+                db2 += tl.sum(g, axis=0)
+                if HAS_Y2:
+                    dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
         if RECOMPUTE_H:
             pre = tl.dot(x_c, _load_w_t(w1_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
             h = _activation(pre + b1[None, :], ACT).to(x_c.dtype)
@@ -462,19 +482,16 @@ def _mlp_bwd_dw_kernel(
         # both weight grads as [BLOCK_C, BLOCK_D] = (tile^T) @ (chunk): one accumulator layout for the two
         dw1_t = tl.dot(tl.trans(x_c), dpre, dw1_t, input_precision=DOT_PRECISION)
         dw2 = tl.dot(tl.trans(g.to(x_c.dtype)), h, dw2, input_precision=DOT_PRECISION)
-        if pid_d == 0:
-            db2 += tl.sum(g, axis=0)
-            if HAS_Y2:
-                dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
 
     seg = pid_s.to(tl.int64)
     mask = c_mask[:, None] & d_mask[None, :]
     tl.store(dw1_part_ptr + seg * D * C + d_offs[None, :] * C + c_offs[:, None], dw1_t, mask=mask)
     tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
-    if pid_d == 0:
-        tl.store(db2_part_ptr + seg * C + c_offs, db2, mask=c_mask)
-        if HAS_Y2:
-            tl.store(dgamma_part_ptr + seg * C + c_offs, dgamma, mask=c_mask)
+    if VECTOR_SUMS:
+        if pid_d == 0:
+            tl.store(db2_part_ptr + seg * C + c_offs, db2, mask=c_mask)
+            if HAS_Y2:
+                tl.store(dgamma_part_ptr + seg * C + c_offs, dgamma, mask=c_mask)
 
 
 @triton.jit
@@ -558,7 +575,8 @@ def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     if dtype == "fp32":
         return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
     block_n = max(64, min(cp, 128))
-    return [_cfg(128, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 8, 2)]
+    # one stage: x and g stay resident, pipelining the weight chunks spilled (16-byte stack on sm_90 at C = 96)
+    return [_cfg(128, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 8, 1)]
 
 
 def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -569,6 +587,8 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
     if cp <= 64:
         return [_dw_cfg(64, 64, 64, 4, 2)]
+    if cp <= 128:  # one C tile: h is recomputed by a [BLOCK_M, C] x [C, BLOCK_D] dot, 64 rows per warpgroup
+        return [_dw_cfg(128, 128, 64, 8, 1)]  # 2 stages: an 8-byte stack spill on sm_90
     return [_dw_cfg(64, 128, 64, 8, 2)]
 
 
@@ -806,24 +826,33 @@ def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
 
 
-def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act, want_x_side, want_hidden):
-    """Writes dx (when wanted). With `want_hidden` returns what the dW GEMMs need: h ([M, D], activation dtype;
-    None when the dW kernel recomputes it), dpre ([M, D], activation dtype) and the fp32 db1 row-group partials."""
+def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act, want_x_side, want_hidden):
+    """Writes dx (when wanted). With `want_hidden` returns what the weight gradients need: h ([M, D], activation
+    dtype; None when the dW kernel recomputes it), dpre ([M, D], activation dtype), the fp32 db1 row-group
+    partials, and (fused dx kernel only, else None) the fp32 db2 and dgamma row-group partials."""
     N, H, W, C = x.shape
     D = w1.shape[0]
     M, HW = N * H * W, H * W
     dtype, precision = _TRITON_DTYPE[x.dtype], _dot_precision(x.dtype)
     fused = want_x_side and _fused_dx(C, D, dtype)
+    has_y2 = y2.numel() > 0
     h = dpre = db1_part = None
+    n_parts = triton.cdiv(M, _PART_ROWS)
     if want_hidden or not fused:
         dpre = torch.empty((M, D), device=x.device, dtype=x.dtype)
-        db1_part = torch.empty((triton.cdiv(M, _PART_ROWS), D), device=x.device, dtype=torch.float32)
+        db1_part = torch.empty((n_parts, D), device=x.device, dtype=torch.float32)
     flags = dict(PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
     if fused:
-        hidden = (dpre, db1_part) if want_hidden else (x, b1)
-        _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D), (x, grad_out, w1, b1, w2, g, s, dx, *hidden, M, HW),
-                C, D, x.dtype, M, **flags, STORE_DPRE=want_hidden, DOT_PRECISION=precision)
-        return h, dpre, db1_part
+        vector_parts = None
+        hidden = (x, b1, b1, b1)
+        if want_hidden:
+            vector_parts = [torch.empty((n_parts, C), device=x.device, dtype=torch.float32)]
+            vector_parts.append(torch.empty_like(vector_parts[0]) if has_y2 else None)
+            hidden = (dpre, db1_part, vector_parts[0], vector_parts[1] if has_y2 else vector_parts[0])
+        _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D),
+                (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, *hidden, M, HW), C, D, x.dtype, M, **flags,
+                STORE_DPRE=want_hidden, HAS_Y2=has_y2 and want_hidden, DOT_PRECISION=precision)
+        return h, dpre, db1_part, vector_parts
     h = torch.empty_like(dpre)
     _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
             (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, M, HW), C, D, x.dtype, M, **flags, IS_BACKWARD=True,
@@ -833,24 +862,30 @@ def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, ac
                 (dpre, x, w1, b1, w1, b1, b1, b1, dx, dx, M, HW), C, D, x.dtype, M, ACT=act, LOAD_H=True, B_KN=True,
                 HAS_BIAS=False, HAS_RESIDUAL=False, HAS_GAMMA=False, HAS_SCALE=False, SAVE_Y2=False,
                 DOT_PRECISION=precision)
-    return h, dpre, db1_part
+    return h, dpre, db1_part, None
 
 
-def _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma, has_scale, act):
-    """dW1, dW2, db2 and (with y2) dgamma as fp32 sums of per-M-segment partials; h None: recomputed."""
+def _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma, has_scale, act, vector_parts):
+    """dW1, dW2, db2 and (with y2) dgamma as fp32 sums of partials; h None: recomputed; db2/dgamma from
+    `vector_parts` when the dx kernel wrote them, else summed here."""
     N, H, W, C = x.shape
     D = dpre.shape[1]
     M, HW = N * H * W, H * W
     segments, segment_rows = _segments(M)
-    has_y2 = y2 is not None and y2.numel() > 0
+    has_y2 = y2.numel() > 0
     dw1_part = torch.empty((segments, D, C), device=x.device, dtype=torch.float32)
     dw2_part = torch.empty((segments, C, D), device=x.device, dtype=torch.float32)
-    db2_part = torch.empty((segments, C), device=x.device, dtype=torch.float32)
-    dgamma_part = torch.empty_like(db2_part) if has_y2 else db2_part
+    if vector_parts is None:
+        vector_parts = [torch.empty((segments, C), device=x.device, dtype=torch.float32)]
+        vector_parts.append(torch.empty_like(vector_parts[0]) if has_y2 else None)
+        vector_sums = True
+    else:
+        vector_sums = False
+    db2_part, dgamma_part = vector_parts
     args = (x, grad_out, w1, b1, dpre if h is None else h, dpre, g, s, y2 if has_y2 else x, dw1_part, dw2_part,
-            db2_part, dgamma_part, M, HW, segment_rows)
+            db2_part, db2_part if dgamma_part is None else dgamma_part, M, HW, segment_rows)
     _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act,
-            RECOMPUTE_H=h is None, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
+            RECOMPUTE_H=h is None, VECTOR_SUMS=vector_sums, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
             DOT_PRECISION=_dot_precision(x.dtype))
     return dw1_part.sum(0), dw2_part.sum(0), db2_part.sum(0), (dgamma_part.sum(0) if has_y2 else None)
 
@@ -883,11 +918,11 @@ def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     has_gamma, has_scale = gamma is not None, sample_scale is not None
     with _device_guard(x):
-        h, dpre, db1_part = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, has_gamma, has_scale, act,
-                                             want_x_side, want_weight_side)
+        h, dpre, db1_part, vector_parts = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma,
+                                                           has_scale, act, want_x_side, want_weight_side)
         if want_weight_side:
             dw1_f32, dw2_f32, db2_f32, dgamma_f32 = _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma,
-                                                                 has_scale, act)
+                                                                 has_scale, act, vector_parts)
             for grad, value in ((dw1, dw1_f32), (db1, db1_part.sum(0)), (dw2, dw2_f32), (db2, db2_f32)):
                 grad.copy_(value)
             if dgamma.numel():
@@ -1111,8 +1146,8 @@ _FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "ga
                  "y2_ptr"]
 _HIDDEN_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "h_ptr", "dpre_ptr",
                     "db1_part_ptr"]
-_DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "dx_ptr", "dpre_ptr",
-                "db1_part_ptr"]
+_DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dx_ptr",
+                "dpre_ptr", "db1_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
 _DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dw1_part_ptr",
                 "dw2_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
 # kind -> (display name, pointer args, integer args, structural flags); optional HAS_* flags come from _flags
@@ -1144,9 +1179,10 @@ def _flags(kind: str, act: str = "gelu", has_gamma: bool = True, has_scale: bool
     elif kind in ("dx", "hidden_bwd"):
         flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
         if kind == "dx":
-            flags["STORE_DPRE"] = training
+            flags.update(STORE_DPRE=training, HAS_Y2=has_gamma and training)
     else:
-        flags.update(RECOMPUTE_H=fused_dx, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_gamma and training)
+        flags.update(RECOMPUTE_H=fused_dx, VECTOR_SUMS=not fused_dx, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
+                     HAS_Y2=has_gamma and training)
     return flags
 
 
@@ -1242,7 +1278,8 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     if kind == "dx":
         bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
         c_tiles, chunks, inner = triton.cdiv(C, bn), triton.cdiv(D, bd), _inner_trips(cfg["BLOCK_K"], C)
-        stores = flags["STORE_DPRE"] * (hidden + triton.cdiv(M, _PART_ROWS) * D * 4)
+        parts = triton.cdiv(M, _PART_ROWS) * 4
+        stores = flags["STORE_DPRE"] * (hidden + parts * (D + C * (1 + flags["HAS_Y2"])) + act * flags["HAS_Y2"])
         hbm = 3 * act + 2 * w + stores + (D + 2 * C) * 4
         per_program = 2 * bm * C * s * (chunks if inner > 1 else 1) + 2 * D * C * s + bn * D * s + bm * bn * s
         return grid, hbm, programs * per_program + stores, chunks * inner, (chunks if inner > 1 else 1), \
@@ -1251,11 +1288,11 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     # resident together share each tile's HBM read, later waves re-read the segment unless it stays in L2
     segments, segment_rows = _segments(M)
     bc, bd = cfg["BLOCK_C"], cfg["BLOCK_D"]
-    has_y2, recompute = flags["HAS_Y2"], flags["RECOMPUTE_H"]
+    has_y2, recompute = flags["HAS_Y2"] and flags["VECTOR_SUMS"], flags["RECOMPUTE_H"]
     waves = triton.cdiv(grid[0] * grid[1], _MODEL_SMS)
     streamed = (2 * act + (2 - recompute) * hidden)
     footprint = streamed * min(segment_rows, M) / M
-    partials = segments * (2 * D * C + (1 + has_y2) * C) * 4
+    partials = segments * (2 * D * C + flags["VECTOR_SUMS"] * (1 + has_y2) * C) * 4
     hbm = streamed * (waves if footprint > _MODEL_L2_BYTES else 1) + has_y2 * act + partials + recompute * w
     tiles = triton.cdiv(min(segment_rows, M), bm)
     per_tile = bm * (2 * bc + (2 - recompute) * bd) * s + recompute * bc * bd * s
