@@ -61,21 +61,25 @@ _ONEDNN_ACTS = {"gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh"), "relu":
 
 # Read once at import: torch.compile refuses to trace torch.backends.mkldnn.is_available().
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bf16 linears through oneDNN only where the CPU computes bf16 natively (else oneDNN emulates it slowly).
+_ONEDNN_BF16 = _ONEDNN_LINEAR and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _autocast_bf16():
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 def onednn_mlp_available(x, act, sample_scale):
-    """Whether `convnext_mlp_cpu_inference` applies: fp32 CPU inference outside autocast and outside
-    torch.compile (which fuses the reference itself), a fusable activation, no drop path."""
-    return (
-        not torch.compiler.is_compiling()
-        and _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and act in _ONEDNN_ACTS
-        and sample_scale is None
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")  # autocast would run eager's linears in low precision
-    )
+    """Whether `convnext_mlp_cpu_inference` applies: CPU inference in fp32 outside autocast, or under bf16
+    autocast (fp32 or bf16 input), outside torch.compile (which fuses the reference itself), with a fusable
+    activation and no drop path. Other autocast dtypes take the reference, which autocast runs in low precision."""
+    if torch.compiler.is_compiling() or not _ONEDNN_LINEAR or x.device.type != "cpu":
+        return False
+    if act not in _ONEDNN_ACTS or sample_scale is not None or torch.is_grad_enabled():
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return _ONEDNN_BF16 and _autocast_bf16() and x.dtype in (torch.float32, torch.bfloat16)
+    return x.dtype == torch.float32
 
 
 def convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu"):
@@ -83,7 +87,10 @@ def convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc
 
     fc1 carries bias + activation; fc2 carries the residual add, and the layer scale is folded into
     its weight and bias, so the 4C hidden is touched once and no elementwise pass follows fc2.
+    Under bf16 autocast the bf16 variant runs instead.
     """
+    if torch.is_autocast_enabled("cpu"):
+        return _mlp_cpu_inference_bf16(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act)
     channels = x.shape[-1]
     if gamma is not None:
         fc2_weight, fc2_bias = gamma[:, None] * fc2_weight, gamma * fc2_bias
@@ -93,3 +100,24 @@ def convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc
         hidden, residual.reshape(-1, channels), fc2_weight, fc2_bias, "add"
     )
     return out.view(residual.shape)
+
+
+def _mlp_cpu_inference_bf16(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act):
+    """What eager computes under bf16 autocast, with the activation in fc1's oneDNN post-op.
+
+    Both linears run in bf16 as autocast's would (bf16 copies of weights and biases, bf16 output);
+    the layer scale and residual then follow in one addcmul with eager's type promotion (an fp32 gamma
+    makes the result fp32, as gamma * y does in eager)."""
+    bf16 = torch.bfloat16
+    channels = x.shape[-1]
+    name, algorithm = _ONEDNN_ACTS[act]
+    hidden = torch.ops.mkldnn._linear_pointwise(
+        x.reshape(-1, channels).to(bf16), fc1_weight.to(bf16), _to_bf16(fc1_bias), name, [], algorithm
+    )
+    y = torch.ops.mkldnn._linear_pointwise(hidden, fc2_weight.to(bf16), _to_bf16(fc2_bias), "none", [], "")
+    y = y.view(residual.shape)
+    return residual + y if gamma is None else torch.addcmul(residual, y, gamma)
+
+
+def _to_bf16(bias):
+    return None if bias is None else bias.to(torch.bfloat16)

@@ -1,4 +1,6 @@
 """The CPU inference fast path of the MLP (oneDNN post-ops) against the eager reference."""
+import types
+
 import pytest
 import torch
 
@@ -56,11 +58,52 @@ def test_dispatch_runs_eager_where_the_fused_dwconv_does_not_apply(monkeypatch):
         assert "up to 2048 channels, got 2049" in backend._dwconv_unsupported(wide)
         assert "square odd kernels up to 7" in backend._dwconv_unsupported(even)
         assert backend._dwconv_unsupported(torch.zeros(8, 1, 7, 7)) is None
-        assert backend._choose("cuda", None) is True
-        assert backend._choose("cuda", backend._dwconv_unsupported(wide)) is False
+        monkeypatch.setattr(backend, "_auto_prefers_fused", lambda *args: True)  # a policy that picks fused
+        cuda_x = types.SimpleNamespace(device=torch.device("cuda"))  # only its device is read here
+        assert backend._choose("dwconv_layernorm", cuda_x, 8, (), None) is True
+        assert backend._choose("dwconv_layernorm", cuda_x, 2049, (), backend._dwconv_unsupported(wide)) is False
 
 
-def test_onednn_path_stays_off_under_autocast():
+def test_onednn_path_under_autocast_only_for_bf16():
     x, *_ = mlp_inputs()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        assert not reference.onednn_mlp_available(x, "gelu", None)  # fp16 autocast: eager's linears in fp16
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not reference.onednn_mlp_available(x, "gelu", None)
+        assert reference.onednn_mlp_available(x, "gelu", None) == reference._ONEDNN_BF16
+        assert reference.onednn_mlp_available(x.bfloat16(), "gelu", None) == reference._ONEDNN_BF16
+        assert not reference.onednn_mlp_available(x.double(), "gelu", None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not reference.onednn_mlp_available(x, "gelu", None), "grad mode must take the autograd path"
+
+
+@pytest.mark.skipif(not reference._ONEDNN_BF16, reason="this CPU has no native bf16 for oneDNN")
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_gamma", [True, False])
+def test_onednn_bf16_autocast_path_follows_eager_autocast(residual_dtype, with_gamma):
+    """Same dtype as eager autocast gives (fp32 gamma promotes) and within the bf16 rule of the fp32 op."""
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs(c=32)
+    gamma = gamma if with_gamma else None
+    res = res.to(residual_dtype)
+    with torch.no_grad():
+        exact = reference.convnext_mlp_reference(x, res.float(), w1, b1, w2, b2, gamma)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = reference.convnext_mlp_cpu_inference(x.bfloat16(), res, w1, b1, w2, b2, gamma)
+            eager = reference.convnext_mlp_reference(x.bfloat16(), res, w1, b1, w2, b2, gamma)
+    assert fast.dtype == eager.dtype
+    assert_within_rule(fast.float(), eager.float(), exact, torch.bfloat16, f"bf16 autocast mlp, gamma={with_gamma}")
+
+
+def test_model_under_bf16_autocast_follows_transformers():
+    """The whole model under bf16 autocast inference (the oneDNN bf16 MLP where available) against
+    transformers under the same autocast, both measured from transformers in fp32."""
+    from helpers import twin_models
+
+    hf, ours = twin_models(hidden_sizes=[16, 24, 32, 40], depths=[1, 2, 1, 1])
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        exact = hf(pixels).last_hidden_state
+        with torch.autocast("cpu", dtype=torch.bfloat16), backend.use_backend("eager"):
+            fast = ours(pixels).last_hidden_state
+            eager = hf(pixels).last_hidden_state
+    assert fast.dtype == eager.dtype
+    assert_within_rule(fast.float(), eager.float(), exact, torch.bfloat16, "bf16 autocast model")
