@@ -43,7 +43,8 @@ HIDDEN_ACTS = {
     "hardswish": "hardswish",
     "linear": "linear",
 }
-# ACT2FN entries that carry learnable parameters (one set per block); refused, see _check_hidden_act.
+# ACT2FN entries that carry learnable parameters (one set per block, under the block's `act.`): their
+# blocks run the MLP eagerly.
 PARAMETRIC_ACTS = ("prelu", "xielu")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
@@ -116,15 +117,11 @@ def _check_bool(name, value):
 
 
 def _check_hidden_act(value):
+    names = sorted(HIDDEN_ACTS) + list(PARAMETRIC_ACTS)
     if not isinstance(value, str):
-        raise TypeError(f"hidden_act must be a string, one of {sorted(HIDDEN_ACTS)}, got {_kind(value)} {value!r}")
-    if value in PARAMETRIC_ACTS:
-        raise ValueError(
-            f"hidden_act {value!r} has learnable parameters of its own (transformers builds one per block); "
-            f"fastconvnext supports the parameter-free activations {sorted(HIDDEN_ACTS)}"
-        )
-    if value not in HIDDEN_ACTS:
-        raise ValueError(f"hidden_act must be one of {sorted(HIDDEN_ACTS)}, got {value!r}")
+        raise TypeError(f"hidden_act must be a string, one of {names}, got {_kind(value)} {value!r}")
+    if value not in HIDDEN_ACTS and value not in PARAMETRIC_ACTS:
+        raise ValueError(f"hidden_act must be one of {names}, got {value!r}")
 
 
 def _checked_image_size(value):
@@ -487,8 +484,9 @@ class ConvNextConfig:
 
     @property
     def activation(self):
-        """The op-level activation name (kernels/reference.py) for hidden_act."""
-        return HIDDEN_ACTS[self.hidden_act]
+        """The op-level activation name (kernels/reference.py) for hidden_act; for the activations with
+        learnable parameters (PARAMETRIC_ACTS), hidden_act itself."""
+        return HIDDEN_ACTS.get(self.hidden_act, self.hidden_act)
 
     def __eq__(self, other):
         return isinstance(other, ConvNextConfig) and self.to_dict() == other.to_dict()

@@ -69,6 +69,34 @@ class ConvNextActivation(nn.Module):
         return self.name
 
 
+class ConvNextXIELU(nn.Module):
+    """transformers' xIELU activation (hidden_act="xielu"): learnable alpha_p, alpha_n per block, kept in
+    bfloat16 as transformers creates them, with the same names so state dicts match."""
+
+    def __init__(self, alpha_p_init=0.8, alpha_n_init=0.8, beta=0.5, eps=-1e-6, dtype=torch.bfloat16):
+        super().__init__()
+        inverse_softplus = lambda v: torch.log(torch.expm1(torch.tensor(v, dtype=dtype))).unsqueeze(0)  # noqa: E731
+        self.alpha_p = nn.Parameter(inverse_softplus(alpha_p_init))
+        self.alpha_n = nn.Parameter(inverse_softplus(alpha_n_init - beta))
+        self.register_buffer("beta", torch.tensor(beta, dtype=dtype))
+        self.register_buffer("eps", torch.tensor(eps, dtype=dtype))
+
+    def forward(self, x):
+        alpha_p = F.softplus(self.alpha_p)
+        alpha_n = self.beta + F.softplus(self.alpha_n)
+        negative = (torch.expm1(torch.min(x, self.eps)) - x) * alpha_n
+        return torch.where(x > 0, alpha_p * x * x + self.beta * x, negative + self.beta * x)
+
+
+def _activation_module(config):
+    """The block's activation: parameter-free ones by name (fusable), the learnable ones as modules."""
+    if config.hidden_act == "prelu":
+        return nn.PReLU()
+    if config.hidden_act == "xielu":
+        return ConvNextXIELU()
+    return ConvNextActivation(config.activation)
+
+
 class ConvNextEmbeddings(nn.Module):
     """Patchify stem: a patch_size x patch_size conv with stride patch_size, then LayerNorm over channels."""
 
@@ -139,7 +167,7 @@ class ConvNextLayer(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
         self.layernorm = ConvNextLayerNorm(dim)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = ConvNextActivation(config.activation)
+        self.act = _activation_module(config)
         self.pwconv2 = nn.Linear(4 * dim, dim)
         init = config.layer_scale_init_value
         self.layer_scale_parameter = nn.Parameter(init * torch.ones(dim)) if init > 0 else None
@@ -147,7 +175,23 @@ class ConvNextLayer(nn.Module):
 
     def forward(self, x):
         scale = self.drop_path.sample_scale(x) if isinstance(self.drop_path, ConvNextDropPath) else None
-        return block_forward(self, x, self.act.name, scale)
+        if isinstance(self.act, ConvNextActivation):
+            return block_forward(self, x, self.act.name, scale)
+        return self._forward_learnable_act(x, scale)
+
+    def _forward_learnable_act(self, x, sample_scale):
+        """A block whose activation has parameters: the fused dwconv+LayerNorm, then the MLP eagerly."""
+        residual = _nhwc(x)
+        y = backend.dwconv_layernorm(
+            residual, self.dwconv.weight, self.dwconv.bias, self.layernorm.weight, self.layernorm.bias,
+            self.layernorm.eps,
+        )
+        y = self.pwconv2(self.act(self.pwconv1(y)))
+        if self.layer_scale_parameter is not None:
+            y = self.layer_scale_parameter * y
+        if sample_scale is not None:
+            y = y * sample_scale.view(-1, 1, 1, 1)
+        return _nchw(residual + y)
 
 
 class ConvNextStage(nn.Module):

@@ -388,3 +388,29 @@ def test_output_hidden_states_of_another_type_is_a_clear_error():
     _, ours = twin_models("ConvNextModel", **TINY)
     with pytest.raises(TypeError, match="output_hidden_states must be a bool, an int or a list of ints, got 'all'"):
         ours(torch.randn(1, 3, 32, 32), output_hidden_states="all")
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("hidden_act", PARAMETRIC_ACTS)
+def test_activations_with_parameters_match_transformers(hidden_act, tmp_path):
+    """prelu and xielu carry parameters per block (act.weight; act.alpha_p/alpha_n in bfloat16 and the
+    beta/eps buffers): same state dict, outputs and gradients as transformers."""
+    hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, hidden_act=hidden_act,
+                           drop_path_rate=0.3, **TINY)
+    theirs_state = hf.state_dict()
+    assert {k: (v.dtype, v.shape) for k, v in ours.state_dict().items()} == {
+        k: (v.dtype, v.shape) for k, v in theirs_state.items()
+    }
+    assert any(".act." in k for k in theirs_state)
+    hf.train(), ours.train()
+    x, labels = torch.randn(2, 3, 32, 36), torch.tensor([0, 2])
+    torch.manual_seed(3)
+    expected = hf(x, labels=labels)
+    torch.manual_seed(3)
+    got = ours(x, labels=labels)
+    assert_close(got.logits, expected.logits, "logits")
+    expected.loss.backward()
+    got.loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        assert_close(param.grad, theirs[name].grad, f"grad of {name}", atol=1e-4)
