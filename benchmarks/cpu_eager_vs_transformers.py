@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -87,22 +86,27 @@ def main(argv=None):
     results = timing.interleaved(contenders, clock, args.repeats, args.warmup)
     info = environment.describe("cpu")
     fast, hf = results["fastconvnext (eager)"], results["transformers"]
-    ratio = hf.median_ms / fast.median_ms
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    interval = timing.ratio_of_medians(hf, fast)
+    ratio = interval.value
+    load = environment.load_average()
     print(environment.header_line(info))
     print(f"ConvNeXt-{args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, fp32, inference_mode, "
-          f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls each; load average {load:.1f}")
+          f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls each; {environment.load_text(load)}")
     for name, t in results.items():
         print(f"  {name:22s} median {t.median_ms:9.1f} ms  IQR {t.q1_ms:.1f}-{t.q3_ms:.1f}  "
               f"min {t.min_ms:.1f}  ({args.batch / (t.median_ms / 1e3):.1f} img/s)")
-    verdict = "goal met (>= 1.1x)" if ratio >= 1.1 else "not slower" if ratio >= 1.0 else "SLOWER than transformers"
-    print(f"  speed-up transformers / fastconvnext = {ratio:.3f}x (medians)  -> {verdict}; "
-          f"{hf.min_ms / fast.min_ms:.3f}x (minimums)")
+    if not interval.readable():
+        verdict = "too noisy to read (95% interval wider than +-10%)"
+    else:
+        verdict = "goal met (>= 1.1x)" if ratio >= 1.1 else "not slower" if ratio >= 1.0 else "SLOWER than transformers"
+    print(f"  speed-up transformers / fastconvnext = {ratio:.3f}x (medians, 95% interval {interval.low:.2f}-"
+          f"{interval.high:.2f})  -> {verdict}; {hf.min_ms / fast.min_ms:.3f}x (minimums)")
     if args.profile:
         print_profile(per_op_profile(contenders))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "env": info, "load_average": load, "ratio": ratio,
+                       "ci95": [interval.low, interval.high],
                        "samples_ms": {k: list(v.samples_ms) for k, v in results.items()}}, f, indent=2)
     return ratio
 
