@@ -1,44 +1,48 @@
 """Fused ConvNeXt MLP: out = residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2).
 
 x and residual are [N, H, W, C] contiguous (NHWC); the kernels see them as [M, C] rows, M = N*H*W.
-D is the hidden width (4C in ConvNeXt, any D works).
+D is the hidden width (4C in ConvNeXt, any D works). Work is counted in units of one M x C x D matmul
+(eager: 2 forward, 4 backward).
 
-Forward (`_mlp_fwd_kernel`), grid (M tiles, C-out tiles). Per program and per BLOCK_D chunk of
-the hidden: pre = x W1[chunk]^T + b1 (tl.dot, fp32 accumulate; the reduction over C runs in
-BLOCK_K chunks, or in one dot with the x tile kept on chip when BLOCK_K >= C), h = act(pre) cast to
-the input dtype, acc += h W2[n-tile, chunk]^T. Epilogue: y2 = acc + b2, out = residual + scale*gamma*y2.
-The D-wide hidden never reaches global memory. With more than one C-out tile (C > BLOCK_N), fc1 is
-recomputed per tile: cdiv(C, BLOCK_N) - 1 extra fc1 passes, the price of a C-wide output that does not
-fit in registers. When the layer-scale gamma is trained, forward also writes y2 ([M, C], C-wide) so that
-backward gets dgamma = sum(dy * scale * y2) without a fifth matmul; inference never writes it.
+Forward, one of two plans (`_two_gemm_forward`, a per-row roofline model of both: fused while C fits one
+or two output tiles, two GEMMs at C >= 384 for fp16/bf16):
+- fused, `_mlp_fwd_kernel`: per program (row tile, C-out tile) and per BLOCK_D chunk of the hidden,
+  pre = x W1[chunk]^T + b1, h = act(pre) cast to the input dtype, acc += h W2[n-tile, chunk]^T; epilogue
+  y2 = acc + b2, out = residual + scale * gamma * y2. h never reaches global memory; fc1 is recomputed
+  per C-out tile: 1 + cdiv(C, BLOCK_N) units.
+- two GEMMs: `_mlp_hidden_kernel` (fc1 + b1 + act -> h [M, D] stored once in the activation dtype), then
+  `_mlp_fwd_kernel` with LOAD_H (h W2^T + b2, x gamma x scale + residual): 2 units, 2 * M * D bytes of h.
+When gamma is trained, forward also writes y2 ([M, C]) so that dgamma = sum(dy * scale * y2) needs no
+matmul. Nothing D-wide is saved for backward (h and pre are recomputed).
 
-Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy:
-- `_mlp_bwd_dx_kernel`, grid (M tiles, C tiles): per hidden chunk recompute pre, dh = g W2[:, chunk],
-  dpre = dh * act'(pre), dx += dpre W1[chunk, c-tile]. Its epilogue writes per-PART_ROWS-row partial
-  sums of g (-> db2) and dy*scale*y2 (-> dgamma), independent of the block config; torch sums them.
-- `_mlp_bwd_dw_kernel`, grid (D chunks, C tiles, M segments): each program walks the M tiles of its
-  segment in order, recomputes pre, h, dh, dpre and accumulates dW1[chunk, c-tile]^T += x^T dpre,
-  dW2[c-tile, chunk] += g^T h (both [BLOCK_C, BLOCK_D], one accumulator layout; writing dW1 transposed
-  cut the register use enough to drop the spills), db1 += sum dpre; the per-segment partials are
-  summed by torch. The number of segments depends only on M (not on the GPU or the config), so
-  results are bitwise reproducible; there are no atomics anywhere.
-Recomputation cost, in units of one M x C x D matmul (eager: 2 forward, 4 backward): forward
-1 + cdiv(C, BLOCK_N); dx kernel 1 + 2 * cdiv(C, BLOCK_N); dW kernel 2 + 2 * cdiv(C, BLOCK_C).
-For C <= 128 (ConvNeXt stage 1 of T/S/B) that is 2 + 3 + 4: the stages where the op is memory bound.
-For C = 384 / 768 the recomputation grows (C tiles of 128-256): the fused op trades FLOPs for memory
-there and may lose to cuBLAS + eager elementwise; dispatch should be decided by the benchmarks.
+Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 units at every C:
+- one C tile (C <= 128 for fp16/bf16): `_mlp_bwd_dx_kernel` recomputes pre and dh = g W2[:, chunk], forms
+  dpre = dh * act'(pre) in fp32, dx += dpre W1[chunk] (3 units), stores h and dpre [M, D] and the fp32
+  row-group partial sums of dpre (db1), g (db2) and dy * scale * y2 (dgamma); `_mlp_bwd_dw_kernel`
+  accumulates dW1^T += x^T dpre, dW2 += g^T h (2 units). (Recomputing h in the dW kernel instead would
+  save 2 * M * D bytes for one more unit, but spilled on sm_80 at every tile that keeps 64x64 wgmma.)
+- wider C: `_mlp_hidden_kernel` (IS_BACKWARD) recomputes pre, dh -> stores h and dpre, db1 partials
+  (2 units); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel reads h
+  and dpre (2 units) and sums db2, dgamma.
+The dW kernel's grid is (D chunks, C tiles, M segments); each program walks its segment's row tiles in
+order; the segment count depends only on M, so results are bitwise reproducible; no atomics anywhere.
+Row-tile kernels use 1-D grids with the column tiles fastest, so the programs sharing a row tile run
+together and read its rows from HBM once.
 
-Configs: autotuned per (C, D, dtype) bucket among a few candidates that compile without spills for
-sm_80 and sm_90 (see `compile_targets`); one fixed small config in the interpreter. On sm_90 the
-fp16/bf16 dots of all shipped configs lower to wgmma (HGMMA).
+Configs: per (C, D, dtype) bucket, compiled for sm_80 and sm_90 without spills (see `compile_targets`);
+fp16/bf16 tiles give every dot at least 64 x 64 per warpgroup (sm_90: wgmma m64 n64/n128); candidates of
+one kernel reduce in one order (`_same_reduction_order`), so autotuning cannot change bits. One small
+config per kernel in the interpreter.
 
 `launch_plans(batch, height, width, channels, dtype, training)` lists the launches a call makes at a shape
-(config, grid, modelled bytes) for kernels/sass_report.py; the launchers and it share `_grid` and the configs.
+(config, grid, modelled bytes) for kernels/sass_report.py; the launchers and it share `_grid`, `_kinds`
+and the configs.
 
 Precision: fp16/bf16 operands go to tensor cores via tl.dot with fp32 accumulation; fp32 operands use
-"tf32" when torch.backends.cuda.matmul.allow_tf32 is set, else "ieee" (always "ieee" in the interpreter).
-Biases, gamma and sample_scale are used in fp32; fp32 master weights are cast to x's dtype for the dots
-and their gradients are returned in their own dtype.
+"tf32" when torch allows TF32 matmuls (either flag API, `_tf32_allowed`), else "ieee" (always "ieee" in the
+interpreter). Biases, gamma and sample_scale are used in fp32, as are pre, dh, act'(pre) and their
+product; fp32 master weights are cast to x's dtype for the dots and their gradients are returned in their
+own dtype.
 """
 from __future__ import annotations
 
@@ -267,14 +271,12 @@ def _store_row_group_sums(part_ptr, values, pid_m, n_offs, n_mask, n_parts, C: t
 
 @triton.jit
 def _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dpre, pid_m, rows, row_mask, d_offs, M, D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PART_ROWS: tl.constexpr, ACT: tl.constexpr,
-                  STORE_H: tl.constexpr):
-    # dpre (and h = act(pre)) in the activation dtype for the weight-gradient GEMMs; db1 partials from fp32 dpre
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PART_ROWS: tl.constexpr, ACT: tl.constexpr):
+    # h = act(pre) and dpre in the activation dtype for the weight-gradient GEMMs; db1 partials from fp32 dpre
     offs = rows[:, None] * D + d_offs[None, :]
     d_mask = d_offs < D
     mask = row_mask[:, None] & d_mask[None, :]
-    if STORE_H:
-        tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
     tl.store(dpre_ptr + offs, dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
     _store_row_group_sums(db1_part_ptr, dpre, pid_m, d_offs, d_mask, tl.cdiv(M, PART_ROWS), D, BLOCK_M, BLOCK_D,
                           PART_ROWS)
@@ -319,7 +321,7 @@ def _mlp_hidden_kernel(
         dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
                           BLOCK_D, HAS_GAMMA, DOT_PRECISION)
         _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
-                      d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT, True)
+                      d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
     else:
         mask = row_mask[:, None] & (d_offs[None, :] < D)
         tl.store(h_ptr + rows[:, None] * D + d_offs[None, :], _activation(pre, ACT).to(h_ptr.dtype.element_ty),
@@ -340,10 +342,11 @@ def _mlp_bwd_dx_kernel(
     scale_ptr,  # [N] fp32 (HAS_SCALE)
     y2_ptr,  # [M, C] activation dtype (HAS_Y2)
     dx_ptr,  # [M, C] activation dtype
-    dpre_ptr,  # [M, D] activation dtype (STORE_DPRE)
-    db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (STORE_DPRE)
-    db2_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_DPRE)
-    dgamma_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_DPRE and HAS_Y2)
+    h_ptr,  # [M, D] activation dtype (STORE_HIDDEN)
+    dpre_ptr,  # [M, D] activation dtype (STORE_HIDDEN)
+    db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (STORE_HIDDEN)
+    db2_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_HIDDEN)
+    dgamma_part_ptr,  # [cdiv(M, PART_ROWS), C] fp32 (STORE_HIDDEN and HAS_Y2)
     M,
     HW,
     C: tl.constexpr,
@@ -356,12 +359,12 @@ def _mlp_bwd_dx_kernel(
     ACT: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
-    STORE_DPRE: tl.constexpr,
+    STORE_HIDDEN: tl.constexpr,
     HAS_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # STORE_DPRE (the weight gradients are wanted) needs one C tile (BLOCK_N >= C): each hidden element is then
-    # stored by exactly one program; the epilogue then also writes the db2 and dgamma row-group partials
+    # STORE_HIDDEN (the weight gradients are wanted) needs one C tile (BLOCK_N >= C): each hidden element is
+    # then stored by exactly one program; the epilogue then also writes the db2 and dgamma row-group partials
     # one program per (row tile, column tile), column tiles fastest: the programs sharing a row tile run
     # together, so its rows come from HBM once
     pid_m = tl.program_id(0) // tl.cdiv(C, BLOCK_N)
@@ -389,15 +392,15 @@ def _mlp_bwd_dx_kernel(
                               BLOCK_K, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
         pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
         dpre = dh * _activation_grad(pre, ACT)
-        if STORE_DPRE:
-            _store_hidden(dpre_ptr, dpre_ptr, db1_part_ptr, pre, dpre, pid_m, rows, row_mask, d_offs, M, D, BLOCK_M,
-                          BLOCK_D, PART_ROWS, ACT, False)
+        if STORE_HIDDEN:
+            _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dpre, pid_m, rows, row_mask, d_offs, M, D, BLOCK_M,
+                          BLOCK_D, PART_ROWS, ACT)
         dx = tl.dot(dpre.to(x_ptr.dtype.element_ty), _load_w(w1_ptr, d_offs, n_offs, D, C), dx,
                     input_precision=DOT_PRECISION)
 
     offs = rows[:, None] * C + n_offs[None, :]
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
-    if STORE_DPRE:
+    if STORE_HIDDEN:
         n_parts = tl.cdiv(M, PART_ROWS)
         g_n = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, n_offs, C, HAS_GAMMA)
         _store_row_group_sums(db2_part_ptr, g_n, pid_m, n_offs, n_mask, n_parts, C, BLOCK_M, BLOCK_N, PART_ROWS)
@@ -412,9 +415,7 @@ def _mlp_bwd_dx_kernel(
 def _mlp_bwd_dw_kernel(
     x_ptr,  # [M, C] activation dtype
     dy_ptr,  # [M, C] activation dtype
-    w1_ptr,  # [D, C] activation dtype (RECOMPUTE_H)
-    b1_ptr,  # [D] fp32 (RECOMPUTE_H)
-    h_ptr,  # [M, D] activation dtype (unless RECOMPUTE_H)
+    h_ptr,  # [M, D] activation dtype
     dpre_ptr,  # [M, D] activation dtype
     gamma_ptr,  # [C] fp32 (HAS_GAMMA)
     scale_ptr,  # [N] fp32 (HAS_SCALE)
@@ -431,8 +432,6 @@ def _mlp_bwd_dw_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    ACT: tl.constexpr,
-    RECOMPUTE_H: tl.constexpr,
     VECTOR_SUMS: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -441,8 +440,7 @@ def _mlp_bwd_dw_kernel(
 ):
     # two GEMMs over the segment's rows: dW1^T[c-tile, chunk] += x^T dpre, dW2[c-tile, chunk] += g^T h; the
     # programs of the first D chunk also sum the C-wide db2 = sum g and dgamma = sum dy * scale * y2
-    # (VECTOR_SUMS; else the fused dx kernel wrote them). RECOMPUTE_H (one C tile, BLOCK_C >= C): h =
-    # act(x W1^T + b1) from the x tile already loaded, one more matmul unit instead of storing and re-reading h
+    # (VECTOR_SUMS; else the fused dx kernel wrote them)
     pid_d = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -452,8 +450,6 @@ def _mlp_bwd_dw_kernel(
     c_mask = c_offs < C
     if HAS_GAMMA:
         gamma = tl.load(gamma_ptr + c_offs, mask=c_mask, other=0.0)
-    if RECOMPUTE_H:
-        b1 = tl.load(b1_ptr + d_offs, mask=d_mask, other=0.0)
     first_row = pid_s * SEGMENT_ROWS  # SEGMENT_ROWS is a multiple of BLOCK_M
     last_row = tl.minimum(first_row + SEGMENT_ROWS, M)
 
@@ -473,11 +469,7 @@ def _mlp_bwd_dw_kernel(
                 db2 += tl.sum(g, axis=0)
                 if HAS_Y2:
                     dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
-        if RECOMPUTE_H:
-            pre = tl.dot(x_c, _load_w_t(w1_ptr, c_offs, d_offs, C, D), input_precision=DOT_PRECISION)
-            h = _activation(pre + b1[None, :], ACT).to(x_c.dtype)
-        else:
-            h = _load_rows(h_ptr, rows, row_mask, d_offs, D)
+        h = _load_rows(h_ptr, rows, row_mask, d_offs, D)
         dpre = _load_rows(dpre_ptr, rows, row_mask, d_offs, D)
         # both weight grads as [BLOCK_C, BLOCK_D] = (tile^T) @ (chunk): one accumulator layout for the two
         dw1_t = tl.dot(tl.trans(x_c), dpre, dw1_t, input_precision=DOT_PRECISION)
@@ -575,8 +567,8 @@ def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     if dtype == "fp32":
         return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
     block_n = max(64, min(cp, 128))
-    # one stage: x and g stay resident, pipelining the weight chunks spilled (16-byte stack on sm_90 at C = 96)
-    return [_cfg(128, block_n, min(block_n, 64) if cp > 128 else block_n, 64, 8, 1)]
+    # x and g streamed in 64-wide K steps and one stage: resident 128-wide tiles spilled (sm_80 64 B, sm_90 32 B)
+    return [_cfg(128, block_n, 64, 64, 8, 1)]
 
 
 def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -587,8 +579,6 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
     if cp <= 64:
         return [_dw_cfg(64, 64, 64, 4, 2)]
-    if cp <= 128:  # one C tile: h is recomputed by a [BLOCK_M, C] x [C, BLOCK_D] dot, 64 rows per warpgroup
-        return [_dw_cfg(128, 128, 64, 8, 1)]  # 2 stages: an 8-byte stack spill on sm_90
     return [_dw_cfg(64, 128, 64, 8, 2)]
 
 
@@ -644,9 +634,8 @@ def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: 
 
 def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
     """Whether backward uses the fused dx kernel (one C tile: pre, dh, dx and the dpre/h stores in one pass)
-    rather than the hidden-backward kernel followed by the dx GEMM; the dW kernel then recomputes h from its
-    x tile (one C tile there too)."""
-    return _config("dx", C, D, dtype, gpu)["BLOCK_N"] >= C and _config("dw", C, D, dtype, gpu)["BLOCK_C"] >= C
+    rather than the hidden-backward kernel followed by the dx GEMM."""
+    return _config("dx", C, D, dtype, gpu)["BLOCK_N"] >= C
 
 
 def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool = False) -> List[str]:
@@ -827,9 +816,9 @@ def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
 
 
 def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act, want_x_side, want_hidden):
-    """Writes dx (when wanted). With `want_hidden` returns what the weight gradients need: h ([M, D], activation
-    dtype; None when the dW kernel recomputes it), dpre ([M, D], activation dtype), the fp32 db1 row-group
-    partials, and (fused dx kernel only, else None) the fp32 db2 and dgamma row-group partials."""
+    """Writes dx (when wanted). With `want_hidden` returns what the weight gradients need: h and dpre ([M, D],
+    activation dtype), the fp32 db1 row-group partials, and (fused dx kernel only, else None) the fp32 db2 and
+    dgamma row-group partials."""
     N, H, W, C = x.shape
     D = w1.shape[0]
     M, HW = N * H * W, H * W
@@ -839,21 +828,21 @@ def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale
     h = dpre = db1_part = None
     n_parts = triton.cdiv(M, _PART_ROWS)
     if want_hidden or not fused:
-        dpre = torch.empty((M, D), device=x.device, dtype=x.dtype)
+        h = torch.empty((M, D), device=x.device, dtype=x.dtype)
+        dpre = torch.empty_like(h)
         db1_part = torch.empty((n_parts, D), device=x.device, dtype=torch.float32)
     flags = dict(PART_ROWS=_PART_ROWS, ACT=act, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
     if fused:
         vector_parts = None
-        hidden = (x, b1, b1, b1)
+        hidden = (x, x, b1, b1, b1)
         if want_hidden:
             vector_parts = [torch.empty((n_parts, C), device=x.device, dtype=torch.float32)]
             vector_parts.append(torch.empty_like(vector_parts[0]) if has_y2 else None)
-            hidden = (dpre, db1_part, vector_parts[0], vector_parts[1] if has_y2 else vector_parts[0])
+            hidden = (h, dpre, db1_part, vector_parts[0], vector_parts[1] if has_y2 else vector_parts[0])
         _launch("dx", functools.partial(_grid, "dx", M=M, C=C, D=D),
                 (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, *hidden, M, HW), C, D, x.dtype, M, **flags,
-                STORE_DPRE=want_hidden, HAS_Y2=has_y2 and want_hidden, DOT_PRECISION=precision)
+                STORE_HIDDEN=want_hidden, HAS_Y2=has_y2 and want_hidden, DOT_PRECISION=precision)
         return h, dpre, db1_part, vector_parts
-    h = torch.empty_like(dpre)
     _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
             (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, M, HW), C, D, x.dtype, M, **flags, IS_BACKWARD=True,
             DOT_PRECISION=precision)
@@ -865,9 +854,9 @@ def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale
     return h, dpre, db1_part, None
 
 
-def _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma, has_scale, act, vector_parts):
-    """dW1, dW2, db2 and (with y2) dgamma as fp32 sums of partials; h None: recomputed; db2/dgamma from
-    `vector_parts` when the dx kernel wrote them, else summed here."""
+def _backward_dw(grad_out, x, h, dpre, g, s, y2, has_gamma, has_scale, vector_parts):
+    """dW1, dW2, db2 and (with y2) dgamma as fp32 sums of partials; db2/dgamma from `vector_parts` when the dx
+    kernel wrote them, else summed here."""
     N, H, W, C = x.shape
     D = dpre.shape[1]
     M, HW = N * H * W, H * W
@@ -882,10 +871,9 @@ def _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma, has_scale, a
     else:
         vector_sums = False
     db2_part, dgamma_part = vector_parts
-    args = (x, grad_out, w1, b1, dpre if h is None else h, dpre, g, s, y2 if has_y2 else x, dw1_part, dw2_part,
-            db2_part, db2_part if dgamma_part is None else dgamma_part, M, HW, segment_rows)
-    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, ACT=act,
-            RECOMPUTE_H=h is None, VECTOR_SUMS=vector_sums, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
+    args = (x, grad_out, h, dpre, g, s, y2 if has_y2 else x, dw1_part, dw2_part, db2_part,
+            db2_part if dgamma_part is None else dgamma_part, M, HW, segment_rows)
+    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, VECTOR_SUMS=vector_sums, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
             DOT_PRECISION=_dot_precision(x.dtype))
     return dw1_part.sum(0), dw2_part.sum(0), db2_part.sum(0), (dgamma_part.sum(0) if has_y2 else None)
 
@@ -921,8 +909,8 @@ def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
         h, dpre, db1_part, vector_parts = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma,
                                                            has_scale, act, want_x_side, want_weight_side)
         if want_weight_side:
-            dw1_f32, dw2_f32, db2_f32, dgamma_f32 = _backward_dw(grad_out, x, w1, b1, h, dpre, g, s, y2, has_gamma,
-                                                                 has_scale, act, vector_parts)
+            dw1_f32, dw2_f32, db2_f32, dgamma_f32 = _backward_dw(grad_out, x, h, dpre, g, s, y2, has_gamma,
+                                                                 has_scale, vector_parts)
             for grad, value in ((dw1, dw1_f32), (db1, db1_part.sum(0)), (dw2, dw2_f32), (db2, db2_f32)):
                 grad.copy_(value)
             if dgamma.numel():
@@ -1147,8 +1135,8 @@ _FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "ga
 _HIDDEN_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "h_ptr", "dpre_ptr",
                     "db1_part_ptr"]
 _DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dx_ptr",
-                "dpre_ptr", "db1_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
-_DW_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dw1_part_ptr",
+                "h_ptr", "dpre_ptr", "db1_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
+_DW_POINTERS = ["x_ptr", "dy_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dw1_part_ptr",
                 "dw2_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
 # kind -> (display name, pointer args, integer args, structural flags); optional HAS_* flags come from _flags
 _KERNELS = {
@@ -1179,10 +1167,10 @@ def _flags(kind: str, act: str = "gelu", has_gamma: bool = True, has_scale: bool
     elif kind in ("dx", "hidden_bwd"):
         flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
         if kind == "dx":
-            flags.update(STORE_DPRE=training, HAS_Y2=has_gamma and training)
+            flags.update(STORE_HIDDEN=training, HAS_Y2=has_gamma and training)
     else:
-        flags.update(RECOMPUTE_H=fused_dx, VECTOR_SUMS=not fused_dx, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale,
-                     HAS_Y2=has_gamma and training)
+        del flags["ACT"]
+        flags.update(VECTOR_SUMS=not fused_dx, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_gamma and training)
     return flags
 
 
@@ -1279,7 +1267,7 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
         bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
         c_tiles, chunks, inner = triton.cdiv(C, bn), triton.cdiv(D, bd), _inner_trips(cfg["BLOCK_K"], C)
         parts = triton.cdiv(M, _PART_ROWS) * 4
-        stores = flags["STORE_DPRE"] * (hidden + parts * (D + C * (1 + flags["HAS_Y2"])) + act * flags["HAS_Y2"])
+        stores = flags["STORE_HIDDEN"] * (2 * hidden + parts * (D + C * (1 + flags["HAS_Y2"])) + act * flags["HAS_Y2"])
         hbm = 3 * act + 2 * w + stores + (D + 2 * C) * 4
         per_program = 2 * bm * C * s * (chunks if inner > 1 else 1) + 2 * D * C * s + bn * D * s + bm * bn * s
         return grid, hbm, programs * per_program + stores, chunks * inner, (chunks if inner > 1 else 1), \
@@ -1288,16 +1276,16 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     # resident together share each tile's HBM read, later waves re-read the segment unless it stays in L2
     segments, segment_rows = _segments(M)
     bc, bd = cfg["BLOCK_C"], cfg["BLOCK_D"]
-    has_y2, recompute = flags["HAS_Y2"] and flags["VECTOR_SUMS"], flags["RECOMPUTE_H"]
+    has_y2 = flags["HAS_Y2"] and flags["VECTOR_SUMS"]
     waves = triton.cdiv(grid[0] * grid[1], _MODEL_SMS)
-    streamed = (2 * act + (2 - recompute) * hidden)
+    streamed = 2 * act + 2 * hidden
     footprint = streamed * min(segment_rows, M) / M
     partials = segments * (2 * D * C + flags["VECTOR_SUMS"] * (1 + has_y2) * C) * 4
-    hbm = streamed * (waves if footprint > _MODEL_L2_BYTES else 1) + has_y2 * act + partials + recompute * w
+    hbm = streamed * (waves if footprint > _MODEL_L2_BYTES else 1) + has_y2 * act + partials
     tiles = triton.cdiv(min(segment_rows, M), bm)
-    per_tile = bm * (2 * bc + (2 - recompute) * bd) * s + recompute * bc * bd * s
+    per_tile = 2 * bm * (bc + bd) * s
     l2 = programs * tiles * per_tile + grid[1] * grid[2] * tiles * bm * bc * s * has_y2 + partials
-    return grid, hbm, l2, tiles, 1, 2 + recompute
+    return grid, hbm, l2, tiles, 1, 2
 
 
 def _inner_trips(block_k: int, K: int) -> int:
@@ -1308,10 +1296,10 @@ _PLAN_NOTES = {
     "fwd": "fused fc1 + b1 + act + fc2 + b2, x gamma x scale + residual (hidden kept on chip)",
     "hidden": "fc1 + b1 + act -> h [M, D] stored once (two-GEMM forward)",
     "fc2": "h W2^T + b2, x gamma x scale + residual (two-GEMM forward)",
-    "dx": "fused dx: recomputes pre and dh, stores dpre for the dW GEMMs, db1 row-group partials",
+    "dx": "fused dx: recomputes pre and dh, stores h and dpre for the dW GEMMs, db1/db2/dgamma row-group partials",
     "hidden_bwd": "recomputes pre, dh = g W2 -> dpre and h [M, D], db1 row-group partials",
     "dx_gemm": "dx = dpre W1",
-    "dw": "dW1^T = x^T dpre, dW2 = g^T h (h recomputed at one C tile), db2 and dgamma, per-segment partials",
+    "dw": "dW1^T = x^T dpre, dW2 = g^T h (+ db2, dgamma after the two-GEMM path), per-segment partials",
 }
 
 
