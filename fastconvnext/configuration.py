@@ -443,11 +443,24 @@ class ConvNextConfig:
             raise ValueError(f"expected a config with model_type 'convnext', got {data['model_type']!r}")
         return cls(**data)
 
-    def to_json_string(self):
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+    def to_diff_dict(self):
+        """to_dict without the generic flags that hold their defaults, as transformers' to_diff_dict."""
+        data = self.to_dict()
+        defaults = {**GENERIC_FLAGS, "_name_or_path": "", "problem_type": None}
+        for key, default in defaults.items():
+            if data[key] == default:
+                del data[key]
+        if self.id2label == {0: "LABEL_0", 1: "LABEL_1"} and self.label2id == {"LABEL_0": 0, "LABEL_1": 1}:
+            del data["id2label"], data["label2id"]
+        return data
 
-    def to_json_file(self, path):
-        Path(path).write_text(self.to_json_string())
+    def to_json_string(self, use_diff=False):
+        """config.json's text: every field (use_diff=True: as transformers writes by default, without the
+        generic flags that hold their defaults; both read back to the same config)."""
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2) + "\n"
+
+    def to_json_file(self, path, use_diff=False):
+        Path(path).write_text(self.to_json_string(use_diff))
 
     @classmethod
     def from_json_file(cls, path, **overrides):

@@ -414,3 +414,15 @@ def test_activations_with_parameters_match_transformers(hidden_act, tmp_path):
     theirs = dict(hf.named_parameters())
     for name, param in ours.named_parameters():
         assert_close(param.grad, theirs[name].grad, f"grad of {name}", atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "kwargs", [dict(TINY), dict(TINY, num_labels=3, output_hidden_states=True, custom=2, problem_type="regression")]
+)
+def test_diff_json_as_transformers_writes_it(kwargs):
+    theirs = json.loads(transformers.ConvNextConfig(**kwargs).to_json_string(use_diff=True))
+    del theirs["transformers_version"]
+    ours = fastconvnext.ConvNextConfig(**kwargs)
+    assert json.loads(ours.to_json_string(use_diff=True)) == theirs
+    assert fastconvnext.ConvNextConfig.from_dict(theirs) == ours
