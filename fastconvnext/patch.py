@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import threading
 
-import torch
 from torch import nn
 
-from fastconvnext.modeling import block_forward, drop_path_scale
+from fastconvnext.modeling import _channels_last, block_forward, drop_path_scale
 
 __all__ = [
     "FusedConvNextLayer",
@@ -73,7 +72,7 @@ def _build_fused_layer(original):
             act = activation_names.get(type(self.act))
             if act is None:
                 return super().forward(features)
-            x = features.contiguous(memory_format=torch.channels_last)
+            x = _channels_last(features)
             drop_prob = getattr(self.drop_path, "drop_prob", 0.0)
             return block_forward(self, x, act, drop_path_scale(drop_prob, self.drop_path.training, x))
 

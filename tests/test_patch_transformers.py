@@ -201,3 +201,19 @@ def test_patched_blocks_run_the_fused_kernels():
             got = block(x)
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_patched_model_runs_under_vmap_and_export_like_the_original():
+    original = _tiny_classifier().eval()
+    patched = patch.patch_model(_tiny_classifier().eval())
+    patched.load_state_dict(original.state_dict())
+    pixels = torch.randn(3, 3, 32, 36)
+
+    def per_sample_logits(model):
+        return torch.func.vmap(lambda image: model(image.unsqueeze(0)).logits.squeeze(0))(pixels)
+
+    with torch.no_grad():
+        expected = original(pixels).logits
+        torch.testing.assert_close(per_sample_logits(patched), per_sample_logits(original), rtol=0, atol=1e-5)
+        exported = torch.export.export(patched, (pixels,)).module()(pixels).logits
+    torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5)
