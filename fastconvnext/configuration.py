@@ -329,7 +329,9 @@ class ConvNextConfig:
             positions = [i % len(names) for i in out_indices]
         if out_features is not None:
             if not isinstance(out_features, (list, tuple)):
-                raise TypeError(f"out_features must be a list of stage names, got {_kind(out_features)} {out_features!r}")
+                raise TypeError(
+                    f"out_features must be a list of stage names, got {_kind(out_features)} {out_features!r}"
+                )
             bad = [f for f in out_features if f not in names]
             if bad:
                 raise ValueError(f"out_features must be a subset of stage_names {names}, got unknown {bad}")

@@ -261,7 +261,8 @@ def _hidden_states_selection(value, count):
     if isinstance(value, bool):
         return set(range(count)) if value else None
     indices = [value] if isinstance(value, int) else value
-    if not isinstance(indices, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+    is_index = lambda i: isinstance(i, int) and not isinstance(i, bool)  # noqa: E731
+    if not isinstance(indices, (list, tuple)) or not all(is_index(i) for i in indices):
         raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {value!r}")
     return {i % count for i in indices if -count <= i < count}
 
@@ -426,7 +427,9 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         )
         self.post_init()
 
-    def forward(self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None):
+    def forward(
+        self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None
+    ):
         _, return_dict = self._flags(output_hidden_states, return_dict)
         # the trunk always answers with its output object, whatever config.return_dict says
         outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
@@ -479,7 +482,10 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
         self.encoder = ConvNextEncoder(config)
         self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
         self.hidden_states_norms = nn.ModuleDict(
-            {stage: ConvNextLayerNorm(c, data_format="channels_first") for stage, c in zip(self.out_features, self.channels)}
+            {
+                stage: ConvNextLayerNorm(c, data_format="channels_first")
+                for stage, c in zip(self.out_features, self.channels)
+            }
         )
         self.post_init()
 

@@ -334,8 +334,8 @@ def test_config_update_and_num_labels_setter_as_in_transformers():
     assert ours.id2label == theirs.id2label == {0: "a", 1: "b"}
     for config in (theirs, ours):
         config.num_labels = 3
-        config.update({"num_hidden_layers": 4, "depths": [1, 0, 2, 1], "hidden_sizes": [8, 8, 16, 16], "torch_dtype": "float16",
-                       "custom": 5, "output_hidden_states": True})
+        config.update({"num_hidden_layers": 4, "depths": [1, 0, 2, 1], "hidden_sizes": [8, 8, 16, 16],
+                       "torch_dtype": "float16", "custom": 5, "output_hidden_states": True})
     for name in ("id2label", "num_stages", "depths", "hidden_sizes", "custom", "output_hidden_states", "stage_names"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert theirs.dtype == "float16" and ours.dtype == torch.float16  # transformers leaves update()'s string as is
