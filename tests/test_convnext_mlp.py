@@ -201,6 +201,26 @@ def test_frozen_parameters_skip_the_weight_grad_kernel(monkeypatch):
     assert_within_rule(dx, eager_dx, ref_dx, torch.float32, "dx")
 
 
+@pytest.mark.parametrize("C", [24, 40])  # interpreter: fused dx kernel at C <= 32, else hidden-backward + dx GEMM
+def test_weight_gradients_without_x_gradient(monkeypatch, C):
+    """Only the weights train (x frozen): the hidden-backward kernel feeds the dW GEMMs, no dx launch."""
+    kinds = []
+    real = mlp._launch
+    monkeypatch.setattr(mlp, "_launch", lambda kind, *a, **k: kinds.append(kind) or real(kind, *a, **k))
+    inputs = make_inputs((2, 3, 5, C), 72, torch.float16, scale=[1.0, 0.5])
+    dy = torch.randn(inputs["x"].shape)
+    names = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
+    leaves = {k: (v.clone().requires_grad_(k in names) if v is not None else None) for k, v in inputs.items()}
+    out = convnext_mlp(**leaves)
+    kinds.clear()
+    grads = torch.autograd.grad(out, [leaves[n] for n in names], dy.to(out.dtype))
+    assert kinds == ["hidden_bwd", "dw"]
+    _, eager = run_with_grads(convnext_mlp_reference, inputs, "gelu", dy)
+    _, ref = run_with_grads(convnext_mlp_reference, inputs, "gelu", dy, cast=torch.float64)
+    for name, grad in zip(names, grads):
+        assert_within_rule(grad, eager[name], ref[name], torch.float16, f"d{name}")
+
+
 def test_empty_batch():
     inputs = make_inputs((0, 3, 5, 24), 96, torch.float32, scale=[])
     x = inputs["x"].requires_grad_()

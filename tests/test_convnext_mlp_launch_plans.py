@@ -143,5 +143,18 @@ def test_backward_executes_at_most_six_matmul_units(C, size, dtype):
         assert sum(u for p, u in zip(plans, units.values()) if p.phase == "forward") == 2, units
 
 
+def test_forward_plan_follows_the_cost_model():
+    """Fused forward while it recomputes fc1 at most once; two GEMMs from C = 384 in fp16/bf16 (ConvNeXt widths)
+    and whenever fp32 ("ieee", FMA-bound) would recompute."""
+    def kinds(C, dtype):
+        return [p.target.kernel for p in _kernel_plans(mlp.launch_plans(8, 7, 7, C, dtype, False))]
+
+    for dtype in ("bf16", "fp16"):
+        assert kinds(96, dtype) == kinds(192, dtype) == ["convnext_mlp_fwd"]
+        assert kinds(384, dtype) == kinds(768, dtype) == kinds(1024, dtype) == ["convnext_mlp_fc1_act", "convnext_mlp_fc2"]
+    assert kinds(64, "fp32") == ["convnext_mlp_fwd"]
+    assert kinds(96, "fp32") == ["convnext_mlp_fc1_act", "convnext_mlp_fc2"]
+
+
 def test_plan_type():
     assert all(isinstance(p, LaunchPlan) for p in mlp.launch_plans(1, 7, 7, 96, "bf16", True))
