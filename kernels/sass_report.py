@@ -22,7 +22,9 @@ The model, per launch (every figure it gives is a model, never a measurement):
     issue  = warp-instructions on the busiest SM / (4 per clock: one per scheduler)
     mufu   = MUFU warp-instructions on the busiest SM x 32 / (16 results per clock)
 The busiest SM runs ceil(programs / SMs) programs (the tail wave is counted whole). Launch latency, memory
-latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled. Launches run one
+latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled, and tensor-core
+work is assumed to overlap the other instructions fully (max, not sum: optimistic for a loop that drains its
+wgmma before using the result with one CTA per SM). Launches run one
 after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
 Eager PyTorch is fastconvnext.bench.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
 fused-vs-eager ratio from this model is conservative for the kernels.
