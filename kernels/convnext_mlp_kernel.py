@@ -567,8 +567,9 @@ def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     if dtype == "fp32":
         return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
     block_n = max(64, min(cp, 128))
-    # x and g streamed in 64-wide K steps and one stage: resident 128-wide tiles spilled (sm_80 64 B, sm_90 32 B)
-    return [_cfg(128, block_n, 64, 64, 8, 1)]
+    # x and g streamed in 16-wide K steps, one stage: resident x/g tiles spilled (sm_80 64 B, sm_90 32 B), and
+    # 64- or 32-wide steps with drop path on (sm_80 48 B, sm_90 8 B)
+    return [_cfg(128, block_n, 16, 64, 8, 1)]
 
 
 def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -579,7 +580,7 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
     if cp <= 64:
         return [_dw_cfg(64, 64, 64, 4, 2)]
-    return [_dw_cfg(64, 128, 64, 8, 2)]
+    return [_dw_cfg(64, 128, 64, 8, 1)]  # 2 stages spilled 56 B on sm_80 with drop path and dgamma
 
 
 def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
