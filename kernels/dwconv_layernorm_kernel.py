@@ -60,6 +60,9 @@ CHANNELS_PER_THREAD = 4
 # image row per warp; BLOCK_C = 32 divides every ConvNeXt width.
 BWD_BLOCK_C = 32
 BWD_ROW_TILE = 4
+# Its strips are 4 pixels: at 8, its 49 tap-gradient + 49 tap + window registers spilled (sm_80/sm_90)
+# and ptxas took over a minute.
+BWD_BLOCK_W = 4
 # Partial-sum budgets. Fixed (not per GPU), so the summation order and thus the bits do not depend on
 # the GPU model: at most PARTIAL_PROGRAMS (row group, strip) programs write [3, C] norm partials, and
 # the tap-gradient partials [row groups * strips, K*K, C] stay under PARTIAL_ELEMENTS fp32 (16 MB).
@@ -365,13 +368,18 @@ def _forward_configs(block_c: int) -> list[tuple[int, int]]:
     """(BLOCK_W, num_warps) candidates of the forward: 4 channels per thread, then 2. Same summation
     order in both, so the autotuner's pick never changes the bits."""
     configs = [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
-    return sorted(set(configs), key=configs.index)  # at BLOCK_C = 64 both are one warp
+    # at BLOCK_C = 64 both are one warp; 32 warps leave 64 registers a thread, too few (spills)
+    return [cfg for i, cfg in enumerate(configs) if cfg not in configs[:i] and cfg[1] <= 16]
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
-    """(BLOCK_W, num_warps) of the LayerNorm backward: z, dy and g tiles live at once. At BLOCK_C = 2048
-    (512 threads, so at most 128 registers each) quarter-width strips keep them out of local memory."""
-    return (BLOCK_W if block_c <= 1024 else BLOCK_W // 4), _full_c_warps(block_c)
+    """(BLOCK_W, num_warps) of the LayerNorm backward: z, dy and g tiles live at once. Two channels a
+    thread (four spilled on sm_80); from 16 warps on (at most 128 registers a thread) narrower strips."""
+    if block_c <= 512:
+        return BLOCK_W, _full_c_warps(block_c, 2)
+    if block_c == 1024:
+        return BLOCK_W // 2, _full_c_warps(block_c, 2)
+    return BLOCK_W // 4, _full_c_warps(block_c)
 
 
 def _wgrad_config() -> tuple[int, int]:
@@ -439,7 +447,7 @@ def _split(items: int, max_groups: int) -> tuple[int, int]:
 
 def _backward_grids(rows: int, width: int, channels: int, kernel_size: int) -> dict:
     """Grids and grid-stride lengths of the backward launches (shared by launchers and launch_plans)."""
-    strips = triton.cdiv(width, BLOCK_W)
+    strips = triton.cdiv(width, BWD_BLOCK_W)
     norm_strips = triton.cdiv(width, _norm_bwd_config(_block_c(channels))[0])
     norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // norm_strips)
     row_tiles = triton.cdiv(rows, BWD_ROW_TILE)
@@ -492,7 +500,7 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     _launch(
         _dwconv_bwd_conv_kernel, (strips, grids["conv_groups"], grids["channel_blocks"]),
         g, x, taps, dx, tap_partials, n * h, h, w, c, grids["tiles_per_program"],
-        K=kernel_size, BLOCK_W=BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, num_warps=warps, num_stages=1,
+        K=kernel_size, BLOCK_W=BWD_BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, num_warps=warps, num_stages=1,
     )
     d_ln_w, d_ln_b, d_bias = (sums.clone() for sums in _sum_rows(norm_partials))  # outputs must not alias
     return dx, _sum_rows(tap_partials), d_bias, d_ln_w, d_ln_b
@@ -719,9 +727,9 @@ def _bwd_conv_target(x_dtype, k) -> CompileTarget:
     }
     return CompileTarget(
         kernel="dwconv_bwd_dgrad_wgrad", fn=_dwconv_bwd_conv_kernel, signature=signature,
-        constexprs={"K": k, "BLOCK_W": BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c},
+        constexprs={"K": k, "BLOCK_W": BWD_BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c},
         num_warps=warps, num_stages=1, dtype=x_dtype,
-        label=f"K={k} BLOCK_W={BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} warps={warps}",
+        label=f"K={k} BLOCK_W={BWD_BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} warps={warps}",
     )
 
 
@@ -855,14 +863,14 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
         dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
     ))
-    conv_groups, tiles = grids["conv_groups"], grids["tiles_per_program"]
+    conv_groups, tiles, conv_strips = grids["conv_groups"], grids["tiles_per_program"], grids["strips"]
     conv_bwd_c, _ = _wgrad_config()
-    tap_partials = conv_groups * strips * taps * c * 4
-    conv_programs = strips * conv_groups * grids["channel_blocks"]
-    g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, BLOCK_W) * c
+    tap_partials = conv_groups * conv_strips * taps * c * 4
+    conv_programs = conv_strips * conv_groups * grids["channel_blocks"]
+    g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, BWD_BLOCK_W) * c
     g_halo_hbm = (g_requested - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
     plans.append(_int_plan(
-        _bwd_conv_target(name, k), (strips, conv_groups, grids["channel_blocks"]), "backward",
+        _bwd_conv_target(name, k), (conv_strips, conv_groups, grids["channel_blocks"]), "backward",
         4 * pixels * c + 2 * act + taps * c * 4 + tap_partials + g_halo_hbm,
         g_requested * 4 + 2 * act + conv_programs * taps * conv_bwd_c * 4 + tap_partials, tiles,
         2 * conv_flops,
@@ -870,7 +878,7 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles),
     ))
     for count, columns, what in ((norm_groups * norm_strips, 3 * c, "LN weight/bias and conv bias"),
-                                 (conv_groups * strips, taps * c, "tap")):
+                                 (conv_groups * conv_strips, taps * c, "tap")):
         nbytes = (count + 1) * columns * 4
         plans.append(_int_plan(
             _sum_rows_target(), (triton.cdiv(columns, REDUCE_BLOCK_N),), "backward", nbytes, nbytes,

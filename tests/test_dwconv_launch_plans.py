@@ -28,7 +28,7 @@ def record_launches(monkeypatch, n, h, w, c, k):
     return launches
 
 
-@pytest.mark.parametrize("n,h,w,c,k", [(1, 5, 11, 24, 3), (2, 3, 9, 70, 5), (1, 2, 9, 1030, 3)])
+@pytest.mark.parametrize("n,h,w,c,k", [(1, 5, 11, 24, 3), (2, 3, 9, 70, 5), (1, 2, 9, 600, 3), (1, 2, 9, 1030, 3)])
 def test_plans_match_the_launches_of_a_real_call(monkeypatch, n, h, w, c, k):
     launches = record_launches(monkeypatch, n, h, w, c, k)
     plans = [p for p in kernel_module.launch_plans(n, h, w, c, torch.float32, True, kernel_size=k) if p.target]

@@ -92,17 +92,19 @@ def test_fp32_params_with_low_precision_activations(dtype):
     check_against_reference(make_case(1, 6, 5, 40, 7, True, seed=3), dtype, torch.float32)
 
 
-def test_widest_channel_class():
-    """C > 1024 (BLOCK_C = 2048): the LayerNorm backward runs half-width strips there."""
-    assert kernel_module._norm_bwd_config(2048)[0] < kernel_module.BLOCK_W
-    check_against_reference(make_case(1, 3, 6, 1030, 3, True, seed=12), torch.float32)
+@pytest.mark.parametrize("c", [600, 1030])
+def test_widest_channel_classes(c):
+    """C > 512 (BLOCK_C 1024 and 2048): the LayerNorm backward runs narrower strips there."""
+    assert kernel_module._norm_bwd_config(kernel_module._block_c(c))[0] < kernel_module.BLOCK_W
+    check_against_reference(make_case(1, 3, 6, c, 3, True, seed=12), torch.float32)
 
 
 def test_multi_tile_partial_reductions(monkeypatch):
     """Several row groups in both backward kernels, each grid-striding over rows / row tiles, with a
     tail (a row, a tile) entirely past the image: the partials and their fixed-order sums stay exact."""
     monkeypatch.setattr(kernel_module, "PARTIAL_PROGRAMS", 4)
-    monkeypatch.setattr(kernel_module, "PARTIAL_ELEMENTS", 2 * 2 * 9 * 24)
+    grids = kernel_module._backward_grids(9, 9, 24, 3)
+    monkeypatch.setattr(kernel_module, "PARTIAL_ELEMENTS", 2 * grids["strips"] * 9 * 24)
     grids = kernel_module._backward_grids(9, 9, 24, 3)
     # 9 rows in 2 strips: 2 groups of 5 rows (the last one dead); 3 row tiles: 2 groups of 2 tiles.
     assert (grids["norm_groups"], grids["rows_per_program"]) == (2, 5)
@@ -120,7 +122,8 @@ def test_deterministic_bits(monkeypatch, dtype):
         fn = kernel.fn  # the Python function under triton.jit (or the interpreter's wrapper)
         assert "atomic" not in inspect.getsource(fn), f"{fn.__name__} uses an atomic"
     monkeypatch.setattr(kernel_module, "PARTIAL_PROGRAMS", 3)
-    monkeypatch.setattr(kernel_module, "PARTIAL_ELEMENTS", 2 * 25 * 24)
+    strips = kernel_module._backward_grids(10, 6, 24, 5)["strips"]
+    monkeypatch.setattr(kernel_module, "PARTIAL_ELEMENTS", 2 * strips * 25 * 24)  # 2 row groups
     case = make_case(2, 5, 6, 24, 5, True, seed=5)
     first = run(dwconv_layernorm, case, dtype, torch.float32)
     second = run(dwconv_layernorm, case, dtype, torch.float32)
