@@ -45,7 +45,7 @@ from helpers import SMALL, twin_models
             "needs num_labels > 1, got num_labels=1",
         ),
         (dict(num_labels=3, id2label={0: "a"}), ValueError, "num_labels=3 but id2label has 1 entries"),
-        (dict(num_labels=10**9), ValueError, "num_labels must be an int in [0, 1000000], got 1000000000"),
+        (dict(num_labels=10**9), ValueError, "num_labels must be an int in [0, 100000], got 1000000000"),
         (dict(id2label=["a", "b"]), TypeError, "id2label must be a mapping from index to label, got list"),
         (dict(id2label={"x": "a"}), ValueError, "id2label keys must be int indices"),
         (dict(return_dict="yes"), TypeError, "return_dict must be true or false, got str 'yes'"),

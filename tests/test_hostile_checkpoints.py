@@ -27,12 +27,12 @@ MAX_RSS_GROWTH_MB = 500
 
 def hf_classifier(seed=0, **fields):
     torch.manual_seed(seed)
-    return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**SMALL, num_labels=5, **fields))
+    return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**{**SMALL, "num_labels": 5, **fields}))
 
 
-def model_directory(path, **config_changes):
+def model_directory(path, model_fields=None, **config_changes):
     """A transformers directory of a small classifier, with config.json fields changed."""
-    hf_classifier().save_pretrained(path)
+    hf_classifier(**(model_fields or {})).save_pretrained(path)
     config = json.loads((path / "config.json").read_text())
     config.update(config_changes)
     (path / "config.json").write_text(json.dumps(config))
@@ -185,8 +185,9 @@ def test_strict_false_initializes_a_few_absent_blocks_but_not_hundreds(tmp_path)
 
 
 def test_new_head_larger_than_the_checkpoint_is_refused(tmp_path):
-    directory = model_directory(tmp_path / "model", num_labels=1_000_000, id2label=None, label2id=None)
-    expected = r"would initialize 33,000,000 parameters the checkpoint does not provide \(at most 16,777,216"
+    wide_head = dict(hidden_sizes=[8, 16, 24, 512])
+    directory = model_directory(tmp_path / "model", wide_head, num_labels=100_000, id2label=None, label2id=None)
+    expected = r"would initialize 51,300,000 parameters the checkpoint does not provide \(at most 16,777,216"
     with pytest.raises(ValueError, match=expected):
         load_pretrained(None, directory, ignore_mismatched_sizes=True)
 
