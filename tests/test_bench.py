@@ -90,6 +90,22 @@ def test_cpu_quick_defaults_are_convnext_t_224_batch_8_inference(monkeypatch):
     assert settings.sections == ("model",) and settings.repeats >= 20
 
 
+def test_cpu_quick_run_takes_one_thread_on_a_busy_machine_unless_told(monkeypatch):
+    from fastconvnext.bench import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    parse = cli.build_parser().parse_args
+    quick, told, full = parse(["--quick"]), parse(["--quick", "--threads", "2"]), parse([])
+    monkeypatch.setattr(environment, "load_average", lambda: 6.0)
+    threads, why = cli.quick_threads(quick, cli.settings_from_args(quick))
+    assert threads == 1 and "busy" in why and "load 6.0 on 2 cores" in why
+    assert cli.quick_threads(told, cli.settings_from_args(told)) == (2, None)
+    assert cli.quick_threads(full, cli.settings_from_args(full)) == (None, None)
+    monkeypatch.setattr(environment, "load_average", lambda: 0.4)
+    assert cli.quick_threads(quick, cli.settings_from_args(quick)) == (None, None)
+
+
 def _timing(samples):
     return timing.Timing(tuple(float(x) for x in samples))
 

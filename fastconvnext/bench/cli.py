@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def add_arguments(parser):
                              "with --roofline nothing is written unless given)")
     parser.add_argument("--quick", action="store_true",
                         help="a first look: on CPU, ConvNeXt-T inference at 224x224, batch 8, fastconvnext vs "
-                             "transformers interleaved, the ratio with a 95%% interval and the machine load (about "
-                             "1 min on an idle 2-core machine); plus the roofline")
+                             "transformers interleaved, the ratio with a 95%% interval and the machine load, with 1 "
+                             "thread when the machine is busy (unless --threads is given); plus the roofline")
     parser.add_argument("--roofline", action="store_true",
                         help="print the analytic roofline (bytes, FLOPs, H100/A100 bounds) and exit; measures nothing")
     parser.add_argument("--markdown", action="store_true", help="with --roofline: print it as markdown "
@@ -150,6 +151,22 @@ def _write_roofline(directory, batch, dtype, allow_tf32):
         writer.writerows(rows)
 
 
+def quick_threads(args, settings):
+    """(threads to set or None, note or None). --threads wins; else a CPU quick run on a busy machine uses one
+    thread: contended threads made the ratio's interval +-17-71 % at load 6-9 on 2 cores, one thread +-4-11 %."""
+    if args.threads:
+        return args.threads, None
+    if not settings.quick or settings.device.type != "cpu":
+        return None, None
+    from fastconvnext.bench import environment
+
+    load, cores = environment.load_average(), os.cpu_count() or 1
+    if load is None or cores == 1 or load <= 0.5 * cores:
+        return None, None
+    return 1, (f"--quick ran with 1 thread because the machine is busy ({environment.load_text(load, cores)}); "
+               "contended threads make the ratio unreadable. Pass --threads to choose.")
+
+
 def _progress_factory(enabled):
     if not enabled:
         return None
@@ -175,12 +192,15 @@ def run(args):
     import torch
 
     threads_before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads, why = quick_threads(args, settings)
+    if threads:
+        torch.set_num_threads(threads)
     try:
         outcome = runner.run(settings, _progress_factory(settings.progress))
     finally:
         torch.set_num_threads(threads_before)  # an in-process caller keeps its own setting
+    if why:
+        outcome.notes.insert(0, why)
     print(report.terminal_report(outcome))
     settings.output.mkdir(parents=True, exist_ok=True)
     written = [report.write_csv(outcome.rows, settings.output / "bench.csv")]
