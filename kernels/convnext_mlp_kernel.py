@@ -874,8 +874,8 @@ def _backward_dw(grad_out, x, h, dpre, g, s, y2, has_gamma, has_scale, vector_pa
     db2_part, dgamma_part = vector_parts
     args = (x, grad_out, h, dpre, g, s, y2 if has_y2 else x, dw1_part, dw2_part, db2_part,
             db2_part if dgamma_part is None else dgamma_part, M, HW, segment_rows)
-    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, VECTOR_SUMS=vector_sums, HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2,
-            DOT_PRECISION=_dot_precision(x.dtype))
+    _launch("dw", functools.partial(_grid, "dw", M=M, C=C, D=D), args, C, D, x.dtype, M, VECTOR_SUMS=vector_sums,
+            HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, HAS_Y2=has_y2, DOT_PRECISION=_dot_precision(x.dtype))
     return dw1_part.sum(0), dw2_part.sum(0), db2_part.sum(0), (dgamma_part.sum(0) if has_y2 else None)
 
 
