@@ -107,8 +107,9 @@ def verdict_lines(outcome):
                 f"runs at {ratio.value:.2f}x the speed of transformers (95% interval {ratio.low:.2f}-"
                 f"{ratio.high:.2f}x, +-{ratio.half_width:.0%}; {row['repeats']} interleaved repeats; {load})")
         if not ratio.readable(NOISE_LIMIT):
+            one_thread = "" if outcome.env.get("threads") == 1 else "with --threads 1 on a busy one, "
             tail = (f"too noisy to read: the interval is wider than +-{NOISE_LIMIT:.0%}; rerun on a quiet machine, "
-                    "with --threads 1 on a busy one, or with more --repeats")
+                    f"{one_thread}or with more --repeats")
         elif ratio.low > 1:
             tail = "faster than transformers"
         elif ratio.high < 1:
