@@ -75,6 +75,8 @@ def onednn_mlp_available(x, act, sample_scale):
     activation and no drop path. Other autocast dtypes take the reference, which autocast runs in low precision."""
     if torch.compiler.is_compiling() or not _ONEDNN_LINEAR or x.device.type != "cpu":
         return False
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad would run oneDNN per sample
+        return False
     if act not in _ONEDNN_ACTS or sample_scale is not None or torch.is_grad_enabled():
         return False
     if torch.is_autocast_enabled("cpu"):

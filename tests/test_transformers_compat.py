@@ -312,6 +312,20 @@ def test_vmap_over_the_model_matches_transformers(grad_enabled):
     assert_close(got, expected, "vmap pooler_output")
 
 
+def test_vmap_inference_takes_no_per_sample_onednn_path(monkeypatch):
+    from fastconvnext.kernels import reference
+
+    _, ours = twin_models("ConvNextModel", **TINY)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(x).pooler_output
+        taken = []
+        monkeypatch.setattr(reference, "convnext_mlp_cpu_inference", lambda *a, **k: taken.append(a) or 1 / 0)
+        got = torch.func.vmap(lambda image: ours(image.unsqueeze(0)).pooler_output.squeeze(0))(x)
+    assert not taken
+    assert_close(got, expected, "vmap pooler_output")
+
+
 def test_func_grad_per_sample_matches_transformers():
     hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, **TINY)
     x = torch.randn(2, 3, 32, 32)
