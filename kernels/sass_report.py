@@ -87,7 +87,9 @@ MACHINES = {90: H100_SXM, 80: A100_SXM}
 MACHINE_SOURCES = (
     "H100 SXM: 132 SMs; 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet); 1.83 GHz is the "
     "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide). "
-    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2 are of that order; uncalibrated).",
+    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2, e.g. chipsandcheese.com "
+    "2023-07-02 'Nvidia's H100: Funny L2, and Tons of Bandwidth', are of that order; uncalibrated for SXM, and "
+    "most MLP launches are L2-bound in this model, so this constant moves them most).",
     "A100 SXM: 108 SMs, 1.41 GHz, 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16 = 1024 MAC/clk/SM (NVIDIA A100 "
     "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 4.5 TB/s is ASSUMED (the whitepaper's "
     "5120 B/clk x 1.41 GHz = 7.2 TB/s is a raw peak).",
