@@ -242,3 +242,22 @@ def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
     mlp_fwd = next(line for line in targets.splitlines() if line.startswith("| T-s1 C=96@56² | MLP | fwd |"))
     assert "| 0.60 | ≤ 0.8 | yes |" in mlp_fwd
     assert "| T-s2 C=192@28² | dwconv+LN | fwd | - |" in targets  # not tabulated: shown as missing, not met
+
+
+def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
+    """The GPU path of benchmarks/ops_report.py on a canned `fastconvnext bench --ops` CSV."""
+    from fastconvnext.bench import ops_report, roofline_report
+
+    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    path = tmp_path / "bench.csv"
+    path.write_text(
+        "section,implementation,pass,dtype,shape,median_ms\n"
+        "convnext_mlp,fused,fwd,bf16,256x56x56x96,0.6\n"
+        "convnext_mlp,eager,fwd,bf16,256x56x56x96,1.0\n"
+        "convnext_mlp,compile,fwd,bf16,256x56x56x96,0.7\n"  # not modelled: left out
+        "dwconv_layernorm,fused,fwd+bwd,bf16,256x56x56x96,2.0\n"  # no prediction for fwd+bwd: left out
+        "model,fused,fwd,bf16,256x3x224x224,9.0\n"
+    )
+    rows = ops_report.measured_vs_predicted(path, arch=90)
+    assert rows == [["convnext_mlp", "256x56x56x96", "fwd", "fused", "600.0", "300.0", "2.00"],
+                    ["convnext_mlp", "256x56x56x96", "fwd", "eager", "1,000.0", "500.0", "2.00"]]
