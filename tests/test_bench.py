@@ -245,3 +245,12 @@ def test_count_saved_counts_a_storage_once_and_excludes_inputs():
     counted = count_saved(fn, {"x": x})
     assert counted.extra == 4 * 5 * 4
     assert counted.saved == 4 * 5 * 4
+
+
+def test_load_text_does_not_count_the_benchmark_itself_as_competition():
+    from fastconvnext.bench import environment
+
+    assert "busy" not in environment.load_text(2.1, cores=2, own_threads=2)
+    assert "this run's 2 thread(s) included" in environment.load_text(2.1, cores=2, own_threads=2)
+    assert "busy" in environment.load_text(3.5, cores=2, own_threads=2)
+    assert "busy" in environment.load_text(1.2, cores=2)  # before the run starts, all load is other work

@@ -63,12 +63,15 @@ def load_average():
         return None
 
 
-def load_text(load, cores=None):
+def load_text(load, cores=None, own_threads=0):
+    """The load, and whether *other* processes compete: a load taken while the benchmark runs counts its
+    own `own_threads` busy threads, which are not competition."""
     cores = cores or os.cpu_count()
     if load is None:
         return f"machine load unknown ({cores} cores)"
-    busy = " — busy: other processes compete for the cores" if load > 0.5 * cores else ""
-    return f"machine load {load:.1f} on {cores} cores (1-min average){busy}"
+    busy = " — busy: other processes compete for the cores" if load - own_threads > 0.5 * cores else ""
+    own = f", this run's {own_threads} thread(s) included" if own_threads else ""
+    return f"machine load {load:.1f} on {cores} cores (1-min average{own}){busy}"
 
 
 def describe(device):

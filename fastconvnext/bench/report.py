@@ -95,6 +95,11 @@ ANALYTIC_NOTE = (
 NOISE_LIMIT = 0.10  # a ratio whose 95 % interval is wider than +-10 % is reported as too noisy to read
 
 
+def _busy_threads(env):
+    """Threads the benchmark itself keeps busy: torch's CPU threads on CPU, one host thread on a GPU."""
+    return (env.get("threads") or 0) if env.get("device_type") == "cpu" else 1
+
+
 def verdict_lines(outcome):
     """Per model pass and contender: the ratio to transformers, its interval, the load, and whether it reads."""
     lines = []
@@ -102,7 +107,8 @@ def verdict_lines(outcome):
         if row["section"] != "model" or row["speedup_ci_low"] == "":
             continue
         ratio = timing.Ratio(row["speedup_vs_baseline"], row["speedup_ci_low"], row["speedup_ci_high"], 0.95)
-        load = environment.load_text(row["load_average"] if row["load_average"] != "" else None)
+        load = environment.load_text(row["load_average"] if row["load_average"] != "" else None,
+                                     own_threads=_busy_threads(outcome.env))
         head = (f"{row['case']} batch {row['batch']} {row['pass']}: {cases.IMPL_LABELS[row['implementation']]} "
                 f"runs at {ratio.value:.2f}x the speed of transformers (95% interval {ratio.low:.2f}-"
                 f"{ratio.high:.2f}x, +-{ratio.half_width:.0%}; {row['repeats']} interleaved repeats; {load})")
