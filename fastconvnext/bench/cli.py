@@ -79,7 +79,8 @@ def add_arguments(parser):
                              "transformers interleaved, the ratio with a 95%% interval and the machine load, with 1 "
                              "thread when the machine is busy (unless --threads is given); plus the roofline")
     parser.add_argument("--roofline", action="store_true",
-                        help="print the analytic roofline (bytes, FLOPs, H100/A100 bounds) and exit; measures nothing")
+                        help="print the static SASS model (kernels/perf_table.py) beside the analytic byte/FLOP floor, "
+                             "for H100/A100, and exit; measures nothing")
     parser.add_argument("--markdown", action="store_true", help="with --roofline: print it as markdown "
                                                                "(benchmarks/ROOFLINE.md)")
     parser.add_argument("--repeats", type=_positive_int, help="timed calls per implementation (default 30 CUDA, "
