@@ -55,8 +55,9 @@ def text_report(batch=64, dtype="bf16", allow_tf32=False, models=("tiny", "base"
         "",
         "Roofline (analytic, no measurement): bound = sum over kernels of max(bytes / HBM BW, FLOPs / peak)",
         settings_line(batch, dtype, allow_tf32),
-        "eager = channels-last eager PyTorch (fastconvnext's eager path); fused = the Triton kernels as built "
-        "(bytes and FLOPs only); block = dwconv+LN + MLP; × = eager bound / fused bound",
+        "eager = channels-last eager PyTorch (fastconvnext's eager path); fused = a hand-written byte/FLOP model "
+        "of the fused kernels that predates their rewrite (the static SASS model above is the current one); "
+        "block = dwconv+LN + MLP; × = eager bound / fused bound",
         "",
         format_table(_headers(), [_row_cells(r, allow_tf32) for r in rows]),
     ]
