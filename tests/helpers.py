@@ -1,4 +1,6 @@
 """Shared test helpers: twin models (transformers oracle + fastconvnext) with the same random weights."""
+import contextlib
+
 import torch
 
 import fastconvnext
@@ -60,3 +62,17 @@ def kernel_shapes(small):
 def kernel_dtypes():
     """Activation dtypes a kernel test can check here: bf16 only natively (the interpreter refuses it)."""
     return (torch.float32, torch.float16, torch.bfloat16) if ON_GPU else (torch.float32, torch.float16)
+
+
+@contextlib.contextmanager
+def cuda_autocast_dispatch(dtype):
+    """Run CPU tensors through the AutocastCUDA dispatch key with CUDA autocast on (no GPU needed)."""
+    previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.AutocastCUDA):
+            yield
+    finally:
+        torch.set_autocast_enabled("cuda", previous[0])
+        torch.set_autocast_dtype("cuda", previous[1])

@@ -20,6 +20,7 @@ import torch.autograd.forward_ad as forward_ad
 from fastconvnext.kernels import convnext_mlp
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
 from fastconvnext.kernels.reference import convnext_mlp_reference
+from helpers import cuda_autocast_dispatch
 from tolerance import assert_within_rule
 
 ARG_NAMES = ("x", "residual", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
@@ -211,20 +212,6 @@ def test_jacfwd_matches_jacrev():
 
 
 # ------------------------------------------------------------------------------------ autocast
-
-
-@contextlib.contextmanager
-def cuda_autocast_dispatch(dtype):
-    """CPU tensors through the AutocastCUDA dispatch key with CUDA autocast on (no GPU needed)."""
-    previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    try:
-        with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.AutocastCUDA):
-            yield
-    finally:
-        torch.set_autocast_enabled("cuda", previous[0])
-        torch.set_autocast_dtype("cuda", previous[1])
 
 
 def _autocast_eager(args, dtype, gamma_cast=False):

@@ -12,6 +12,7 @@ import torch.autograd.forward_ad as forward_ad
 from fastconvnext.kernels import dwconv_layernorm
 from fastconvnext.kernels import dwconv_layernorm_kernel as kernel_module
 from fastconvnext.kernels.reference import dwconv_layernorm_reference
+from helpers import cuda_autocast_dispatch
 from tolerance import assert_within_rule
 
 
@@ -112,20 +113,6 @@ def test_jacfwd_matches_jacrev_of_the_fused_op():
 
 
 # -------------------------------------------------------------------------------- autocast
-
-
-@contextlib.contextmanager
-def cuda_autocast_dispatch(dtype):
-    """Run CPU tensors through the AutocastCUDA dispatch key with CUDA autocast on (no GPU needed)."""
-    previous = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    try:
-        with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.AutocastCUDA):
-            yield
-    finally:
-        torch.set_autocast_enabled("cuda", previous[0])
-        torch.set_autocast_dtype("cuda", previous[1])
 
 
 def _check_autocast_output(y, args, dtype):

@@ -145,27 +145,28 @@ def sass_model_text(batch, dtype, models, archs=MODEL_ARCHS):
             lines.append(f"{name}: no model rows for batch {batch}, {dtype} (regenerate with "
                          f"`python -m fastconvnext.kernels.sass_report --batch {batch}`).")
             continue
-        ratios = []
-        for model in models:
-            for mode, pass_ in MODES:
-                ratio = blocks_ratio(batch, dtype, model, arch, mode)
-                if ratio is not None:
-                    ratios.append(f"{model} {pass_} {_speedup(ratio)}")
+        ratios = _blocks_ratio_texts(batch, dtype, models, arch, lambda model: model)
         lines += ["", f"{name} SXM, batch {batch}, {dtype}; whole-model blocks eager/fused: " + ", ".join(ratios),
                   format_table(MODEL_HEADERS, rows)]
     return lines
+
+
+def _blocks_ratio_texts(batch, dtype, models, arch, model_label):
+    """'<model> <pass> <ratio>' for each model and pass the table has a whole-model ratio for."""
+    texts = []
+    for model in models:
+        for mode, pass_ in MODES:
+            ratio = blocks_ratio(batch, dtype, model, arch, mode)
+            if ratio is not None:
+                texts.append(f"{model_label(model)} {pass_} {_speedup(ratio)}")
+    return texts
 
 
 def _model_markdown(batch, dtype, arch, name, models=("tiny", "base")):
     rows = model_stage_rows(batch, dtype, models, arch)
     if not rows:
         return f"(no model rows for batch {batch}, {dtype} on {name})"
-    ratios = []
-    for model in models:
-        for mode, pass_ in MODES:
-            ratio = blocks_ratio(batch, dtype, model, arch, mode)
-            if ratio is not None:
-                ratios.append(f"ConvNeXt-{model[0].upper()} {pass_} {_speedup(ratio)}")
+    ratios = _blocks_ratio_texts(batch, dtype, models, arch, lambda model: f"ConvNeXt-{model[0].upper()}")
     return (f"Whole-model blocks (depth-weighted sum of both ops), eager/fused: {', '.join(ratios)}.\n\n"
             + markdown_table(MODEL_HEADERS, rows))
 
