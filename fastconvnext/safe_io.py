@@ -85,6 +85,15 @@ class StagedFiles:
         self._staged = []
 
 
+def write_text_atomically(path, text):
+    """Replace the file at `path` with `text` (UTF-8) in one rename: readers see the old or the new file."""
+    path = Path(path)
+    with StagedFiles(path.parent) as staged:
+        staged.stage(path.name).write_text(text, encoding="utf-8")
+        staged.commit()
+    return path
+
+
 def _restore(backups):
     for backup, final in reversed(backups):
         if backup is None:

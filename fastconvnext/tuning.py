@@ -26,7 +26,6 @@ import os
 import re
 import statistics
 import subprocess
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 
 from fastconvnext import backend
 from fastconvnext.backend import Decision, PolicyKey
+from fastconvnext.safe_io import write_text_atomically
 
 CACHE_FORMAT = 1
 ENVIRONMENT_FIELDS = ("gpu", "driver", "torch", "triton", "fastconvnext")
@@ -175,17 +175,7 @@ def save_cache(env, decisions, path=None):
             "entries": [_entry(key, table[key]) for key in sorted(table, key=lambda k: tuple(map(str, k)))]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
-            raise
+        write_text_atomically(path, json.dumps(data, indent=1))
     except OSError as error:
         warnings.warn(f"fastconvnext: could not write the tuning cache {path}: {error}", stacklevel=2)
         return None
