@@ -46,17 +46,16 @@ own dtype.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
+from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
 from .compile_spec import CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
 
@@ -738,10 +737,6 @@ def _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale):
     return w1, b1, w2, g, s
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @functools.lru_cache(maxsize=4)
 def _interpreter_bf16_dot_ok(create_dot) -> bool:
     """Whether the interpreter's tl.dot (create_dot, the key) multiplies bf16 correctly: one 16x16 probe.
@@ -780,7 +775,7 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
     epilogue = dict(HAS_BIAS=True, HAS_RESIDUAL=True, HAS_GAMMA=gamma is not None,
                     HAS_SCALE=sample_scale is not None, SAVE_Y2=save_y2, DOT_PRECISION=precision)
     y2_or_out = y2 if save_y2 else out
-    with _device_guard(x):
+    with _device_guard(x.device):
         if _two_gemm_forward(C, D, _TRITON_DTYPE[x.dtype], precision):
             h = torch.empty((M, D), device=x.device, dtype=x.dtype)
             _launch("hidden", functools.partial(_grid, "hidden", M=M, C=C, D=D),
@@ -906,7 +901,7 @@ def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     grad_out = grad_out.contiguous()
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     has_gamma, has_scale = gamma is not None, sample_scale is not None
-    with _device_guard(x):
+    with _device_guard(x.device):
         h, dpre, db1_part, vector_parts = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma,
                                                            has_scale, act, want_x_side, want_weight_side)
         if want_weight_side:
@@ -1006,16 +1001,13 @@ _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_setup_context)
 # sample_scale fp32, and gives the output eager's dtype: residual + gamma * linear_out promotes to fp32 with
 # an fp32 gamma or residual. Registered for the AutocastCUDA and AutocastCPU keys (and for the Python
 # dispatcher, which torch.compile traces through).
-_AUTOCAST_LIBRARY = torch.library.Library("fastconvnext", "IMPL")
-
-
 def _eager_out_dtype(residual: torch.Tensor, gamma: Optional[torch.Tensor], linear_dtype: torch.dtype):
     branch = linear_dtype if gamma is None else torch.promote_types(gamma.dtype, linear_dtype)
     return torch.promote_types(residual.dtype, branch)
 
 
 def _autocast_rule(device_type: str):
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    key = autocast_key(device_type)
 
     def forward_in_autocast_dtype(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale,
                                   act, save_y2, out_dtype=None):
@@ -1026,28 +1018,10 @@ def _autocast_rule(device_type: str):
                                fc2_weight.to(dtype), fc2_bias.to(dtype), gamma, sample_scale, act, save_y2,
                                out_dtype)
 
-    return key, forward_in_autocast_dtype
+    return forward_in_autocast_dtype
 
 
-def _register_autocast_rules() -> None:
-    overload = torch.ops.fastconvnext.convnext_mlp_fwd.default
-    for device_type in ("cuda", "cpu"):
-        key, rule = _autocast_rule(device_type)
-        overload.py_impl(key)(rule)
-        _AUTOCAST_LIBRARY.impl("convnext_mlp_fwd", lambda _keys, *args, _rule=rule: _rule(*args), key.name,
-                               with_keyset=True)
-
-
-_register_autocast_rules()
-
-
-def _forward_mode_ad(*tensors) -> bool:
-    """Whether an input carries a forward-mode tangent (torch.autograd.forward_ad) or is wrapped by a
-    torch.func transform (jvp, jacfwd, vmap): the custom ops have no rule there and would drop tangents."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(t is not None and (forward_ad.unpack_dual(t).tangent is not None
-                                  or torch._C._functorch.is_functorch_wrapped_tensor(t)) for t in tensors)
+register_autocast_rules("convnext_mlp_fwd", _autocast_rule)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1114,7 +1088,7 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
     """
     _validate(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
     tensors = (x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale)
-    if _forward_mode_ad(*tensors):
+    if forward_mode_ad(*tensors):
         return convnext_mlp_reference(*tensors[:7], act=act, sample_scale=sample_scale)
     _check_interpreter_dtype(_compute_dtype(x))
     save_y2 = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()

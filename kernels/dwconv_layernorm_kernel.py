@@ -38,15 +38,14 @@ dtype through the cast. x must already be NHWC-contiguous: it is rejected, not c
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
+from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
 from .compile_spec import CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
@@ -410,12 +409,6 @@ def _launch(kernel, grid, *args, **meta):
     kernel[grid](*args, **meta)
 
 
-def _device_guard(device: torch.device):
-    """Make the tensors' GPU current while launching: a model on cuda:1 with cuda:0 current must
-    not launch on cuda:0."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _kernel_size(taps: torch.Tensor) -> int:
     return int(round(taps.shape[0] ** 0.5))
 
@@ -562,29 +555,18 @@ dwconv_layernorm_fwd.register_autograd(_backward_rule, setup_context=_setup_cont
 # dtype, so under autocast the op writes that dtype directly (x is still read in its own dtype, no cast
 # pass; statistics stay fp32). Registered for CUDA and CPU, whose autocast lists differ (CUDA keeps
 # layer_norm in fp32, which would otherwise hand the MLP fp32 activations).
-_AUTOCAST_LIBRARY = torch.library.Library("fastconvnext", "IMPL")
-
-
 def _autocast_forward_rule(device_type: str):
-    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    key = autocast_key(device_type)
 
     def forward_in_autocast_dtype(x, taps, bias, ln_weight, ln_bias, eps, out_dtype=None):
         dtype = out_dtype or torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return dwconv_layernorm_fwd(x, taps, bias, ln_weight, ln_bias, eps, dtype)
 
-    return key, forward_in_autocast_dtype
+    return forward_in_autocast_dtype
 
 
-def _register_autocast_rules(op_name: str = "dwconv_layernorm_fwd") -> None:
-    overload = getattr(torch.ops.fastconvnext, op_name).default
-    for device_type in ("cuda", "cpu"):
-        key, rule = _autocast_forward_rule(device_type)
-        overload.py_impl(key)(rule)  # seen by the Python dispatcher (torch.compile tracing)
-        _AUTOCAST_LIBRARY.impl(op_name, lambda _keys, *args, _rule=rule: _rule(*args), key.name, with_keyset=True)
-
-
-_register_autocast_rules()
+register_autocast_rules("dwconv_layernorm_fwd", _autocast_forward_rule)
 
 
 # -------------------------------------------------------------------------- public function
@@ -633,18 +615,6 @@ def _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias):
             raise ValueError(f"{name} is on {param.device} but x is on {x.device}; all must be on one device")
 
 
-def _forward_mode_ad(*tensors) -> bool:
-    """Whether any input carries a forward-mode tangent (torch.autograd.forward_ad) or is wrapped by a
-    torch.func transform (jvp, jacfwd, vmap, grad): there the custom ops would drop tangents silently."""
-    if torch.compiler.is_compiling():
-        return False
-    return any(
-        t is not None and (forward_ad.unpack_dual(t).tangent is not None
-                           or torch._C._functorch.is_functorch_wrapped_tensor(t))
-        for t in tensors
-    )
-
-
 def _describe(value):
     return f"shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -663,7 +633,7 @@ def dwconv_layernorm(
     Params may be fp32 while x is fp16/bf16; the result has x's dtype, param grads the params'.
     """
     _check_inputs(x, dw_weight, dw_bias, ln_weight, ln_bias)
-    if _forward_mode_ad(x, dw_weight, dw_bias, ln_weight, ln_bias):
+    if forward_mode_ad(x, dw_weight, dw_bias, ln_weight, ln_bias):
         # The custom ops have no forward-mode (jvp) or vmap rule; the reference's ops have both.
         return dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
     c, k = x.shape[-1], dw_weight.shape[-1]

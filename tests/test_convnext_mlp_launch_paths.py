@@ -304,9 +304,9 @@ def test_every_launch_runs_inside_the_device_guard(monkeypatch):
     real_guard, real_launch = mlp._device_guard, mlp._launch
 
     @contextlib.contextmanager
-    def spy_guard(t):
-        guarded.append(t.device)
-        with real_guard(t):
+    def spy_guard(device):
+        guarded.append(device)
+        with real_guard(device):
             depth[0] += 1
             try:
                 yield
