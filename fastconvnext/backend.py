@@ -478,6 +478,8 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
         return fused(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
     if reference.onednn_mlp_available(x, act, sample_scale):
         return reference.convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act)
+    if reference.onednn_mlp_training_available(x):
+        return reference.convnext_mlp_cpu_training(*call)
     return reference.convnext_mlp_reference(
         x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale
     )

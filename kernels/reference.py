@@ -7,6 +7,7 @@ tensor seen as NHWC).
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 # Activation names understood by the ops. The fused MLP kernel implements FUSED_ACTS; the others
@@ -48,6 +49,11 @@ def convnext_mlp_reference(
 ):
     """residual + sample_scale[n] * gamma * (act(x W1^T + b1) W2^T + b2); x, residual are [N, H, W, C]."""
     y = F.linear(ACTIVATIONS[act](F.linear(x, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+    return _scale_and_add(y, residual, gamma, sample_scale)
+
+
+def _scale_and_add(y, residual, gamma, sample_scale):
+    """residual + sample_scale[n] * gamma * y: the MLP's tail after fc2."""
     if gamma is not None:
         y = gamma * y
     if sample_scale is not None:
@@ -69,13 +75,19 @@ def _autocast_bf16():
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def _onednn_usable(x):
+    """oneDNN may run this CPU tensor's linears: built and enabled in torch, outside torch.compile (which
+    fuses the reference itself) and outside vmap/grad (which would run oneDNN per sample)."""
+    if torch.compiler.is_compiling() or not _ONEDNN_LINEAR or x.device.type != "cpu":
+        return False
+    return torch.backends.mkldnn.enabled and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 def onednn_mlp_available(x, act, sample_scale):
     """Whether `convnext_mlp_cpu_inference` applies: CPU inference in fp32 outside autocast, or under bf16
     autocast (fp32 or bf16 input), outside torch.compile (which fuses the reference itself), with a fusable
     activation and no drop path. Other autocast dtypes take the reference, which autocast runs in low precision."""
-    if torch.compiler.is_compiling() or not _ONEDNN_LINEAR or x.device.type != "cpu":
-        return False
-    if torch._C._functorch.is_functorch_wrapped_tensor(x):  # vmap/grad would run oneDNN per sample
+    if not _onednn_usable(x):
         return False
     if act not in _ONEDNN_ACTS or sample_scale is not None or torch.is_grad_enabled():
         return False
@@ -123,3 +135,44 @@ def _mlp_cpu_inference_bf16(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_b
 
 def _to_bf16(bias):
     return None if bias is None else bias.to(torch.bfloat16)
+
+
+def onednn_mlp_training_available(x):
+    """Whether `convnext_mlp_cpu_training` applies: fp32 CPU tensors with autograd recording, outside
+    autocast and forward-mode AD (its custom linear has no forward-mode rule)."""
+    if not torch.is_grad_enabled() or x.dtype != torch.float32 or not _onednn_usable(x):
+        return False
+    return not torch.is_autocast_enabled("cpu") and forward_ad.unpack_dual(x).tangent is None
+
+
+def convnext_mlp_cpu_training(
+    x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu", sample_scale=None
+):
+    """The same op as `convnext_mlp_reference`, for fp32 CPU training: both linears through oneDNN, which
+    is faster than the BLAS matmul for these shapes on AVX-512 CPUs (forward and input gradient alike).
+    Everything else is the reference's autograd graph."""
+    channels = x.shape[-1]
+    hidden = ACTIVATIONS[act](_OneDnnLinear.apply(x.reshape(-1, channels), fc1_weight, fc1_bias))
+    y = _OneDnnLinear.apply(hidden, fc2_weight, fc2_bias).view(residual.shape)
+    return _scale_and_add(y, residual, gamma, sample_scale)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """x [M, K] @ weight[N, K]^T + bias [N] in fp32 through oneDNN. The input gradient is this same op
+    (so double backward works); the weight gradient is torch.mm, faster than oneDNN for g^T x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = _OneDnnLinear.apply(grad, weight.t().contiguous(), None) if need_x else None
+        grad_weight = grad.t().mm(x) if need_weight else None
+        grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias

@@ -107,3 +107,79 @@ def test_model_under_bf16_autocast_follows_transformers():
             eager = hf(pixels).last_hidden_state
     assert fast.dtype == eager.dtype
     assert_within_rule(fast.float(), eager.float(), exact, torch.bfloat16, "bf16 autocast model")
+
+def _mlp_training_grads(op, tensors, act, sample_scale, grad_out):
+    """Output and the gradients of every tensor input of one MLP call."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
+    out = op(*leaves, act, sample_scale)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+@pytest.mark.parametrize("with_gamma,with_biases,with_scale", [
+    (True, True, False), (False, True, False), (True, False, False), (True, True, True),
+])
+def test_onednn_training_path_matches_reference(act, with_gamma, with_biases, with_scale):
+    """Forward and every input's gradient of the oneDNN training path against the fp64 reference, with
+    fp32 eager as the rule's E (with and without layer scale, bias-free linears, drop-path scale)."""
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs()
+    tensors = (x, res, w1, b1 if with_biases else None, w2, b2 if with_biases else None,
+               gamma if with_gamma else None)
+    scale = torch.tensor([0.0, 1.25]) if with_scale else None
+    grad_out = torch.randn(res.shape, generator=torch.Generator().manual_seed(5))
+    assert reference.onednn_mlp_training_available(x.requires_grad_(True))
+    fast = _mlp_training_grads(reference.convnext_mlp_cpu_training, tensors, act, scale, grad_out)
+    eager = _mlp_training_grads(reference.convnext_mlp_reference, tensors, act, scale, grad_out)
+    exact = _mlp_training_grads(
+        reference.convnext_mlp_reference, [None if t is None else t.double() for t in tensors], act,
+        None if scale is None else scale.double(), grad_out.double(),
+    )
+    assert len(fast) == len(exact)
+    for i, (f, e, r) in enumerate(zip(fast, eager, exact)):
+        assert f.dtype == torch.float32
+        assert_within_rule(f, e, r, torch.float32, f"onednn training mlp, output/grad {i}")
+
+
+def test_onednn_training_path_supports_double_backward():
+    """Gradient of a gradient norm (as a gradient penalty takes) matches the reference's."""
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs()
+
+    def penalty(op, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in (x, res, w1, b1, w2, b2, gamma)]
+        out = op(*leaves, "gelu", None)
+        (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves[2:])
+
+    fast, eager, exact = penalty(reference.convnext_mlp_cpu_training, torch.float32), \
+        penalty(reference.convnext_mlp_reference, torch.float32), penalty(reference.convnext_mlp_reference, torch.float64)
+    for i, (f, e, r) in enumerate(zip(fast, eager, exact)):
+        assert_within_rule(f, e, r, torch.float32, f"second-order grad {i}")
+
+
+def test_onednn_training_path_only_where_it_applies():
+    x, *_ = mlp_inputs()
+    assert reference.onednn_mlp_training_available(x)
+    assert not reference.onednn_mlp_training_available(x.double())
+    with torch.no_grad():
+        assert not reference.onednn_mlp_training_available(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not reference.onednn_mlp_training_available(x)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not reference.onednn_mlp_training_available(x), "torch.backends.mkldnn disabled must be honoured"
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        assert not reference.onednn_mlp_training_available(dual)
+    assert not torch.func.vmap(lambda t: torch.tensor(reference.onednn_mlp_training_available(t)))(x).any()
+
+
+def test_backend_takes_the_onednn_training_path_in_cpu_training(monkeypatch):
+    x, res, w1, b1, w2, b2, gamma = mlp_inputs()
+    taken = []
+    monkeypatch.setattr(reference, "convnext_mlp_cpu_training", lambda *a: taken.append(a) or res)
+    with backend.use_backend("eager"):
+        backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
+        assert len(taken) == 1
+        with torch.no_grad():
+            backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
+    assert len(taken) == 1
