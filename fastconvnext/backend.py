@@ -466,6 +466,8 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
         from fastconvnext.kernels import dwconv_layernorm as fused
 
         return fused(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+    if reference.cpu_training_paths_apply(x):
+        return reference.dwconv_layernorm_cpu_training(*call)
     return reference.dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
 
 
@@ -478,7 +480,7 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
         return fused(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale)
     if reference.onednn_mlp_available(x, act, sample_scale):
         return reference.convnext_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act)
-    if reference.onednn_mlp_training_available(x):
+    if reference.cpu_training_paths_apply(x):
         return reference.convnext_mlp_cpu_training(*call)
     return reference.convnext_mlp_reference(
         x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, act, sample_scale

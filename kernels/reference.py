@@ -44,6 +44,14 @@ def dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e
     return F.layer_norm(y.permute(0, 2, 3, 1), (channels,), ln_weight, ln_bias, eps)
 
 
+def dwconv_layernorm_cpu_training(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
+    """The same op as `dwconv_layernorm_reference`, for fp32 CPU training: the conv's bias gradient is a
+    plain sum over the gradient, because asking torch's conv backward for it makes oneDNN run its
+    weight-and-bias kernel, slower than the weight kernel plus that sum (3 ms a block at ConvNeXt-T s1)."""
+    y = _DepthwiseConv.apply(x.permute(0, 3, 1, 2), dw_weight, dw_bias)
+    return F.layer_norm(y.permute(0, 2, 3, 1), (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
 def convnext_mlp_reference(
     x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu", sample_scale=None
 ):
@@ -137,9 +145,10 @@ def _to_bf16(bias):
     return None if bias is None else bias.to(torch.bfloat16)
 
 
-def onednn_mlp_training_available(x):
-    """Whether `convnext_mlp_cpu_training` applies: fp32 CPU tensors with autograd recording, outside
-    autocast and forward-mode AD (its custom linear has no forward-mode rule)."""
+def cpu_training_paths_apply(x):
+    """Whether `convnext_mlp_cpu_training` and `dwconv_layernorm_cpu_training` apply: fp32 CPU tensors
+    with autograd recording, outside autocast and forward-mode AD (their autograd Functions have no
+    forward-mode rule)."""
     if not torch.is_grad_enabled() or x.dtype != torch.float32 or not _onednn_usable(x):
         return False
     return not torch.is_autocast_enabled("cpu") and forward_ad.unpack_dual(x).tangent is None
@@ -175,4 +184,27 @@ class _OneDnnLinear(torch.autograd.Function):
         grad_x = _OneDnnLinear.apply(grad, weight.t().contiguous(), None) if need_x else None
         grad_weight = grad.t().mm(x) if need_weight else None
         grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
+        return grad_x, grad_weight, grad_bias
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Depthwise conv of x [N, C, H, W] with weight [C, 1, K, K] and bias [C], stride 1, "same" padding.
+    Backward: torch's conv backward for x and weight, the bias gradient summed directly. Double backward
+    works: both are differentiable ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        pad = weight.shape[-1] // 2
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], x.shape[1], [need_x, need_weight, False]
+        )
+        grad_bias = grad.sum((0, 2, 3)) if need_bias and ctx.has_bias else None
         return grad_x, grad_weight, grad_bias

@@ -128,7 +128,7 @@ def test_onednn_training_path_matches_reference(act, with_gamma, with_biases, wi
                gamma if with_gamma else None)
     scale = torch.tensor([0.0, 1.25]) if with_scale else None
     grad_out = torch.randn(res.shape, generator=torch.Generator().manual_seed(5))
-    assert reference.onednn_mlp_training_available(x.requires_grad_(True))
+    assert reference.cpu_training_paths_apply(x.requires_grad_(True))
     fast = _mlp_training_grads(reference.convnext_mlp_cpu_training, tensors, act, scale, grad_out)
     eager = _mlp_training_grads(reference.convnext_mlp_reference, tensors, act, scale, grad_out)
     exact = _mlp_training_grads(
@@ -159,18 +159,18 @@ def test_onednn_training_path_supports_double_backward():
 
 def test_onednn_training_path_only_where_it_applies():
     x, *_ = mlp_inputs()
-    assert reference.onednn_mlp_training_available(x)
-    assert not reference.onednn_mlp_training_available(x.double())
+    assert reference.cpu_training_paths_apply(x)
+    assert not reference.cpu_training_paths_apply(x.double())
     with torch.no_grad():
-        assert not reference.onednn_mlp_training_available(x)
+        assert not reference.cpu_training_paths_apply(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not reference.onednn_mlp_training_available(x)
+        assert not reference.cpu_training_paths_apply(x)
     with torch.backends.mkldnn.flags(enabled=False):
-        assert not reference.onednn_mlp_training_available(x), "torch.backends.mkldnn disabled must be honoured"
+        assert not reference.cpu_training_paths_apply(x), "torch.backends.mkldnn disabled must be honoured"
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        assert not reference.onednn_mlp_training_available(dual)
-    assert not torch.func.vmap(lambda t: torch.tensor(reference.onednn_mlp_training_available(t)))(x).any()
+        assert not reference.cpu_training_paths_apply(dual)
+    assert not torch.func.vmap(lambda t: torch.tensor(reference.cpu_training_paths_apply(t)))(x).any()
 
 
 def test_backend_takes_the_onednn_training_path_in_cpu_training(monkeypatch):
@@ -182,4 +182,61 @@ def test_backend_takes_the_onednn_training_path_in_cpu_training(monkeypatch):
         assert len(taken) == 1
         with torch.no_grad():
             backend.convnext_mlp(x, res, w1, b1, w2, b2, gamma, "gelu", None)
+    assert len(taken) == 1
+
+
+def dwconv_inputs(n=2, h=9, w=11, c=12, k=7):
+    gen = torch.Generator().manual_seed(4)
+    make = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    x = make(n, c, h, w).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return x, make(c, 1, k, k) * 0.2, make(c), 1 + 0.1 * make(c), make(c)
+
+
+def _grads(op, tensors, grad_out):
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
+    out = op(*leaves)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("with_bias,k", [(True, 7), (False, 7), (True, 3)])
+def test_dwconv_training_path_matches_reference(with_bias, k):
+    """Forward and every gradient of the CPU training dwconv+LayerNorm (bias gradient summed outside the
+    conv backward) against the fp64 reference, fp32 eager as the rule's E."""
+    x, w, b, ln_w, ln_b = dwconv_inputs(k=k)
+    tensors = (x, w, b if with_bias else None, ln_w, ln_b)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    fast = _grads(reference.dwconv_layernorm_cpu_training, tensors, grad_out)
+    eager = _grads(reference.dwconv_layernorm_reference, tensors, grad_out)
+    exact = _grads(reference.dwconv_layernorm_reference, [None if t is None else t.double() for t in tensors],
+                   grad_out.double())
+    assert len(fast) == len(exact) == 5 + with_bias
+    for i, (f, e, r) in enumerate(zip(fast, eager, exact)):
+        assert_within_rule(f, e, r, torch.float32, f"dwconv training path, output/grad {i}")
+
+
+def test_dwconv_training_path_supports_double_backward():
+    tensors = dwconv_inputs()
+
+    def penalty(op, dtype):
+        leaves = [t.to(dtype).requires_grad_(True) for t in tensors]
+        (grad_x,) = torch.autograd.grad(op(*leaves).sin().sum(), leaves[0], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), leaves[1:])
+
+    fast, eager, exact = (penalty(reference.dwconv_layernorm_cpu_training, torch.float32),
+                          penalty(reference.dwconv_layernorm_reference, torch.float32),
+                          penalty(reference.dwconv_layernorm_reference, torch.float64))
+    for i, (f, e, r) in enumerate(zip(fast, eager, exact)):
+        assert_within_rule(f, e, r, torch.float32, f"dwconv second-order grad {i}")
+
+
+def test_backend_takes_the_dwconv_training_path_in_cpu_training(monkeypatch):
+    x, w, b, ln_w, ln_b = dwconv_inputs()
+    taken = []
+    monkeypatch.setattr(reference, "dwconv_layernorm_cpu_training", lambda *a: taken.append(a) or x)
+    with backend.use_backend("eager"):
+        backend.dwconv_layernorm(x, w, b, ln_w, ln_b)
+        with torch.no_grad():
+            backend.dwconv_layernorm(x, w, b, ln_w, ln_b)
+        backend.dwconv_layernorm(x.double(), w.double(), b.double(), ln_w.double(), ln_b.double())
     assert len(taken) == 1
