@@ -62,11 +62,11 @@ def convnext_mlp_reference(
 
 def _scale_and_add(y, residual, gamma, sample_scale):
     """residual + sample_scale[n] * gamma * y: the MLP's tail after fc2."""
-    if gamma is not None:
-        y = gamma * y
     if sample_scale is not None:
-        y = y * sample_scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
-    return residual + y
+        # one [N, 1, 1, C] factor: a single pass over y, forward and backward
+        scale = sample_scale.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        return torch.addcmul(residual, y, scale if gamma is None else scale * gamma)
+    return residual + (y if gamma is None else gamma * y)
 
 
 # oneDNN post-op names for the activations it can fuse into a CPU linear layer: (name, algorithm).
