@@ -3,7 +3,7 @@
 `auto` (default): on CUDA tensors, per (op, channels, H*W bucket, batch bucket, dtype, grad mode, GPU
   arch), whichever of fused and eager the policy says is faster: a shape timed by `fastconvnext.tune`
   (or FASTCONVNEXT_TUNE=1) on this GPU, else the static performance model (kernels/perf_table.py), else
-  the analytic roofline (fastconvnext/bench/roofline.py). Eager ops on every other device.
+  the analytic roofline (kernels/roofline.py). Eager ops on every other device.
 `triton`: always the kernels; on CPU tensors that needs TRITON_INTERPRET=1 (Triton's interpreter).
 `eager`: always the eager references from `fastconvnext.kernels.reference`.
 Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import; a bad value
@@ -162,7 +162,7 @@ class PolicyKey(NamedTuple):
 @dataclass(frozen=True)
 class Decision:
     """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
-    "roofline": fastconvnext.bench.roofline; "none": nothing to go on), why, and the times behind it (µs;
+    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on), why, and the times behind it (µs;
     measured for "tuned", MODELLED otherwise)."""
 
     fused: bool
@@ -325,7 +325,7 @@ ROOFLINE_ARCHS = (80, 90)
 
 def roofline_decision(key):
     """The analytic roofline's decision (H100 SXM for sm_9x, A100 SXM for sm_8x); None for other archs."""
-    from fastconvnext.bench import roofline
+    from fastconvnext.kernels import roofline
 
     near_arch = _nearest_arch(key.arch, ROOFLINE_ARCHS)
     if near_arch is None or key.dtype not in roofline.DTYPE_BYTES:

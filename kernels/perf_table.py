@@ -5,7 +5,7 @@ compiling each launch's config for sm_80/sm_90 without a GPU. Keys: (op, arch, d
 mode) with op in {"dwconv_layernorm", "convnext_mlp"}, arch 80 (A100 SXM) or 90 (H100 SXM), hw = H*W,
 mode "forward" (inference) or "forward_backward" (training forward + backward). fused_us: sum over the
 fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor
-(fastconvnext.bench.roofline, every op at peak). Regenerate after a kernel change:
+(fastconvnext.kernels.roofline, every op at peak). Regenerate after a kernel change:
     python -m fastconvnext.kernels.sass_report
 Kernels: convnext_mlp_kernel.py as of commit d05c9fa, dwconv_layernorm_kernel.py as of f058f96.
 """

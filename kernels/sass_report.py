@@ -26,7 +26,7 @@ latency not hidden by too few warps, bank conflicts and the instruction cache ar
 work is assumed to overlap the other instructions fully (max, not sum: optimistic for a loop that drains its
 wgmma before using the result with one CTA per SM). Launches run one
 after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
-Eager PyTorch is fastconvnext.bench.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
+Eager PyTorch is fastconvnext.kernels.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
 fused-vs-eager ratio from this model is conservative for the kernels.
 """
 from __future__ import annotations
@@ -744,8 +744,8 @@ def launch_plans(op, batch, height, width, channels, dtype, training, machine=H1
 
 
 def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
-    """The optimistic eager floor of fastconvnext.bench.roofline on the same machine's peaks."""
-    from fastconvnext.bench import roofline
+    """The optimistic eager floor of fastconvnext.kernels.roofline on the same machine's peaks."""
+    from fastconvnext.kernels import roofline
 
     gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
     shape = roofline.StageShape("-", 0, batch, size, channels)
@@ -754,8 +754,8 @@ def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> f
 
 
 def minimum_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
-    """The fusion floor ("minimum") of fastconvnext.bench.roofline."""
-    from fastconvnext.bench import roofline
+    """The fusion floor ("minimum") of fastconvnext.kernels.roofline."""
+    from fastconvnext.kernels import roofline
 
     gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
     shape = roofline.StageShape("-", 0, batch, size, channels)
@@ -911,7 +911,7 @@ def perf_table_source(results: list[CaseResult], command: str, note: str = "") -
         'mode) with op in {"dwconv_layernorm", "convnext_mlp"}, arch 80 (A100 SXM) or 90 (H100 SXM), hw = H*W,',
         'mode "forward" (inference) or "forward_backward" (training forward + backward). fused_us: sum over the',
         "fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor",
-        "(fastconvnext.bench.roofline, every op at peak). Regenerate after a kernel change:",
+        "(fastconvnext.kernels.roofline, every op at peak). Regenerate after a kernel change:",
         "    python -m fastconvnext.kernels.sass_report",
         *([note] if note else []),
         '"""',

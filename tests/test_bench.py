@@ -4,7 +4,8 @@ import csv
 import pytest
 import torch
 
-from fastconvnext.bench import cli, roofline, runner, timing
+from fastconvnext.bench import cli, runner, timing
+from fastconvnext.kernels import roofline
 from fastconvnext.bench.memory import count_saved, measure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -2,7 +2,7 @@
 
 Decisions come from a fake static-model table (the format of kernels/perf_table.py), so every expected
 choice below follows from numbers written here; the roofline fallback is checked against
-fastconvnext.bench.roofline computed independently in the test.
+fastconvnext.kernels.roofline computed independently in the test.
 """
 import os
 import subprocess
@@ -87,7 +87,7 @@ def test_unknown_dtype_runs_eagerly_with_a_reason():
 
 
 def test_without_a_table_entry_the_roofline_decides():
-    from fastconvnext.bench import roofline
+    from fastconvnext.kernels import roofline
 
     shape = roofline.StageShape("t", 0, 64, 64, 192)  # H*W bucket 4096 -> 64x64
     fused = roofline.traffic(DW, "fused", "fwd+bwd", shape, "fp16").seconds(roofline.H100_SXM) * 1e6

@@ -219,7 +219,8 @@ class FakeTable:
 
 
 def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
-    from fastconvnext.bench import ops_report, roofline, roofline_report
+    from fastconvnext.bench import ops_report, roofline_report
+    from fastconvnext.kernels import roofline
 
     monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
     mlp = ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=90)

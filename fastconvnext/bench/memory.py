@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastconvnext.bench.roofline import StageShape
+from fastconvnext.kernels.roofline import StageShape
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,7 +53,7 @@ def count_saved(fn, inputs):
 
 
 def _input_shapes(op, impl, shape):
-    from fastconvnext.bench.roofline import KERNEL_SIZE, MLP_RATIO
+    from fastconvnext.kernels.roofline import KERNEL_SIZE, MLP_RATIO
 
     n, h, w, c = shape.dims
     if op == "dwconv_layernorm":

@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fastconvnext.bench import cases, memory, roofline
+from fastconvnext.bench import cases, memory
+from fastconvnext.kernels import roofline
 from fastconvnext.bench.table import format_table
 
 MB = 1e6
@@ -58,7 +59,7 @@ ANALYTIC_HEADERS = ("op", "stage", "batch", "pass", "eager MB", "NCHW eager MB",
 
 
 def print_analytic(batches, dtype, models):
-    print(f"Per call, analytic ({dtype}): HBM bytes and FLOPs by the byte model of fastconvnext/bench/roofline.py; "
+    print(f"Per call, analytic ({dtype}): HBM bytes and FLOPs by the byte model of kernels/roofline.py; "
           f"H100 SXM bound = sum over kernels of max(bytes / 3.35 TB/s, FLOPs / peak); 'saved' = bytes kept for "
           f"backward beyond inputs and parameters (saved_tensors_hooks, FakeTensorMode: exact shapes, nothing run).")
     print(format_table(ANALYTIC_HEADERS, analytic_rows(batches, dtype, models)))

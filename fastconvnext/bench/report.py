@@ -7,7 +7,8 @@ import importlib.util
 import textwrap
 from pathlib import Path
 
-from fastconvnext.bench import cases, environment, roofline, timing
+from fastconvnext.bench import cases, environment, timing
+from fastconvnext.kernels import roofline
 from fastconvnext.bench.runner import CSV_COLUMNS
 from fastconvnext.bench.table import format_table, markdown_table
 
@@ -86,7 +87,7 @@ def _analytic_cells(outcome):
 ANALYTIC_HEADERS = ("case", "shape", "pass", "eager MB moved", "fused MB moved", "fused vs eager",
                     "eager saved MB", "fused saved MB")
 ANALYTIC_NOTE = (
-    "MB moved: the byte model of fastconvnext/bench/roofline.py (HBM traffic on a GPU). Saved MB: bytes kept "
+    "MB moved: the byte model of kernels/roofline.py (HBM traffic on a GPU). Saved MB: bytes kept "
     "for backward beyond the op's inputs and parameters, counted with saved_tensors_hooks under FakeTensorMode "
     "(exact shapes, nothing computed)."
 )

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fastconvnext.bench import cases, environment, memory, roofline, timing
+from fastconvnext.bench import cases, environment, memory, timing
+from fastconvnext.kernels import roofline
 
 SECTIONS = ("dwconv_layernorm", "convnext_mlp", "model")
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from fastconvnext.bench import cases, environment, roofline
+from fastconvnext.bench import cases, environment
+from fastconvnext.kernels import roofline
 from fastconvnext.bench.timing import Clock
 
 
