@@ -16,81 +16,27 @@ import importlib.util
 import math
 import os
 import warnings
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
+from fastconvnext import policy
 from fastconvnext.kernels import reference
+from fastconvnext.policy import (  # noqa: F401  (the public names are also fastconvnext.backend's)
+    BACKENDS, CPU_ARCH, ENV_VAR, MODES, OPS, Decision, PolicyKey, clear_policy, configured_backend, get_backend,
+    install_tuned, set_backend, tuned_decisions, use_backend,
+)
 
-BACKENDS = ("auto", "triton", "eager")
-ENV_VAR = "FASTCONVNEXT_BACKEND"
 TUNE_ENV_VAR = "FASTCONVNEXT_TUNE"
-OPS = ("dwconv_layernorm", "convnext_mlp")
-MODES = ("forward", "forward_backward")
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Both the static model and the roofline leave out effects (launch gaps, cache behaviour) worth a few
 # percent: a modelled win smaller than that is no win, and the policy keeps eager.
 MODEL_WIN_FACTOR = 0.95
-CPU_ARCH = 0  # the arch recorded for CPU tensors (tuning in Triton's interpreter, tests)
-
-
-def _checked(name, source):
-    if name not in BACKENDS:
-        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
-    return name
-
-
-def _backend_from_env():
-    """(backend, error message or None): a bad value keeps 'auto' and is reported on first use."""
-    raw = os.environ.get(ENV_VAR, "auto")
-    name = raw.strip().lower() or "auto"
-    if name in BACKENDS:
-        return name, None
-    return "auto", (f"{ENV_VAR} must be one of {BACKENDS}, got {raw!r} (set in the environment; unset it or "
-                    f"call fastconvnext.set_backend())")
-
-
-_backend, _env_error = _backend_from_env()
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _triton_importable = importlib.util.find_spec("triton") is not None
-_warned = set()
-
-
-def _raise_env_error():
-    if _env_error is not None:
-        raise ValueError(_env_error)
-
-
-def set_backend(name):
-    """Choose the implementation of the fused ops: "auto", "triton" or "eager" (overrides the env var)."""
-    global _backend, _env_error
-    _backend = _checked(name, "backend")
-    _env_error = None
-
-
-def get_backend():
-    """The backend in force; raises ValueError if FASTCONVNEXT_BACKEND holds an unknown name."""
-    _raise_env_error()
-    return _backend
-
-
-def configured_backend():
-    """(backend, error or None) without raising: for reports such as `fastconvnext info`."""
-    return _backend, _env_error
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    """Temporarily run with another backend (restored on exit, the env-var error too)."""
-    global _env_error
-    previous, previous_error = _backend, _env_error
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-        _env_error = previous_error
+_warned_unsupported = set()
+_tuned, _decisions = policy._tuned, policy._decisions  # the same dicts: PolicyKey -> Decision
+_UNSET = object()
+_predicted_override = _UNSET
 
 
 def _kernels_usable(device_type):
@@ -108,20 +54,20 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
     """Return True for the fused kernel, False for eager, raising if `triton` is forced and impossible.
 
     `call` (the op's arguments) lets FASTCONVNEXT_TUNE=1 time an untuned shape on its first use."""
-    _raise_env_error()
-    if _recorder is not None and call is not None and unsupported_reason is None:
-        _recorder(op, policy_key(op, x, channels, tensors), call)
-    if _backend == "eager":
+    policy.raise_env_error()
+    if policy.recorder is not None and call is not None and unsupported_reason is None:
+        policy.recorder(op, policy_key(op, x, channels, tensors), call)
+    if policy.current_backend == "eager":
         return False
     usable, why = _kernels_usable(x.device.type)
-    if _backend == "auto":
+    if policy.current_backend == "auto":
         return usable and x.device.type == "cuda" and unsupported_reason is None and _auto_prefers_fused(
             op, x, channels, tensors, call)
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
-        if unsupported_reason not in _warned:
-            _warned.add(unsupported_reason)
+        if unsupported_reason not in _warned_unsupported:
+            _warned_unsupported.add(unsupported_reason)
             warnings.warn(f"fastconvnext: {unsupported_reason}; that op runs eagerly", stacklevel=3)
         return False
     return True
@@ -138,42 +84,6 @@ def _auto_prefers_fused(op, x, channels, tensors, call):
 
 
 # ------------------------------------------------------------------------------------------- policy
-
-
-class PolicyKey(NamedTuple):
-    """What a decision depends on, in the order of the static model's PREDICTED keys; hw = H*W and
-    batch = N rounded up to a power of two, arch the compute capability (90 for sm_90, 0 for CPU).
-    A tuple, so torch.compile traces it as constants."""
-
-    op: str
-    arch: int
-    dtype: str
-    channels: int
-    hw: int
-    batch: int
-    mode: str
-
-    @property
-    def label(self):
-        arch = "cpu" if self.arch == CPU_ARCH else f"sm_{self.arch}"
-        return f"{self.op} C={self.channels} H*W<={self.hw} N<={self.batch} {self.dtype} {self.mode} {arch}"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
-    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on), why, and the times behind it (µs;
-    measured for "tuned", MODELLED otherwise)."""
-
-    fused: bool
-    source: str
-    reason: str
-    fused_us: float | None = None
-    eager_us: float | None = None
-
-    @property
-    def choice(self):
-        return "fused" if self.fused else "eager"
 
 
 def bucket(n):
@@ -223,31 +133,6 @@ def device_arch(index=None):
     return _arch_cache[index]
 
 
-_tuned = {}  # PolicyKey -> Decision, measured by fastconvnext.tuning
-_decisions = {}  # PolicyKey -> Decision, every lookup so far
-_UNSET = object()
-_predicted_override = _UNSET
-_recorder = None  # set by fastconvnext.tuning while it collects the calls of a model
-
-
-def install_tuned(decisions):
-    """Add measured decisions {PolicyKey: Decision} (fastconvnext.tuning); they win over any model."""
-    _tuned.update(decisions)
-    for key in decisions:
-        _decisions.pop(key, None)
-
-
-def tuned_decisions():
-    return dict(_tuned)
-
-
-def clear_policy(tuned=True):
-    """Forget cached lookups (and, by default, the tuned decisions)."""
-    _decisions.clear()
-    if tuned:
-        _tuned.clear()
-
-
 @contextlib.contextmanager
 def use_predicted_table(table):
     """Decide from this PREDICTED-format dict (None: no static model) instead of kernels/perf_table.py."""
@@ -270,15 +155,9 @@ def _predicted_table():
     except ImportError:
         return None
     except Exception as error:  # a generated file that does not load must not stop dispatch
-        _warn_once(f"kernels/perf_table.py does not load ({type(error).__name__}: {error}); using the roofline")
+        policy.warn_once(f"kernels/perf_table.py does not load ({type(error).__name__}: {error}); using the roofline")
         return None
     return getattr(perf_table, "PREDICTED", None)
-
-
-def _warn_once(message):
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(f"fastconvnext: {message}", stacklevel=3)
 
 
 def _nearest(values, target):
@@ -347,7 +226,7 @@ def static_decision(key):
         try:
             decision = model_decision(key, table)
         except (KeyError, TypeError, ValueError, IndexError) as error:  # a malformed generated table
-            _warn_once(f"kernels/perf_table.py has a malformed entry ({type(error).__name__}: {error}); "
+            policy.warn_once(f"kernels/perf_table.py has a malformed entry ({type(error).__name__}: {error}); "
                        f"using the roofline")
             decision = None
         if decision is not None:
@@ -491,18 +370,19 @@ def describe():
     """Which implementation each op would use now, for CUDA and for CPU tensors, and the auto policy's
     table (shown by `fastconvnext info`). Never raises: a bad FASTCONVNEXT_BACKEND is reported here."""
     report = {}
-    if _env_error is not None:
-        report[f"{ENV_VAR} error"] = _env_error
+    backend_name, env_error = configured_backend()
+    if env_error is not None:
+        report[f"{ENV_VAR} error"] = env_error
     for device_type in ("cuda", "cpu"):
         usable, why = _kernels_usable(device_type)
-        if _backend == "eager":
+        if backend_name == "eager":
             choice = "eager PyTorch (backend forced to 'eager')"
-        elif usable and device_type == "cuda" and _backend == "auto":
+        elif usable and device_type == "cuda" and backend_name == "auto":
             choice = "per shape, the faster of fused Triton kernel and eager PyTorch (policy below)"
-        elif usable and (device_type == "cuda" or _backend == "triton"):
+        elif usable and (device_type == "cuda" or backend_name == "triton"):
             mode = " in Triton's interpreter" if device_type == "cpu" else ""
             choice = f"fused Triton kernel{mode}"
-        elif _backend == "triton":
+        elif backend_name == "triton":
             choice = f"error: backend 'triton' forced but {why}"
         else:
             choice = f"eager PyTorch ({why or 'auto picks eager on CPU'})"
@@ -511,6 +391,7 @@ def describe():
     report["convnext_mlp activations fused"] = ", ".join(reference.FUSED_ACTS)
     if torch.backends.mkldnn.is_available():
         report["convnext_mlp eager, fp32 CPU inference"] = "oneDNN linear with fused bias+act / layer scale+residual"
+        report["convnext_mlp eager, fp32 CPU training"] = "oneDNN linears (forward and input gradient)"
     report.update(_policy_report())
     return report
 

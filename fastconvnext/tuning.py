@@ -1,7 +1,7 @@
 """Measured dispatch: time fused against eager per op and shape on this GPU, keep the faster, remember it.
 
 `tune(model, example_inputs, training=...)` runs the model once to collect the shape of every fused-op
-call (as `backend.PolicyKey`s), times each op both ways on those exact inputs (CUDA events by default;
+call (as `policy.PolicyKey`s), times each op both ways on those exact inputs (CUDA events by default;
 the timer is an argument so tests run on CPU with a fake one), installs the faster choice into the
 backend's policy and writes the table to the user's cache directory:
     $XDG_CACHE_HOME/fastconvnext (default ~/.cache/fastconvnext)/tuned-policy-<gpu>.json
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from fastconvnext import backend
-from fastconvnext.backend import Decision, PolicyKey
+from fastconvnext import kernels, policy
+from fastconvnext.kernels import reference
+from fastconvnext.policy import Decision, PolicyKey
 from fastconvnext.safe_io import write_text_atomically
 
 CACHE_FORMAT = 1
@@ -125,7 +126,7 @@ def _parse_entry(item, gpu):
     if not all(isinstance(getattr(key, f), str) for f in text_fields) or not all(
             isinstance(getattr(key, f), int) and not isinstance(getattr(key, f), bool) for f in int_fields):
         raise ValueError(f"bad field types in {item!r}")
-    if key.op not in backend.OPS or key.mode not in backend.MODES:
+    if key.op not in policy.OPS or key.mode not in policy.MODES:
         raise ValueError(f"unknown op or mode in {item!r}")
     if not (_positive_number(item["fused_us"]) and _positive_number(item["eager_us"])):
         raise ValueError(f"times must be positive numbers, got {item!r}")
@@ -190,7 +191,7 @@ def event_timer(run, key=None, impl=None, warmup=WARMUP, repeats=REPEATS):
     autotune), perf_counter on CPU."""
     for _ in range(warmup):
         run()
-    if key is not None and key.arch != backend.CPU_ARCH:
+    if key is not None and key.arch != policy.CPU_ARCH:
         torch.cuda.synchronize()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(repeats)]
@@ -214,25 +215,33 @@ def _leaf(value, needs_grad):
     return value.detach().requires_grad_(needs_grad and value.is_floating_point())
 
 
+def _implementation(op, impl):
+    """The function behind one op: "triton", the fused kernel; "eager", the eager reference (what the
+    backend runs on CUDA tensors when it picks eager)."""
+    if impl == "eager":
+        return getattr(reference, f"{op}_reference")
+    return getattr(kernels, op)
+
+
 def _runner(op, key, call, impl):
     """A no-argument function running one op call with `impl` ("triton" or "eager"): forward only, or
     forward and the gradients of every input that required one, as the call's mode says."""
-    function = getattr(backend, op)
+    function = _implementation(op, impl)
     if key.mode == "forward":
         args = tuple(_leaf(value, False) for value, _ in call)
 
         def run():
-            with torch.no_grad(), backend.use_backend(impl):
+            with torch.no_grad():
                 return function(*args)
 
         return run
     args = tuple(_leaf(value, needs_grad) for value, needs_grad in call)
     inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-    with torch.no_grad(), backend.use_backend("eager"):
-        grad_out = torch.randn_like(function(*args))
+    with torch.no_grad():
+        grad_out = torch.randn_like(_implementation(op, "eager")(*args))
 
     def run():
-        with torch.enable_grad(), backend.use_backend(impl):
+        with torch.enable_grad():
             return torch.autograd.grad(function(*args), inputs, grad_out)
 
     return run
@@ -265,12 +274,12 @@ def _collecting():
         if key not in calls:
             calls[key] = (op, _recorded(call))
 
-    previous = backend._recorder
-    backend._recorder = record
+    previous = policy.recorder
+    policy.recorder = record
     try:
         yield calls
     finally:
-        backend._recorder = previous
+        policy.recorder = previous
 
 
 def _as_args(example_inputs):
@@ -356,7 +365,7 @@ def tune(model, example_inputs, training=False, timer=None, cache=True, retune=F
         table = _time_calls(calls, timer, cache, retune)
     if distributed():
         table = _broadcast(table)
-    backend.install_tuned(table)
+    policy.install_tuned(table)
     return table
 
 
@@ -388,7 +397,7 @@ def load_for_device(index):
     if index in _loaded_devices or distributed():
         return
     _loaded_devices.add(index)
-    backend.install_tuned(load_cache(environment(torch.device("cuda", index))))
+    policy.install_tuned(load_cache(environment(torch.device("cuda", index))))
 
 
 def tune_on_first_use(op, key, call, timer=None):
@@ -396,16 +405,16 @@ def tune_on_first_use(op, key, call, timer=None):
     if _busy or capturing():
         return
     if distributed():
-        backend._warn_once("FASTCONVNEXT_TUNE=1 does not tune under torch.distributed (every rank must make the same "
+        policy.warn_once("FASTCONVNEXT_TUNE=1 does not tune under torch.distributed (every rank must make the same "
                            "choice): call fastconvnext.tune(model, inputs) on every rank before training")
         return
     device = call[0].device
     if device.type == "cuda":
         load_for_device(device.index if device.index is not None else torch.cuda.current_device())
-        if key in backend.tuned_decisions():
+        if key in policy.tuned_decisions():
             return
     env = environment(device)
     with _no_first_use_tuning():
         decision = time_call(op, key, _recorded(call), timer or event_timer, env["gpu"])
-    backend.install_tuned({key: decision})
+    policy.install_tuned({key: decision})
     save_cache(env, {key: decision})

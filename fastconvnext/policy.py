@@ -1,0 +1,138 @@
+"""The dispatch policy's vocabulary and state, below both `fastconvnext.backend` (which decides) and
+`fastconvnext.tuning` (which measures): the backend in force, the key a decision depends on, decisions,
+the table of measured decisions and the hook through which tuning records a model's calls."""
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+BACKENDS = ("auto", "triton", "eager")
+ENV_VAR = "FASTCONVNEXT_BACKEND"
+OPS = ("dwconv_layernorm", "convnext_mlp")
+MODES = ("forward", "forward_backward")
+CPU_ARCH = 0  # the arch recorded for CPU tensors (tuning in Triton's interpreter, tests)
+
+
+def _checked(name, source):
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def _backend_from_env():
+    """(backend, error message or None): a bad value keeps 'auto' and is reported on first use."""
+    raw = os.environ.get(ENV_VAR, "auto")
+    name = raw.strip().lower() or "auto"
+    if name in BACKENDS:
+        return name, None
+    return "auto", (f"{ENV_VAR} must be one of {BACKENDS}, got {raw!r} (set in the environment; unset it or "
+                    f"call fastconvnext.set_backend())")
+
+
+current_backend, _env_error = _backend_from_env()
+_warned = set()
+
+
+def raise_env_error():
+    if _env_error is not None:
+        raise ValueError(_env_error)
+
+
+def set_backend(name):
+    """Choose the implementation of the fused ops: "auto", "triton" or "eager" (overrides the env var)."""
+    global current_backend, _env_error
+    current_backend = _checked(name, "backend")
+    _env_error = None
+
+
+def get_backend():
+    """The backend in force; raises ValueError if FASTCONVNEXT_BACKEND holds an unknown name."""
+    raise_env_error()
+    return current_backend
+
+
+def configured_backend():
+    """(backend, error or None) without raising: for reports such as `fastconvnext info`."""
+    return current_backend, _env_error
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    """Temporarily run with another backend (restored on exit, the env-var error too)."""
+    global _env_error
+    previous, previous_error = current_backend, _env_error
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+        _env_error = previous_error
+
+
+def warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"fastconvnext: {message}", stacklevel=3)
+
+
+
+class PolicyKey(NamedTuple):
+    """What a decision depends on, in the order of the static model's PREDICTED keys; hw = H*W and
+    batch = N rounded up to a power of two, arch the compute capability (90 for sm_90, 0 for CPU).
+    A tuple, so torch.compile traces it as constants."""
+
+    op: str
+    arch: int
+    dtype: str
+    channels: int
+    hw: int
+    batch: int
+    mode: str
+
+    @property
+    def label(self):
+        arch = "cpu" if self.arch == CPU_ARCH else f"sm_{self.arch}"
+        return f"{self.op} C={self.channels} H*W<={self.hw} N<={self.batch} {self.dtype} {self.mode} {arch}"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
+    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on), why, and the times behind it (µs;
+    measured for "tuned", MODELLED otherwise)."""
+
+    fused: bool
+    source: str
+    reason: str
+    fused_us: float | None = None
+    eager_us: float | None = None
+
+    @property
+    def choice(self):
+        return "fused" if self.fused else "eager"
+
+
+_tuned = {}  # PolicyKey -> Decision, measured by fastconvnext.tuning
+_decisions = {}  # PolicyKey -> Decision, every lookup so far
+recorder = None  # set by fastconvnext.tuning while it collects a model's calls: recorder(op, PolicyKey, call)
+
+
+def install_tuned(decisions):
+    """Add measured decisions {PolicyKey: Decision} (fastconvnext.tuning); they win over any model."""
+    _tuned.update(decisions)
+    for key in decisions:
+        _decisions.pop(key, None)
+
+
+def tuned_decisions():
+    return dict(_tuned)
+
+
+def clear_policy(tuned=True):
+    """Forget cached lookups (and, by default, the tuned decisions)."""
+    _decisions.clear()
+    if tuned:
+        _tuned.clear()
