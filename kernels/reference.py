@@ -181,7 +181,7 @@ class _OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_weight, need_bias = ctx.needs_input_grad
-        grad_x = _OneDnnLinear.apply(grad, weight.t().contiguous(), None) if need_x else None
+        grad_x = _OneDnnLinear.apply(grad, weight.t(), None) if need_x else None  # oneDNN reads the view
         grad_weight = grad.t().mm(x) if need_weight else None
         grad_bias = grad.sum(0) if need_bias and ctx.has_bias else None
         return grad_x, grad_weight, grad_bias
