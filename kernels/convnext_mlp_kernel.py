@@ -30,7 +30,9 @@ Row-tile kernels use 1-D grids with the column tiles fastest, so the programs sh
 together and read its rows from HBM once.
 
 Configs: per (C, D, dtype) bucket, compiled for sm_80 and sm_90 without spills (see `compile_targets`);
-fp16/bf16 tiles give every dot at least 64 x 64 per warpgroup (sm_90: wgmma m64 n64/n128); candidates of
+fp16/bf16 tiles give every dot at least 64 x 64 per warpgroup (sm_90: wgmma m64 n64/n128/n256); the GEMM kernels
+(fc1 + act, fc2, the dx GEMM) take 32K-output tiles (128x256, 256x128), halving the operand bytes each output costs
+from L2 against 128x128, and run their epilogues one column half at a time (`_SPLIT_TILE`, no spills); candidates of
 one kernel reduce in one order (`_same_reduction_order`), so autotuning cannot change bits. One small
 config per kernel in the interpreter.
 
@@ -69,6 +71,8 @@ _SEGMENT_ROWS = 8192
 _MAX_SEGMENTS = 64
 _SEGMENT_ALIGN = 256
 
+# Output tiles of at least this many elements run their epilogue one column half at a time.
+_SPLIT_TILE = tl.constexpr(32768)
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
@@ -240,6 +244,32 @@ def _mlp_fwd_kernel(
             w = _load_w_t(w2_ptr, d_offs, n_offs, D, C)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
+    if BLOCK_M * BLOCK_N >= _SPLIT_TILE:
+        # a 32K-output tile: the epilogue's loads and temporaries for half of it at a time (else ptxas spills)
+        left, right = _column_halves(acc, BLOCK_M, BLOCK_N)
+        _fwd_epilogue(left, rows, row_mask, pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2), res_ptr, b2_ptr,
+                      gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE,
+                      SAVE_Y2)
+        _fwd_epilogue(right, rows, row_mask, pid_n * BLOCK_N + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), res_ptr,
+                      b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA,
+                      HAS_SCALE, SAVE_Y2)
+    else:
+        _fwd_epilogue(acc, rows, row_mask, n_offs, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C,
+                      HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
+
+
+@triton.jit
+def _column_halves(tile, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # [ROWS, COLS] -> its left and right [ROWS, COLS // 2] halves
+    return tl.split(tl.permute(tl.reshape(tile, [ROWS, 2, COLS // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _fwd_epilogue(acc, rows, row_mask, n_offs, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW,
+                  C: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, SAVE_Y2: tl.constexpr):
+    # y2 = acc + b2 (stored with SAVE_Y2); out = residual + scale * gamma * y2 for the columns n_offs
+    n_mask = n_offs < C
     y2 = acc
     if HAS_BIAS:
         y2 += tl.load(b2_ptr + n_offs, mask=n_mask, other=0.0)[None, :]
@@ -321,10 +351,19 @@ def _mlp_hidden_kernel(
                           BLOCK_D, HAS_GAMMA, DOT_PRECISION)
         _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
                       d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
+    elif BLOCK_M * BLOCK_D >= _SPLIT_TILE:
+        # the activation's temporaries for half of a 32K-element tile at a time (else ptxas spills)
+        left, right = _column_halves(pre, BLOCK_M, BLOCK_D)
+        _store_act(h_ptr, left, rows, row_mask, pid_d * BLOCK_D + tl.arange(0, BLOCK_D // 2), D, ACT)
+        _store_act(h_ptr, right, rows, row_mask, pid_d * BLOCK_D + BLOCK_D // 2 + tl.arange(0, BLOCK_D // 2), D, ACT)
     else:
-        mask = row_mask[:, None] & (d_offs[None, :] < D)
-        tl.store(h_ptr + rows[:, None] * D + d_offs[None, :], _activation(pre, ACT).to(h_ptr.dtype.element_ty),
-                 mask=mask)
+        _store_act(h_ptr, pre, rows, row_mask, d_offs, D, ACT)
+
+
+@triton.jit
+def _store_act(h_ptr, pre, rows, row_mask, d_offs, D: tl.constexpr, ACT: tl.constexpr):
+    mask = row_mask[:, None] & (d_offs[None, :] < D)
+    tl.store(h_ptr + rows[:, None] * D + d_offs[None, :], _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,14 +582,16 @@ def _gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
     cp = _pow2(C)
     if dtype == "fp32":
         return [_cfg(32, min(cp, 64), 32, 32, 4, 2)]
-    return [_cfg(128, max(64, min(cp, 128)), 64, 64, 8, 3)]
+    # 256x128: 32K outputs per program, so each [M, D] row tile and [D, C] column tile is read from L2 once per
+    # 32K outputs instead of 16K (128x256 spilled on sm_80 with the full epilogue)
+    return [_cfg(256 if cp >= 128 else 128, max(64, min(cp, 128)), 64, 64, 8, 3)]
 
 
 def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
     """fc1 + b1 + act -> h, one [BLOCK_M, BLOCK_D] tile per program."""
     if dtype == "fp32":
         return [_hidden_cfg(32, 64, 32, 4, 2)]
-    return [_hidden_cfg(128, 128, 64, 8, 3)]
+    return [_hidden_cfg(128, 256, 64, 8, 4)]  # 32K outputs per program (see _gemm_configs), wgmma n256
 
 
 def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
