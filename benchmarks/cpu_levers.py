@@ -11,6 +11,10 @@ benchmark shows it faster; see benchmarks/README.md for what was measured.
                   (gamma[:, None] * W2, gamma * b2) instead of a separate multiply
   onednn-bf16     MLP inference under bf16 autocast: the model's oneDNN path (GELU as fc1's post-op,
                   layer scale + residual in one addcmul) instead of eager's linear-GELU-linear-mul-add
+  onednn-train    MLP forward+backward in fp32: the model's training path (both linears through oneDNN,
+                  forward and input gradient) instead of the eager reference's nn.Linear calls
+  dw-bias-sum     dwconv+LN forward+backward in fp32: the model's training path (conv bias gradient as a
+                  plain sum) instead of asking torch's conv backward for it
 
     python benchmarks/cpu_levers.py --threads 1 --repeats 15
 """
@@ -25,8 +29,9 @@ import torch.nn.functional as F
 from fastconvnext.bench import environment, timing
 from fastconvnext.kernels import reference
 
-STAGES = {"s1": (56, 96), "s3": (14, 384)}  # ConvNeXt-T stage 1 and 3: (H = W, C)
-LEVERS = ("dwconv-nchw", "scale-fold", "onednn-bf16")
+STAGES = {"s1": (56, 96), "s2": (28, 192), "s3": (14, 384), "s4": (7, 768)}  # ConvNeXt-T: (H = W, C)
+LEVERS = ("dwconv-nchw", "scale-fold", "onednn-bf16", "onednn-train", "dw-bias-sum")
+DWCONV_LEVERS = ("dwconv-nchw", "dw-bias-sum")
 
 
 def dwconv_layernorm_nchw(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
@@ -53,7 +58,7 @@ def _inputs(lever, batch, size, channels, seed=0):
         return torch.randn(*shape, generator=gen) * scale
 
     x = randn(batch, size, size, channels)
-    if lever == "dwconv-nchw":
+    if lever in DWCONV_LEVERS:
         return [x, randn(channels, 1, 7, 7, scale=0.1), randn(channels, scale=0.1), 1 + randn(channels, scale=0.1),
                 randn(channels, scale=0.1)]
     hidden = 4 * channels
@@ -82,6 +87,8 @@ def contenders(lever, batch, size, channels):
     current, alternative = {
         "dwconv-nchw": (reference.dwconv_layernorm_reference, dwconv_layernorm_nchw),
         "scale-fold": (reference.convnext_mlp_reference, mlp_scale_folded),
+        "onednn-train": (reference.convnext_mlp_reference, reference.convnext_mlp_cpu_training),
+        "dw-bias-sum": (reference.dwconv_layernorm_reference, reference.dwconv_layernorm_cpu_training),
     }[lever]
 
     def clear():
