@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fastconvnext.safe_io import write_text_atomically
+
 # transformers' class defaults (`IMAGENET_STANDARD_*`) ...
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
 IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
@@ -672,8 +674,9 @@ class ConvNextImageProcessor:
         return cls(**{**known, **overrides})
 
     def to_json_file(self, json_file_path: str | os.PathLike) -> None:
-        """Write the settings as JSON to `json_file_path` (what `save_pretrained` writes), as transformers does."""
-        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
+        """Write the settings as JSON to `json_file_path` (what `save_pretrained` writes), as transformers does;
+        atomically, so a failed write leaves any previous file whole."""
+        write_text_atomically(json_file_path, self.to_json_string())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
         """Write `save_directory/preprocessor_config.json` (directory created if needed); returns the written

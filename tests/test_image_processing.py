@@ -329,3 +329,23 @@ def test_clear_errors_at_call_and_load_time(tmp_path):
     (tmp_path / PREPROCESSOR_CONFIG_NAME).write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ConvNextImageProcessor.from_pretrained(tmp_path)
+
+
+def test_a_failed_save_leaves_the_previous_preprocessor_config_whole(tmp_path, monkeypatch):
+    """A write that dies half-way (disk full, ...) must not leave a truncated preprocessor_config.json."""
+    import pathlib
+
+    ConvNextImageProcessor(**CUSTOM).save_pretrained(tmp_path)
+    before = (tmp_path / "preprocessor_config.json").read_bytes()
+    real_write_text = pathlib.Path.write_text
+
+    def half_then_fail(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        ConvNextImageProcessor().save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "preprocessor_config.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["preprocessor_config.json"], "no staged file left"
