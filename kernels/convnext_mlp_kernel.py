@@ -4,8 +4,8 @@ x and residual are [N, H, W, C] contiguous (NHWC); the kernels see them as [M, C
 D is the hidden width (4C in ConvNeXt, any D works). Work is counted in units of one M x C x D matmul
 (eager: 2 forward, 4 backward).
 
-Forward, one of two plans (`_two_gemm_forward`, a per-row roofline model of both: fused while C fits one
-or two output tiles, two GEMMs at C >= 384 for fp16/bf16):
+Forward, one of two plans (`_two_gemm_forward` costs both with launch_plans' HBM and L2 byte figures: fused while
+C fits one output tile, two GEMMs from C = 192 for fp16/bf16):
 - fused, `_mlp_fwd_kernel`: per program (row tile, C-out tile) and per BLOCK_D chunk of the hidden,
   pre = x W1[chunk]^T + b1, h = act(pre) cast to the input dtype, acc += h W2[n-tile, chunk]^T; epilogue
   y2 = acc + b2, out = residual + scale * gamma * y2. h never reaches global memory; fc1 is recomputed
@@ -591,7 +591,11 @@ def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
     """fc1 + b1 + act -> h, one [BLOCK_M, BLOCK_D] tile per program."""
     if dtype == "fp32":
         return [_hidden_cfg(32, 64, 32, 4, 2)]
-    return [_hidden_cfg(128, 256, 64, 8, 4)]  # 32K outputs per program (see _gemm_configs), wgmma n256
+    # 32K outputs per program (see _gemm_configs), wgmma n256, from C = 384; at C = 192 that tile spilled on sm_80
+    # and sm_90 with 3 or 4 stages (and with 3 at C = 384)
+    if C >= 384:
+        return [_hidden_cfg(128, 256, 64, 8, 4)]
+    return [_hidden_cfg(128, 128, 64, 8, 3)]
 
 
 def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -653,24 +657,32 @@ def _config(kind: str, C: int, D: int, dtype: str, gpu: bool = False) -> dict:
 # Roofline constants of the path choice (H100 SXM, dense; a model, not a measurement).
 _MODEL_PEAK_FLOPS = {"ieee": 67e12, "tf32": 495e12, "fp16": 990e12, "bf16": 990e12}
 _MODEL_HBM_BYTES_PER_S = 3.35e12
+_MODEL_L2_BYTES_PER_S = 5.5e12  # L2 -> SMs, as kernels/sass_report.py assumes (uncalibrated)
+_MODEL_ROWS = 256 * 28 * 28  # the row count the path choice is costed at (ConvNeXt-T stage 2, batch 256)
 
 
 def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
     """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel.
 
-    The fused kernel recomputes fc1 once per C tile beyond the first; the split pays 2 * M * D bytes of h
-    (written, read back). Per row, each kernel costs max(its tensor work / peak, its bytes / bandwidth); the
-    cheaper plan wins. This picks the fused kernel at C <= 192 and the split at C >= 384 for fp16/bf16 (ConvNeXt),
-    and the split whenever fp32 would recompute (FMA-bound)."""
-    c_tiles = triton.cdiv(C, _config("fwd", C, D, dtype, gpu)["BLOCK_N"])
-    if c_tiles == 1:
+    The fused kernel recomputes fc1 once per C tile beyond the first and re-reads each row tile from L2 per hidden
+    chunk once x is streamed; the split pays 2 * M * D bytes of h (written, read back). Each kernel costs the
+    largest of its tensor work / peak, its HBM bytes / bandwidth and its L2->SM bytes / L2 bandwidth, with the
+    byte figures launch_plans gives kernels/sass_report.py (`_plan_figures`, at a nominal row count); the cheaper
+    plan wins. This picks the fused kernel while C fits one output tile (C <= 128 for fp16/bf16) and the split from
+    C = 192, and the split whenever fp32 would recompute (FMA-bound)."""
+    if triton.cdiv(C, _config("fwd", C, D, dtype, gpu)["BLOCK_N"]) == 1:
         return False
-    s = _DTYPE_BYTES[dtype]
-    peak = _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
-    unit = 2 * C * D / peak
-    fused = max((1 + c_tiles) * unit, 4 * C * s / _MODEL_HBM_BYTES_PER_S)  # x, residual, out, y2
-    split = max(unit, (C + D) * s / _MODEL_HBM_BYTES_PER_S) + max(unit, (D + 3 * C) * s / _MODEL_HBM_BYTES_PER_S)
-    return split < fused
+    s, M = _DTYPE_BYTES[dtype], _MODEL_ROWS
+    unit = 2 * M * C * D / _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
+
+    def seconds(kinds):
+        total = 0.0
+        for kind in kinds:
+            _, hbm, l2, _, _, units = _plan_figures(kind, _config(kind, C, D, dtype, gpu), M, C, D, s, _flags(kind))
+            total += max(units * unit, hbm / _MODEL_HBM_BYTES_PER_S, l2 / _MODEL_L2_BYTES_PER_S)
+        return total
+
+    return seconds(["hidden", "fc2"]) < seconds(["fwd"])
 
 
 def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
