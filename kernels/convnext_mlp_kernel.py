@@ -349,8 +349,19 @@ def _mlp_hidden_kernel(
         row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
         dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
                           BLOCK_D, HAS_GAMMA, DOT_PRECISION)
-        _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
-                      d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
+        if 2 * BLOCK_M * BLOCK_D >= _SPLIT_TILE:
+            # two accumulators of 16K: act' and the stores for one column half at a time (else ptxas spills)
+            pre_left, pre_right = _column_halves(pre, BLOCK_M, BLOCK_D)
+            dh_left, dh_right = _column_halves(dh, BLOCK_M, BLOCK_D)
+            HALF: tl.constexpr = BLOCK_D // 2
+            _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre_left, dh_left * _activation_grad(pre_left, ACT), pid_m,
+                          rows, row_mask, pid_d * BLOCK_D + tl.arange(0, HALF), M, D, BLOCK_M, HALF, PART_ROWS, ACT)
+            _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre_right, dh_right * _activation_grad(pre_right, ACT),
+                          pid_m, rows, row_mask, pid_d * BLOCK_D + HALF + tl.arange(0, HALF), M, D, BLOCK_M, HALF,
+                          PART_ROWS, ACT)
+        else:
+            _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
+                          d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
     elif BLOCK_M * BLOCK_D >= _SPLIT_TILE:
         # the activation's temporaries for half of a 32K-element tile at a time (else ptxas spills)
         left, right = _column_halves(pre, BLOCK_M, BLOCK_D)
@@ -602,6 +613,10 @@ def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
     """Recompute pre, dh = g W2 -> dpre, h: two fp32 [BLOCK_M, BLOCK_D] accumulators."""
     if dtype == "fp32":
         return [_hidden_cfg(32, 32, 32, 4, 2)]
+    # 128x128 (x and g rows read from L2 once per 128 hidden columns, act' and stores per column half) from C = 768;
+    # at C = 192 and 384 it spilled 8-32 B on sm_80 with 2 or 3 stages and 32- or 64-wide K steps
+    if C >= 768:
+        return [_hidden_cfg(128, 128, 64, 8, 3)]
     return [_hidden_cfg(128, 64, 64, 8, 3)]
 
 

@@ -1,5 +1,6 @@
-"""The two-GEMM forward with the GPU's 32K-element output tiles, whose epilogues run one column half at a time
-(`_SPLIT_TILE`: fc1's activation and h store, fc2's bias, y2, gamma, drop path and residual), in the interpreter.
+"""The GEMM kernels with the GPU's 32K-element output tiles, whose epilogues run one column half at a time
+(`_SPLIT_TILE`: fc1's activation and h store, fc2's bias, y2, gamma, drop path and residual, the dx GEMM's store, the
+hidden-backward kernel's act', h, dpre and db1 sums), in the interpreter.
 
 The interpreter's own configs (32x32 tiles) never reach that branch, so these tests hand the interpreter the tile
 shapes the GPU configs use (fc1 + act 128x256, fc2 256x128) and compare with the eager reference under the
@@ -21,12 +22,17 @@ def gpu_sized_tiles(monkeypatch):
     table = dict(mlp._KERNEL_TABLE)
     fn, configs, _ = table["hidden"]
     table["hidden"] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
-    fn, configs, _ = table["fc2"]
-    table["fc2"] = (fn, configs, mlp._cfg(256, 128, 32, 32, 1, 1))
+    fn, configs, _ = table["hidden_bwd"]
+    table["hidden_bwd"] = (fn, configs, mlp._hidden_cfg(128, 128, 32, 1, 1))
+    for kind in ("fc2", "dx_gemm"):
+        fn, configs, _ = table[kind]
+        table[kind] = (fn, configs, mlp._cfg(256, 128, 32, 32, 1, 1))
     monkeypatch.setattr(mlp, "_KERNEL_TABLE", table)
-    for kind in ("hidden", "fc2"):
+    for kind in ("hidden", "fc2", "dx_gemm"):
         cfg = mlp._config(kind, 192, 320, "fp32")
         assert cfg["BLOCK_M"] * cfg.get("BLOCK_N", cfg.get("BLOCK_D")) >= mlp._SPLIT_TILE.value
+    cfg = mlp._config("hidden_bwd", 192, 320, "fp32")  # two accumulators
+    assert 2 * cfg["BLOCK_M"] * cfg["BLOCK_D"] >= mlp._SPLIT_TILE.value
 
 
 def _forward(inputs, act, **kwargs):
@@ -47,6 +53,9 @@ def test_split_epilogues_match_reference_fp32(gpu_sized_tiles, act):
     assert_within_rule(fused, eager, ref, torch.float32, "out")
 
 
-def test_split_epilogues_with_gradients(gpu_sized_tiles):
-    """Training saves y2 from the split fc2 epilogue (dgamma needs it): gradients match the reference too."""
-    check_against_reference(make_inputs((1, 4, 5, 192), 320, torch.float32), "gelu", torch.float32)
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_split_epilogues_with_gradients(gpu_sized_tiles, act):
+    """Training saves y2 from the split fc2 epilogue (dgamma needs it); backward takes the hidden-backward kernel
+    (h, dpre and the db1 row-group sums stored per column half) and the dx GEMM: gradients match the reference."""
+    assert mlp._kinds(192, 320, "fp32", "ieee", training=True)[2:] == ["hidden_bwd", "dx_gemm", "dw"]
+    check_against_reference(make_inputs((1, 4, 5, 192), 320, torch.float32, scale=[1.5]), act, torch.float32)
