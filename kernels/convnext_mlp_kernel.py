@@ -1283,7 +1283,8 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     """(grid, HBM bytes, L2 bytes, loop trips, outer trips, executed M*C*D matmul units) of one launch (a model).
 
     The row-tile kernels run the column tiles of a row tile next to each other, so the rows they share come from
-    HBM once; the weights (at most 2 * 3072 * 768 * 2 bytes) stay in L2."""
+    HBM once; the weights (at most 2 * 3072 * 768 * 2 bytes) stay in L2. Columns a mask turns off are not fetched: a
+    column tile costs L2 bytes for its valid columns only (C / tiles of them on average)."""
     grid = _grid(kind, cfg, M, C, D)
     act, hidden, w = M * C * s, M * D * s, D * C * s
     programs = math.prod(grid)
@@ -1291,12 +1292,13 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     if kind in ("fwd", "fc2", "dx_gemm"):
         bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
         c_tiles, chunks = triton.cdiv(C, bn), triton.cdiv(D, bd)
+        bn = C / c_tiles  # valid columns per tile
         epilogue = act * (flags["HAS_RESIDUAL"] + 1 + flags["SAVE_Y2"])
         vectors = (D + 3 * C) * 4
         if kind == "fwd":
             inner = _inner_trips(cfg["BLOCK_K"], C)
             rows_l2 = bm * C * s * (chunks if inner > 1 else 1)
-            return (grid, act + epilogue + 2 * w + vectors, programs * (rows_l2 + (D + bn) * C * s + bm * bn * s * 3),
+            return (grid, act + epilogue + 2 * w + vectors, programs * (rows_l2 + (D * C + bn * D) * s + bm * bn * s * 3),
                     chunks * inner, (chunks if inner > 1 else 1), 1 + c_tiles)
         hbm = hidden + epilogue + w + vectors
         return grid, hbm, programs * ((bm + bn) * D * s + bm * bn * s * 3), chunks, 1, 1
@@ -1309,6 +1311,7 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     if kind == "dx":
         bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
         c_tiles, chunks, inner = triton.cdiv(C, bn), triton.cdiv(D, bd), _inner_trips(cfg["BLOCK_K"], C)
+        bn = C / c_tiles  # valid columns per tile
         parts = triton.cdiv(M, _PART_ROWS) * 4
         stores = flags["STORE_HIDDEN"] * (2 * hidden + parts * (D + C * (1 + flags["HAS_Y2"])) + act * flags["HAS_Y2"])
         hbm = 3 * act + 2 * w + stores + (D + 2 * C) * 4
@@ -1318,7 +1321,7 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     # dw: the programs of one segment are consecutive in launch order and walk its rows in the same order; those
     # resident together share each tile's HBM read, later waves re-read the segment unless it stays in L2
     segments, segment_rows = _segments(M)
-    bc, bd = cfg["BLOCK_C"], cfg["BLOCK_D"]
+    bc, bd = C / grid[1], cfg["BLOCK_D"]  # valid columns per C tile
     has_y2 = flags["HAS_Y2"] and flags["VECTOR_SUMS"]
     waves = triton.cdiv(grid[0] * grid[1], _MODEL_SMS)
     streamed = 2 * act + 2 * hidden
