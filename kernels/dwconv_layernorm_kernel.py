@@ -377,12 +377,14 @@ def _dwconv_bwd_conv_kernel(
         for kh in tl.static_range(K):
             src_h = h + PAD - kh
             row_ok = live & (src_h >= 0) & (src_h < H)
+            # One 64-bit pointer tile per kernel row; each window pixel adds a uniform i*C to it.
+            g_tile = g_rows[:, None] + c[None, :]
             window = ()
             for i in tl.static_range(WINDOW):
                 src_w = w0 - PAD + i
                 col_ok = c < tl.where((src_w >= 0) & (src_w < W), C, 0)
                 ok = row_ok[:, None] & col_ok[None, :]
-                window = window + (tl.load(g_rows[:, None] + (i * C + c)[None, :], mask=ok, other=0.0),)
+                window = window + (tl.load(g_tile + i * C, mask=ok, other=0.0),)
             updated_dx = ()
             for j in tl.static_range(BLOCK_W):
                 acc = dxs[j]
