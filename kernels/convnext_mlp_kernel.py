@@ -24,8 +24,9 @@ Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 u
 - wider C: `_mlp_hidden_kernel` (IS_BACKWARD) recomputes pre, dh -> stores h and dpre, db1 partials
   (2 units); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel reads h
   and dpre (2 units) and sums db2, dgamma.
-The dW kernel's grid is (D chunks, C tiles, M segments); each program walks its segment's row tiles in
-order; the segment count depends only on M, so results are bitwise reproducible; no atomics anywhere.
+The dW kernel's grid is (2 x D chunks: dW1 programs then dW2 programs, one accumulator each; C tiles; M
+segments); each program walks its segment's row tiles in order; the segment count depends only on M, so results
+are bitwise reproducible; no atomics anywhere.
 Row-tile kernels use 1-D grids with the column tiles fastest, so the programs sharing a row tile run
 together and read its rows from HBM once.
 
@@ -487,52 +488,73 @@ def _mlp_bwd_dw_kernel(
     HAS_Y2: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # two GEMMs over the segment's rows: dW1^T[c-tile, chunk] += x^T dpre, dW2[c-tile, chunk] += g^T h; the
-    # programs of the first D chunk also sum the C-wide db2 = sum g and dgamma = sum dy * scale * y2
-    # (VECTOR_SUMS; else the fused dx kernel wrote them)
-    pid_d = tl.program_id(0)
+    # one GEMM per program over the segment's rows: programs [0, D_TILES) dW1^T[c-tile, chunk] += x^T dpre, programs
+    # [D_TILES, 2 D_TILES) dW2[c-tile, chunk] += g^T h, one accumulator each (a 128x128 tile without spills); the
+    # dW1 programs of the first D chunk then sum the C-wide db2 and dgamma (VECTOR_SUMS; else the fused dx kernel
+    # wrote them) in a second pass over dy (and y2), which keeps the sums out of the dW2 loop's registers
+    D_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
+    is_dw2 = tl.program_id(0) >= D_TILES
+    pid_d = tl.program_id(0) % D_TILES
     pid_c = tl.program_id(1)
     pid_s = tl.program_id(2)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = d_offs < D
     c_offs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offs < C
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + c_offs, mask=c_mask, other=0.0)
     first_row = pid_s * SEGMENT_ROWS  # SEGMENT_ROWS is a multiple of BLOCK_M
     last_row = tl.minimum(first_row + SEGMENT_ROWS, M)
+    seg = pid_s.to(tl.int64)
+    mask = c_mask[:, None] & d_mask[None, :]
+    if is_dw2:
+        if HAS_GAMMA:
+            gamma = tl.load(gamma_ptr + c_offs, mask=c_mask, other=0.0)
+        dw2 = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        for row0 in range(first_row, last_row, BLOCK_M):
+            rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # row0 < M fits i32
+            row_mask = rows < M
+            dys = _load_rows(dy_ptr, rows, row_mask, c_offs, C).to(tl.float32)
+            dys = dys * _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)[:, None]
+            g = dys * gamma[None, :] if HAS_GAMMA else dys
+            h = _load_rows(h_ptr, rows, row_mask, d_offs, D)
+            dw2 = tl.dot(tl.trans(g.to(h.dtype)), h, dw2, input_precision=DOT_PRECISION)
+        tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
+    else:
+        # [BLOCK_C, BLOCK_D] = x tile^T @ dpre chunk, the same accumulator layout as dW2
+        dw1_t = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        for row0 in range(first_row, last_row, BLOCK_M):
+            rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            row_mask = rows < M
+            x_c = _load_rows(x_ptr, rows, row_mask, c_offs, C)
+            dpre = _load_rows(dpre_ptr, rows, row_mask, d_offs, D)
+            dw1_t = tl.dot(tl.trans(x_c), dpre, dw1_t, input_precision=DOT_PRECISION)
+        tl.store(dw1_part_ptr + seg * D * C + d_offs[None, :] * C + c_offs[:, None], dw1_t, mask=mask)
+        if VECTOR_SUMS:
+            if pid_d == 0:
+                _store_vector_sums(dy_ptr, gamma_ptr, scale_ptr, y2_ptr, db2_part_ptr, dgamma_part_ptr, seg, c_offs,
+                                   c_mask, first_row, last_row, M, HW, C, BLOCK_M, BLOCK_C, HAS_GAMMA, HAS_SCALE,
+                                   HAS_Y2)
 
-    dw1_t = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
-    dw2 = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+
+@triton.jit
+def _store_vector_sums(dy_ptr, gamma_ptr, scale_ptr, y2_ptr, db2_part_ptr, dgamma_part_ptr, seg, c_offs, c_mask,
+                       first_row, last_row, M, HW, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                       HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_Y2: tl.constexpr):
+    # the segment's db2 = sum g and dgamma = sum dy * scale * y2 partials for one C tile (fp32, rows in order)
     db2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     dgamma = tl.zeros([BLOCK_C], dtype=tl.float32)
     for row0 in range(first_row, last_row, BLOCK_M):
-        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)  # row0 < M fits i32
+        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = rows < M
-        x_c = _load_rows(x_ptr, rows, row_mask, c_offs, C)
         dys = _load_rows(dy_ptr, rows, row_mask, c_offs, C).to(tl.float32)
         dys = dys * _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)[:, None]
-        g = dys * gamma[None, :] if HAS_GAMMA else dys
-        if VECTOR_SUMS:
-            if pid_d == 0:
-                db2 += tl.sum(g, axis=0)
-                if HAS_Y2:
-                    dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
-        h = _load_rows(h_ptr, rows, row_mask, d_offs, D)
-        dpre = _load_rows(dpre_ptr, rows, row_mask, d_offs, D)
-        # both weight grads as [BLOCK_C, BLOCK_D] = (tile^T) @ (chunk): one accumulator layout for the two
-        dw1_t = tl.dot(tl.trans(x_c), dpre, dw1_t, input_precision=DOT_PRECISION)
-        dw2 = tl.dot(tl.trans(g.to(x_c.dtype)), h, dw2, input_precision=DOT_PRECISION)
-
-    seg = pid_s.to(tl.int64)
-    mask = c_mask[:, None] & d_mask[None, :]
-    tl.store(dw1_part_ptr + seg * D * C + d_offs[None, :] * C + c_offs[:, None], dw1_t, mask=mask)
-    tl.store(dw2_part_ptr + seg * C * D + c_offs[:, None] * D + d_offs[None, :], dw2, mask=mask)
-    if VECTOR_SUMS:
-        if pid_d == 0:
-            tl.store(db2_part_ptr + seg * C + c_offs, db2, mask=c_mask)
-            if HAS_Y2:
-                tl.store(dgamma_part_ptr + seg * C + c_offs, dgamma, mask=c_mask)
+        db2 += tl.sum(dys, axis=0)
+        if HAS_Y2:
+            dgamma += tl.sum(dys * _load_rows(y2_ptr, rows, row_mask, c_offs, C).to(tl.float32), axis=0)
+    if HAS_GAMMA:
+        db2 = db2 * tl.load(gamma_ptr + c_offs, mask=c_mask, other=0.0)
+    tl.store(db2_part_ptr + seg * C + c_offs, db2, mask=c_mask)
+    if HAS_Y2:
+        tl.store(dgamma_part_ptr + seg * C + c_offs, dgamma, mask=c_mask)
 
 
 @triton.jit
@@ -639,7 +661,9 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
     if cp <= 64:
         return [_dw_cfg(64, 64, 64, 4, 2)]
-    return [_dw_cfg(64, 128, 64, 8, 1)]  # 2 stages spilled 56 B on sm_80 with drop path and dgamma
+    # one 128x128 accumulator per program (dW1 or dW2); two 128x64 ones read x, dy, h and dpre 1.5x as often from L2.
+    # 32-row steps: 64 spilled 8 B on sm_80 in bf16
+    return [_dw_cfg(32, 128, 128, 8, 1)]
 
 
 def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
@@ -872,8 +896,8 @@ def _num_segments(M: int) -> int:
 
 def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
     """Programs of one launch (shared by the launchers and launch_plans)."""
-    if kind == "dw":
-        return (triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
+    if kind == "dw":  # dW1 programs, then dW2 programs, along axis 0
+        return (2 * triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
     if kind in ("hidden", "hidden_bwd"):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_D"]),)
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
@@ -1329,8 +1353,10 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     partials = segments * (2 * D * C + flags["VECTOR_SUMS"] * (1 + has_y2) * C) * 4
     hbm = streamed * (waves if footprint > _MODEL_L2_BYTES else 1) + has_y2 * act + partials
     tiles = triton.cdiv(min(segment_rows, M), bm)
-    per_tile = 2 * bm * (bc + bd) * s
-    l2 = programs * tiles * per_tile + grid[1] * grid[2] * tiles * bm * bc * s * has_y2 + partials
+    per_tile = bm * (bc + bd) * s  # a dW1 program reads x and dpre, a dW2 program dy and h
+    # the sums pass of the first dW1 programs reads dy (and y2) once more
+    l2 = programs * tiles * per_tile + grid[1] * grid[2] * tiles * bm * bc * s * (1 + has_y2) * flags["VECTOR_SUMS"] \
+        + partials
     return grid, hbm, l2, tiles, 1, 2
 
 
