@@ -143,6 +143,16 @@ def _conv_strip(
 
 
 @triton.jit
+def _widen(values):
+    """fp32 copy of loaded values. bf16 goes through its bits (bf16 is the top half of an fp32): one shift
+    or mask per value, where the generic conversion spends two instructions on every odd channel."""
+    if values.dtype == tl.bfloat16:
+        bits = values.to(tl.int16, bitcast=True).to(tl.int32) << 16
+        return bits.to(tl.float32, bitcast=True)
+    return values.to(tl.float32)
+
+
+@triton.jit
 def _conv_tile(
     src_ptr,  # [ROWS * W, C] conv input, any float dtype
     taps_ptr,  # [K*K, C] fp32 depthwise taps, tap-major
@@ -184,7 +194,7 @@ def _conv_tile(
         for i in tl.static_range(WINDOW):
             src_w = w0 - PAD + i
             limit = tl.where((src_w >= 0) & (src_w < W), row_limit, 0)
-            pixel = tl.load((src + i * C) + c, mask=c < limit, other=0.0).to(tl.float32)
+            pixel = _widen(tl.load((src + i * C) + c, mask=c < limit, other=0.0))
             for oh in tl.static_range(BLOCK_H):
                 if r - oh >= 0:
                     if r - oh < K:
