@@ -39,3 +39,6 @@ class LaunchPlan:
     #   them as Triton's launcher does (1 -> constant, multiple of 16 -> divisible); divisible_by_16 when absent
     outer_trips: int = 1  # iterations of loops enclosing the hot loop, per program (loop_trips counts every
     #   hot-loop iteration of the program, so nested loops give loop_trips = inner x outer)
+    loop_shares: dict = field(default_factory=dict)  # innermost loops in branches only some programs take: the
+    #   fraction of programs that run a loop with tensor-core instructions ("tensor") or one without ("other");
+    #   a missing key is 1 (every program runs every innermost loop)

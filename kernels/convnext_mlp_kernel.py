@@ -1416,11 +1416,14 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         if kind == "dw":
             int_args["SEGMENT_ROWS"] = _segments(M)[1]
         grid, hbm, l2, trips, outer, units = _plan_figures(kind, cfg, M, C, D, s, flags)
+        # dw: half the programs run the dW1 loop, half the dW2 loop; one in grid[0] the db2/dgamma sums loop
+        shares = {"tensor": 0.5, "other": 1 / grid[0]} if kind == "dw" else {}
         plans.append(LaunchPlan(
             target=_target(kind, cfg, C, D, dtype, flags, precision), grid=grid, phase=phase, hbm_bytes=float(hbm),
             l2_bytes=float(l2), loop_trips=trips, outer_trips=outer, flops=float(2 * M * C * D * _USEFUL_UNITS[kind]),
             note=f"{_PLAN_NOTES[kind]}; executes {units} M*C*D matmul units",
-            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args))
+            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args,
+            loop_shares=shares))
     if training:
         segments = _segments(M)[0]
         sums = (2 * D * C + (1 + has_gamma) * C) * (segments + 1) * 4

@@ -285,9 +285,11 @@ def unroll_factor(main: LoopCounts, remainder: LoopCounts) -> int:
     return 1
 
 
-def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int) -> dict:
+def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int, shares=None) -> dict:
     """Executions per program of each innermost loop's body: `loop_trips`, except that a loop ptxas unrolled
-    U times (followed by its remainder loop) runs trips // U times and the remainder trips % U times."""
+    U times (followed by its remainder loop) runs trips // U times and the remainder trips % U times; times
+    the plan's share of programs that take the branch holding the loop (`LaunchPlan.loop_shares`), as an
+    average over the launch's programs."""
     inner = hot_loops(loops)
     weights = {loop: float(loop_trips) for loop in inner}
     counted = {loop: count_loop(instrs, loop) for loop in inner}
@@ -296,6 +298,9 @@ def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int) -
         if factor > 1:
             weights[main] = float(loop_trips // factor)
             weights[remainder] = float(loop_trips % factor)
+    for loop in inner:
+        kind = "tensor" if counted[loop].classes.get("tensor") else "other"
+        weights[loop] *= (shares or {}).get(kind, 1.0)
     return weights
 
 
@@ -321,8 +326,9 @@ class ProgramWork:
     tensor_ops: Counter = field(default_factory=Counter)
 
 
-def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Machine, dtype: str) -> ProgramWork:
-    weights = loop_weights(instrs, loops, loop_trips, outer_trips)
+def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Machine, dtype: str,
+                 shares=None) -> ProgramWork:
+    weights = loop_weights(instrs, loops, loop_trips, outer_trips, shares)
     work = ProgramWork()
     rate = machine.macs_per_clock["tf32" if dtype == "fp32" else "16bit"]
     for instr in instrs:
@@ -521,7 +527,7 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     trips, outer = plan.loop_trips, getattr(plan, "outer_trips", 1)
     if outer > 1 and len(hot_loops(loops)) == len(loops):
         trips = outer  # the plan's inner loop was unrolled by the compiler: the loops left are the outer ones
-    work = program_work(instrs, loops, target.num_warps, trips, outer, machine, dtype)
+    work = program_work(instrs, loops, target.num_warps, trips, outer, machine, dtype, getattr(plan, "loop_shares", {}))
     est.registers, est.shared_bytes, est.spill_bytes = compiled.registers, compiled.shared_bytes, compiled.spill_bytes
     est.loop_trips = trips
     est.ctas_per_sm = ctas_per_sm(machine, compiled.registers, compiled.shared_bytes, target.num_warps)

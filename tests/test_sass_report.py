@@ -107,6 +107,23 @@ def test_time_formula_on_the_canned_kernel():
     assert est.waves == pytest.approx(264 / (132 * 8))
 
 
+def test_loop_shares_weight_branch_loops_by_the_programs_that_take_them():
+    """A hot loop in a branch half the programs take (the MLP's dW1/dW2 split) counts half its trips per
+    program on average; loops without tensor instructions take the "other" share."""
+    instrs = sr.parse_sass(CANNED)
+    loops = sr.find_loops(instrs)
+    inner = sr.Loop(0x30, 0xC0)
+    assert sr.loop_weights(instrs, loops, 64, 4) == {inner: 64.0}
+    assert sr.loop_weights(instrs, loops, 64, 4, {"tensor": 0.5, "other": 0.1}) == {inner: 32.0}
+    assert sr.loop_weights(instrs, loops, 64, 4, {"other": 0.1}) == {inner: 64.0}
+    target = CompileTarget(kernel="canned", fn=None, signature={}, constexprs={}, num_warps=4, num_stages=1)
+    compiled = sr.Compiled(CANNED, registers=64, shared_bytes=16384, spill_bytes=0)
+    whole, half = (sr.estimate_launch(LaunchPlan(target=target, grid=(264,), phase="backward", hbm_bytes=0.0,
+                                                 l2_bytes=0.0, loop_trips=64, outer_trips=4, loop_shares=shares),
+                                      sr.H100_SXM, compiled, "bf16") for shares in ({}, {"tensor": 0.5}))
+    assert half.tensor_macs == pytest.approx(whole.tensor_macs / 2)
+
+
 def test_occupancy_limits():
     h100 = sr.H100_SXM
     assert sr.ctas_per_sm(h100, 255, 0, 8) == 1  # 256 regs x 256 threads = the whole register file
