@@ -3,21 +3,18 @@
 Layout: activations are [N, H, W, C] contiguous (a channels_last NCHW tensor seen through
 .permute(0, 2, 3, 1)); ROWS = N*H image rows of W pixels of C channels.
 
-Tensors are 1-D per pixel ([BLOCK_C], kept in tuples indexed at compile time), so sliding windows
-are register renaming: no shared memory, no barrier and no 64-bit address math per tap (row
-pointers are computed in int64 once and advanced by one image row; per-thread offsets are 32-bit).
+Tiling (all kernels): a program owns a strip of BLOCK_W consecutive pixels of one image row and
+a block of channels. Per kernel row kh it loads the strip's input window (BLOCK_W + K - 1
+pixels, halo included) once into registers, with that row's K taps, and every window pixel feeds
+the K outputs it touches: BLOCK_W*K FMAs per kh for BLOCK_W + K - 1 loads. Tensors are 1-D per
+pixel ([BLOCK_C], kept in tuples indexed at compile time), so the sliding window is register
+renaming: no shared memory, no barrier and no 64-bit address math in the tap loop (the window's
+base pointer is computed once in int64 and advanced by one image row per kh; per-thread 32-bit
+offsets are loop-invariant, so each load costs one address computation).
 
-Forward (one kernel): a program owns a BLOCK_H x BLOCK_W pixel tile of one image (default 2 x 7:
-7 divides every ConvNeXt width) and all C channels (BLOCK_C >= C, 4 channels a thread). Fully
-unrolled over the tile's BLOCK_H + K - 1 input rows: each input pixel is loaded once and feeds
-every output of every output row it touches (BLOCK_H*K FMAs per load instead of K), and each tap
-row is loaded once per tile, when output row 0 first needs it. Conv + bias in fp32, then LayerNorm
-pixel by pixel over all C; y in x's dtype (or the autocast dtype), mean/rstd [N*H*W] in fp32.
-Each output sums its taps in the same order (kernel rows, then columns) in every tile shape and in
-the backward's recomputation.
-Backward tiling: a program owns a strip of BLOCK_W consecutive pixels of one image row. Per kernel
-row kh it loads the strip's input window (BLOCK_W + K - 1 pixels, halo included) once, with that
-row's K taps, and every window pixel feeds the K outputs it touches.
+Forward (one kernel): conv + bias in fp32, the strip's columns stacked into a [BLOCK_C, BLOCK_W]
+tile for LayerNorm over all C (BLOCK_C >= C); y in x's dtype (or the autocast dtype), mean/rstd
+[N*H*W] in fp32.
 Backward (the conv output is recomputed from x, not saved):
   1. `_dwconv_ln_bwd_norm_kernel`: recompute the conv, LayerNorm backward -> g = d(conv output),
      stored in fp32 (never rounded to the activation dtype), plus per-program partial sums of
@@ -58,10 +55,6 @@ MIN_BLOCK_C = 64  # fewer compiled variants; tiny C only wastes masked lanes
 BLOCK_W = 8  # output pixels per strip: 56/28/14/7-wide rows waste at most 1/8 of a strip
 # Channels per thread in the full-C kernels: 4 keeps window + taps + accumulators near 130 registers.
 CHANNELS_PER_THREAD = 4
-# Forward tiles (BLOCK_H rows x BLOCK_W pixels, channels per thread), first = the default: each input row
-# feeds BLOCK_H output rows. Registers per channel a thread: BLOCK_H*BLOCK_W accumulators + BLOCK_H tap
-# rows (K each) + the pixels in flight; 2 x 7 x 4 compiles to 168-196 registers, 3 x 7 spilled.
-FWD_TILES = ((2, 7, 4), (1, 7, 4))
 # Backward conv: one channel per thread (its 49 tap-gradient accumulators live in registers) and one
 # image row per warp; BLOCK_C = 32 divides every ConvNeXt width.
 BWD_BLOCK_C = 32
@@ -143,71 +136,6 @@ def _conv_strip(
 
 
 @triton.jit
-def _widen(values):
-    """fp32 copy of loaded values. bf16 goes through its bits (bf16 is the top half of an fp32): one shift
-    or mask per value, where the generic conversion spends two instructions on every odd channel."""
-    if values.dtype == tl.bfloat16:
-        bits = values.to(tl.int16, bitcast=True).to(tl.int32) << 16
-        return bits.to(tl.float32, bitcast=True)
-    return values.to(tl.float32)
-
-
-@triton.jit
-def _conv_tile(
-    src_ptr,  # [ROWS * W, C] conv input, any float dtype
-    taps_ptr,  # [K*K, C] fp32 depthwise taps, tap-major
-    row0,  # image row n*H + h0 of the tile's first output row
-    h0,  # its row inside the image; the tile's rows never cross into the next image
-    w0,  # first output pixel of the tile's columns
-    c,  # [BLOCK_C] int32 channel indices
-    c_ok,  # [BLOCK_C] c < C
-    H, W, C,
-    K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Conv sums (no bias) of a BLOCK_H x BLOCK_W pixel tile: a tuple of BLOCK_H*BLOCK_W fp32 [BLOCK_C],
-    row-major. Fully unrolled over the BLOCK_H + K - 1 input rows: each input row is loaded once and
-    feeds every output row it touches, and each tap row is loaded once per tile."""
-    PAD: tl.constexpr = K // 2
-    WINDOW: tl.constexpr = BLOCK_W + K - 1
-    # Window addresses: a scalar (uniform) row pointer plus i*C, then the thread's channel offset c, so
-    # a thread keeps one offset register instead of one per window column.
-    src = src_ptr + ((row0 - PAD).to(tl.int64) * W + (w0 - PAD)) * C
-    row_step = W.to(tl.int64) * C
-    accs = ()
-    for p in tl.static_range(BLOCK_H * BLOCK_W):
-        accs = accs + (tl.zeros([BLOCK_C], dtype=tl.float32),)
-    taps = ()
-    for r in tl.static_range(BLOCK_H + K - 1):
-        if r < K:  # tap row r is first needed by input row r (output row 0)
-            for kw in tl.static_range(K):
-                taps = taps + (tl.load(taps_ptr + (r * K + kw) * C + c, mask=c_ok, other=0.0),)
-        src_h = h0 - PAD + r
-        # Masks are `c < limit` with a scalar limit (C or 0): one compare per load, and Triton's
-        # interpreter mishandles scalar & vector booleans.
-        row_limit = tl.where((src_h >= 0) & (src_h < H), C, 0)
-        # Window pixel by pixel: each loaded pixel feeds its (up to) K outputs in every output row it
-        # touches and is dead after, so the window never sits in registers as a whole. Each output still
-        # sums kernel rows, then columns, in ascending order.
-        for i in tl.static_range(WINDOW):
-            src_w = w0 - PAD + i
-            limit = tl.where((src_w >= 0) & (src_w < W), row_limit, 0)
-            pixel = _widen(tl.load((src + i * C) + c, mask=c < limit, other=0.0))
-            for oh in tl.static_range(BLOCK_H):
-                if r - oh >= 0:
-                    if r - oh < K:
-                        for kw in tl.static_range(K):
-                            if i - kw >= 0:
-                                if i - kw < BLOCK_W:
-                                    acc = tl.fma(pixel, taps[(r - oh) * K + kw], accs[oh * BLOCK_W + i - kw])
-                                    accs = accs[:oh * BLOCK_W + i - kw] + (acc,) + accs[oh * BLOCK_W + i - kw + 1:]
-        src += row_step
-    return accs
-
-
-@triton.jit
 def _join_halves(items, WIDTH: tl.constexpr):
     joined = ()
     for q in tl.static_range(WIDTH):
@@ -246,40 +174,30 @@ def _dwconv_ln_fwd_kernel(
     eps,
     W_BUCKET,  # autotune key only
     K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    # 1-D grid, strip fastest, then row tiles: programs sharing a halo run side by side (L2 hits)
+    # 1-D grid, strip fastest: the programs sharing a halo run side by side (L2 hits, not HBM re-reads)
     strips = tl.cdiv(W, BLOCK_W)
-    row_tiles = tl.cdiv(H, BLOCK_H)
-    strip = tl.program_id(0) % strips
-    tile = tl.program_id(0) // strips
-    h0 = (tile % row_tiles) * BLOCK_H
-    row0 = (tile // row_tiles) * H + h0
-    w0 = strip * BLOCK_W
+    row = tl.program_id(0) // strips
+    w0 = (tl.program_id(0) % strips) * BLOCK_W
     c = tl.arange(0, BLOCK_C)
     c_ok = c < C
-    accs = _conv_tile(x_ptr, taps_ptr, row0, h0, w0, c, c_ok, H, W, C, K, BLOCK_H, BLOCK_W, BLOCK_C)
-    bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
+    cols = _conv_strip(x_ptr, taps_ptr, row, w0, True, c, c_ok, H, W, C, K, BLOCK_W, BLOCK_C)
+    z = _stack_columns(cols, BLOCK_W, BLOCK_C) + tl.load(bias_ptr + c, mask=c_ok, other=0.0)[:, None]
+    mean = tl.sum(z, axis=0) / C  # masked channels are exactly 0 (zero taps and bias)
+    centered = tl.where(c_ok[:, None], z - mean[None, :], 0.0)
+    rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / C + eps)
     ln_w = tl.load(ln_w_ptr + c, mask=c_ok, other=0.0)
     ln_b = tl.load(ln_b_ptr + c, mask=c_ok, other=0.0)
-    # LayerNorm pixel by pixel: no column stacking, so BLOCK_W need not be a power of two (7 divides
-    # every ConvNeXt width).
-    for oh in tl.static_range(BLOCK_H):
-        row_width = tl.where(h0 + oh < H, W, 0)  # rows past the image (a tail tile) are not stored
-        out = y_ptr + ((row0 + oh).to(tl.int64) * W + w0) * C
-        for j in tl.static_range(BLOCK_W):
-            z = accs[oh * BLOCK_W + j] + bias
-            mean = tl.sum(z, axis=0) / C  # masked channels are exactly 0 (zero taps and bias)
-            centered = tl.where(c_ok, z - mean, 0.0)
-            rstd = tl.rsqrt(tl.sum(centered * centered, axis=0) / C + eps)
-            y = centered * rstd * ln_w + ln_b
-            pixel = (row0 + oh) * W + w0 + j
-            pixel_ok = w0 + j < row_width
-            tl.store(mean_ptr + pixel, mean, mask=pixel_ok)
-            tl.store(rstd_ptr + pixel, rstd, mask=pixel_ok)
-            tl.store(out + j * C + c, y.to(y_ptr.dtype.element_ty), mask=c < tl.where(pixel_ok, C, 0))
+    y = centered * rstd[None, :] * ln_w[:, None] + ln_b[:, None]
+    j = tl.arange(0, BLOCK_W)
+    j_ok = w0 + j < W
+    first = row * W + w0
+    tl.store(mean_ptr + first + j, mean, mask=j_ok)
+    tl.store(rstd_ptr + first + j, rstd, mask=j_ok)
+    out = y_ptr + first.to(tl.int64) * C
+    tl.store(out + c[:, None] + (j * C)[None, :], y.to(y_ptr.dtype.element_ty), mask=c_ok[:, None] & j_ok[None, :])
 
 
 # ---------------------------------------------------------------------------- backward kernels
@@ -447,16 +365,12 @@ def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) 
     return max(1, block_c // (32 * channels_per_thread))
 
 
-def _forward_configs(block_c: int) -> list[tuple[int, int, int]]:
-    """(BLOCK_H, BLOCK_W, num_warps) candidates of the forward. Every output sums its taps in the same
-    order (kernel rows, then columns) whatever the tile, so the autotuner's pick never changes the bits."""
-    configs = [(cfg_h, cfg_w, _full_c_warps(block_c, per_thread)) for cfg_h, cfg_w, per_thread in FWD_TILES]
-    # at BLOCK_C = 64 several are one warp; 32 warps leave 64 registers a thread, too few (spills)
-    return [cfg for i, cfg in enumerate(configs) if cfg not in configs[:i] and cfg[2] <= 16]
-
-
-def _forward_grid(n: int, h: int, w: int, block_h: int, block_w: int) -> tuple[int]:
-    return (n * triton.cdiv(h, block_h) * triton.cdiv(w, block_w),)
+def _forward_configs(block_c: int) -> list[tuple[int, int]]:
+    """(BLOCK_W, num_warps) candidates of the forward: 4 channels per thread, then 2. Same summation
+    order in both, so the autotuner's pick never changes the bits."""
+    configs = [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
+    # at BLOCK_C = 64 both are one warp; 32 warps leave 64 registers a thread, too few (spills)
+    return [cfg for i, cfg in enumerate(configs) if cfg not in configs[:i] and cfg[1] <= 16]
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
@@ -484,8 +398,8 @@ _TUNED: dict = {}
 def _tuned_forward_kernel(block_c: int):
     if block_c not in _TUNED:
         configs = [
-            triton.Config({"BLOCK_H": block_h, "BLOCK_W": block_w}, num_warps=warps, num_stages=1)
-            for block_h, block_w, warps in _forward_configs(block_c)
+            triton.Config({"BLOCK_W": block_w}, num_warps=warps, num_stages=1)
+            for block_w, warps in _forward_configs(block_c)
         ]
         # Triton adds the tensor arguments' dtypes to the key.
         _TUNED[block_c] = triton.autotune(configs=configs, key=["C", "W_BUCKET"])(_dwconv_ln_fwd_kernel)
@@ -512,11 +426,11 @@ def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     with _device_guard(x.device):
         if autotune_enabled():
             kernel = _tuned_forward_kernel(block_c)
-            _launch(kernel, lambda meta: _forward_grid(n, h, w, meta["BLOCK_H"], meta["BLOCK_W"]), *args, **consts)
+            _launch(kernel, lambda meta: (n * h * triton.cdiv(w, meta["BLOCK_W"]),), *args, **consts)
         else:
-            block_h, block_w, warps = _forward_configs(block_c)[0]
-            _launch(_dwconv_ln_fwd_kernel, _forward_grid(n, h, w, block_h, block_w), *args, **consts,
-                    BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps, num_stages=1)
+            block_w, warps = _forward_configs(block_c)[0]
+            grid = (n * h * triton.cdiv(w, block_w),)
+            _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_W=block_w, num_warps=warps, num_stages=1)
     return y, mean, rstd
 
 
@@ -748,18 +662,16 @@ def _pair_label(x_dtype: str, y_dtype: str) -> str:
     return x_dtype if x_dtype == y_dtype else f"{x_dtype}->{y_dtype}"
 
 
-def _forward_target(x_dtype, y_dtype, k, block_c, block_h, block_w, warps) -> CompileTarget:
+def _forward_target(x_dtype, y_dtype, k, block_c, block_w, warps) -> CompileTarget:
     signature = {
         "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32", "ln_b_ptr": "*fp32",
         "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32",
-        "eps": "fp32", "W_BUCKET": "i32", "K": "constexpr", "BLOCK_H": "constexpr", "BLOCK_W": "constexpr",
-        "BLOCK_C": "constexpr",
+        "eps": "fp32", "W_BUCKET": "i32", "K": "constexpr", "BLOCK_W": "constexpr", "BLOCK_C": "constexpr",
     }
     return CompileTarget(
         kernel="dwconv_ln_fwd", fn=_dwconv_ln_fwd_kernel, signature=signature,
-        constexprs={"K": k, "BLOCK_H": block_h, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps,
-        num_stages=1, dtype=_pair_label(x_dtype, y_dtype),
-        label=f"K={k} BLOCK_H={block_h} BLOCK_W={block_w} BLOCK_C={block_c} warps={warps}",
+        constexprs={"K": k, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps, num_stages=1,
+        dtype=_pair_label(x_dtype, y_dtype), label=f"K={k} BLOCK_W={block_w} BLOCK_C={block_c} warps={warps}",
     )
 
 
@@ -812,8 +724,7 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
     for k in kernel_sizes:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
             for block_c in _block_c_classes():
-                targets += [_forward_target(x_dtype, y_dtype, k, block_c, *cfg)
-                            for cfg in _forward_configs(block_c)]
+                targets += [_forward_target(x_dtype, y_dtype, k, block_c, *cfg) for cfg in _forward_configs(block_c)]
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
         targets += [_bwd_conv_target(x_dtype, k) for x_dtype in _TRITON_DTYPES.values()]
     return targets + [_sum_rows_target()]
@@ -850,12 +761,6 @@ def _valid_window_columns(width: int, k: int, block_w: int) -> int:
     """Columns of the strips' loaded windows (BLOCK_W + K - 1 each) that lie inside the image, all strips."""
     pad = k // 2
     return sum(min(w0 - pad + block_w + k - 1, width) - max(w0 - pad, 0) for w0 in range(0, width, block_w))
-
-
-def _tile_input_rows(height: int, k: int, block_h: int) -> int:
-    """In-image input rows the forward's row tiles (BLOCK_H output rows + K - 1 halo rows) load, all tiles."""
-    pad = k // 2
-    return sum(min(h0 - pad + block_h + k - 1, height) - max(h0 - pad, 0) for h0 in range(0, height, block_h))
 
 
 def _tile_g_rows(rows: int, height: int, k: int) -> int:
@@ -898,20 +803,18 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     window_elements = batch * _valid_taps(height, k) * _valid_window_columns(width, k, BLOCK_W) * c
     conv_flops = 2 * taps * pixels * c
     block_c = _block_c(c)
-    block_h, block_w, warps = _forward_configs(block_c)[0]
-    (programs,) = _forward_grid(batch, height, width, block_h, block_w)
-    # The forward's tiles request their BLOCK_H + K - 1 input rows (in-image ones) x window columns.
-    tile_elements = batch * _tile_input_rows(height, k, block_h) * _valid_window_columns(width, k, block_w) * c
+    block_w, warps = _forward_configs(block_c)[0]
+    strips = triton.cdiv(width, block_w)
+    programs = rows * strips
     # A halo row is re-read K rows after its first use: from HBM only if those rows' x and y exceed L2.
     halo_hbm = (window_elements * s - act) if 2 * k * width * c * s > L2_BYTES else 0
-    tile_halo_hbm = (tile_elements * s - act) if 2 * k * width * c * s > L2_BYTES else 0
     plans = [
         _torch_plan("forward", 2 * taps * c * 4, "torch: taps transposed to a [K*K, C] fp32 matrix"),
         _int_plan(
-            _forward_target(name, name, k, block_c, block_h, block_w, warps), (programs,), "forward",
-            2 * act + stats + small + tile_halo_hbm, tile_elements * s + programs * small + act + stats, 1,
+            _forward_target(name, name, k, block_c, block_w, warps), (programs,), "forward",
+            2 * act + stats + small + halo_hbm, window_elements * s + programs * small + act + stats, k,
             conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
-            "conv + bias + LayerNorm: a BLOCK_H x BLOCK_W pixel tile, all channels; fully unrolled (no loop)",
+            "conv + bias + LayerNorm: a strip of BLOCK_W pixels, all channels; hot loop = kernel rows",
             dict(H=height, W=width, C=c, W_BUCKET=_w_bucket(width)),
         ),
     ]

@@ -118,8 +118,7 @@ def test_deterministic_bits(monkeypatch, dtype):
     programs one after another, so float atomics would look deterministic here: the kernels must not
     use any (gradients are reduced through per-program partials summed in a fixed order)."""
     for kernel in (kernel_module._dwconv_ln_bwd_norm_kernel, kernel_module._dwconv_bwd_conv_kernel,
-                   kernel_module._sum_rows_kernel, kernel_module._dwconv_ln_fwd_kernel, kernel_module._conv_strip,
-                   kernel_module._conv_tile):
+                   kernel_module._sum_rows_kernel, kernel_module._dwconv_ln_fwd_kernel, kernel_module._conv_strip):
         fn = kernel.fn  # the Python function under triton.jit (or the interpreter's wrapper)
         assert "atomic" not in inspect.getsource(fn), f"{fn.__name__} uses an atomic"
     monkeypatch.setattr(kernel_module, "PARTIAL_PROGRAMS", 3)
