@@ -15,7 +15,6 @@ import contextlib
 import importlib.util
 import math
 import os
-import warnings
 
 import torch
 
@@ -33,7 +32,6 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 MODEL_WIN_FACTOR = 0.95
 _interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _triton_importable = importlib.util.find_spec("triton") is not None
-_warned_unsupported = set()
 _tuned, _decisions = policy._tuned, policy._decisions  # the same dicts: PolicyKey -> Decision
 _UNSET = object()
 _predicted_override = _UNSET
@@ -66,9 +64,7 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
-        if unsupported_reason not in _warned_unsupported:
-            _warned_unsupported.add(unsupported_reason)
-            warnings.warn(f"fastconvnext: {unsupported_reason}; that op runs eagerly", stacklevel=3)
+        policy.warn_once(f"{unsupported_reason}; that op runs eagerly", stacklevel=4)  # points at the op's caller
         return False
     return True
 

@@ -72,10 +72,11 @@ def use_backend(name):
         _env_error = previous_error
 
 
-def warn_once(message):
+def warn_once(message, stacklevel=3):
+    """Warn with this message once per process; stacklevel counts frames from here (2: warn_once's caller)."""
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(f"fastconvnext: {message}", stacklevel=3)
+        warnings.warn(f"fastconvnext: {message}", stacklevel=stacklevel)
 
 
 
