@@ -701,6 +701,13 @@ _MODEL_ROWS = 256 * 28 * 28  # the row count the path choice is costed at (ConvN
 
 
 def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
+    """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel: see
+    `_two_gemm_forward_costed`, cached per shape because every forward call asks (costing takes ~50 µs)."""
+    return _two_gemm_forward_costed(C, D, dtype, precision, gpu or not interpreting())
+
+
+@functools.lru_cache(maxsize=None)
+def _two_gemm_forward_costed(C: int, D: int, dtype: str, precision: str, gpu: bool) -> bool:
     """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel.
 
     The fused kernel recomputes fc1 once per C tile beyond the first and re-reads each row tile from L2 per hidden
