@@ -7,8 +7,9 @@ tensor seen as NHWC).
 from __future__ import annotations
 
 import torch
-import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
+
+from ._op_support import forward_mode_ad
 
 # Activation names understood by the ops. The fused MLP kernel implements FUSED_ACTS; the others
 # (needed for transformers' hidden_act values such as "silu") only exist on the eager path.
@@ -151,7 +152,7 @@ def cpu_training_paths_apply(x):
     forward-mode rule)."""
     if not torch.is_grad_enabled() or x.dtype != torch.float32 or not _onednn_usable(x):
         return False
-    return not torch.is_autocast_enabled("cpu") and forward_ad.unpack_dual(x).tangent is None
+    return not torch.is_autocast_enabled("cpu") and not forward_mode_ad(x)
 
 
 def convnext_mlp_cpu_training(
