@@ -108,12 +108,16 @@ def test_model_under_bf16_autocast_follows_transformers():
     assert fast.dtype == eager.dtype
     assert_within_rule(fast.float(), eager.float(), exact, torch.bfloat16, "bf16 autocast model")
 
-def _mlp_training_grads(op, tensors, act, sample_scale, grad_out):
-    """Output and the gradients of every tensor input of one MLP call."""
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in tensors]
-    out = op(*leaves, act, sample_scale)
+def _grads(op, tensors, grad_out):
+    """Output and the gradients of every tensor input (None entries skipped) of one op call."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
+    out = op(*leaves)
     out.backward(grad_out)
     return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+def _mlp_training_grads(op, tensors, act, sample_scale, grad_out):
+    return _grads(lambda *leaves: op(*leaves, act, sample_scale), tensors, grad_out)
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])
@@ -190,13 +194,6 @@ def dwconv_inputs(n=2, h=9, w=11, c=12, k=7):
     make = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
     x = make(n, c, h, w).contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
     return x, make(c, 1, k, k) * 0.2, make(c), 1 + 0.1 * make(c), make(c)
-
-
-def _grads(op, tensors, grad_out):
-    leaves = [None if t is None else t.detach().requires_grad_(True) for t in tensors]
-    out = op(*leaves)
-    out.backward(grad_out)
-    return [out.detach()] + [t.grad for t in leaves if t is not None]
 
 
 @pytest.mark.parametrize("with_bias,k", [(True, 7), (False, 7), (True, 3)])
