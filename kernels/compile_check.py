@@ -80,17 +80,20 @@ def _resource_usage(cubin: bytes) -> tuple[dict, str]:
     return fields, sass
 
 
-def _aligned_pointers(target) -> dict:
-    """Mark every pointer argument 16-byte divisible, as a real launch does for torch allocations.
-
-    Triton specializes a launch on `data_ptr() % 16 == 0`; the launchers pass whole contiguous tensors,
-    so that is the variant that runs, and its vectorized loads change the register budget.
-    """
+def _launch_specialization(target) -> dict:
+    """The weakest specialization a launch of this target gets: pointers 16-byte aligned (Triton specializes on
+    `data_ptr() % 16 == 0`; the launchers pass whole contiguous tensors, so that is the variant that runs, and
+    its vectorized loads change the register budget) and the integer arguments the launcher guarantees are
+    multiples of 16 (`CompileTarget.divisible_by_16`) marked so. Integers it does not guarantee stay
+    unspecialized: a target must compile without spills for every value its launcher can pass."""
     names = target.fn.arg_names
+    unknown = set(target.divisible_by_16) - {name for name, kind in target.signature.items() if kind[:1] == "i"}
+    if unknown:
+        raise ValueError(f"{target.kernel}: divisible_by_16 names {sorted(unknown)}, not integer arguments")
     return {
         (names.index(name),): [["tt.divisibility", 16]]
         for name, kind in target.signature.items()
-        if kind.startswith("*")
+        if kind.startswith("*") or name in target.divisible_by_16
     }
 
 
@@ -107,7 +110,7 @@ def check_target(target, arch: int) -> CheckResult:
     start = time.perf_counter()
     try:
         source = ASTSource(
-            fn=target.fn, signature=target.signature, constexprs=target.constexprs, attrs=_aligned_pointers(target)
+            fn=target.fn, signature=target.signature, constexprs=target.constexprs, attrs=_launch_specialization(target)
         )
         compiled = triton.compile(
             source,

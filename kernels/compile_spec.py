@@ -15,6 +15,9 @@ class CompileTarget:
     dtype: str = "fp32"  # activation dtype this config is used for
     label: str = ""  # short description of the config (block sizes, flags)
     expects_tensor_cores: bool = False  # SASS must show HMMA (sm_80) / HGMMA or HMMA (sm_90)
+    # Integer arguments the launcher guarantees are multiples of 16 whenever it picks this target (it
+    # checks, and picks another target otherwise): compiled divisible, as Triton specializes such a launch.
+    divisible_by_16: tuple = ()
     extra: dict = field(default_factory=dict)
 
 

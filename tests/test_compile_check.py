@@ -196,3 +196,29 @@ def test_spread_keeps_n_evenly_spaced_targets_of_each_module():
     assert compile_check.spread_targets(targets, 3) == [("a", 0), ("a", 4), ("a", 8), ("b", 0), ("b", 1)]
     with pytest.raises(ValueError, match="--spread must be >= 1, got 0"):
         compile_check.spread_targets(targets, 0)
+
+
+def _scale_kernel_target(**fields):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scale(x_ptr, n, stride, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs * stride, tl.load(x_ptr + offs, mask=offs < n) * 2, mask=offs < n)
+
+    signature = {"x_ptr": "*fp32", "n": "i32", "stride": "i32", "BLOCK": "constexpr"}
+    return CompileTarget(kernel="scale", fn=scale, signature=signature, constexprs={"BLOCK": 16}, **fields)
+
+
+def test_launch_specialization_marks_pointers_and_the_launchers_guaranteed_integers():
+    plain = compile_check._launch_specialization(_scale_kernel_target())
+    assert plain == {(0,): [["tt.divisibility", 16]]}
+    guaranteed = compile_check._launch_specialization(_scale_kernel_target(divisible_by_16=("stride",)))
+    assert guaranteed == {(0,): [["tt.divisibility", 16]], (2,): [["tt.divisibility", 16]]}
+
+
+@pytest.mark.parametrize("name", ["x_ptr", "BLOCK", "missing"])
+def test_divisible_by_16_must_name_an_integer_argument(name):
+    with pytest.raises(ValueError, match="not integer arguments"):
+        compile_check._launch_specialization(_scale_kernel_target(divisible_by_16=(name,)))
