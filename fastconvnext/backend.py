@@ -205,7 +205,7 @@ def roofline_decision(key):
     near_arch = _nearest_arch(key.arch, ROOFLINE_ARCHS)
     if near_arch is None or key.dtype not in roofline.DTYPE_BYTES:
         return None
-    gpu = roofline.H100_SXM if near_arch == 90 else roofline.A100_SXM
+    gpu = roofline.MACHINES[near_arch].gpu
     shape = roofline.StageShape("policy", 0, key.batch, max(1, round(math.sqrt(key.hw))), key.channels)
     pass_ = "fwd" if key.mode == "forward" else "fwd+bwd"
     fused, eager = (roofline.traffic(key.op, impl, pass_, shape, key.dtype).seconds(gpu) * 1e6

@@ -75,6 +75,57 @@ H100_SXM = Gpu("H100 SXM", 3.35e12, {"bf16": 989e12, "fp16": 989e12, "tf32": 494
 A100_SXM = Gpu("A100 SXM 80GB", 2.039e12, {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12}, 19.5e12)
 ROOFLINE_GPUS = (H100_SXM, A100_SXM)
 
+
+@dataclass(frozen=True)
+class Machine:
+    """What the static SASS model (kernels/sass_report.py) needs beyond a Gpu's peaks: per-SM rates and chip
+    totals. The clock is the one the Gpu's dense 16-bit tensor peak implies, so the two never disagree. Sources
+    are in MACHINE_SOURCES; "assumed" figures await a GPU to calibrate."""
+
+    name: str
+    arch: int
+    gpu: Gpu
+    sms: int
+    l2_bytes_per_s: float  # L2 -> SMs
+    l2_size: float
+    macs_per_clock: dict  # dense tensor-core MACs per SM per clock: "16bit" (fp16/bf16) and "tf32"
+    smem_per_sm: int
+    regs_per_sm: int = 65536
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+    issue_per_clock: int = 4  # warp-instructions per SM per clock: 4 schedulers, 1 each
+    mufu_per_clock: int = 16  # special-function results per SM per clock
+
+    @property
+    def clock_hz(self) -> float:
+        return self.gpu.tensor_flops["bf16"] / (2 * self.macs_per_clock["16bit"] * self.sms)
+
+    @property
+    def hbm_bytes_per_s(self) -> float:
+        return self.gpu.hbm_bytes_per_s
+
+
+MACHINES = {
+    90: Machine("H100 SXM", 90, H100_SXM, 132, 5.5e12, 50e6, {"16bit": 2048, "tf32": 1024}, 228 * 1024),
+    80: Machine("A100 SXM", 80, A100_SXM, 108, 4.5e12, 40e6, {"16bit": 1024, "tf32": 512}, 164 * 1024),
+}
+
+MACHINE_SOURCES = (
+    "H100 SXM: 132 SMs; 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet); 1.83 GHz is the "
+    "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide). "
+    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2, e.g. chipsandcheese.com "
+    "2023-07-02 'Nvidia's H100: Funny L2, and Tons of Bandwidth', are of that order; uncalibrated for SXM, and "
+    "most MLP launches are L2-bound in this model, so this constant moves them most).",
+    "A100 SXM: 108 SMs, 1.41 GHz, 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16 = 1024 MAC/clk/SM (NVIDIA A100 "
+    "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 4.5 TB/s is ASSUMED (the whitepaper's "
+    "5120 B/clk x 1.41 GHz = 7.2 TB/s is a raw peak).",
+    "Both: 4 warp-instructions issued per SM per clock (4 schedulers), 16 MUFU results per SM per clock, "
+    "65536 registers, 64 warps and 32 CTAs per SM (CUDA programming guide, compute capability 8.0/9.0).",
+    "Tensor-instruction efficiency (ASSUMED, to calibrate on a GPU): wgmma m64nNk: N / (N + 16) of peak "
+    "(a fixed cost per instruction that a wide N amortizes); mma.sync (HMMA) on sm_90: 0.5 of the wgmma peak "
+    "(Hopper's full rate needs wgmma); HMMA on sm_80: 0.85.",
+)
+
 # Other parts a measurement may run on, matched by name to put achieved bandwidth against the peak.
 _KNOWN_GPUS = (
     ("H100 PCIe", Gpu("H100 PCIe", 2.0e12, {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12}, 51e12)),

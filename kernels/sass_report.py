@@ -47,6 +47,8 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fastconvnext.kernels import roofline
+
 _PACKAGE = __package__ or "fastconvnext.kernels"
 KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
 MODES = ("forward", "forward_backward")
@@ -61,44 +63,9 @@ DEFAULT_TABLE = Path(__file__).parent / "perf_table.py"
 # ------------------------------------------------------------------------------------------ machines
 
 
-@dataclass(frozen=True)
-class Machine:
-    """Per-SM rates and chip totals. Sources are in MACHINE_SOURCES; "assumed" ones await a GPU to calibrate."""
-
-    name: str
-    arch: int
-    sms: int
-    clock_hz: float
-    hbm_bytes_per_s: float
-    l2_bytes_per_s: float
-    l2_size: float
-    macs_per_clock: dict  # dense tensor-core MACs per SM per clock: "16bit" (fp16/bf16) and "tf32"
-    smem_per_sm: int
-    regs_per_sm: int = 65536
-    max_warps_per_sm: int = 64
-    max_ctas_per_sm: int = 32
-    issue_per_clock: int = 4  # warp-instructions per SM per clock: 4 schedulers, 1 each
-    mufu_per_clock: int = 16  # special-function results per SM per clock
-
-
-H100_SXM = Machine("H100 SXM", 90, 132, 1.83e9, 3.35e12, 5.5e12, 50e6, {"16bit": 2048, "tf32": 1024}, 228 * 1024)
-A100_SXM = Machine("A100 SXM", 80, 108, 1.41e9, 2.039e12, 4.5e12, 40e6, {"16bit": 1024, "tf32": 512}, 164 * 1024)
-MACHINES = {90: H100_SXM, 80: A100_SXM}
-MACHINE_SOURCES = (
-    "H100 SXM: 132 SMs; 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet); 1.83 GHz is the "
-    "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide). "
-    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2, e.g. chipsandcheese.com "
-    "2023-07-02 'Nvidia's H100: Funny L2, and Tons of Bandwidth', are of that order; uncalibrated for SXM, and "
-    "most MLP launches are L2-bound in this model, so this constant moves them most).",
-    "A100 SXM: 108 SMs, 1.41 GHz, 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16 = 1024 MAC/clk/SM (NVIDIA A100 "
-    "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 4.5 TB/s is ASSUMED (the whitepaper's "
-    "5120 B/clk x 1.41 GHz = 7.2 TB/s is a raw peak).",
-    "Both: 4 warp-instructions issued per SM per clock (4 schedulers), 16 MUFU results per SM per clock, "
-    "65536 registers, 64 warps and 32 CTAs per SM (CUDA programming guide, compute capability 8.0/9.0).",
-    "Tensor-instruction efficiency (ASSUMED, to calibrate on a GPU): wgmma m64nNk: N / (N + 16) of peak "
-    "(a fixed cost per instruction that a wide N amortizes); mma.sync (HMMA) on sm_90: 0.5 of the wgmma peak "
-    "(Hopper's full rate needs wgmma); HMMA on sm_80: 0.85.",
-)
+# The machines' figures live with the byte/FLOP floor's, in kernels/roofline.py (one place for H100/A100 constants).
+Machine, MACHINES, MACHINE_SOURCES = roofline.Machine, roofline.MACHINES, roofline.MACHINE_SOURCES
+H100_SXM, A100_SXM = MACHINES[90], MACHINES[80]
 
 
 def tensor_efficiency(arch: int, opcode: str, n: int) -> float:
@@ -751,9 +718,8 @@ def launch_plans(op, batch, height, width, channels, dtype, training, machine=H1
 
 def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
     """The optimistic eager floor of fastconvnext.kernels.roofline on the same machine's peaks."""
-    from fastconvnext.kernels import roofline
 
-    gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
+    gpu = machine.gpu
     shape = roofline.StageShape("-", 0, batch, size, channels)
     pass_ = "fwd" if mode == "forward" else "fwd+bwd"
     return roofline.traffic(op, "eager", pass_, shape, dtype).seconds(gpu)
@@ -761,9 +727,8 @@ def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> f
 
 def minimum_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
     """The fusion floor ("minimum") of fastconvnext.kernels.roofline."""
-    from fastconvnext.kernels import roofline
 
-    gpu = roofline.H100_SXM if machine.arch >= 90 else roofline.A100_SXM
+    gpu = machine.gpu
     shape = roofline.StageShape("-", 0, batch, size, channels)
     pass_ = "fwd" if mode == "forward" else "fwd+bwd"
     return roofline.traffic(op, "fused_min", pass_, shape, dtype).seconds(gpu)

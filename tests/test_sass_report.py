@@ -90,7 +90,8 @@ def test_time_formula_on_the_canned_kernel():
                       outer_trips=4)
     compiled = sr.Compiled(CANNED, registers=64, shared_bytes=16384, spill_bytes=0)
     est = sr.estimate_launch(plan, machine, compiled, "bf16")
-    clock = 1.83e9
+    clock = machine.clock_hz  # the clock 989 TFLOP/s of dense bf16 implies at 132 SMs x 4096 FLOP/clk
+    assert clock == pytest.approx(989e12 / (132 * 4096)) and clock == pytest.approx(1.83e9, rel=1e-3)
     # per warp: 3 instructions outside the loops (S2R, IMAD.MOV, EXIT; the trap is not executed),
     # 3 in the outer loop only (LDG, STG, BRA) x 4, 10 in the inner loop x 64
     per_warp = 3 + 3 * 4 + 10 * 64

@@ -94,7 +94,7 @@ def model_entry(op, arch, dtype, shape, mode):
 
 
 def minimum_us(op, arch, dtype, shape, mode):
-    gpu = roofline.H100_SXM if arch >= 90 else roofline.A100_SXM
+    gpu = roofline.MACHINES[90 if arch >= 90 else 80].gpu
     pass_ = dict(MODES)[mode]
     return roofline.traffic(op, "fused_min", pass_, shape, dtype).seconds(gpu) * 1e6
 
