@@ -4,15 +4,24 @@
 first; only when all of them are complete and on disk does `commit` move them over the old names.
 A failure before `commit` (an exception, a full disk, a kill) leaves the old files untouched and at
 most a `.tmp-*` file behind; os.replace makes each rename atomic on POSIX and Windows.
+
+Staged names carry a tag of the host and the writer's process id (`.tmp-<host>-<pid>-<random>-<name>`), so
+the next save into the directory can remove what a killed writer left: files of this host whose process is
+gone. Files of live processes, of other hosts (a shared file system) and any other name are left alone.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_STAGED_NAME = re.compile(r"\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]{1,10})-[0-9a-f]{12}-")
 
 
 class StagedFiles:
@@ -21,6 +30,7 @@ class StagedFiles:
     def __init__(self, directory):
         self.directory = Path(directory)
         self._staged = []  # (temporary path, final path)
+        remove_stale_staging(self.directory)
 
     def __enter__(self):
         return self
@@ -32,7 +42,7 @@ class StagedFiles:
     def stage(self, name):
         """An empty new file beside `name`, created with the usual permissions (0666 minus umask)."""
         final = self.directory / name
-        temporary = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(6)}-{name}"
+        temporary = self.directory / f"{_staging_prefix()}{name}"
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         os.close(descriptor)
         self._staged.append((temporary, final))
@@ -69,7 +79,7 @@ class StagedFiles:
         """A second name for the current `final` file (a hard link, a copy where links are unsupported)."""
         if not final.is_file():
             return None
-        backup = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(6)}-old-{final.name}"
+        backup = self.directory / f"{_staging_prefix()}old-{final.name}"
         try:
             os.link(final, backup)
         except OSError:
@@ -83,6 +93,43 @@ class StagedFiles:
             except FileNotFoundError:
                 pass
         self._staged = []
+
+
+def _staging_prefix() -> str:
+    return f"{TEMP_PREFIX}{_HOST_TAG}-{os.getpid()}-{secrets.token_hex(6)}-"
+
+
+def _process_is_gone(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, OSError):
+        return False  # alive under another user, or not a pid this platform can probe: keep the file
+    return False
+
+
+def remove_stale_staging(directory) -> list:
+    """Remove the staged files a killed writer on this host left in `directory` (not its subfolders); returns
+    the names removed. Never follows links and never raises for what it cannot read or remove."""
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGED_NAME.match(entry.name)
+        if not match or match["host"] != _HOST_TAG or not _process_is_gone(int(match["pid"])):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
 
 
 def write_text_atomically(path, text):

@@ -505,3 +505,26 @@ def test_pytorch_bin_index_entries_are_contained_too(tmp_path):
     (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(PermissionError, match=r"refusing shard entry '\.\./outside\.bin' in .*bin\.index\.json"):
         load_pretrained(None, model)
+
+
+def test_a_later_save_removes_what_a_killed_save_left_and_nothing_else(tmp_path):
+    old, new = saved_pair(tmp_path)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          timeout=300)
+    dead_pid, live_pid = int(gone.stdout), os.getpid()
+    host = safe_io._HOST_TAG
+    other_host = "0" * 8 if host != "0" * 8 else "1" * 8
+    stale = [f".tmp-{host}-{dead_pid}-{'a' * 12}-model.safetensors", f".tmp-{host}-{dead_pid}-{'b' * 12}-old-config.json"]
+    kept = [f".tmp-{host}-{live_pid}-{'c' * 12}-model.safetensors",  # a save in progress in a live process
+            f".tmp-{other_host}-{dead_pid}-{'d' * 12}-model.safetensors",  # another host's (shared file system)
+            ".tmp-notes.txt", "my.tmp-file"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / f".tmp-{host}-{dead_pid}-{'e' * 12}-dir").mkdir()  # not a file: left alone
+    kept.append(f".tmp-{host}-{dead_pid}-{'e' * 12}-dir")
+    save_pretrained(new, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert not names & set(stale)
+    assert set(kept) <= names
+    assert names - set(kept) == {"config.json", "model.safetensors"}
+    assert same_outputs(load_pretrained(None, tmp_path), new)
