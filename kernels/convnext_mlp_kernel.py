@@ -140,6 +140,18 @@ def _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, cols, C: tl.constexpr,
 
 
 @triton.jit
+def _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, cols, C: tl.constexpr, HAS_GAMMA: tl.constexpr,
+                    HAS_SCALE: tl.constexpr):
+    # g as a dot operand in dy's dtype (callers cast to the other operand's); without gamma and drop path it is dy itself (rows outside M load 0), which
+    # spares the fp32 round trip and the registers it holds (the no-feature compiles spilled on sm_80 without this)
+    if HAS_GAMMA or HAS_SCALE:
+        g = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, cols, C, HAS_GAMMA)
+        return g.to(dy_ptr.dtype.element_ty)
+    else:
+        return _load_rows(dy_ptr, rows, row_mask, cols, C)
+
+
+@triton.jit
 def _load_w_t(w_ptr, i_offs, j_offs, I: tl.constexpr, J: tl.constexpr):
     # [len(i_offs), len(j_offs)] tile of W^T for a row-major W of shape [J, I]
     mask = (i_offs[:, None] < I) & (j_offs[None, :] < J)
@@ -169,13 +181,13 @@ def _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C: tl.constexpr, D: tl.
 @triton.jit
 def _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C: tl.constexpr,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                 HAS_GAMMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dh = g W2[:, chunk], reduction over C in BLOCK_K steps
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         k_offs = k0 + tl.arange(0, BLOCK_K)
         w2 = _load_w(w2_ptr, k_offs, d_offs, C, D)
-        g = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_offs, C, HAS_GAMMA)
+        g = _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_offs, C, HAS_GAMMA, HAS_SCALE)
         acc = tl.dot(g.to(w2.dtype), w2, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -349,7 +361,7 @@ def _mlp_hidden_kernel(
     if IS_BACKWARD:
         row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
         dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
-                          BLOCK_D, HAS_GAMMA, DOT_PRECISION)
+                          BLOCK_D, HAS_GAMMA, HAS_SCALE, DOT_PRECISION)
         if 2 * BLOCK_M * BLOCK_D >= _SPLIT_TILE:
             # two accumulators of 16K: act' and the stores for one column half at a time (else ptxas spills)
             pre_left, pre_right = _column_halves(pre, BLOCK_M, BLOCK_D)
@@ -427,7 +439,8 @@ def _mlp_bwd_dx_kernel(
     if BLOCK_K >= C:
         k_all = tl.arange(0, BLOCK_K)
         x_tile = _load_rows(x_ptr, rows, row_mask, k_all, C)
-        g_tile = _load_g(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_all, C, HAS_GAMMA).to(x_tile.dtype)
+        g_tile = _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_all, C, HAS_GAMMA,
+                                 HAS_SCALE).to(x_tile.dtype)
 
     dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -439,7 +452,7 @@ def _mlp_bwd_dx_kernel(
             pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
                                 DOT_PRECISION)
             dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M,
-                              BLOCK_K, BLOCK_D, HAS_GAMMA, DOT_PRECISION)
+                              BLOCK_K, BLOCK_D, HAS_GAMMA, HAS_SCALE, DOT_PRECISION)
         pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
         dpre = dh * _activation_grad(pre, ACT)
         if STORE_HIDDEN:
@@ -635,10 +648,15 @@ def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
     """Recompute pre, dh = g W2 -> dpre, h: two fp32 [BLOCK_M, BLOCK_D] accumulators."""
     if dtype == "fp32":
         return [_hidden_cfg(32, 32, 32, 4, 2)]
-    # 128x128 (x and g rows read from L2 once per 128 hidden columns, act' and stores per column half) from C = 768;
-    # at C = 192 and 384 it spilled 8-32 B on sm_80 with 2 or 3 stages and 32- or 64-wide K steps
+    # 128x128 (x and g rows read from L2 once per 128 hidden columns, act' and stores per column half; 128x64 read
+    # them 1.5x as often). Narrower K steps below C = 768 keep ptxas under a spill: at C = 384 64-wide steps spilled
+    # 16 B on sm_80 (3 stages) and 32-wide ones 16-24 B on sm_90 with 3 stages; at C = 192 32-wide steps spilled 8 B
     if C >= 768:
         return [_hidden_cfg(128, 128, 64, 8, 3)]
+    if C >= 384:
+        return [_hidden_cfg(128, 128, 32, 8, 2)]
+    if C >= 192:
+        return [_hidden_cfg(128, 128, 16, 8, 3)]
     return [_hidden_cfg(128, 64, 64, 8, 3)]
 
 
