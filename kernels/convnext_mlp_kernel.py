@@ -502,7 +502,7 @@ def _mlp_bwd_dw_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # one GEMM per program over the segment's rows: programs [0, D_TILES) dW1^T[c-tile, chunk] += x^T dpre, programs
-    # [D_TILES, 2 D_TILES) dW2[c-tile, chunk] += g^T h, one accumulator each (a 128x128 tile without spills); the
+    # [D_TILES, 2 D_TILES) dW2[c-tile, chunk] += g^T h, one accumulator each (up to 32K fp32 without spills); the
     # dW1 programs of the first D chunk then sum the C-wide db2 and dgamma (VECTOR_SUMS; else the fused dx kernel
     # wrote them) in a second pass over dy (and y2), which keeps the sums out of the dW2 loop's registers
     D_TILES: tl.constexpr = (D + BLOCK_D - 1) // BLOCK_D
@@ -679,9 +679,15 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_dw_cfg(32, min(cp, 32), 32 if cp <= 64 else 16, 4, 1)]
     if cp <= 64:
         return [_dw_cfg(64, 64, 64, 4, 2)]
-    # one 128x128 accumulator per program (dW1 or dW2); two 128x64 ones read x, dy, h and dpre 1.5x as often from L2.
-    # 32-row steps: 64 spilled 8 B on sm_80 in bf16
-    return [_dw_cfg(32, 128, 128, 8, 1)]
+    # one accumulator per program (dW1 or dW2), 32-row steps (64 spilled 8 B on sm_80 in bf16 at 128x128). 32K-output
+    # tiles from C = 129: each row step reads BLOCK_C + BLOCK_D operand columns from L2 per BLOCK_C x BLOCK_D outputs,
+    # so 128x256 costs 3/4 of 128x128's L2 bytes; 256x128 where one 256-wide C tile covers C (no half-empty second
+    # tile at C = 192). C <= 128 keeps 128x128: it is HBM-bound there and a 256-wide tile pads more of the wgmma work
+    if cp <= 128:
+        return [_dw_cfg(32, 128, 128, 8, 1)]
+    if cp == 256:
+        return [_dw_cfg(32, 256, 128, 8, 1)]
+    return [_dw_cfg(32, 128, 256, 8, 1)]
 
 
 def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
