@@ -16,7 +16,8 @@ When gamma is trained, forward also writes y2 ([M, C]) so that dgamma = sum(dy *
 matmul. Nothing D-wide is saved for backward (h and pre are recomputed).
 
 Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 units at every C:
-- one C tile (C <= 128 for fp16/bf16): `_mlp_bwd_dx_kernel` recomputes pre and dh = g W2[:, chunk], forms
+- one C tile (C <= 128 for fp16/bf16): `_mlp_bwd_dx_kernel` (x and g rows loaded once per row tile where they need
+  no padding, see `_dx_configs`, else streamed per chunk) recomputes pre and dh = g W2[:, chunk], forms
   dpre = dh * act'(pre) in fp32, dx += dpre W1[chunk] (3 units), stores h and dpre [M, D] and the fp32
   row-group partial sums of dpre (db1), g (db2) and dy * scale * y2 (dgamma); `_mlp_bwd_dw_kernel`
   accumulates dW1^T += x^T dpre, dW2 += g^T h (2 units). (Recomputing h in the dW kernel instead would
@@ -494,18 +495,32 @@ def _mlp_bwd_dx_kernel(
     n_offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < C
     row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
+    # resident x and g rows (BLOCK_K >= C) in two pieces of K_LO + K_HI = C columns where C is the sum of two powers
+    # of two (C = 96: 64 + 32), so no register holds padding; else one zero-padded BLOCK_K-wide piece
+    K_LO: tl.constexpr = BLOCK_K // 2 if BLOCK_K // 2 < C else BLOCK_K
+    K_HI: tl.constexpr = C - K_LO if K_LO < C else 16
+    TWO_PIECES: tl.constexpr = BLOCK_K >= C and K_LO < C and K_HI >= 16 and (K_HI & (K_HI - 1)) == 0
+    K_FIRST: tl.constexpr = K_LO if TWO_PIECES else BLOCK_K
     if BLOCK_K >= C:
-        k_all = tl.arange(0, BLOCK_K)
-        x_tile = _load_rows(x_ptr, rows, row_mask, k_all, C)
-        g_tile = _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_all, C, HAS_GAMMA,
+        k_first = tl.arange(0, K_FIRST)
+        x_tile = _load_rows(x_ptr, rows, row_mask, k_first, C)
+        g_tile = _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_first, C, HAS_GAMMA,
                                  HAS_SCALE).to(x_tile.dtype)
+        if TWO_PIECES:
+            k_rest = K_LO + tl.arange(0, K_HI)
+            x_rest = _load_rows(x_ptr, rows, row_mask, k_rest, C)
+            g_rest = _load_g_operand(dy_ptr, gamma_ptr, rows, row_mask, row_scale, k_rest, C, HAS_GAMMA,
+                                     HAS_SCALE).to(x_tile.dtype)
 
     dx = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         d_offs = d0 + tl.arange(0, BLOCK_D)
         if BLOCK_K >= C:
-            pre = tl.dot(x_tile, _load_w_t(w1_ptr, k_all, d_offs, C, D), input_precision=DOT_PRECISION)
-            dh = tl.dot(g_tile, _load_w(w2_ptr, k_all, d_offs, C, D), input_precision=DOT_PRECISION)
+            pre = tl.dot(x_tile, _load_w_t(w1_ptr, k_first, d_offs, C, D), input_precision=DOT_PRECISION)
+            dh = tl.dot(g_tile, _load_w(w2_ptr, k_first, d_offs, C, D), input_precision=DOT_PRECISION)
+            if TWO_PIECES:
+                pre = tl.dot(x_rest, _load_w_t(w1_ptr, k_rest, d_offs, C, D), pre, input_precision=DOT_PRECISION)
+                dh = tl.dot(g_rest, _load_w(w2_ptr, k_rest, d_offs, C, D), dh, input_precision=DOT_PRECISION)
         else:
             pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D,
                                 DOT_PRECISION)
@@ -724,8 +739,12 @@ def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     if dtype == "fp32":
         return [_cfg(32, min(cp, 32), min(cp, 32), 32, 4, 2)]
     block_n = max(64, min(cp, 128))
-    # x and g streamed in 16-wide K steps, one stage: resident x/g tiles spilled (sm_80 64 B, sm_90 32 B), and
-    # 64- or 32-wide steps with drop path on (sm_80 48 B, sm_90 8 B)
+    # x and g rows resident (loaded once, not once per hidden chunk) where they need no zero padding: C a power of two,
+    # or cp / 2 plus a power of two >= 16 (C = 96: 64 + 32; the padded 128-wide tiles spilled 24-72 B on sm_80).
+    # Else streamed in 16-wide K steps, one stage (64- or 32-wide steps spilled with drop path on)
+    rest = C - cp // 2
+    if C == cp or (rest >= 16 and rest & (rest - 1) == 0):
+        return [_cfg(128, block_n, cp, 64, 8, 1)]
     return [_cfg(128, block_n, 16, 64, 8, 1)]
 
 

@@ -307,3 +307,15 @@ def test_compile_targets_cover_every_config():
                     assert any(label.startswith(blocks) for label in labels), (kernel, dtype, C, D, cfg)
     for t in targets:
         assert t.expects_tensor_cores == (t.dtype != "fp32" or t.constexprs["DOT_PRECISION"] == "tf32"), t.label
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dx_kernel_resident_rows_in_two_pieces(monkeypatch, dtype):
+    """The fused dx kernel holds x and g rows of C = BLOCK_K / 2 + a power of two in two unpadded pieces (the GPU's
+    C = 96: 64 + 32); here C = 48 = 32 + 16 under a 64-wide resident config, one C tile."""
+    table = dict(mlp._KERNEL_TABLE)
+    fn, configs, _ = table["dx"]
+    table["dx"] = (fn, configs, mlp._cfg(32, 64, 64, 32, 1, 1))
+    monkeypatch.setattr(mlp, "_KERNEL_TABLE", table)
+    assert mlp._kinds(48, 80, "fp32", "ieee", training=True)[1:] == ["dx", "dw"]
+    check_against_reference(make_inputs((2, 3, 5, 48), 80, dtype, scale=[0.0, 1.5]), "gelu", dtype)
