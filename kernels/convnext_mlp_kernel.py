@@ -706,6 +706,14 @@ def _gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
     return [_cfg(256 if cp >= 128 else 128, max(64, min(cp, 128)), 64, 64, 8, 3)]
 
 
+def _dx_gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """dx = dpre W1: 128x256 where one 256-wide tile covers C (C = 192: 0.91x the L2 operand bytes per output of
+    256x128, whose second C tile is half empty); fc2's fuller epilogue spilled 40 B on sm_80 with that tile."""
+    if dtype != "fp32" and _pow2(C) == 256:
+        return [_cfg(128, 256, 64, 64, 8, 3)]
+    return _gemm_configs(C, D, dtype)
+
+
 def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
     """fc1 + b1 + act -> h, one [BLOCK_M, BLOCK_D] tile per program."""
     if dtype == "fp32":
@@ -782,7 +790,7 @@ _KERNEL_TABLE = {
     "fc2": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
     "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
     "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
-    "dx_gemm": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
+    "dx_gemm": (lambda: _mlp_fwd_kernel, _dx_gemm_configs, _INTERPRETER_MN),
     "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
 }
 
