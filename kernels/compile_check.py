@@ -4,7 +4,10 @@
 
 Each module in KERNEL_MODULES exposes `compile_targets() -> list[CompileTarget]`. Every target is
 built with triton.compile for each arch; the cubin's resource usage (cuobjdump) and SASS are
-checked. Fails (exit 1) on register spills (STACK or LOCAL > 0), shared memory above the arch's
+checked, twice where the kernel has integer arguments: as its launcher guarantees them (unspecialized unless
+the target names them in `divisible_by_16`) and with every integer argument a multiple of 16, the specialization
+a launch at ConvNeXt's shapes gets (Triton compiles a separate variant for it, with other registers; --ints
+picks one of the two). Fails (exit 1) on register spills (STACK or LOCAL > 0), shared memory above the arch's
 per-block limit, a compile slower than MAX_COMPILE_SECONDS, or a target that expects tensor
 cores whose SASS has none. A kernel module whose file does not exist yet is reported as skipped,
 or is a failure with --strict.
@@ -25,7 +28,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
@@ -173,6 +176,21 @@ def load_targets(module_names=KERNEL_MODULES) -> tuple[list, list[str]]:
     return targets, missing
 
 
+INT_SPECIALIZATIONS = ("both", "launcher", "divisible")
+
+
+def int_specializations(target, mode: str = "both") -> list:
+    """The variants of `target` to compile: "launcher" = as its launcher guarantees; "divisible" = every integer
+    argument a multiple of 16 (label suffix "ints%16"); "both". One target when the two are the same."""
+    if mode not in INT_SPECIALIZATIONS:
+        raise ValueError(f"--ints must be one of {INT_SPECIALIZATIONS}, got {mode!r}")
+    ints = tuple(name for name, kind in target.signature.items() if kind[:1] == "i")
+    if set(ints) <= set(target.divisible_by_16):
+        return [target]
+    divisible = replace(target, divisible_by_16=ints, label=f"{target.label} ints%16".strip())
+    return {"both": [target, divisible], "launcher": [target], "divisible": [divisible]}[mode]
+
+
 # Filled before the pool forks, so workers get targets (which hold JIT functions) by index.
 _JOBS: list = []
 
@@ -276,6 +294,9 @@ def _parse_args(argv):
     parser.add_argument("--spread", type=int, default=0, metavar="N",
                         help="compile only N targets of each module, spread evenly over its list (first and last "
                              "included; after --sample); the test suite's handful")
+    parser.add_argument("--ints", choices=INT_SPECIALIZATIONS, default="both",
+                        help="integer-argument specializations to compile (default both: as the launcher guarantees, "
+                             "and all multiples of 16)")
     parser.add_argument("--use-cache", action="store_true",
                         help="reuse Triton's compile cache (default: a fresh one, so compile times are real)")
     return parser.parse_args(argv)
@@ -328,7 +349,7 @@ def main(argv=None) -> int:
     chosen = sample_targets(selected, args.sample)
     if args.spread:
         chosen = spread_targets(chosen, args.spread)
-    jobs = [(t, arch) for _, t in chosen for arch in args.arch]
+    jobs = [(v, arch) for _, t in chosen for v in int_specializations(t, args.ints) for arch in args.arch]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compile_check_") as fresh_cache:
         if not args.use_cache:

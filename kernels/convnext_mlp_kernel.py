@@ -34,8 +34,8 @@ together and read its rows from HBM once.
 Configs: per (C, D, dtype) bucket, compiled for sm_80 and sm_90 without spills (see `compile_targets`);
 fp16/bf16 tiles give every dot at least 64 x 64 per warpgroup (sm_90: wgmma m64 n64/n128/n256); the GEMM kernels
 (fc1 + act, fc2, the dx GEMM) take 32K-output tiles (128x256, 256x128), halving the operand bytes each output costs
-from L2 against 128x128, and run their epilogues one column half at a time, a quarter where GELU is evaluated
-(`_SPLIT_TILE`, no spills); the hidden-backward kernel takes 128x128 tiles from C = 192, the dW kernel 32K-output
+from L2 against 128x128, and run their epilogues one column half at a time, a quarter where GELU is evaluated or
+fc2 also stores y2 (`_SPLIT_TILE`, no spills); the hidden-backward kernel takes 128x128 tiles from C = 192, the dW kernel 32K-output
 accumulators from C = 129; candidates of
 one kernel reduce in one order (`_same_reduction_order`), so autotuning cannot change bits. One small
 config per kernel in the interpreter.
@@ -297,18 +297,36 @@ def _mlp_fwd_kernel(
             w = _load_w_t(w2_ptr, d_offs, n_offs, D, C)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
 
-    if BLOCK_M * BLOCK_N >= _SPLIT_TILE:
-        # a 32K-output tile: the epilogue's loads and temporaries for half of it at a time (else ptxas spills)
+    first = pid_n * BLOCK_N
+    if BLOCK_M * BLOCK_N >= _SPLIT_TILE and SAVE_Y2:
+        # a 32K-output tile that also stores y2: the epilogue a quarter at a time (halves spilled 32-120 B with
+        # layer scale and no drop path, on sm_80 and sm_90)
         left, right = _column_halves(acc, BLOCK_M, BLOCK_N)
-        _fwd_epilogue(left, rows, row_mask, pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2), res_ptr, b2_ptr,
-                      gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE,
-                      SAVE_Y2)
-        _fwd_epilogue(right, rows, row_mask, pid_n * BLOCK_N + BLOCK_N // 2 + tl.arange(0, BLOCK_N // 2), res_ptr,
-                      b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA,
-                      HAS_SCALE, SAVE_Y2)
+        _fwd_epilogue_halves(left, rows, row_mask, first, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr,
+                             HW, C, BLOCK_M, BLOCK_N // 2, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
+        _fwd_epilogue_halves(right, rows, row_mask, first + BLOCK_N // 2, res_ptr, b2_ptr, gamma_ptr, scale_ptr,
+                             out_ptr, y2_ptr, HW, C, BLOCK_M, BLOCK_N // 2, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA,
+                             HAS_SCALE, SAVE_Y2)
+    elif BLOCK_M * BLOCK_N >= _SPLIT_TILE:
+        # a 32K-output tile: the epilogue's loads and temporaries for half of it at a time (else ptxas spills)
+        _fwd_epilogue_halves(acc, rows, row_mask, first, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW,
+                             C, BLOCK_M, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
     else:
         _fwd_epilogue(acc, rows, row_mask, n_offs, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW, C,
                       HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
+
+
+@triton.jit
+def _fwd_epilogue_halves(tile, rows, row_mask, first, res_ptr, b2_ptr, gamma_ptr, scale_ptr, out_ptr, y2_ptr, HW,
+                         C: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_RESIDUAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         SAVE_Y2: tl.constexpr):
+    # the epilogue of a [ROWS, COLS] tile of columns first .. first + COLS - 1, one column half after the other
+    left, right = _column_halves(tile, ROWS, COLS)
+    _fwd_epilogue(left, rows, row_mask, first + tl.arange(0, COLS // 2), res_ptr, b2_ptr, gamma_ptr, scale_ptr,
+                  out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
+    _fwd_epilogue(right, rows, row_mask, first + COLS // 2 + tl.arange(0, COLS // 2), res_ptr, b2_ptr, gamma_ptr,
+                  scale_ptr, out_ptr, y2_ptr, HW, C, HAS_BIAS, HAS_RESIDUAL, HAS_GAMMA, HAS_SCALE, SAVE_Y2)
 
 
 @triton.jit
@@ -1390,7 +1408,8 @@ def compile_targets() -> List[CompileTarget]:
 
     Each kernel a bucket launches (under either fp32 precision) is compiled with all optional features on (the
     most registers live), fp32 both with "ieee" (torch's default) and "tf32" dots; every candidate config of
-    it once more with the features off. The other activations are compiled once per dtype at C = 96."""
+    it once more with layer scale but no drop path (the default training step) and once with the features off.
+    The other activations are compiled once per dtype at C = 96."""
     targets = []
     for dtype in _DTYPES:
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
@@ -1404,6 +1423,9 @@ def compile_targets() -> List[CompileTarget]:
                     for precision in precisions:
                         if kind in _kinds(C, D, dtype, precision, training=True, gpu=True):
                             targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, fused_dx=fused_dx), precision))
+                    # layer scale without drop path (ConvNeXt's default training): its own register allocation
+                    targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_scale=False, fused_dx=fused_dx),
+                                           precisions[0]))
                     targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_gamma=False, has_scale=False,
                                                                           training=False, fused_dx=fused_dx),
                                            precisions[0]))
@@ -1413,7 +1435,8 @@ def compile_targets() -> List[CompileTarget]:
                     cfg = _KERNEL_TABLE[kind][1](96, 384, dtype)[0]
                     targets.append(_target(kind, cfg, 96, 384, dtype,
                                            _flags(kind, act, fused_dx=_fused_dx(96, 384, dtype, gpu=True)), "ieee"))
-    return targets
+    unique = {(t.kernel, t.label, t.dtype): t for t in reversed(targets)}  # flag sets a kind ignores coincide
+    return [t for t in targets if unique[(t.kernel, t.label, t.dtype)] is t]
 
 
 # ---------------------------------------------------------------------------------------------

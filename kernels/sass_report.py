@@ -925,7 +925,7 @@ def launch_record(launch: LaunchEstimate) -> dict:
         "waves": round(launch.waves, 2), "loop_trips": launch.loop_trips, "us": round(launch.seconds * 1e6, 2),
         "bound": launch.bound, "terms_us": {k: round(v * 1e6, 2) for k, v in launch.terms.items()},
         "hbm_mb": round(launch.hbm_bytes / 1e6, 2), "l2_mb": round(launch.l2_bytes / 1e6, 2), "hot_loops": loops,
-        "tensor_vs_plan_flops": round(launch.tensor_vs_plan, 2),
+        "tensor_vs_plan_flops": round(launch.tensor_vs_plan, 2), "spill_bytes": launch.spill_bytes,
     }
 
 
@@ -966,7 +966,8 @@ def text_report(results: list[CaseResult], loops: bool = False) -> str:
             lines.append(f"    {launch.kernel} [{launch.label}] grid={launch.grid} regs={launch.registers} "
                          f"smem={launch.shared_bytes} CTAs/SM={launch.ctas_per_sm} waves={launch.waves:.2f} "
                          f"trips={launch.loop_trips}: {launch.seconds * 1e6:,.1f} µs ({launch.bound}; {terms})"
-                         + (f" SASS/plan FLOPs={launch.tensor_vs_plan:.2f}" if launch.tensor_vs_plan else ""))
+                         + (f" SASS/plan FLOPs={launch.tensor_vs_plan:.2f}" if launch.tensor_vs_plan else "")
+                         + (f" SPILLS {launch.spill_bytes} B" if launch.spill_bytes else ""))
             if loops:
                 lines += loop_lines(launch)
     return "\n".join(lines)
@@ -1002,7 +1003,7 @@ def _as_json(results):
             launches.append({
                 "kernel": launch.kernel, "label": launch.label, "phase": launch.phase, "grid": list(launch.grid),
                 "registers": launch.registers, "shared_bytes": launch.shared_bytes, "ctas_per_sm": launch.ctas_per_sm,
-                "waves": launch.waves, "loop_trips": launch.loop_trips, "terms_us": {k: v * 1e6 for k, v in
+                "waves": launch.waves, "loop_trips": launch.loop_trips, "spill_bytes": launch.spill_bytes, "terms_us": {k: v * 1e6 for k, v in
                                                                                    launch.terms.items()},
                 "hot_loops": [{"start": lc.loop.start, "end": lc.loop.end, "classes": dict(lc.classes),
                                "details": dict(lc.details)} for lc in launch.loops],
@@ -1043,8 +1044,24 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(_as_json(results), indent=1))
     failed = [r for r in results if r.error]
-    print(f"\n{len(results)} cases in {time.perf_counter() - start:.0f} s, {len(failed)} with errors")
-    return 1 if failed else 0
+    spilling = spilling_launches(results)
+    for line in spilling:
+        print(f"SPILL (local-memory traffic is not in the model, so its time is optimistic): {line}")
+    print(f"\n{len(results)} cases in {time.perf_counter() - start:.0f} s, {len(failed)} with errors, "
+          f"{len(spilling)} spilling launch configs")
+    return 1 if failed or spilling else 0
+
+
+def spilling_launches(results: list[CaseResult]) -> list[str]:
+    """One line per distinct (kernel, config, arch, dtype) whose launch-specialized compile spills."""
+    seen = {}
+    for result in results:
+        for launch in result.launches:
+            if launch.spill_bytes:
+                key = (launch.kernel, launch.label, result.case.arch, result.case.dtype)
+                seen.setdefault(key, f"{launch.kernel} [{launch.label}] sm_{result.case.arch} {result.case.dtype}: "
+                                     f"{launch.spill_bytes} B")
+    return list(seen.values())
 
 
 if __name__ == "__main__":

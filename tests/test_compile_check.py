@@ -53,10 +53,12 @@ def test_a_spread_of_targets_compiles_without_spills(module, tmp_path):
     targets = [t for _, t in compile_check.spread_targets([(module, t) for t in listed], SPREAD)]
     assert len(targets) == min(SPREAD, len(listed))
     assert targets[0] is listed[0] and targets[-1] is listed[-1]
-    expected = sorted((t.kernel, t.label, t.dtype, arch) for t in targets for arch in (80, 90))
+    variants = [v for t in targets for v in compile_check.int_specializations(t)]
+    assert any(v.label.endswith("ints%16") for v in variants), "no target compiled with divisible integers"
+    expected = sorted((v.kernel, v.label, v.dtype, arch) for v in variants for arch in (80, 90))
     assert sorted((r["kernel"], r["label"], r["dtype"], r["arch"]) for r in rows) == expected
-    for target in targets:
-        assert target.label in proc.stdout, f"table lacks {target.kernel} {target.label}"
+    for variant in variants:
+        assert variant.label in proc.stdout, f"table lacks {variant.kernel} {variant.label}"
     assert all(r["stack_bytes"] == 0 and r["local_bytes"] == 0 and r["registers"] > 0 for r in rows)
 
 
@@ -222,3 +224,14 @@ def test_launch_specialization_marks_pointers_and_the_launchers_guaranteed_integ
 def test_divisible_by_16_must_name_an_integer_argument(name):
     with pytest.raises(ValueError, match="not integer arguments"):
         compile_check._launch_specialization(_scale_kernel_target(divisible_by_16=(name,)))
+
+
+def test_int_specializations_add_the_all_divisible_variant_once():
+    base = _scale_kernel_target(label="B=16")
+    launcher, divisible = compile_check.int_specializations(base)
+    assert launcher is base and divisible.divisible_by_16 == ("n", "stride") and divisible.label == "B=16 ints%16"
+    assert compile_check.int_specializations(base, "divisible") == [divisible]
+    already = _scale_kernel_target(divisible_by_16=("n", "stride"))
+    assert compile_check.int_specializations(already) == [already]
+    with pytest.raises(ValueError, match="--ints"):
+        compile_check.int_specializations(base, "some")

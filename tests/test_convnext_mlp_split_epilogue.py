@@ -1,6 +1,6 @@
 """The GEMM kernels with the GPU's 32K-element output tiles, whose epilogues run one column half or quarter at a time
-(`_SPLIT_TILE`: fc1's activation and h store by quarters, fc2's bias, y2, gamma, drop path and residual and the dx
-GEMM's store by halves, the hidden-backward kernel's act, act', h, dpre and db1 sums by quarters), in the interpreter.
+(`_SPLIT_TILE`: fc1's activation and h store by quarters, fc2's bias, y2, gamma, drop path and residual by quarters
+when it stores y2 (training) and by halves otherwise, the dx GEMM's store by halves, the hidden-backward kernel's act, act', h, dpre and db1 sums by quarters), in the interpreter.
 
 The interpreter's own configs (32x32 tiles) never reach that branch, so these tests hand the interpreter the tile
 shapes the GPU configs use (fc1 + act 128x256, fc2 256x128) and compare with the eager reference under the
