@@ -3,18 +3,23 @@
 Layout: activations are [N, H, W, C] contiguous (a channels_last NCHW tensor seen through
 .permute(0, 2, 3, 1)); ROWS = N*H image rows of W pixels of C channels.
 
-Tiling (all kernels): a program owns a strip of BLOCK_W consecutive pixels of one image row and
-a block of channels. Per kernel row kh it loads the strip's input window (BLOCK_W + K - 1
-pixels, halo included) once into registers, with that row's K taps, and every window pixel feeds
-the K outputs it touches: BLOCK_W*K FMAs per kh for BLOCK_W + K - 1 loads. Tensors are 1-D per
-pixel ([BLOCK_C], kept in tuples indexed at compile time), so the sliding window is register
-renaming: no shared memory, no barrier and no 64-bit address math in the tap loop (the window's
-base pointer is computed once in int64 and advanced by one image row per kh; per-thread 32-bit
-offsets are loop-invariant, so each load costs one address computation).
+Forward (one kernel, straight-line code): a program owns a TILE_H x TILE_W tile of output pixels and all C
+channels, as NCHUNK (1 to 4) power-of-two chunks of CHUNK <= 512 channels, one channel a thread: C = 96 * 2^k
+is three chunks and 2^k one (two or four past 512), so ConvNeXt's widths leave no lane idle. C is compiled in
+(STRIDE_C): every window and tap offset is an immediate, and a load's mask is one predicate per (input row,
+window column). Per chunk, a runtime loop over kernel rows kh: output row r reads input row h0 - PAD + r + kh,
+so each iteration loads one new window row (TILE_W + K - 1 pixels) and that kh's K taps (shared by all
+output rows) and carries the tile's other TILE_H - 1 window rows in registers. A program runs
+TILES_PER_PROGRAM row tiles of one strip (its taps stay in L1). Conv + bias in fp32, kept for all chunks;
+LayerNorm statistics per pixel summed over the chunks in fp32. A C the chunks do not cover exactly runs
+`_dwconv_ln_fwd_strip_kernel` (one output row x BLOCK_W pixels, all C in one BLOCK_C >= C block, as the
+backward). y in x's dtype (or the autocast dtype), mean/rstd [N*H*W] in fp32.
 
-Forward (one kernel): conv + bias in fp32, the strip's columns stacked into a [BLOCK_C, BLOCK_W]
-tile for LayerNorm over all C (BLOCK_C >= C); y in x's dtype (or the autocast dtype), mean/rstd
-[N*H*W] in fp32.
+Strip kernels (backward, and the forward at other C): a program owns a strip of BLOCK_W consecutive pixels of one image row and a block of
+channels. Per kernel row kh it loads the strip's input window (BLOCK_W + K - 1 pixels, halo included)
+once into registers, with that row's K taps, and every window pixel feeds the K outputs it touches.
+Tensors are 1-D per pixel, kept in tuples indexed at compile time, so the sliding window is register
+renaming: no shared memory and no barrier in the tap loop.
 Backward (the conv output is recomputed from x, not saved):
   1. `_dwconv_ln_bwd_norm_kernel`: recompute the conv, LayerNorm backward -> g = d(conv output),
      stored in fp32 (never rounded to the activation dtype), plus per-program partial sums of
@@ -25,12 +30,10 @@ Backward (the conv output is recomputed from x, not saved):
   3. `_sum_rows_kernel`: each partial buffer summed over programs in a fixed order.
 Same bits on every run and every GPU: no atomics, program counts independent of the GPU.
 
-Configs: the forward is autotuned (key: C, a W bucket, dtypes) over `_forward_configs`, which
-differ only in warps (each output's summation order is the same in all), so bits do not depend
-on the winner. The backward kernels use one fixed config each (their tiling decides how the
-gradient partials are split). In the interpreter, or with FASTCONVNEXT_AUTOTUNE=0 (kernels/_env.py),
-the forward uses its first config. compile_targets() lists every config for compile_check;
-launch_plans() describes the launches a call makes at a shape, for sass_report.
+Configs: one per launch, chosen from C (`_forward_config`) and fixed for the backward kernels (their tiling
+decides how the gradient partials are split), so the bits never depend on a tuner or on the GPU.
+compile_targets() lists every config for compile_check; launch_plans() describes the launches a call makes
+at a shape, for sass_report.
 
 Params are converted to fp32 (taps as a [K*K, C] tap-major matrix) before the custom op, so
 fp32 master params with fp16/bf16 activations work, and param grads come back in the params'
@@ -44,14 +47,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._env import autotune_enabled, interpreting
+from ._env import interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
 from .compile_spec import CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
 
-MIN_BLOCK_C = 64  # fewer compiled variants; tiny C only wastes masked lanes
+# Forward: a tile of FWD_TILE_H x FWD_TILE_W output pixels, all channels as NCHUNK (1 or 3) chunks of CHUNK
+# (a power of two, one channel per thread up to 16 warps): C = 96 * 2^k is 3 chunks with no idle lane.
+FWD_TILE_H, FWD_TILE_W = 3, 8
+MIN_CHUNK, FWD_MAX_CHUNK = 32, 512  # one channel a thread: 1 to 16 warps
+FWD_CHUNK_COUNTS = (1, 2, 3, 4)
+# Row tiles a forward program runs one after the other: its taps (and LayerNorm params) come from L2 once.
+FWD_TILES_PER_PROGRAM = 4
+# Conv outputs a thread holds (TILE_H * TILE_W * NCHUNK). Exact C: at 96 (TILE_H = 4, 3 chunks) ptxas
+# spilled on sm_90; at 72, 161-182 registers and no spill at 1 and 8 warps (sm_80/sm_90), but 16 bytes of
+# stack on sm_80 bf16 at 2 and 4 warps (C = 192, 384): 48 there. 16 warps leave 128 registers a thread. A C the chunks do not cover exactly runs the strip kernel: the tile kernel with a runtime C
+# (a 64-bit address a load, vector masks) spilled on sm_80/sm_90 even at 24 accumulators.
+FWD_ACCUMULATORS, FWD_ACCUMULATORS_2_4_WARPS, FWD_ACCUMULATORS_16_WARPS = 72, 48, 40
+MIN_BLOCK_C = 64  # backward: fewer compiled variants; tiny C only wastes masked lanes
 BLOCK_W = 8  # output pixels per strip: 56/28/14/7-wide rows waste at most 1/8 of a strip
 # Channels per thread in the full-C kernels: 4 keeps window + taps + accumulators near 130 registers.
 CHANNELS_PER_THREAD = 4
@@ -161,6 +176,99 @@ def _stack_columns(cols, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _widen(values):
+    """fp32 copy of loaded values; bf16 through its bits (the top half of an fp32): one shift a value."""
+    if values.dtype == tl.bfloat16:
+        bits = values.to(tl.uint16, bitcast=True).to(tl.uint32) << 16  # a U16 load zero-extends: no PRMT
+        return bits.to(tl.float32, bitcast=True)
+    return values.to(tl.float32)
+
+
+@triton.jit
+def _lanes_if(ok, lane, width, HAS_CHANNEL_MASK: tl.constexpr):
+    """[CHUNK] mask: lanes < width where the scalar `ok` holds, none otherwise. Without a channel mask it is
+    `ok` splatted (one uniform predicate); the interpreter rejects scalar masks and scalar & vector ones."""
+    if HAS_CHANNEL_MASK:
+        return lane < tl.where(ok, width, 0)
+    return (tl.zeros(lane.shape, dtype=tl.int32) + ok.to(tl.int32)) != 0
+
+
+@triton.jit
+def _load_chunk(ptr, c_ok, HAS_CHANNEL_MASK: tl.constexpr):
+    """[CHUNK] fp32 values at ptr; lanes past C (only when the chunks pad C) read 0."""
+    if HAS_CHANNEL_MASK:
+        return tl.load(ptr, mask=c_ok, other=0.0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _window_row(src, src_h, H, col_ok, lane, chunk_width, stride_c,
+                WINDOW: tl.constexpr, HAS_CHANNEL_MASK: tl.constexpr):
+    """The WINDOW pixels of one input row from src (zeros outside the image): a tuple of fp32 [CHUNK]."""
+    row_ok = (src_h >= 0) & (src_h < H)
+    values = ()
+    for i in tl.static_range(WINDOW):
+        ok = _lanes_if(row_ok & col_ok[i], lane, chunk_width, HAS_CHANNEL_MASK)
+        values = values + (_widen(tl.load(src + i * stride_c, mask=ok, other=0.0)),)
+    return values
+
+
+@triton.jit
+def _conv_tile_chunk(
+    x_row0,  # [CHUNK] pointers: input pixel (h0 - PAD, w0 - PAD), this chunk's channels
+    taps_chunk,  # [CHUNK] pointers: tap 0 of this chunk's channels in the [K*K, C] fp32 taps
+    row_step,  # int64 scalar: elements per image row (W * C)
+    h0, w0, H, W, C,
+    c_ok,  # [CHUNK] channel < C
+    STRIDE_C: tl.constexpr,  # C when the launcher knows it (offsets become immediates), else 0
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_CHANNEL_MASK: tl.constexpr,
+):
+    """Conv sums (no bias) of the TILE_H x TILE_W tile for one channel chunk: a tuple of TILE_H*TILE_W fp32
+    [CHUNK] vectors, row-major. Kernel row kh of output row r is input row h0 - PAD + r + kh, so from one
+    kh to the next the tile's TILE_H window rows shift by one: each iteration loads one new input row and
+    that kh's K taps (shared by all output rows) and carries the other rows in registers."""
+    PAD: tl.constexpr = K // 2
+    WINDOW: tl.constexpr = TILE_W + K - 1
+    stride_c = C if STRIDE_C == 0 else STRIDE_C
+    lane = tl.arange(0, CHUNK)
+    chunk_width = tl.sum(c_ok.to(tl.int32), axis=0) if HAS_CHANNEL_MASK else CHUNK
+    col_ok = ()
+    for i in tl.static_range(WINDOW):
+        col_ok = col_ok + ((w0 - PAD + i >= 0) & (w0 - PAD + i < W),)
+    src = x_row0
+    rows = ()  # window rows of input rows h0 - PAD .. h0 - PAD + TILE_H - 2, flat: rows[r * WINDOW + i]
+    for r in tl.static_range(TILE_H - 1):
+        rows = rows + _window_row(src, h0 - PAD + r, H, col_ok, lane, chunk_width, stride_c, WINDOW,
+                                  HAS_CHANNEL_MASK)
+        src += row_step
+    accs = ()
+    for p in tl.static_range(TILE_H * TILE_W):
+        accs = accs + (tl.zeros([CHUNK], dtype=tl.float32),)
+    tap_row = taps_chunk
+    for kh in range(K):
+        rows = rows + _window_row(src, h0 - PAD + TILE_H - 1 + kh, H, col_ok, lane, chunk_width, stride_c,
+                                  WINDOW, HAS_CHANNEL_MASK)
+        taps = ()
+        for kw in tl.static_range(K):
+            taps = taps + (_load_chunk(tap_row + kw * stride_c, c_ok, HAS_CHANNEL_MASK),)
+        updated = ()
+        for p in tl.static_range(TILE_H * TILE_W):
+            acc = accs[p]
+            for kw in tl.static_range(K):
+                acc = tl.fma(rows[(p // TILE_W) * WINDOW + p % TILE_W + kw], taps[kw], acc)
+            updated = updated + (acc,)
+        accs = updated
+        rows = rows[WINDOW:]
+        src += row_step
+        tap_row += K * stride_c
+    return accs
+
+
+@triton.jit
 def _dwconv_ln_fwd_kernel(
     x_ptr,  # [ROWS * W, C] input, x dtype
     taps_ptr,  # [K*K, C] fp32
@@ -172,11 +280,104 @@ def _dwconv_ln_fwd_kernel(
     rstd_ptr,  # [ROWS * W] fp32
     H, W, C,
     eps,
-    W_BUCKET,  # autotune key only
+    TILES_PER_PROGRAM,  # consecutive row tiles of one strip a program runs (its taps stay in L1)
+    STRIDE_C: tl.constexpr,  # C when C == NCHUNK * CHUNK (compiled into the offsets), else 0
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NCHUNK: tl.constexpr,
+):
+    PAD: tl.constexpr = K // 2
+    HAS_CHANNEL_MASK: tl.constexpr = STRIDE_C == 0
+    # 1-D grid, strip fastest: the programs sharing a halo run side by side (L2 hits, not HBM re-reads)
+    strips = tl.cdiv(W, TILE_W)
+    groups = tl.cdiv(tl.cdiv(H, TILE_H), TILES_PER_PROGRAM)
+    pid = tl.program_id(0)
+    w0 = (pid % strips) * TILE_W
+    image = pid // (strips * groups)
+    stride_c = C if STRIDE_C == 0 else STRIDE_C
+    lane = tl.arange(0, CHUNK)
+    row_step = W.to(tl.int64) * stride_c
+    for t in range(TILES_PER_PROGRAM):
+        h0 = (((pid // strips) % groups) * TILES_PER_PROGRAM + t) * TILE_H
+        _dwconv_ln_tile(x_ptr, taps_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, y_ptr, mean_ptr, rstd_ptr, image, h0, w0,
+                        lane, row_step, H, W, C, eps, STRIDE_C, K, TILE_H, TILE_W, CHUNK, NCHUNK)
+
+
+@triton.jit
+def _dwconv_ln_tile(
+    x_ptr, taps_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, y_ptr, mean_ptr, rstd_ptr,  # as in _dwconv_ln_fwd_kernel
+    image, h0, w0,  # the tile's image and first output row / column
+    lane, row_step, H, W, C, eps,
+    STRIDE_C: tl.constexpr,
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NCHUNK: tl.constexpr,
+):
+    """Conv + bias + LayerNorm of one tile; a tile past the image's last row (h0 >= H) loads and stores nothing."""
+    PAD: tl.constexpr = K // 2
+    HAS_CHANNEL_MASK: tl.constexpr = STRIDE_C == 0
+    stride_c = C if STRIDE_C == 0 else STRIDE_C
+    live_h = tl.where(h0 < H, H, 0)
+    first_row = image * H + h0  # image row of the tile's first output row
+    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * stride_c + lane
+    z = ()  # NCHUNK tuples of TILE_H*TILE_W [CHUNK] conv outputs (+ bias)
+    for k in tl.static_range(NCHUNK):
+        c_ok = k * CHUNK + lane < C
+        sums = _conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W, C, c_ok,
+                                STRIDE_C, K, TILE_H, TILE_W, CHUNK, HAS_CHANNEL_MASK)
+        bias = _load_chunk(bias_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
+        with_bias = ()
+        for p in tl.static_range(TILE_H * TILE_W):
+            with_bias = with_bias + (sums[p] + bias,)
+        z = z + (with_bias,)
+    out_row0 = first_row.to(tl.int64) * W + w0  # pixel index of the tile's first output pixel
+    for p in tl.static_range(TILE_H * TILE_W):
+        total = z[0][p]
+        for k in tl.static_range(1, NCHUNK):
+            total += z[k][p]
+        mean = tl.sum(total, axis=0) / C  # padded channels are exactly 0 (masked loads)
+        squares = tl.zeros([CHUNK], dtype=tl.float32)
+        for k in tl.static_range(NCHUNK):
+            centered = z[k][p] - mean
+            if HAS_CHANNEL_MASK:
+                centered = tl.where(k * CHUNK + lane < C, centered, 0.0)
+            squares = tl.fma(centered, centered, squares)
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / C + eps)
+        pixel_ok = (h0 + p // TILE_W < H) & (w0 + p % TILE_W < W)
+        pixel = out_row0 + (p // TILE_W) * W + p % TILE_W
+        tl.store(mean_ptr + pixel, mean, mask=pixel_ok)
+        tl.store(rstd_ptr + pixel, rstd, mask=pixel_ok)
+        for k in tl.static_range(NCHUNK):
+            c_ok = k * CHUNK + lane < C
+            ln_w = _load_chunk(ln_w_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
+            ln_b = _load_chunk(ln_b_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
+            y = (z[k][p] - mean) * rstd * ln_w + ln_b
+            dst = y_ptr + pixel * stride_c + k * CHUNK + lane
+            tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=_lanes_if(pixel_ok, lane, C - k * CHUNK, HAS_CHANNEL_MASK))
+
+
+@triton.jit
+def _dwconv_ln_fwd_strip_kernel(
+    x_ptr,  # [ROWS * W, C] input, x dtype
+    taps_ptr,  # [K*K, C] fp32
+    bias_ptr,  # [C] fp32 conv bias (zeros when the module has none)
+    ln_w_ptr,  # [C] fp32
+    ln_b_ptr,  # [C] fp32
+    y_ptr,  # [ROWS * W, C] output, x dtype or the autocast dtype
+    mean_ptr,  # [ROWS * W] fp32
+    rstd_ptr,  # [ROWS * W] fp32
+    H, W, C,
+    eps,
     K: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """The forward at a C the tile kernel's chunks do not cover exactly (its masked compiles spilled):
+    a strip of BLOCK_W pixels of one row, all channels in one BLOCK_C >= C block."""
     # 1-D grid, strip fastest: the programs sharing a halo run side by side (L2 hits, not HBM re-reads)
     strips = tl.cdiv(W, BLOCK_W)
     row = tl.program_id(0) // strips
@@ -365,12 +566,40 @@ def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) 
     return max(1, block_c // (32 * channels_per_thread))
 
 
-def _forward_configs(block_c: int) -> list[tuple[int, int]]:
-    """(BLOCK_W, num_warps) candidates of the forward: 4 channels per thread, then 2. Same summation
-    order in both, so the autotuner's pick never changes the bits."""
-    configs = [(BLOCK_W, _full_c_warps(block_c)), (BLOCK_W, _full_c_warps(block_c, 2))]
-    # at BLOCK_C = 64 both are one warp; 32 warps leave 64 registers a thread, too few (spills)
-    return [cfg for i, cfg in enumerate(configs) if cfg not in configs[:i] and cfg[1] <= 16]
+def _forward_config(channels: int) -> tuple[dict, int]:
+    """(constexprs, num_warps) of the forward at C = channels: NCHUNK power-of-two chunks of at most
+    FWD_MAX_CHUNK channels, one a thread, padding C least (then fewer chunks); C compiled in (STRIDE_C) when
+    the chunks cover it exactly. The tile is as tall as the accumulator budget allows (at least 2 rows;
+    4 columns where 2 rows of 8 do not fit)."""
+    options = []
+    for nchunk in FWD_CHUNK_COUNTS:
+        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(channels, nchunk)))
+        if chunk <= FWD_MAX_CHUNK:
+            options.append((nchunk * chunk, nchunk, chunk))
+    _, nchunk, chunk = min(options)
+    warps = chunk // 32
+    exact = nchunk * chunk == channels
+    budget = FWD_ACCUMULATORS_16_WARPS if warps > 8 else FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) \
+        else FWD_ACCUMULATORS
+    tile_w = FWD_TILE_W if budget // (FWD_TILE_W * nchunk) >= 2 else FWD_TILE_W // 2
+    tile_h = max(2, min(FWD_TILE_H, budget // (tile_w * nchunk)))
+    return dict(STRIDE_C=channels if exact else 0, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps
+
+
+def _forward_classes() -> list[tuple[dict, int]]:
+    """Every tile-kernel config a C in [1, MAX_CHANNELS] picks (C = NCHUNK * CHUNK exactly; other C run the
+    strip kernel)."""
+    seen = {}
+    for channels in range(1, MAX_CHANNELS + 1):
+        consts, warps = _forward_config(channels)
+        if consts["STRIDE_C"]:
+            seen.setdefault((consts["CHUNK"], consts["NCHUNK"]), (consts, warps))
+    return list(seen.values())
+
+
+def _strip_forward_config(block_c: int) -> tuple[int, int]:
+    """(BLOCK_W, num_warps) of the strip forward: 4 channels per thread."""
+    return BLOCK_W, _full_c_warps(block_c)
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
@@ -388,24 +617,6 @@ def _wgrad_config() -> tuple[int, int]:
     return BWD_BLOCK_C, BWD_ROW_TILE
 
 
-def _w_bucket(width: int) -> int:
-    return min(triton.next_power_of_2(width), 256)
-
-
-_TUNED: dict = {}
-
-
-def _tuned_forward_kernel(block_c: int):
-    if block_c not in _TUNED:
-        configs = [
-            triton.Config({"BLOCK_W": block_w}, num_warps=warps, num_stages=1)
-            for block_w, warps in _forward_configs(block_c)
-        ]
-        # Triton adds the tensor arguments' dtypes to the key.
-        _TUNED[block_c] = triton.autotune(configs=configs, key=["C", "W_BUCKET"])(_dwconv_ln_fwd_kernel)
-    return _TUNED[block_c]
-
-
 def _launch(kernel, grid, *args, **meta):
     """Every launch goes through here (inside `_device_guard`, which the tests check)."""
     kernel[grid](*args, **meta)
@@ -415,22 +626,31 @@ def _kernel_size(taps: torch.Tensor) -> int:
     return int(round(taps.shape[0] ** 0.5))
 
 
+def _forward_grid(n: int, h: int, w: int, consts: dict) -> tuple[tuple[int], int]:
+    """(grid, row tiles per program): about FWD_TILES_PER_PROGRAM tiles each, spread evenly over the image."""
+    row_tiles = triton.cdiv(h, consts["TILE_H"])
+    per_program = triton.cdiv(row_tiles, triton.cdiv(row_tiles, FWD_TILES_PER_PROGRAM))
+    return (n * triton.cdiv(row_tiles, per_program) * triton.cdiv(w, consts["TILE_W"]),), per_program
+
+
 def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     n, h, w, c = x.shape
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty((n, h, w), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_c = _block_c(c)
-    args = (x, taps, bias, ln_w, ln_b, y, mean, rstd, h, w, c, eps, _w_bucket(w))
-    consts = dict(K=_kernel_size(taps), BLOCK_C=block_c)
+    consts, warps = _forward_config(c)
+    if not consts["STRIDE_C"]:
+        block_c = _block_c(c)
+        block_w, warps = _strip_forward_config(block_c)
+        with _device_guard(x.device):
+            _launch(_dwconv_ln_fwd_strip_kernel, (n * h * triton.cdiv(w, block_w),), x, taps, bias, ln_w, ln_b, y,
+                    mean, rstd, h, w, c, eps, K=_kernel_size(taps), BLOCK_W=block_w, BLOCK_C=block_c,
+                    num_warps=warps, num_stages=1)
+        return y, mean, rstd
+    grid, tiles_per_program = _forward_grid(n, h, w, consts)
     with _device_guard(x.device):
-        if autotune_enabled():
-            kernel = _tuned_forward_kernel(block_c)
-            _launch(kernel, lambda meta: (n * h * triton.cdiv(w, meta["BLOCK_W"]),), *args, **consts)
-        else:
-            block_w, warps = _forward_configs(block_c)[0]
-            grid = (n * h * triton.cdiv(w, block_w),)
-            _launch(_dwconv_ln_fwd_kernel, grid, *args, **consts, BLOCK_W=block_w, num_warps=warps, num_stages=1)
+        _launch(_dwconv_ln_fwd_kernel, grid, x, taps, bias, ln_w, ln_b, y, mean, rstd, h, w, c, eps,
+                tiles_per_program, K=_kernel_size(taps), **consts, num_warps=warps, num_stages=1)
     return y, mean, rstd
 
 
@@ -662,14 +882,32 @@ def _pair_label(x_dtype: str, y_dtype: str) -> str:
     return x_dtype if x_dtype == y_dtype else f"{x_dtype}->{y_dtype}"
 
 
-def _forward_target(x_dtype, y_dtype, k, block_c, block_w, warps) -> CompileTarget:
+def _forward_target(x_dtype, y_dtype, k, consts, warps) -> CompileTarget:
+    """STRIDE_C != 0 (C compiled in) compiles with C's value; such a launch also has C % 16 == 0 (CHUNK >= 32)."""
     signature = {
         "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32", "ln_b_ptr": "*fp32",
         "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32",
-        "eps": "fp32", "W_BUCKET": "i32", "K": "constexpr", "BLOCK_W": "constexpr", "BLOCK_C": "constexpr",
+        "eps": "fp32", "TILES_PER_PROGRAM": "i32", "STRIDE_C": "constexpr", "K": "constexpr", "TILE_H": "constexpr", "TILE_W": "constexpr",
+        "CHUNK": "constexpr", "NCHUNK": "constexpr",
+    }
+    consts = dict(consts, K=k)
+    label = " ".join(f"{name}={consts[name]}" for name in ("K", "TILE_H", "TILE_W", "CHUNK", "NCHUNK", "STRIDE_C"))
+    return CompileTarget(
+        kernel="dwconv_ln_fwd", fn=_dwconv_ln_fwd_kernel, signature=signature, constexprs=consts,
+        num_warps=warps, num_stages=1, dtype=_pair_label(x_dtype, y_dtype), label=f"{label} warps={warps}",
+        divisible_by_16=("C",) if consts["STRIDE_C"] else (),
+    )
+
+
+def _strip_forward_target(x_dtype, y_dtype, k, block_c) -> CompileTarget:
+    block_w, warps = _strip_forward_config(block_c)
+    signature = {
+        "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32", "ln_b_ptr": "*fp32",
+        "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32",
+        "eps": "fp32", "K": "constexpr", "BLOCK_W": "constexpr", "BLOCK_C": "constexpr",
     }
     return CompileTarget(
-        kernel="dwconv_ln_fwd", fn=_dwconv_ln_fwd_kernel, signature=signature,
+        kernel="dwconv_ln_fwd_strip", fn=_dwconv_ln_fwd_strip_kernel, signature=signature,
         constexprs={"K": k, "BLOCK_W": block_w, "BLOCK_C": block_c}, num_warps=warps, num_stages=1,
         dtype=_pair_label(x_dtype, y_dtype), label=f"K={k} BLOCK_W={block_w} BLOCK_C={block_c} warps={warps}",
     )
@@ -723,8 +961,9 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
     targets = []
     for k in kernel_sizes:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
+            targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in _forward_classes()]
             for block_c in _block_c_classes():
-                targets += [_forward_target(x_dtype, y_dtype, k, block_c, *cfg) for cfg in _forward_configs(block_c)]
+                targets.append(_strip_forward_target(x_dtype, y_dtype, k, block_c))
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
         targets += [_bwd_conv_target(x_dtype, k) for x_dtype in _TRITON_DTYPES.values()]
     return targets + [_sum_rows_target()]
@@ -788,6 +1027,44 @@ def _torch_plan(phase, nbytes, note) -> LaunchPlan:
                       loop_trips=0, note=note)
 
 
+def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
+    s, taps, pixels = _DTYPE_BYTES[name], k * k, batch * height * width
+    act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
+    conv_flops = 2 * taps * pixels * c
+    consts, warps = _forward_config(c)
+    if not consts["STRIDE_C"]:
+        block_c = _block_c(c)
+        block_w, warps = _strip_forward_config(block_c)
+        programs = batch * height * triton.cdiv(width, block_w)
+        # Strips: (in-image kernel rows per output row) x (in-image window columns), params once a program.
+        window = batch * _valid_taps(height, k) * _valid_window_columns(width, k, block_w) * c
+        return _int_plan(
+            _strip_forward_target(name, name, k, block_c), (programs,), "forward",
+            2 * act + stats + small + ((window * s - act) if halo_reread else 0),
+            window * s + programs * small + act + stats, k, conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
+            "conv + bias + LayerNorm (C not chunked exactly): a strip of BLOCK_W pixels, all channels; "
+            "hot loop = kernel rows", dict(H=height, W=width, C=c),
+        )
+    tile_h, tile_w = consts["TILE_H"], consts["TILE_W"]
+    (programs,), tiles = _forward_grid(batch, height, width, consts)
+    # Forward tiles: each in-image input row of a tile's window is loaded once, its in-image columns only
+    # (tiles past the last row load nothing).
+    tile_elements = batch * _valid_window_columns(height, k, tile_h) * _valid_window_columns(width, k, tile_w) * c
+    # Each tile loads every tap once; a program's later tiles find them in L1 while they fit there. The
+    # LayerNorm params are reloaded per pixel from L1.
+    tap_bytes = taps * c * 4
+    fwd_params = (tap_bytes if tap_bytes <= L1_RESIDENT_BYTES else tiles * tap_bytes) + 3 * c * 4
+    return _int_plan(
+        _forward_target(name, name, k, consts, warps), (programs,), "forward",
+        2 * act + stats + small + ((tile_elements * s - act) if halo_reread else 0),
+        tile_elements * s + programs * fwd_params + act + stats, k * tiles,
+        conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
+        "conv + bias + LayerNorm: TILES_PER_PROGRAM tiles of TILE_H x TILE_W pixels, all channels in NCHUNK "
+        "chunks; hot loops = kernel rows (one per chunk) x tiles",
+        dict(H=height, W=width, C=c, TILES_PER_PROGRAM=tiles), tiles,
+    )
+
+
 def launch_plans(batch: int, height: int, width: int, channels: int, dtype, training: bool,
                  kernel_size: int = MAX_KERNEL_SIZE) -> list[LaunchPlan]:
     """The launches one `dwconv_layernorm` call makes at this shape on a GPU with autotuning off (the
@@ -799,24 +1076,16 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     s, k, c = _DTYPE_BYTES[name], kernel_size, channels
     rows, pixels, taps = batch * height, batch * height * width, kernel_size**2
     act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
-    # Conv input elements the strips request: (in-image kernel rows per output row) x (in-image window columns).
+    # Strip kernels (LayerNorm backward): (in-image kernel rows per output row) x (in-image window columns).
     window_elements = batch * _valid_taps(height, k) * _valid_window_columns(width, k, BLOCK_W) * c
     conv_flops = 2 * taps * pixels * c
     block_c = _block_c(c)
-    block_w, warps = _forward_configs(block_c)[0]
-    strips = triton.cdiv(width, block_w)
-    programs = rows * strips
     # A halo row is re-read K rows after its first use: from HBM only if those rows' x and y exceed L2.
-    halo_hbm = (window_elements * s - act) if 2 * k * width * c * s > L2_BYTES else 0
+    halo_reread = 2 * k * width * c * s > L2_BYTES
+    halo_hbm = (window_elements * s - act) if halo_reread else 0
     plans = [
         _torch_plan("forward", 2 * taps * c * 4, "torch: taps transposed to a [K*K, C] fp32 matrix"),
-        _int_plan(
-            _forward_target(name, name, k, block_c, block_w, warps), (programs,), "forward",
-            2 * act + stats + small + halo_hbm, window_elements * s + programs * small + act + stats, k,
-            conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
-            "conv + bias + LayerNorm: a strip of BLOCK_W pixels, all channels; hot loop = kernel rows",
-            dict(H=height, W=width, C=c, W_BUCKET=_w_bucket(width)),
-        ),
+        _forward_plan(name, batch, height, width, c, k, halo_reread),
     ]
     if not training:
         return plans
