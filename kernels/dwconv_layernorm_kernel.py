@@ -63,7 +63,8 @@ FWD_CHUNK_COUNTS = (1, 2, 3, 4)
 FWD_TILES_PER_PROGRAM = 4
 # Conv outputs a thread holds (TILE_H * TILE_W * NCHUNK). Exact C: at 96 (TILE_H = 4, 3 chunks) ptxas
 # spilled on sm_90; at 72, 161-182 registers and no spill at 1 and 8 warps (sm_80/sm_90), but 16 bytes of
-# stack on sm_80 bf16 at 2 and 4 warps (C = 192, 384): 48 there. 16 warps leave 128 registers a thread. A C the chunks do not cover exactly runs the strip kernel: the tile kernel with a runtime C
+# stack on sm_80 with fp16/bf16 x at 2 and 4 warps (C = 192, 384): 48 there (fp32 x at 48 spilled 8 bytes
+# on sm_80 instead: x_bytes picks). 16 warps leave 128 registers a thread. A C the chunks do not cover exactly runs the strip kernel: the tile kernel with a runtime C
 # (a 64-bit address a load, vector masks) spilled on sm_80/sm_90 even at 24 accumulators.
 FWD_ACCUMULATORS, FWD_ACCUMULATORS_2_4_WARPS, FWD_ACCUMULATORS_16_WARPS = 72, 48, 40
 MIN_BLOCK_C = 64  # backward: fewer compiled variants; tiny C only wastes masked lanes
@@ -566,7 +567,7 @@ def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) 
     return max(1, block_c // (32 * channels_per_thread))
 
 
-def _forward_config(channels: int) -> tuple[dict, int]:
+def _forward_config(channels: int, x_bytes: int = 2) -> tuple[dict, int]:
     """(constexprs, num_warps) of the forward at C = channels: NCHUNK power-of-two chunks of at most
     FWD_MAX_CHUNK channels, one a thread, padding C least (then fewer chunks); C compiled in (STRIDE_C) when
     the chunks cover it exactly. The tile is as tall as the accumulator budget allows (at least 2 rows;
@@ -579,19 +580,19 @@ def _forward_config(channels: int) -> tuple[dict, int]:
     _, nchunk, chunk = min(options)
     warps = chunk // 32
     exact = nchunk * chunk == channels
-    budget = FWD_ACCUMULATORS_16_WARPS if warps > 8 else FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) \
-        else FWD_ACCUMULATORS
+    budget = FWD_ACCUMULATORS_16_WARPS if warps > 8 else \
+        FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) and x_bytes == 2 else FWD_ACCUMULATORS
     tile_w = FWD_TILE_W if budget // (FWD_TILE_W * nchunk) >= 2 else FWD_TILE_W // 2
     tile_h = max(2, min(FWD_TILE_H, budget // (tile_w * nchunk)))
     return dict(STRIDE_C=channels if exact else 0, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps
 
 
-def _forward_classes() -> list[tuple[dict, int]]:
+def _forward_classes(x_bytes: int) -> list[tuple[dict, int]]:
     """Every tile-kernel config a C in [1, MAX_CHANNELS] picks (C = NCHUNK * CHUNK exactly; other C run the
     strip kernel)."""
     seen = {}
     for channels in range(1, MAX_CHANNELS + 1):
-        consts, warps = _forward_config(channels)
+        consts, warps = _forward_config(channels, x_bytes)
         if consts["STRIDE_C"]:
             seen.setdefault((consts["CHUNK"], consts["NCHUNK"]), (consts, warps))
     return list(seen.values())
@@ -638,7 +639,7 @@ def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty((n, h, w), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    consts, warps = _forward_config(c)
+    consts, warps = _forward_config(c, x.element_size())
     if not consts["STRIDE_C"]:
         block_c = _block_c(c)
         block_w, warps = _strip_forward_config(block_c)
@@ -961,7 +962,7 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
     targets = []
     for k in kernel_sizes:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
-            targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in _forward_classes()]
+            targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in _forward_classes(_DTYPE_BYTES[x_dtype])]
             for block_c in _block_c_classes():
                 targets.append(_strip_forward_target(x_dtype, y_dtype, k, block_c))
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
@@ -1031,7 +1032,7 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
     s, taps, pixels = _DTYPE_BYTES[name], k * k, batch * height * width
     act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
     conv_flops = 2 * taps * pixels * c
-    consts, warps = _forward_config(c)
+    consts, warps = _forward_config(c, s)
     if not consts["STRIDE_C"]:
         block_c = _block_c(c)
         block_w, warps = _strip_forward_config(block_c)

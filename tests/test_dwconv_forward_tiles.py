@@ -28,6 +28,7 @@ def test_chunks_cover_every_width_with_the_least_padding():
         assert consts["STRIDE_C"] == (c if nchunk * chunk == c else 0), c
         accumulators = consts["TILE_H"] * consts["TILE_W"] * nchunk  # registers a thread, spill-free up to these
         assert consts["TILE_H"] >= 2 and accumulators <= (40 if warps > 8 else 48 if warps in (2, 4) else 72), c
+        assert kernel_module._forward_config(c, 4)[0]["TILE_H"] >= consts["TILE_H"], c  # fp32 x: up to 72
 
 
 @pytest.mark.parametrize("c", CONVNEXT_WIDTHS)
