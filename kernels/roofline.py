@@ -242,10 +242,11 @@ class Traffic:
 class DwconvFusedLayout:
     """What kernels/dwconv_layernorm_kernel.py does in backward, as far as HBM traffic goes.
 
-    Backward runs three kernels: (1) recompute the conv, LayerNorm backward, write g = d(conv output)
-    in fp32 plus per-program partial sums of the LN weight/bias and conv bias grads; (2) dx = conv of g
-    with flipped taps; (3) per-program partial sums of the tap gradients from g and x. torch sums the
-    partials. Programs: at most `partial_programs`, each over whole tiles of `*_block_p` pixels.
+    Backward runs two kernels and fixed-order sums: (1) recompute the conv, LayerNorm backward, write
+    g = d(conv output) in fp32 plus per-program partial sums of the LN weight/bias and conv bias grads;
+    (2) from one read of g and x: dx = conv of g with flipped taps, and per-program partial sums of the
+    tap gradients; then the partials are summed. Programs: at most `partial_programs`, each over whole
+    tiles of `*_block_p` pixels. (An approximation of the launches kernels/sass_report.py models exactly.)
     """
 
     g_bytes: int = 4
@@ -329,9 +330,9 @@ def dwconv_layernorm_steps(shape, dtype, impl, pass_, k=KERNEL_SIZE):
     steps.append(Step("bwd 1: recompute conv, LN bwd -> g (fp32) + partials", 2 * act + stats + param_fp32,
                       g + norm_partials,
                       conv_flops + p * c + (LN_BWD_DX_FLOPS + LN_BWD_DW_FLOPS) * p * c))
-    steps.append(Step("bwd 2: dx = conv(g, flipped taps)", g + taps * STAT_BYTES, act, conv_flops))
-    steps.append(Step("bwd 3: tap-grad partials from g and x", g + act, tap_partials, conv_flops))
-    steps.append(Step("sum of partials (torch)", norm_partials + tap_partials, (3 * c + taps) * STAT_BYTES,
+    steps.append(Step("bwd 2: dx = conv(g, flipped taps) and tap-grad partials, one read of g and x",
+                      g + act + taps * STAT_BYTES, act + tap_partials, 2 * conv_flops))
+    steps.append(Step("fixed-order sum of partials", norm_partials + tap_partials, (3 * c + taps) * STAT_BYTES,
                       (norm_partials + tap_partials) / STAT_BYTES))
     return steps
 
