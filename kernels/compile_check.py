@@ -83,6 +83,10 @@ def _resource_usage(cubin: bytes) -> tuple[dict, str]:
     return fields, sass
 
 
+def _integer_arguments(target) -> tuple:
+    return tuple(name for name, kind in target.signature.items() if kind[:1] == "i")
+
+
 def _launch_specialization(target) -> dict:
     """The weakest specialization a launch of this target gets: pointers 16-byte aligned (Triton specializes on
     `data_ptr() % 16 == 0`; the launchers pass whole contiguous tensors, so that is the variant that runs, and
@@ -90,7 +94,7 @@ def _launch_specialization(target) -> dict:
     multiples of 16 (`CompileTarget.divisible_by_16`) marked so. Integers it does not guarantee stay
     unspecialized: a target must compile without spills for every value its launcher can pass."""
     names = target.fn.arg_names
-    unknown = set(target.divisible_by_16) - {name for name, kind in target.signature.items() if kind[:1] == "i"}
+    unknown = set(target.divisible_by_16) - set(_integer_arguments(target))
     if unknown:
         raise ValueError(f"{target.kernel}: divisible_by_16 names {sorted(unknown)}, not integer arguments")
     return {
@@ -184,7 +188,7 @@ def int_specializations(target, mode: str = "both") -> list:
     argument a multiple of 16 (label suffix "ints%16"); "both". One target when the two are the same."""
     if mode not in INT_SPECIALIZATIONS:
         raise ValueError(f"--ints must be one of {INT_SPECIALIZATIONS}, got {mode!r}")
-    ints = tuple(name for name, kind in target.signature.items() if kind[:1] == "i")
+    ints = _integer_arguments(target)
     if set(ints) <= set(target.divisible_by_16):
         return [target]
     divisible = replace(target, divisible_by_16=ints, label=f"{target.label} ints%16".strip())

@@ -6,11 +6,10 @@
 Run it in a shell WITHOUT TRITON_INTERPRET (it compiles for sm_80/sm_90; no GPU needed).
 
 For every ConvNeXt-T/-B stage shape, batch, dtype and arch, each kernel module hands over the launches a real
-call makes (`launch_plans(batch, height, width, channels, dtype, training)`, see compile_spec.LaunchPlan; a
-module without it gets plans derived here from its current launcher). Each launch's config is compiled with the
-specialization a real launch gets (16-byte aligned pointers; integer arguments divisible by 16 marked so, equal
-to 1 made constants, as Triton's launcher does), its SASS disassembled (cuobjdump) and cached on disk, keyed by
-Triton's hash of the kernel as loaded (its source and the @jit functions it calls), Triton's version and the
+call makes (`launch_plans(batch, height, width, channels, dtype, training)`, see compile_spec.LaunchPlan). Each
+launch's config is compiled with the specialization a real launch gets (16-byte aligned pointers; integer
+arguments divisible by 16 marked so, equal to 1 made constants, as Triton's launcher does), its SASS
+disassembled (cuobjdump) and cached on disk, keyed by Triton's hash of the kernel as loaded (its source and the @jit functions it calls), Triton's version and the
 config (directory: $FASTCONVNEXT_SASS_CACHE, default ~/.cache/fastconvnext/sass). The hot loops are the innermost
 backward branches; their instructions are counted per iteration by class.
 
@@ -38,13 +37,11 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastconvnext.kernels import roofline
@@ -53,7 +50,6 @@ _PACKAGE = __package__ or "fastconvnext.kernels"
 KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
 MODES = ("forward", "forward_backward")
 DTYPES = ("bf16", "fp16", "fp32")
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 STAGE_SIZES = (56, 28, 14, 7)
 STAGE_CHANNELS = {"tiny": (96, 192, 384, 768), "base": (128, 256, 512, 1024)}
 CACHE_ENV = "FASTCONVNEXT_SASS_CACHE"
@@ -513,204 +509,13 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     return est
 
 
-# ------------------------------------------------------------------------------------------- plans
-
-
-def _ceil(a, b):
-    return -(-a // b)
-
-
-def _plan(target, grid, phase, hbm, l2, trips, flops=0.0, note="", int_args=None, outer_trips=1):
-    from .compile_spec import LaunchPlan
-
-    plan = LaunchPlan(target=target, grid=tuple(grid), phase=phase, hbm_bytes=float(hbm), l2_bytes=float(l2),
-                      loop_trips=int(trips), flops=float(flops), note=note,
-                      divisible_by_16=tuple(k for k, v in (int_args or {}).items() if v % 16 == 0))
-    extra = {}
-    if hasattr(plan, "int_args"):
-        extra["int_args"] = dict(int_args or {})
-    if hasattr(plan, "outer_trips"):
-        extra["outer_trips"] = int(outer_trips)
-    return replace(plan, **extra) if extra else plan
-
-
-def _torch_step(phase, read, written, note):
-    return _plan(None, (), phase, read + written, read + written, 0, note=note)
-
-
-def _pick(targets, kernel, dtype, **constexprs):
-    for t in targets:
-        if t.kernel == kernel and t.dtype == dtype and all(t.constexprs.get(k) == v for k, v in constexprs.items()):
-            return t
-    raise LookupError(f"no compile target {kernel} {dtype} {constexprs}")
-
-
-def fallback_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size=50e6):
-    """Launches of the current dwconv_layernorm_kernel launcher (autotune off: first config), derived here
-    until the module provides launch_plans."""
-    if hasattr(module, "_backward_grids"):
-        return _strip_dwconv_plans(module, batch, height, width, channels, dtype, training)
-    return _tile_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size)
-
-
-def _strip_dwconv_plans(module, batch, height, width, channels, dtype, training):
-    """The strip kernels (a program = BLOCK_W pixels of one image row, a K-row window per kh step)."""
-    rows, c, s, k = batch * height, channels, DTYPE_BYTES[dtype], 7
-    p, taps = rows * width, k * k
-    block_c = module._block_c(c)
-    block_w, warps = module._forward_configs(block_c)[0]
-    strips = _ceil(width, block_w)
-    window = block_w + k - 1
-    act, stats, params = p * c * s, 8 * p, (taps + 3 * c) * 4
-    # L2 requests of one strip, all kh: its input windows (halo re-reads included). The taps every program
-    # reads are the same K*K*C fp32 for the whole grid: counted as L1 hits (an assumption; not L2 traffic).
-    conv_read = k * window * c * s
-    target = module._forward_target(dtype, dtype, k, block_c, block_w, warps)
-    ints = dict(H=height, W=width, C=c, W_BUCKET=module._w_bucket(width))
-    plans = [_plan(target, (rows, strips), "forward", 2 * act + stats + params,
-                   rows * strips * conv_read + act + stats, k, 2 * taps * p * c,
-                   "conv + bias + LayerNorm (strip of BLOCK_W pixels)", ints)]
-    if not training:
-        return plans
-    grids = module._backward_grids(rows, width, c, k)
-    groups, per_program = grids["norm_groups"], grids["rows_per_program"]
-    norm_partials = groups * strips * 3 * c * 4
-    target = module._norm_bwd_target(dtype, dtype, k, block_c)
-    ints = dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program)
-    strip_io = block_w * c * (s + 4) + 8 * block_w  # dy in, g (fp32) out, mean/rstd
-    plans.append(_plan(target, (groups, strips), "backward", 2 * act + 4 * p * c + stats + params + norm_partials,
-                       groups * strips * per_program * (conv_read + strip_io) + norm_partials, k * per_program,
-                       2 * taps * p * c, "recompute conv, LayerNorm backward -> g (fp32)", ints, per_program))
-    conv_groups, tiles = grids["conv_groups"], grids["tiles_per_program"]
-    blocks = grids["channel_blocks"]
-    bwd_c, _ = module._wgrad_config()
-    tap_partials = conv_groups * strips * taps * c * 4
-    target = module._bwd_conv_target(dtype, k)
-    ints = dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
-    tile_read = module.BWD_ROW_TILE * (k * window * bwd_c * 4 + 2 * block_w * bwd_c * s)  # g windows, x, dx
-    plans.append(_plan(target, (conv_groups, strips, blocks), "backward",
-                       4 * p * c + 2 * act + taps * c * 4 + tap_partials,
-                       conv_groups * strips * blocks * tiles * tile_read + tap_partials, tiles,
-                       4 * taps * p * c, "dx = conv(g, flipped taps) and tap-gradient partials, one pass", ints))
-    target = module._sum_rows_target()
-    for count, width_n, what in ((groups * strips, 3 * c, "LN/bias"), (conv_groups * strips, taps * c, "tap")):
-        nbytes = count * width_n * 4 + width_n * 4
-        plans.append(_plan(target, (_ceil(width_n, module.REDUCE_BLOCK_N),), "backward", nbytes, nbytes,
-                           _ceil(count, module.REDUCE_BLOCK_R), 0, f"sum of {what} gradient partials",
-                           dict(R=count, N=width_n)))
-    return plans
-
-
-def _tile_dwconv_plans(module, batch, height, width, channels, dtype, training, l2_size):
-    """The earlier pixel-tile kernels (kept while both launcher generations exist)."""
-    p, c, s, k = batch * height * width, channels, DTYPE_BYTES[dtype], 7
-    taps = k * k
-    block_c = module._block_c(c)
-    targets = module.compile_targets()
-    act, g_bytes, stats = p * c * s, p * c * 4, 8 * p
-    params = (taps + 3 * c) * 4
-    halo = (k // 2) * (width + 1) * 2  # pixels a tile of consecutive pixels reads beyond itself
-
-    def conv_plan(kernel, has_norm, phase, src_bytes, out_bytes, note):
-        block_p, _ = module._conv_configs(block_c, has_norm)[0]
-        target = _pick(targets, kernel, dtype, BLOCK_C=block_c, BLOCK_P=block_p)
-        grid = (_ceil(p, block_p),)
-        tile_read = min(block_p + halo, taps * block_p) * c * src_bytes
-        ints = dict(P=p, H=height, W=width, C=c, HW_BUCKET=module._hw_bucket(height, width))
-        extra_stats = stats if has_norm else 0
-        return _plan(target, grid, phase, p * c * (src_bytes + out_bytes) + extra_stats + params,
-                     grid[0] * (tile_read + taps * c * 4) + p * c * out_bytes + extra_stats, taps,
-                     2 * taps * p * c, note, ints)
-
-    plans = [conv_plan("dwconv_ln_fwd", True, "forward", s, s, "conv + bias + LayerNorm")]
-    if not training:
-        return plans
-    block_p, _ = module._norm_bwd_config(block_c)
-    programs, tiles = module._programs_for(_ceil(p, block_p), module.PARTIAL_ELEMENTS // block_c)
-    target = _pick(targets, "dwconv_ln_bwd_norm", dtype, BLOCK_C=block_c)
-    partials = programs * 3 * c * 4
-    ints = dict(P=p, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
-    tile_read = min(block_p + halo, taps * block_p) * c * s
-    plans.append(_plan(target, (programs,), "backward", 2 * act + stats + params + g_bytes + partials,
-                       programs * tiles * (tile_read + taps * c * 4 + block_p * c * s) + g_bytes + partials,
-                       taps * tiles, 0, "recompute conv, LayerNorm backward -> g (fp32)", ints, tiles))
-    plans.append(conv_plan("dwconv_dgrad", False, "backward", 4, s, "dx = conv(g, flipped taps)"))
-    wb_p, _ = module._wgrad_config()
-    blocks = _ceil(c, module.DW_BLOCK_C)
-    programs, tiles = module._programs_for(_ceil(p, wb_p), module.PARTIAL_PROGRAMS // blocks)
-    target = _pick(targets, "dwconv_wgrad", dtype)
-    footprint = g_bytes + act
-    sweeps = taps if footprint > l2_size else 1  # taps outer, pixel tiles inner: one sweep of g and x per tap
-    tap_partials = programs * taps * c * 4
-    ints = dict(P=p, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles)
-    plans.append(_plan(target, (programs, blocks), "backward", sweeps * footprint + tap_partials,
-                       taps * footprint + tap_partials, taps * tiles, 0,
-                       f"tap-gradient partials ({sweeps} sweep(s) of g and x from HBM)", ints, taps))
-    plans.append(_torch_step("backward", partials + tap_partials, (3 * c + taps) * 4, "torch: sum of partials"))
-    return plans
-
-
-def fallback_mlp_plans(module, batch, height, width, channels, dtype, training):
-    """Launches of the current convnext_mlp_kernel launcher (autotune off: first config of each bucket)."""
-    m, c, s = batch * height * width, channels, DTYPE_BYTES[dtype]
-    d = 4 * c
-    act, weights, small = m * c * s, 2 * d * c * s, (d + 2 * c) * 4
-    precision = "ieee"  # torch's default: allow_tf32 off
-    flags = dict(ACT="gelu", HAS_GAMMA=True, HAS_SCALE=False)
-    plans = []
-    cfg = module._fwd_configs(c, d, dtype)[0]
-    target = module._target("fwd", cfg, c, d, dtype, dict(flags, SAVE_Y2=training), precision)
-    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    grid = (_ceil(m, bm), _ceil(c, bn))
-    programs = grid[0] * grid[1]
-    chunks = _ceil(c, cfg["BLOCK_K"])
-    per_program_l2 = (bm * c * (1 if chunks == 1 else _ceil(d, bd)) + d * c + bn * d + 2 * bm * bn) * s
-    plans.append(_plan(target, grid, "forward", act * grid[1] + act * (2 + training) + weights + small,
-                       programs * per_program_l2, _ceil(d, bd) * chunks, 2 * m * c * d * (1 + grid[1]),
-                       "fc1 + GELU + fc2 + layer scale + residual", dict(M=m, HW=height * width), _ceil(d, bd)))
-    if not training:
-        return plans
-    cfg = module._dx_configs(c, d, dtype)[0]
-    target = module._target("dx", cfg, c, d, dtype, dict(flags, PART_ROWS=module._PART_ROWS, HAS_Y2=True), precision)
-    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_D"]
-    grid = (_ceil(m, bm), _ceil(c, bn))
-    row_partials = 2 * _ceil(m, module._PART_ROWS) * c * 4
-    chunks = _ceil(c, cfg["BLOCK_K"])
-    plans.append(_plan(target, grid, "backward", 2 * act * grid[1] + 2 * act + weights + small + row_partials,
-                       grid[0] * grid[1] * (2 * bm * c * s + weights + 2 * bm * bn * s) + row_partials,
-                       _ceil(d, bd) * chunks, 2 * m * c * d * (1 + 2 * grid[1]), "dx (recompute fc1, dh)",
-                       dict(M=m, HW=height * width), _ceil(d, bd)))
-    plans.append(_torch_step("backward", row_partials, 2 * c * 4, "torch: db2, dgamma partial sums"))
-    cfg = module._dw_configs(c, d, dtype)[0]
-    target = module._target("dw", cfg, c, d, dtype, flags, precision)
-    segments = module._num_segments(m)
-    bm, bc, bd = cfg["BLOCK_M"], cfg["BLOCK_C"], cfg["BLOCK_D"]
-    grid = (_ceil(d, bd), _ceil(c, bc), segments)
-    tiles = _ceil(_ceil(m, bm), segments)
-    weight_partials = segments * (2 * d * c + d) * 4
-    per_tile = (2 * bm * c * s) + 2 * c * bd * s
-    chunks = _ceil(c, bc) if bc < c else 1
-    plans.append(_plan(target, grid, "backward", 2 * act * grid[1] + weights + small + weight_partials,
-                       _programs(grid) * tiles * per_tile + weight_partials, tiles * chunks,
-                       2 * m * c * d * (2 + 2 * grid[1]), "dW1, dW2, db1 partials (recompute fc1, dh)",
-                       dict(M=m, HW=height * width, NUM_SEGMENTS=segments), tiles))
-    fp32_grads = (2 * d * c + d) * 4
-    plans.append(_torch_step("backward", weight_partials + fp32_grads, fp32_grads + (2 * d * c + d) * s,
-                             "torch: dW partial sums + cast"))
-    return plans
-
-
-_FALLBACKS = {"dwconv_layernorm": fallback_dwconv_plans, "convnext_mlp": fallback_mlp_plans}
-
-
 def launch_plans(op, batch, height, width, channels, dtype, training, machine=H100_SXM):
-    """The module's own launch_plans when it has them, else the plans derived here from its launcher."""
+    """(the kernel module's launch_plans at this shape, "module"); `machine` is accepted for the callers'
+    symmetry with the estimates (the plans do not depend on it)."""
     module = importlib.import_module(f"{_PACKAGE}.{KERNEL_OPS[op]}")
-    if hasattr(module, "launch_plans"):
-        return list(module.launch_plans(batch, height, width, channels, dtype, training)), "module"
-    fallback = _FALLBACKS[op]
-    kwargs = {"l2_size": machine.l2_size} if op == "dwconv_layernorm" else {}
-    return fallback(module, batch, height, width, channels, dtype, training, **kwargs), "derived here"
+    if not hasattr(module, "launch_plans"):
+        raise AttributeError(f"{module.__name__} has no launch_plans(batch, height, width, channels, dtype, training)")
+    return list(module.launch_plans(batch, height, width, channels, dtype, training)), "module"
 
 
 # ------------------------------------------------------------------------------------------ eager
@@ -769,7 +574,7 @@ def cases(archs=(90, 80), dtypes=DTYPES, batches=(64, 256), models=("tiny", "bas
 class CaseResult:
     case: Case
     launches: list  # [LaunchEstimate]
-    source: str  # "module" or "derived here"
+    source: str  # where the plans came from: "module"
     eager_s: float
     minimum_s: float
     error: str = ""
