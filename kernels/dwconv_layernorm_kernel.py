@@ -3,16 +3,15 @@
 Layout: activations are [N, H, W, C] contiguous (a channels_last NCHW tensor seen through
 .permute(0, 2, 3, 1)); ROWS = N*H image rows of W pixels of C channels.
 
-Forward (one kernel, straight-line code): a program owns a TILE_H x TILE_W tile of output pixels and all C
-channels, as NCHUNK (1 to 4) power-of-two chunks of CHUNK <= 512 channels, one channel a thread: C = 96 * 2^k
-is three chunks and 2^k one (two or four past 512), so ConvNeXt's widths leave no lane idle. C is compiled in
-(STRIDE_C): every window and tap offset is an immediate, and a load's mask is one predicate per (input row,
+Forward tile kernel (C = 96 * 2^k, ConvNeXt-T/S/L's widths): a program owns a TILE_H x TILE_W tile of output
+pixels and all C channels, as NCHUNK = 3 power-of-two chunks of CHUNK <= 512 channels, one channel a thread, so
+no lane is idle. C is compiled in (STRIDE_C): every window and tap offset is an immediate, and a load's mask is one predicate per (input row,
 window column). Per chunk, a runtime loop over kernel rows kh: output row r reads input row h0 - PAD + r + kh,
 so each iteration loads one new window row (TILE_W + K - 1 pixels) and that kh's K taps (shared by all
 output rows) and carries the tile's other TILE_H - 1 window rows in registers. A program runs
 TILES_PER_PROGRAM row tiles of one strip (its taps stay in L1). Conv + bias in fp32, kept for all chunks;
-LayerNorm statistics per pixel summed over the chunks in fp32. A C the chunks do not cover exactly runs
-`_dwconv_ln_fwd_strip_kernel` (one output row x BLOCK_W pixels, all C in one BLOCK_C >= C block, as the
+LayerNorm statistics per pixel summed over the chunks in fp32. Every other C (ConvNeXt-B's 2^k among them)
+runs `_dwconv_ln_fwd_strip_kernel` (one output row x BLOCK_W pixels, all C in one BLOCK_C >= C block, as the
 backward). y in x's dtype (or the autocast dtype), mean/rstd [N*H*W] in fp32.
 
 Strip kernels (backward, and the forward at other C): a program owns a strip of BLOCK_W consecutive pixels of one image row and a block of
@@ -54,11 +53,15 @@ from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
 
-# Forward: a tile of FWD_TILE_H x FWD_TILE_W output pixels, all channels as NCHUNK (1 or 3) chunks of CHUNK
-# (a power of two, one channel per thread up to 16 warps): C = 96 * 2^k is 3 chunks with no idle lane.
+# Forward tile kernel: a tile of FWD_TILE_H x FWD_TILE_W output pixels, all C = FWD_NCHUNK * CHUNK channels as
+# chunks of CHUNK (a power of two, one channel per thread, up to 16 warps): ConvNeXt-T/S/L's C = 96 * 2^k with no
+# idle lane, where the strip kernel's next_pow2(C)-wide block leaves a quarter idle. Every other C runs the strip
+# kernel: a power-of-two C fills its block exactly, and there the strip kernel is the faster one on the model (its
+# 4 channels a thread share each load's address math; ConvNeXt-B b64 bf16 H100: C=128 122 vs 134 us, C=1024
+# 17 vs 37 us for a 1-chunk tile), and a tile kernel with masked channels spilled (see below).
 FWD_TILE_H, FWD_TILE_W = 3, 8
 MIN_CHUNK, FWD_MAX_CHUNK = 32, 512  # one channel a thread: 1 to 16 warps
-FWD_CHUNK_COUNTS = (1, 2, 3, 4)
+FWD_NCHUNK = 3
 # Row tiles a forward program runs one after the other: its taps (and LayerNorm params) come from L2 once.
 FWD_TILES_PER_PROGRAM = 4
 # Conv outputs a thread holds (TILE_H * TILE_W * NCHUNK). Exact C: at 96 (TILE_H = 4, 3 chunks) ptxas
@@ -186,31 +189,18 @@ def _widen(values):
 
 
 @triton.jit
-def _lanes_if(ok, lane, width, HAS_CHANNEL_MASK: tl.constexpr):
-    """[CHUNK] mask: lanes < width where the scalar `ok` holds, none otherwise. Without a channel mask it is
-    `ok` splatted (one uniform predicate); the interpreter rejects scalar masks and scalar & vector ones."""
-    if HAS_CHANNEL_MASK:
-        return lane < tl.where(ok, width, 0)
+def _splat(ok, lane):
+    """The scalar `ok` as a [CHUNK] mask (one uniform predicate); the interpreter rejects scalar masks."""
     return (tl.zeros(lane.shape, dtype=tl.int32) + ok.to(tl.int32)) != 0
 
 
 @triton.jit
-def _load_chunk(ptr, c_ok, HAS_CHANNEL_MASK: tl.constexpr):
-    """[CHUNK] fp32 values at ptr; lanes past C (only when the chunks pad C) read 0."""
-    if HAS_CHANNEL_MASK:
-        return tl.load(ptr, mask=c_ok, other=0.0)
-    return tl.load(ptr)
-
-
-@triton.jit
-def _window_row(src, src_h, H, col_ok, lane, chunk_width, stride_c,
-                WINDOW: tl.constexpr, HAS_CHANNEL_MASK: tl.constexpr):
+def _window_row(src, src_h, H, col_ok, lane, STRIDE_C: tl.constexpr, WINDOW: tl.constexpr):
     """The WINDOW pixels of one input row from src (zeros outside the image): a tuple of fp32 [CHUNK]."""
     row_ok = (src_h >= 0) & (src_h < H)
     values = ()
     for i in tl.static_range(WINDOW):
-        ok = _lanes_if(row_ok & col_ok[i], lane, chunk_width, HAS_CHANNEL_MASK)
-        values = values + (_widen(tl.load(src + i * stride_c, mask=ok, other=0.0)),)
+        values = values + (_widen(tl.load(src + i * STRIDE_C, mask=_splat(row_ok & col_ok[i], lane), other=0.0)),)
     return values
 
 
@@ -219,14 +209,12 @@ def _conv_tile_chunk(
     x_row0,  # [CHUNK] pointers: input pixel (h0 - PAD, w0 - PAD), this chunk's channels
     taps_chunk,  # [CHUNK] pointers: tap 0 of this chunk's channels in the [K*K, C] fp32 taps
     row_step,  # int64 scalar: elements per image row (W * C)
-    h0, w0, H, W, C,
-    c_ok,  # [CHUNK] channel < C
-    STRIDE_C: tl.constexpr,  # C when the launcher knows it (offsets become immediates), else 0
+    h0, w0, H, W,
+    STRIDE_C: tl.constexpr,  # C, compiled in: every offset is an immediate
     K: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     CHUNK: tl.constexpr,
-    HAS_CHANNEL_MASK: tl.constexpr,
 ):
     """Conv sums (no bias) of the TILE_H x TILE_W tile for one channel chunk: a tuple of TILE_H*TILE_W fp32
     [CHUNK] vectors, row-major. Kernel row kh of output row r is input row h0 - PAD + r + kh, so from one
@@ -234,28 +222,24 @@ def _conv_tile_chunk(
     that kh's K taps (shared by all output rows) and carries the other rows in registers."""
     PAD: tl.constexpr = K // 2
     WINDOW: tl.constexpr = TILE_W + K - 1
-    stride_c = C if STRIDE_C == 0 else STRIDE_C
     lane = tl.arange(0, CHUNK)
-    chunk_width = tl.sum(c_ok.to(tl.int32), axis=0) if HAS_CHANNEL_MASK else CHUNK
     col_ok = ()
     for i in tl.static_range(WINDOW):
         col_ok = col_ok + ((w0 - PAD + i >= 0) & (w0 - PAD + i < W),)
     src = x_row0
     rows = ()  # window rows of input rows h0 - PAD .. h0 - PAD + TILE_H - 2, flat: rows[r * WINDOW + i]
     for r in tl.static_range(TILE_H - 1):
-        rows = rows + _window_row(src, h0 - PAD + r, H, col_ok, lane, chunk_width, stride_c, WINDOW,
-                                  HAS_CHANNEL_MASK)
+        rows = rows + _window_row(src, h0 - PAD + r, H, col_ok, lane, STRIDE_C, WINDOW)
         src += row_step
     accs = ()
     for p in tl.static_range(TILE_H * TILE_W):
         accs = accs + (tl.zeros([CHUNK], dtype=tl.float32),)
     tap_row = taps_chunk
     for kh in range(K):
-        rows = rows + _window_row(src, h0 - PAD + TILE_H - 1 + kh, H, col_ok, lane, chunk_width, stride_c,
-                                  WINDOW, HAS_CHANNEL_MASK)
+        rows = rows + _window_row(src, h0 - PAD + TILE_H - 1 + kh, H, col_ok, lane, STRIDE_C, WINDOW)
         taps = ()
         for kw in tl.static_range(K):
-            taps = taps + (_load_chunk(tap_row + kw * stride_c, c_ok, HAS_CHANNEL_MASK),)
+            taps = taps + (tl.load(tap_row + kw * STRIDE_C),)
         updated = ()
         for p in tl.static_range(TILE_H * TILE_W):
             acc = accs[p]
@@ -265,7 +249,7 @@ def _conv_tile_chunk(
         accs = updated
         rows = rows[WINDOW:]
         src += row_step
-        tap_row += K * stride_c
+        tap_row += K * STRIDE_C
     return accs
 
 
@@ -279,38 +263,35 @@ def _dwconv_ln_fwd_kernel(
     y_ptr,  # [ROWS * W, C] output, x dtype or the autocast dtype
     mean_ptr,  # [ROWS * W] fp32
     rstd_ptr,  # [ROWS * W] fp32
-    H, W, C,
+    H, W,
     eps,
     TILES_PER_PROGRAM,  # consecutive row tiles of one strip a program runs (its taps stay in L1)
-    STRIDE_C: tl.constexpr,  # C when C == NCHUNK * CHUNK (compiled into the offsets), else 0
+    STRIDE_C: tl.constexpr,  # C == NCHUNK * CHUNK, compiled into the offsets
     K: tl.constexpr,
     TILE_H: tl.constexpr,
     TILE_W: tl.constexpr,
     CHUNK: tl.constexpr,
     NCHUNK: tl.constexpr,
 ):
-    PAD: tl.constexpr = K // 2
-    HAS_CHANNEL_MASK: tl.constexpr = STRIDE_C == 0
     # 1-D grid, strip fastest: the programs sharing a halo run side by side (L2 hits, not HBM re-reads)
     strips = tl.cdiv(W, TILE_W)
     groups = tl.cdiv(tl.cdiv(H, TILE_H), TILES_PER_PROGRAM)
     pid = tl.program_id(0)
     w0 = (pid % strips) * TILE_W
     image = pid // (strips * groups)
-    stride_c = C if STRIDE_C == 0 else STRIDE_C
     lane = tl.arange(0, CHUNK)
-    row_step = W.to(tl.int64) * stride_c
+    row_step = W.to(tl.int64) * STRIDE_C
     for t in range(TILES_PER_PROGRAM):
         h0 = (((pid // strips) % groups) * TILES_PER_PROGRAM + t) * TILE_H
         _dwconv_ln_tile(x_ptr, taps_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, y_ptr, mean_ptr, rstd_ptr, image, h0, w0,
-                        lane, row_step, H, W, C, eps, STRIDE_C, K, TILE_H, TILE_W, CHUNK, NCHUNK)
+                        lane, row_step, H, W, eps, STRIDE_C, K, TILE_H, TILE_W, CHUNK, NCHUNK)
 
 
 @triton.jit
 def _dwconv_ln_tile(
     x_ptr, taps_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, y_ptr, mean_ptr, rstd_ptr,  # as in _dwconv_ln_fwd_kernel
     image, h0, w0,  # the tile's image and first output row / column
-    lane, row_step, H, W, C, eps,
+    lane, row_step, H, W, eps,
     STRIDE_C: tl.constexpr,
     K: tl.constexpr,
     TILE_H: tl.constexpr,
@@ -320,17 +301,14 @@ def _dwconv_ln_tile(
 ):
     """Conv + bias + LayerNorm of one tile; a tile past the image's last row (h0 >= H) loads and stores nothing."""
     PAD: tl.constexpr = K // 2
-    HAS_CHANNEL_MASK: tl.constexpr = STRIDE_C == 0
-    stride_c = C if STRIDE_C == 0 else STRIDE_C
     live_h = tl.where(h0 < H, H, 0)
     first_row = image * H + h0  # image row of the tile's first output row
-    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * stride_c + lane
+    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * STRIDE_C + lane
     z = ()  # NCHUNK tuples of TILE_H*TILE_W [CHUNK] conv outputs (+ bias)
     for k in tl.static_range(NCHUNK):
-        c_ok = k * CHUNK + lane < C
-        sums = _conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W, C, c_ok,
-                                STRIDE_C, K, TILE_H, TILE_W, CHUNK, HAS_CHANNEL_MASK)
-        bias = _load_chunk(bias_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
+        sums = _conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W,
+                                STRIDE_C, K, TILE_H, TILE_W, CHUNK)
+        bias = tl.load(bias_ptr + k * CHUNK + lane)
         with_bias = ()
         for p in tl.static_range(TILE_H * TILE_W):
             with_bias = with_bias + (sums[p] + bias,)
@@ -340,25 +318,22 @@ def _dwconv_ln_tile(
         total = z[0][p]
         for k in tl.static_range(1, NCHUNK):
             total += z[k][p]
-        mean = tl.sum(total, axis=0) / C  # padded channels are exactly 0 (masked loads)
+        mean = tl.sum(total, axis=0) / STRIDE_C
         squares = tl.zeros([CHUNK], dtype=tl.float32)
         for k in tl.static_range(NCHUNK):
             centered = z[k][p] - mean
-            if HAS_CHANNEL_MASK:
-                centered = tl.where(k * CHUNK + lane < C, centered, 0.0)
             squares = tl.fma(centered, centered, squares)
-        rstd = tl.rsqrt(tl.sum(squares, axis=0) / C + eps)
+        rstd = tl.rsqrt(tl.sum(squares, axis=0) / STRIDE_C + eps)
         pixel_ok = (h0 + p // TILE_W < H) & (w0 + p % TILE_W < W)
         pixel = out_row0 + (p // TILE_W) * W + p % TILE_W
         tl.store(mean_ptr + pixel, mean, mask=pixel_ok)
         tl.store(rstd_ptr + pixel, rstd, mask=pixel_ok)
         for k in tl.static_range(NCHUNK):
-            c_ok = k * CHUNK + lane < C
-            ln_w = _load_chunk(ln_w_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
-            ln_b = _load_chunk(ln_b_ptr + k * CHUNK + lane, c_ok, HAS_CHANNEL_MASK)
+            ln_w = tl.load(ln_w_ptr + k * CHUNK + lane)
+            ln_b = tl.load(ln_b_ptr + k * CHUNK + lane)
             y = (z[k][p] - mean) * rstd * ln_w + ln_b
-            dst = y_ptr + pixel * stride_c + k * CHUNK + lane
-            tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=_lanes_if(pixel_ok, lane, C - k * CHUNK, HAS_CHANNEL_MASK))
+            dst = y_ptr + pixel * STRIDE_C + k * CHUNK + lane
+            tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=_splat(pixel_ok, lane))
 
 
 @triton.jit
@@ -567,35 +542,26 @@ def _full_c_warps(block_c: int, channels_per_thread: int = CHANNELS_PER_THREAD) 
     return max(1, block_c // (32 * channels_per_thread))
 
 
-def _forward_config(channels: int, x_bytes: int = 2) -> tuple[dict, int]:
-    """(constexprs, num_warps) of the forward at C = channels: NCHUNK power-of-two chunks of at most
-    FWD_MAX_CHUNK channels, one a thread, padding C least (then fewer chunks); C compiled in (STRIDE_C) when
-    the chunks cover it exactly. The tile is as tall as the accumulator budget allows (at least 2 rows;
+def _forward_config(channels: int, x_bytes: int = 2) -> Optional[tuple[dict, int]]:
+    """(constexprs, num_warps) of the tile forward at C = channels, or None where the strip kernel runs:
+    FWD_NCHUNK power-of-two chunks of MIN_CHUNK to FWD_MAX_CHUNK channels covering C exactly, one channel a
+    thread, C compiled in (STRIDE_C). The tile is as tall as the accumulator budget allows (at least 2 rows;
     4 columns where 2 rows of 8 do not fit)."""
-    options = []
-    for nchunk in FWD_CHUNK_COUNTS:
-        chunk = max(MIN_CHUNK, triton.next_power_of_2(triton.cdiv(channels, nchunk)))
-        if chunk <= FWD_MAX_CHUNK:
-            options.append((nchunk * chunk, nchunk, chunk))
-    _, nchunk, chunk = min(options)
-    warps = chunk // 32
-    exact = nchunk * chunk == channels
+    chunk, rest = divmod(channels, FWD_NCHUNK)
+    if rest or chunk & (chunk - 1) or not MIN_CHUNK <= chunk <= FWD_MAX_CHUNK:
+        return None
+    nchunk, warps = FWD_NCHUNK, chunk // 32
     budget = FWD_ACCUMULATORS_16_WARPS if warps > 8 else \
         FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) and x_bytes == 2 else FWD_ACCUMULATORS
     tile_w = FWD_TILE_W if budget // (FWD_TILE_W * nchunk) >= 2 else FWD_TILE_W // 2
     tile_h = max(2, min(FWD_TILE_H, budget // (tile_w * nchunk)))
-    return dict(STRIDE_C=channels if exact else 0, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps
+    return dict(STRIDE_C=channels, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps
 
 
 def _forward_classes(x_bytes: int) -> list[tuple[dict, int]]:
-    """Every tile-kernel config a C in [1, MAX_CHANNELS] picks (C = NCHUNK * CHUNK exactly; other C run the
-    strip kernel)."""
-    seen = {}
-    for channels in range(1, MAX_CHANNELS + 1):
-        consts, warps = _forward_config(channels, x_bytes)
-        if consts["STRIDE_C"]:
-            seen.setdefault((consts["CHUNK"], consts["NCHUNK"]), (consts, warps))
-    return list(seen.values())
+    """Every tile-kernel config (one per C the tile kernel runs; every other C runs the strip kernel)."""
+    widths = (FWD_NCHUNK * (MIN_CHUNK << i) for i in range((FWD_MAX_CHUNK // MIN_CHUNK).bit_length()))
+    return [_forward_config(c, x_bytes) for c in widths if c <= MAX_CHANNELS]
 
 
 def _strip_forward_config(block_c: int) -> tuple[int, int]:
@@ -639,8 +605,8 @@ def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
     y = torch.empty(x.shape, device=x.device, dtype=out_dtype)
     mean = torch.empty((n, h, w), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    consts, warps = _forward_config(c, x.element_size())
-    if not consts["STRIDE_C"]:
+    config = _forward_config(c, x.element_size())
+    if config is None:
         block_c = _block_c(c)
         block_w, warps = _strip_forward_config(block_c)
         with _device_guard(x.device):
@@ -648,9 +614,10 @@ def _forward(x, taps, bias, ln_w, ln_b, eps, out_dtype):
                     mean, rstd, h, w, c, eps, K=_kernel_size(taps), BLOCK_W=block_w, BLOCK_C=block_c,
                     num_warps=warps, num_stages=1)
         return y, mean, rstd
+    consts, warps = config
     grid, tiles_per_program = _forward_grid(n, h, w, consts)
     with _device_guard(x.device):
-        _launch(_dwconv_ln_fwd_kernel, grid, x, taps, bias, ln_w, ln_b, y, mean, rstd, h, w, c, eps,
+        _launch(_dwconv_ln_fwd_kernel, grid, x, taps, bias, ln_w, ln_b, y, mean, rstd, h, w, eps,
                 tiles_per_program, K=_kernel_size(taps), **consts, num_warps=warps, num_stages=1)
     return y, mean, rstd
 
@@ -884,10 +851,10 @@ def _pair_label(x_dtype: str, y_dtype: str) -> str:
 
 
 def _forward_target(x_dtype, y_dtype, k, consts, warps) -> CompileTarget:
-    """STRIDE_C != 0 (C compiled in) compiles with C's value; such a launch also has C % 16 == 0 (CHUNK >= 32)."""
+    """C is compiled in (STRIDE_C): one target per C the tile kernel runs."""
     signature = {
         "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32", "ln_b_ptr": "*fp32",
-        "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32", "C": "i32",
+        "y_ptr": f"*{y_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "H": "i32", "W": "i32",
         "eps": "fp32", "TILES_PER_PROGRAM": "i32", "STRIDE_C": "constexpr", "K": "constexpr", "TILE_H": "constexpr", "TILE_W": "constexpr",
         "CHUNK": "constexpr", "NCHUNK": "constexpr",
     }
@@ -896,7 +863,6 @@ def _forward_target(x_dtype, y_dtype, k, consts, warps) -> CompileTarget:
     return CompileTarget(
         kernel="dwconv_ln_fwd", fn=_dwconv_ln_fwd_kernel, signature=signature, constexprs=consts,
         num_warps=warps, num_stages=1, dtype=_pair_label(x_dtype, y_dtype), label=f"{label} warps={warps}",
-        divisible_by_16=("C",) if consts["STRIDE_C"] else (),
     )
 
 
@@ -1032,8 +998,8 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
     s, taps, pixels = _DTYPE_BYTES[name], k * k, batch * height * width
     act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
     conv_flops = 2 * taps * pixels * c
-    consts, warps = _forward_config(c, s)
-    if not consts["STRIDE_C"]:
+    config = _forward_config(c, s)
+    if config is None:
         block_c = _block_c(c)
         block_w, warps = _strip_forward_config(block_c)
         programs = batch * height * triton.cdiv(width, block_w)
@@ -1043,9 +1009,10 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
             _strip_forward_target(name, name, k, block_c), (programs,), "forward",
             2 * act + stats + small + ((window * s - act) if halo_reread else 0),
             window * s + programs * small + act + stats, k, conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
-            "conv + bias + LayerNorm (C not chunked exactly): a strip of BLOCK_W pixels, all channels; "
+            "conv + bias + LayerNorm: a strip of BLOCK_W pixels, all channels; "
             "hot loop = kernel rows", dict(H=height, W=width, C=c),
         )
+    consts, warps = config
     tile_h, tile_w = consts["TILE_H"], consts["TILE_W"]
     (programs,), tiles = _forward_grid(batch, height, width, consts)
     # Forward tiles: each in-image input row of a tile's window is loaded once, its in-image columns only
@@ -1062,7 +1029,7 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
         conv_flops + _LN_FLOPS_PER_ELEMENT * pixels * c,
         "conv + bias + LayerNorm: TILES_PER_PROGRAM tiles of TILE_H x TILE_W pixels, all channels in NCHUNK "
         "chunks; hot loops = kernel rows (one per chunk) x tiles",
-        dict(H=height, W=width, C=c, TILES_PER_PROGRAM=tiles), tiles,
+        dict(H=height, W=width, TILES_PER_PROGRAM=tiles), tiles,
     )
 
 

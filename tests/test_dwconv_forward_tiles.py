@@ -1,5 +1,5 @@
-"""The dwconv + LayerNorm forward's tiling: channel chunks that leave no lane idle at ConvNeXt widths, and
-tiles of several output rows whose edges (last row tile, last strip, neighbouring images) read only the
+"""The dwconv + LayerNorm forward's tiling: the tile kernel's channel chunks and the strip kernel's channel block
+leave no lane idle at ConvNeXt widths, and tiles of several output rows whose edges (last row tile, last strip, neighbouring images) read only the
 pixels of their own image.
 
 Oracle: kernels/reference.py in float64 (R) and in the tested dtype (E), judged by tests/tolerance.py's
@@ -14,38 +14,44 @@ from fastconvnext.kernels.dwconv_layernorm_kernel import dwconv_layernorm_fwd
 from fastconvnext.kernels.reference import dwconv_layernorm_reference
 from tolerance import assert_within_rule
 
-CONVNEXT_WIDTHS = (96, 192, 384, 768, 1536, 128, 256, 512, 1024)  # T/S/L (3 * 2^k) and B (2^k) stages
+TILE_WIDTHS = (96, 192, 384, 768, 1536)  # ConvNeXt-T/S/L stages (3 * 2^k): the tile kernel
+STRIP_WIDTHS = (128, 256, 512, 1024)  # ConvNeXt-B stages (2^k): the strip kernel
 
 
-def test_chunks_cover_every_width_with_the_least_padding():
+def test_the_tile_kernel_runs_exactly_three_power_of_two_chunks():
     for c in range(1, kernel_module.MAX_CHANNELS + 1):
-        consts, warps = kernel_module._forward_config(c)
-        chunk, nchunk = consts["CHUNK"], consts["NCHUNK"]
-        assert chunk & (chunk - 1) == 0 and 32 <= chunk <= 512 and warps == chunk // 32, c
-        assert c <= nchunk * chunk, c
-        padded = [n * max(32, 1 << (-(-c // n) - 1).bit_length()) for n in (1, 2, 3, 4)]
-        assert nchunk * chunk == min(p for n, p in zip((1, 2, 3, 4), padded) if p // n <= 512), c
-        assert consts["STRIDE_C"] == (c if nchunk * chunk == c else 0), c
-        accumulators = consts["TILE_H"] * consts["TILE_W"] * nchunk  # registers a thread, spill-free up to these
+        config = kernel_module._forward_config(c)
+        chunk = c // 3
+        if c % 3 or chunk & (chunk - 1) or not 32 <= chunk <= 512:
+            assert config is None, c
+            continue
+        consts, warps = config
+        assert (consts["CHUNK"], consts["NCHUNK"], consts["STRIDE_C"]) == (chunk, 3, c) and warps == chunk // 32, c
+        accumulators = consts["TILE_H"] * consts["TILE_W"] * 3  # registers a thread, spill-free up to these
         assert consts["TILE_H"] >= 2 and accumulators <= (40 if warps > 8 else 48 if warps in (2, 4) else 72), c
         assert kernel_module._forward_config(c, 4)[0]["TILE_H"] >= consts["TILE_H"], c  # fp32 x: up to 72
 
 
-@pytest.mark.parametrize("c", CONVNEXT_WIDTHS)
+@pytest.mark.parametrize("c", TILE_WIDTHS + STRIP_WIDTHS)
 def test_convnext_widths_leave_no_lane_idle(c):
-    consts, _ = kernel_module._forward_config(c)
-    assert consts["STRIDE_C"] == c == consts["NCHUNK"] * consts["CHUNK"]
+    config = kernel_module._forward_config(c)
+    if c in TILE_WIDTHS:
+        consts, warps = config
+        assert consts["STRIDE_C"] == c == consts["NCHUNK"] * consts["CHUNK"] == 3 * 32 * warps
+    else:
+        block_c = kernel_module._block_c(c)
+        _, warps = kernel_module._strip_forward_config(block_c)
+        assert config is None and block_c == c == 32 * kernel_module.CHANNELS_PER_THREAD * warps
 
 
 def test_every_forward_config_is_a_compile_target():
-    """compile_check compiles what a launch at any C uses: the tile kernel where the chunks cover C
-    exactly (compiled with that C), the strip kernel otherwise (its masked tile compiles spilled)."""
+    """compile_check compiles what a launch at any C uses: the tile kernel at C = 3 * 2^k (compiled with that
+    C), the strip kernel otherwise."""
     labels = {t.label for t in kernel_module.compile_targets() if t.dtype == "bf16"}
-    for c in (*CONVNEXT_WIDTHS, 5, 24, 70, 600, 1030, 2048):
-        consts, warps = kernel_module._forward_config(c)
-        if consts["STRIDE_C"]:
-            target = kernel_module._forward_target("bf16", "bf16", 7, consts, warps)
-            assert target.divisible_by_16 == ("C",)
+    for c in (*TILE_WIDTHS, *STRIP_WIDTHS, 5, 24, 70, 600, 1030, 2048):
+        config = kernel_module._forward_config(c)
+        if config is not None:
+            target = kernel_module._forward_target("bf16", "bf16", 7, *config)
         else:
             target = kernel_module._strip_forward_target("bf16", "bf16", 7, kernel_module._block_c(c))
         assert target.label in labels, target.label
@@ -72,19 +78,20 @@ def _conv64(x, params):
 
 
 # (N, H, W, C, K, dtype): H = 5 and 3 with 3-row tiles (a tail tile; tiles whose windows reach into the
-# neighbouring images), W = 9 with 8-wide strips (a 1-pixel tail strip); C = 96 (3 exact chunks of 32),
-# 64 and 32 (1 exact chunk), 80 (not chunked exactly: the strip kernel).
+# neighbouring images), W = 9 with 8-wide strips (a 1-pixel tail strip); C = 96 (3 chunks of 32), 192 (3 chunks
+# of 64, 2-row tiles with 16-bit x), 64 (power of two) and 80 (not 3 * 2^k): the strip kernel.
 CASES = [
     (1, 5, 9, 96, 7, torch.float32),
     (2, 3, 9, 96, 7, torch.bfloat16),
+    (1, 5, 9, 192, 5, torch.float16),
     (1, 6, 9, 64, 5, torch.float16),
     (1, 5, 10, 80, 3, torch.float32),
-    (2, 13, 3, 32, 3, torch.float32),  # 5 row tiles: 2 programs of 3 tiles a column, the last tile past the image
+    (2, 13, 3, 96, 3, torch.float32),  # 5 row tiles: 2 programs of 3 tiles a column, the last tile past the image
 ]
 
 
 def test_a_program_runs_several_row_tiles_and_skips_the_one_past_the_image():
-    consts, _ = kernel_module._forward_config(32)
+    consts, _ = kernel_module._forward_config(96, 4)
     (programs,), tiles = kernel_module._forward_grid(2, 13, 3, consts)
     assert consts["TILE_H"] == 3 and tiles == 3 and programs == 2 * 2  # 2 images x 2 groups x 1 strip
 

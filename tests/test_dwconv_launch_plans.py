@@ -52,7 +52,9 @@ def test_forward_only_plans_and_dtype_spellings():
     assert [p.phase for p in by_string] == ["forward", "forward"]
     assert by_string == by_dtype
     kernel_plan = by_string[1]
-    assert kernel_plan.target.dtype == "bf16" and kernel_plan.divisible_by_16 == ("C",)
+    # C is compiled in (STRIDE_C); the launch's integer arguments divisible by 16 are specialized as Triton does
+    assert kernel_plan.target.dtype == "bf16" and kernel_plan.divisible_by_16 == ()
+    assert kernel_module.launch_plans(8, 64, 48, 96, "bf16", False)[1].divisible_by_16 == ("H", "W")
     with pytest.raises(ValueError, match="dtype"):
         kernel_module.launch_plans(8, 56, 56, 96, torch.int8, False)
 
