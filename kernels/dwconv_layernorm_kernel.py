@@ -20,9 +20,12 @@ once into registers, with that row's K taps, and every window pixel feeds the K 
 Tensors are 1-D per pixel, kept in tuples indexed at compile time, so the sliding window is register
 renaming: no shared memory and no barrier in the tap loop.
 Backward (the conv output is recomputed from x, not saved):
-  1. `_dwconv_ln_bwd_norm_kernel`: recompute the conv, LayerNorm backward -> g = d(conv output),
-     stored in fp32 (never rounded to the activation dtype), plus per-program partial sums of
-     dy*xhat, dy and g (LN weight, LN bias, conv bias grads);
+  1. LayerNorm backward -> g = d(conv output), stored in fp32 (never rounded to the activation dtype), plus
+     per-program partial sums of dy*xhat, dy and g (LN weight, LN bias, conv bias grads). At the forward tile
+     kernel's C, `_dwconv_ln_bwd_tile_kernel` recomputes the conv with the forward's tiles and chunks
+     (`_conv_tile_chunk`) and runs the LayerNorm backward per pixel over the chunks; a program grid-strides over
+     the batch's tiles (at most NORM_TILE_PROGRAMS programs). Every other C runs the strip kernel
+     `_dwconv_ln_bwd_norm_kernel` (BLOCK_C = next_pow2(C), two channels a thread);
   2. `_dwconv_bwd_conv_kernel`: one pass over g (with halo) and x: dx = conv of g with the
      flipped taps, and per-program partials of dW[tap, c] = sum_p g[p, c] * x[p + shift(tap), c]
      held in registers over the program's rows;
@@ -40,6 +43,7 @@ dtype through the cast. x must already be NHWC-contiguous: it is rejected, not c
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -85,6 +89,9 @@ BWD_BLOCK_W = 4
 # the GPU model: at most PARTIAL_PROGRAMS (row group, strip) programs write [3, C] norm partials, and
 # the tap-gradient partials [row groups * strips, K*K, C] stay under PARTIAL_ELEMENTS fp32 (16 MB).
 PARTIAL_PROGRAMS = 1024
+# The tile LayerNorm backward (C = 3 * 2^k): at most this many programs, each writing [3, C] partials. More than
+# PARTIAL_PROGRAMS, since its programs are 1 to 16 warps (C / 96): 2048 keeps 15 or more warps an SM at C = 96.
+NORM_TILE_PROGRAMS = 2048
 PARTIAL_ELEMENTS = 1 << 22
 REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
 GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (row groups of the backward)
@@ -381,6 +388,105 @@ def _dwconv_ln_fwd_strip_kernel(
 
 
 @triton.jit
+def _dwconv_ln_bwd_tile_kernel(
+    x_ptr,  # [ROWS * W, C] input, x dtype
+    taps_ptr,  # [K*K, C] fp32
+    bias_ptr,  # [C] fp32 conv bias (zeros when the module has none)
+    ln_w_ptr,  # [C] fp32
+    dy_ptr,  # [ROWS * W, C] output gradient, output dtype
+    mean_ptr,  # [ROWS * W] fp32
+    rstd_ptr,  # [ROWS * W] fp32
+    g_ptr,  # [ROWS * W, C] fp32 out: gradient of the conv output
+    partial_ptr,  # [programs, 3, C] fp32 out: sums of dy*xhat, dy, g over this program's pixels
+    N, H, W,
+    TILES_PER_PROGRAM,
+    STRIDE_C: tl.constexpr,  # C == NCHUNK * CHUNK, compiled into the offsets
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NCHUNK: tl.constexpr,
+):
+    """LayerNorm backward at the forward tile kernel's C: the conv recomputed by the forward's tiles (3 chunks,
+    no idle lane), then per pixel g over the chunks. Program p runs tiles p, p + programs, ... (strip fastest,
+    as the forward: programs running side by side share halo rows), so the partials' split is fixed."""
+    strips = tl.cdiv(W, TILE_W)
+    row_tiles = tl.cdiv(H, TILE_H)
+    pid = tl.program_id(0)
+    lane = tl.arange(0, CHUNK)
+    row_step = W.to(tl.int64) * STRIDE_C
+    sums = ()  # per chunk: sum of dy * xhat, of dy, of g
+    for i in tl.static_range(3 * NCHUNK):
+        sums = sums + (tl.zeros([CHUNK], dtype=tl.float32),)
+    for t in range(TILES_PER_PROGRAM):
+        tile = pid + t * tl.num_programs(0)
+        image = tile // (row_tiles * strips)
+        h0 = tl.where(image < N, ((tile // strips) % row_tiles) * TILE_H, H)  # a tile past the last image is dead
+        w0 = (tile % strips) * TILE_W
+        sums = _ln_bwd_tile(x_ptr, taps_ptr, bias_ptr, ln_w_ptr, dy_ptr, mean_ptr, rstd_ptr, g_ptr, sums, image, h0,
+                            w0, lane, row_step, H, W, STRIDE_C, K, TILE_H, TILE_W, CHUNK, NCHUNK)
+    out = partial_ptr + pid * (3 * STRIDE_C) + lane
+    for k in tl.static_range(NCHUNK):
+        for s in tl.static_range(3):
+            tl.store(out + s * STRIDE_C + k * CHUNK, sums[3 * k + s])
+
+
+@triton.jit
+def _ln_bwd_tile(
+    x_ptr, taps_ptr, bias_ptr, ln_w_ptr, dy_ptr, mean_ptr, rstd_ptr, g_ptr,  # as in _dwconv_ln_bwd_tile_kernel
+    sums,  # 3 * NCHUNK [CHUNK] running sums (see there); returned updated
+    image, h0, w0,  # the tile's image and first output row / column
+    lane, row_step, H, W,
+    STRIDE_C: tl.constexpr,
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NCHUNK: tl.constexpr,
+):
+    """g of one tile's pixels (a dead tile, h0 >= H, loads and stores nothing and adds zeros)."""
+    PAD: tl.constexpr = K // 2
+    live_h = tl.where(h0 < H, H, 0)
+    first_row = image * H + h0
+    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * STRIDE_C + lane
+    z = ()  # NCHUNK tuples of TILE_H*TILE_W [CHUNK] conv sums (bias added per pixel below)
+    for k in tl.static_range(NCHUNK):
+        z = z + (_conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W,
+                                  STRIDE_C, K, TILE_H, TILE_W, CHUNK),)
+    out_row0 = first_row.to(tl.int64) * W + w0  # pixel index of the tile's first output pixel
+    dy_tile = dy_ptr + out_row0 * STRIDE_C + lane
+    g_tile = g_ptr + out_row0 * STRIDE_C + lane
+    for p in tl.static_range(TILE_H * TILE_W):
+        pixel_ok = (h0 + p // TILE_W < live_h) & (w0 + p % TILE_W < W)
+        ok = _splat(pixel_ok, lane)
+        step = (p // TILE_W) * W + p % TILE_W  # pixels from the tile's first
+        mean = tl.load(mean_ptr + out_row0 + step, mask=pixel_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + out_row0 + step, mask=pixel_ok, other=0.0)  # 0 off the image: xhat = g = 0
+        xhats = ()
+        dys = ()
+        dot = tl.zeros([CHUNK], dtype=tl.float32)
+        total = tl.zeros([CHUNK], dtype=tl.float32)
+        for k in tl.static_range(NCHUNK):
+            xhat = (z[k][p] + tl.load(bias_ptr + k * CHUNK + lane) - mean) * rstd
+            dy = _widen(tl.load(dy_tile + step * STRIDE_C + k * CHUNK, mask=ok, other=0.0))
+            dy_w = dy * tl.load(ln_w_ptr + k * CHUNK + lane)
+            dot = tl.fma(dy_w, xhat, dot)
+            total += dy_w
+            xhats = xhats + (xhat,)
+            dys = dys + (dy,)
+        proj_xhat = tl.sum(dot, axis=0) / STRIDE_C
+        proj_one = tl.sum(total, axis=0) / STRIDE_C
+        updated = ()
+        for k in tl.static_range(NCHUNK):
+            dy_w = dys[k] * tl.load(ln_w_ptr + k * CHUNK + lane)
+            g = (dy_w - xhats[k] * proj_xhat - proj_one) * rstd
+            tl.store(g_tile + step * STRIDE_C + k * CHUNK, g, mask=ok)
+            updated = updated + (tl.fma(dys[k], xhats[k], sums[3 * k]), sums[3 * k + 1] + dys[k], sums[3 * k + 2] + g)
+        sums = updated
+    return sums
+
+
+@triton.jit
 def _dwconv_ln_bwd_norm_kernel(
     x_ptr,  # [ROWS * W, C] input, x dtype
     taps_ptr,  # [K*K, C] fp32
@@ -579,6 +685,19 @@ def _norm_bwd_config(block_c: int) -> tuple[int, int]:
     return BLOCK_W // 4, _full_c_warps(block_c)
 
 
+def _norm_bwd_tile_config(channels: int, x_bytes: int) -> Optional[tuple[dict, int]]:
+    """(constexprs, num_warps) of the tile LayerNorm backward, or None where the strip kernel runs: the
+    forward's tiles (the same C = 3 * 2^k and register budget)."""
+    return _forward_config(channels, x_bytes)
+
+
+def _norm_tile_grid(n: int, h: int, w: int, consts: dict) -> tuple[int, int]:
+    """(programs, tiles per program) of the tile LayerNorm backward: every tile of the batch, grid-strided."""
+    tiles = n * triton.cdiv(h, consts["TILE_H"]) * triton.cdiv(w, consts["TILE_W"])
+    programs, per_program = _split(tiles, NORM_TILE_PROGRAMS)
+    return programs, per_program
+
+
 def _wgrad_config() -> tuple[int, int]:
     """(BLOCK_C, num_warps) of the fused input/weight-gradient kernel: one row per warp."""
     return BWD_BLOCK_C, BWD_ROW_TILE
@@ -665,16 +784,26 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     grids = _backward_grids(n * h, w, c, kernel_size)
     strips = grids["strips"]
 
-    block_c = _block_c(c)
-    block_w, warps = _norm_bwd_config(block_c)
     g = torch.empty((n, h, w, c), device=x.device, dtype=torch.float32)
-    norm_strips = grids["norm_strips"]
-    norm_partials = torch.empty((grids["norm_groups"] * norm_strips, 3, c), device=x.device, dtype=torch.float32)
-    _launch(
-        _dwconv_ln_bwd_norm_kernel, (norm_strips, grids["norm_groups"]),
-        x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, n * h, h, w, c, grids["rows_per_program"],
-        K=kernel_size, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps, num_stages=1,
-    )
+    tile_config = _norm_bwd_tile_config(c, x.element_size())
+    if tile_config is None:
+        block_c = _block_c(c)
+        block_w, warps = _norm_bwd_config(block_c)
+        norm_strips = grids["norm_strips"]
+        norm_partials = torch.empty((grids["norm_groups"] * norm_strips, 3, c), device=x.device, dtype=torch.float32)
+        _launch(
+            _dwconv_ln_bwd_norm_kernel, (norm_strips, grids["norm_groups"]),
+            x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials, n * h, h, w, c, grids["rows_per_program"],
+            K=kernel_size, BLOCK_W=block_w, BLOCK_C=block_c, num_warps=warps, num_stages=1,
+        )
+    else:
+        consts, warps = tile_config
+        programs, tiles_per_program = _norm_tile_grid(n, h, w, consts)
+        norm_partials = torch.empty((programs, 3, c), device=x.device, dtype=torch.float32)
+        _launch(
+            _dwconv_ln_bwd_tile_kernel, (programs,), x, taps, bias, ln_w, dy, mean, rstd, g, norm_partials,
+            n, h, w, tiles_per_program, K=kernel_size, **consts, num_warps=warps, num_stages=1,
+        )
 
     dx = torch.empty_like(x)
     tap_partials = torch.empty((grids["conv_groups"] * strips, kernel_size**2, c), device=x.device,
@@ -895,6 +1024,22 @@ def _norm_bwd_target(x_dtype, dy_dtype, k, block_c) -> CompileTarget:
     )
 
 
+def _norm_bwd_tile_target(x_dtype, dy_dtype, k, consts, warps) -> CompileTarget:
+    """C is compiled in (STRIDE_C): one target per C the tile kernel runs."""
+    signature = {
+        "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32",
+        "dy_ptr": f"*{dy_dtype}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "g_ptr": "*fp32", "partial_ptr": "*fp32",
+        "N": "i32", "H": "i32", "W": "i32", "TILES_PER_PROGRAM": "i32", "STRIDE_C": "constexpr", "K": "constexpr",
+        "TILE_H": "constexpr", "TILE_W": "constexpr", "CHUNK": "constexpr", "NCHUNK": "constexpr",
+    }
+    consts = dict(consts, K=k)
+    label = " ".join(f"{name}={consts[name]}" for name in ("K", "TILE_H", "TILE_W", "CHUNK", "NCHUNK", "STRIDE_C"))
+    return CompileTarget(
+        kernel="dwconv_ln_bwd_tile", fn=_dwconv_ln_bwd_tile_kernel, signature=signature, constexprs=consts,
+        num_warps=warps, num_stages=1, dtype=_pair_label(x_dtype, dy_dtype), label=f"{label} warps={warps}",
+    )
+
+
 def _bwd_conv_target(x_dtype, k) -> CompileTarget:
     block_c, warps = _wgrad_config()
     signature = {
@@ -928,7 +1073,9 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
     targets = []
     for k in kernel_sizes:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
-            targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in _forward_classes(_DTYPE_BYTES[x_dtype])]
+            tile_classes = _forward_classes(_DTYPE_BYTES[x_dtype])
+            targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in tile_classes]
+            targets += [_norm_bwd_tile_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in tile_classes]
             for block_c in _block_c_classes():
                 targets.append(_strip_forward_target(x_dtype, y_dtype, k, block_c))
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
@@ -1033,6 +1180,43 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
     )
 
 
+def _norm_bwd_plan(name, batch, height, width, c, k, halo_reread, grids) -> LaunchPlan:
+    s, taps, pixels = _DTYPE_BYTES[name], k * k, batch * height * width
+    act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
+    flops = 2 * taps * pixels * c + 2 * _LN_FLOPS_PER_ELEMENT * pixels * c
+    tap_bytes = taps * c * 4
+    config = _norm_bwd_tile_config(c, s)
+    if config is None:
+        norm_groups, per_program, norm_strips = grids["norm_groups"], grids["rows_per_program"], grids["norm_strips"]
+        partials = norm_groups * norm_strips * 3 * c * 4
+        norm_w, _ = _norm_bwd_config(_block_c(c))
+        window = batch * _valid_taps(height, k) * _valid_window_columns(width, k, norm_w) * c
+        norm_taps = norm_strips * norm_groups * tap_bytes * (1 if tap_bytes <= L1_RESIDENT_BYTES else per_program)
+        return _int_plan(
+            _norm_bwd_target(name, name, k, _block_c(c)), (norm_strips, norm_groups), "backward",
+            2 * act + 4 * pixels * c + stats + small + partials + ((window * s - act) if halo_reread else 0),
+            window * s + norm_taps + act + 4 * pixels * c + stats + partials,
+            k * per_program, flops,
+            "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
+            dict(ROWS=batch * height, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
+        )
+    consts, warps = config
+    programs, tiles = _norm_tile_grid(batch, height, width, consts)
+    # As the forward's tiles (see _forward_plan); taps and params come from L2 once a program while they fit L1.
+    tile_elements = batch * _valid_window_columns(height, k, consts["TILE_H"]) * \
+        _valid_window_columns(width, k, consts["TILE_W"]) * c
+    params = (tap_bytes if tap_bytes <= L1_RESIDENT_BYTES else tiles * tap_bytes) + 2 * c * 4
+    partials = programs * 3 * c * 4
+    return _int_plan(
+        _norm_bwd_tile_target(name, name, k, consts, warps), (programs,), "backward",
+        2 * act + 4 * pixels * c + stats + small + partials + ((tile_elements * s - act) if halo_reread else 0),
+        tile_elements * s + programs * params + act + 4 * pixels * c + stats + partials, k * tiles, flops,
+        "recompute conv by the forward's tiles (NCHUNK chunks), LayerNorm backward per pixel -> g (fp32) + LN/bias "
+        "partials; hot loops = kernel rows (one per chunk) x tiles",
+        dict(N=batch, H=height, W=width, TILES_PER_PROGRAM=tiles), tiles,
+    )
+
+
 def launch_plans(batch: int, height: int, width: int, channels: int, dtype, training: bool,
                  kernel_size: int = MAX_KERNEL_SIZE) -> list[LaunchPlan]:
     """The launches one `dwconv_layernorm` call makes at this shape on a GPU with autotuning off (the
@@ -1043,14 +1227,10 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     name = _dtype_name(dtype)
     s, k, c = _DTYPE_BYTES[name], kernel_size, channels
     rows, pixels, taps = batch * height, batch * height * width, kernel_size**2
-    act, stats, small = pixels * c * s, 8 * pixels, (taps + 3 * c) * 4
-    # Strip kernels (LayerNorm backward): (in-image kernel rows per output row) x (in-image window columns).
-    window_elements = batch * _valid_taps(height, k) * _valid_window_columns(width, k, BLOCK_W) * c
+    act = pixels * c * s
     conv_flops = 2 * taps * pixels * c
-    block_c = _block_c(c)
     # A halo row is re-read K rows after its first use: from HBM only if those rows' x and y exceed L2.
     halo_reread = 2 * k * width * c * s > L2_BYTES
-    halo_hbm = (window_elements * s - act) if halo_reread else 0
     plans = [
         _torch_plan("forward", 2 * taps * c * 4, "torch: taps transposed to a [K*K, C] fp32 matrix"),
         _forward_plan(name, batch, height, width, c, k, halo_reread),
@@ -1058,20 +1238,9 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     if not training:
         return plans
     grids = _backward_grids(rows, width, c, k)
-    norm_groups, per_program, norm_strips = grids["norm_groups"], grids["rows_per_program"], grids["norm_strips"]
-    norm_partials = norm_groups * norm_strips * 3 * c * 4
-    norm_w, _ = _norm_bwd_config(block_c)
-    norm_window = batch * _valid_taps(height, k) * _valid_window_columns(width, k, norm_w) * c
-    tap_bytes = taps * c * 4
-    norm_taps = norm_strips * norm_groups * tap_bytes * (1 if tap_bytes <= L1_RESIDENT_BYTES else per_program)
-    plans.append(_int_plan(
-        _norm_bwd_target(name, name, k, block_c), (norm_strips, norm_groups), "backward",
-        2 * act + 4 * pixels * c + stats + small + norm_partials + halo_hbm,
-        norm_window * s + norm_taps + act + 4 * pixels * c + stats + norm_partials,
-        k * per_program, conv_flops + 2 * _LN_FLOPS_PER_ELEMENT * pixels * c,
-        "recompute conv, LayerNorm backward -> g (fp32) + LN/bias partials; hot loop = kernel rows x rows",
-        dict(ROWS=rows, H=height, W=width, C=c, ROWS_PER_PROGRAM=per_program), per_program,
-    ))
+    norm_plan = _norm_bwd_plan(name, batch, height, width, c, k, halo_reread, grids)
+    plans.append(norm_plan)
+    norm_programs = math.prod(norm_plan.grid)
     conv_groups, tiles, conv_strips = grids["conv_groups"], grids["tiles_per_program"], grids["strips"]
     conv_bwd_c, _ = _wgrad_config()
     tap_partials = conv_groups * conv_strips * taps * c * 4
@@ -1086,7 +1255,7 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         "dx = conv(g, flipped taps) and tap-gradient partials from one read of g and x; hot loop = row tiles",
         dict(ROWS=rows, H=height, W=width, C=c, TILES_PER_PROGRAM=tiles),
     ))
-    for count, columns, what in ((norm_groups * norm_strips, 3 * c, "LN weight/bias and conv bias"),
+    for count, columns, what in ((norm_programs, 3 * c, "LN weight/bias and conv bias"),
                                  (conv_groups * conv_strips, taps * c, "tap")):
         nbytes = (count + 1) * columns * 4
         plans.append(_int_plan(
