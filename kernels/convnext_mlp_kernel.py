@@ -13,7 +13,10 @@ C fits one output tile, two GEMMs from C = 192 for fp16/bf16):
 - two GEMMs: `_mlp_hidden_kernel` (fc1 + b1 + act -> h [M, D] stored once in the activation dtype), then
   `_mlp_fwd_kernel` with LOAD_H (h W2^T + b2, x gamma x scale + residual): 2 units, 2 * M * D bytes of h.
 When gamma is trained, forward also writes y2 ([M, C]) so that dgamma = sum(dy * scale * y2) needs no
-matmul. Nothing D-wide is saved for backward (h and pre are recomputed).
+matmul. pre = x W1^T + b1 ([M, D], activation dtype, as eager keeps its fc1 output) is saved for backward only where the
+hidden per image is small (`_saves_pre`: H * W * D <= 7 * 7 * 4096, ConvNeXt-T/S/B's last stage at 224x224; ConvNeXt-T
+fp32: 1.7 MiB per image) and the two-GEMM forward materialises it anyway (fc1 + act stores it beside h, STORE_PRE);
+elsewhere nothing D-wide is saved (h and pre are recomputed).
 
 Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 units at every C:
 - one C tile (C <= 128 for fp16/bf16): `_mlp_bwd_dx_kernel` (x and g rows loaded once per row tile where they need
@@ -23,8 +26,10 @@ Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 u
   accumulates dW1^T += x^T dpre, dW2 += g^T h (2 units). (Recomputing h in the dW kernel instead would
   save 2 * M * D bytes for one more unit, but spilled on sm_80 at every tile that keeps 64x64 wgmma.)
 - wider C: `_mlp_hidden_kernel` (IS_BACKWARD) recomputes pre, dh -> stores h and dpre, db1 partials
-  (2 units); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel reads h
-  and dpre (2 units) and sums db2, dgamma.
+  (2 units), or with pre saved (LOAD_PRE) computes only dh = dy (diag(gamma) W2) (the launcher folds gamma into W2, so
+  dy goes to the tensor cores as it is; the drop-path scale multiplies dh rows) and reads pre back per column quarter
+  (1 unit); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel reads h and dpre
+  (2 units) and sums db2, dgamma.
 The dW kernel's grid is (2 x D chunks: dW1 programs then dW2 programs, one accumulator each; C tiles; M
 segments); each program walks its segment's row tiles in order; the segment count depends only on M, so results
 are bitwise reproducible; no atomics anywhere.
@@ -35,10 +40,10 @@ Configs: per (C, D, dtype) bucket, compiled for sm_80 and sm_90 without spills (
 fp16/bf16 tiles give every dot at least 64 x 64 per warpgroup (sm_90: wgmma m64 n64/n128/n256); the GEMM kernels
 (fc1 + act, fc2, the dx GEMM) take 32K-output tiles (128x256, 256x128), halving the operand bytes each output costs
 from L2 against 128x128, and run their epilogues one column half at a time, a quarter where GELU is evaluated or
-fc2 also stores y2 (`_SPLIT_TILE`, no spills); the hidden-backward kernel takes 128x128 tiles from C = 192, the dW kernel 32K-output
-accumulators from C = 129; candidates of
-one kernel reduce in one order (`_same_reduction_order`), so autotuning cannot change bits. One small
-config per kernel in the interpreter.
+fc2 also stores y2 (`_SPLIT_TILE`, no spills); the hidden-backward kernel takes 128x128 tiles from C = 192 (128x256
+with pre saved: one accumulator), the dW kernel 32K-output accumulators from C = 129; candidates of one kernel reduce
+in one order (`_same_reduction_order`), so autotuning cannot change bits. One small config per kernel in the
+interpreter.
 
 `launch_plans(batch, height, width, channels, dtype, training)` lists the launches a call makes at a shape
 (config, grid, modelled bytes) for kernels/sass_report.py; the launchers and it share `_grid`, `_kinds`
@@ -394,6 +399,7 @@ def _mlp_hidden_kernel(
     h_ptr,  # [M, D] activation dtype
     dpre_ptr,  # [M, D] activation dtype (IS_BACKWARD)
     db1_part_ptr,  # [cdiv(M, PART_ROWS), D] fp32 (IS_BACKWARD)
+    pre_ptr,  # [M, D] activation dtype: x W1^T + b1 kept for backward (STORE_PRE writes it, LOAD_PRE reads it)
     M,
     HW,
     C: tl.constexpr,
@@ -404,48 +410,63 @@ def _mlp_hidden_kernel(
     PART_ROWS: tl.constexpr,
     ACT: tl.constexpr,
     IS_BACKWARD: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    LOAD_PRE: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # forward: h = act(x W1^T + b1); backward also dh = g W2 and dpre = dh * act'(pre) (fp32 until stored)
+    # forward: h = act(x W1^T + b1) (STORE_PRE: pre too); backward also dh = g W2 and dpre = dh * act'(pre) (fp32
+    # until stored), pre recomputed or (LOAD_PRE) read back from the forward's copy: one K = C GEMM instead of two
     pid_m = tl.program_id(0) // tl.cdiv(D, BLOCK_D)  # hidden tiles fastest (see _mlp_fwd_kernel)
     pid_d = tl.program_id(0) % tl.cdiv(D, BLOCK_D)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D, DOT_PRECISION)
-    pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
-    if IS_BACKWARD:
+    if LOAD_PRE:
+        # w2 is diag(gamma) W2 (the launcher folds the layer scale in, HAS_GAMMA off): dy itself is the dot operand,
+        # fetched straight to shared memory; the drop-path scale of a row multiplies its dh row
         row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
         dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
-                          BLOCK_D, HAS_GAMMA, HAS_SCALE, DOT_PRECISION)
-        if 2 * BLOCK_M * BLOCK_D >= _SPLIT_TILE:
-            # two accumulators of 16K: act, act' and the stores for one column quarter at a time (halves spilled
-            # 16-80 B on sm_80/sm_90)
-            pre_left, pre_right = _column_halves(pre, BLOCK_M, BLOCK_D)
-            dh_left, dh_right = _column_halves(dh, BLOCK_M, BLOCK_D)
-            first = pid_d * BLOCK_D
-            _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre_left, dh_left, pid_m, rows, row_mask, first, M, D,
-                                 BLOCK_M, BLOCK_D // 2, PART_ROWS, ACT)
-            _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre_right, dh_right, pid_m, rows, row_mask,
-                                 first + BLOCK_D // 2, M, D, BLOCK_M, BLOCK_D // 2, PART_ROWS, ACT)
-        else:
-            _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask,
-                          d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
-    elif BLOCK_M * BLOCK_D >= _SPLIT_TILE:
-        # the activation's temporaries for a quarter of a 32K-element tile at a time (halves spilled 256 B on sm_90)
-        QUARTER: tl.constexpr = BLOCK_D // 4
-        left, right = _column_halves(pre, BLOCK_M, BLOCK_D)
-        q0, q1 = _column_halves(left, BLOCK_M, BLOCK_D // 2)
-        q2, q3 = _column_halves(right, BLOCK_M, BLOCK_D // 2)
-        first = pid_d * BLOCK_D
-        _store_act(h_ptr, q0, rows, row_mask, first + tl.arange(0, QUARTER), D, ACT)
-        _store_act(h_ptr, q1, rows, row_mask, first + QUARTER + tl.arange(0, QUARTER), D, ACT)
-        _store_act(h_ptr, q2, rows, row_mask, first + 2 * QUARTER + tl.arange(0, QUARTER), D, ACT)
-        _store_act(h_ptr, q3, rows, row_mask, first + 3 * QUARTER + tl.arange(0, QUARTER), D, ACT)
+                          BLOCK_D, False, False, DOT_PRECISION)
+        if HAS_SCALE:
+            dh = dh * row_scale[:, None]
+        _store_hidden_saved_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, dh, pid_m, rows, row_mask, pid_d * BLOCK_D, M,
+                                D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
     else:
-        _store_act(h_ptr, pre, rows, row_mask, d_offs, D, ACT)
+        pre = _streamed_fc1(x_ptr, w1_ptr, rows, row_mask, d_offs, C, D, BLOCK_M, BLOCK_K, BLOCK_D, DOT_PRECISION)
+        pre += tl.load(b1_ptr + d_offs, mask=d_offs < D, other=0.0)[None, :]
+        if IS_BACKWARD:
+            row_scale = _row_scale(scale_ptr, rows, row_mask, HW, HAS_SCALE)
+            dh = _streamed_dh(dy_ptr, gamma_ptr, w2_ptr, rows, row_mask, row_scale, d_offs, C, D, BLOCK_M, BLOCK_K,
+                              BLOCK_D, HAS_GAMMA, HAS_SCALE, DOT_PRECISION)
+            if 2 * BLOCK_M * BLOCK_D >= _SPLIT_TILE:
+                # two accumulators of 16K: act, act' and the stores for one column quarter at a time (halves spilled
+                # 16-80 B on sm_80/sm_90)
+                pre_left, pre_right = _column_halves(pre, BLOCK_M, BLOCK_D)
+                dh_left, dh_right = _column_halves(dh, BLOCK_M, BLOCK_D)
+                first = pid_d * BLOCK_D
+                _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre_left, dh_left, pid_m, rows, row_mask, first, M,
+                                     D, BLOCK_M, BLOCK_D // 2, PART_ROWS, ACT)
+                _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre_right, dh_right, pid_m, rows, row_mask,
+                                     first + BLOCK_D // 2, M, D, BLOCK_M, BLOCK_D // 2, PART_ROWS, ACT)
+            else:
+                _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows,
+                              row_mask, d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
+        elif BLOCK_M * BLOCK_D >= _SPLIT_TILE:
+            # the activation's temporaries for a quarter of a 32K-element tile at a time (halves spilled 256 B on sm_90),
+            # an eighth when pre is stored too (quarters spilled 24-72 B on sm_80 and sm_90)
+            first = pid_d * BLOCK_D
+            if STORE_PRE:
+                left, right = _column_halves(pre, BLOCK_M, BLOCK_D)
+                _store_act_quarters(h_ptr, pre_ptr, left, rows, row_mask, first, D, BLOCK_M, BLOCK_D // 2, ACT,
+                                    STORE_PRE)
+                _store_act_quarters(h_ptr, pre_ptr, right, rows, row_mask, first + BLOCK_D // 2, D, BLOCK_M,
+                                    BLOCK_D // 2, ACT, STORE_PRE)
+            else:
+                _store_act_quarters(h_ptr, pre_ptr, pre, rows, row_mask, first, D, BLOCK_M, BLOCK_D, ACT, STORE_PRE)
+        else:
+            _store_act(h_ptr, pre_ptr, pre, rows, row_mask, d_offs, D, ACT, STORE_PRE)
 
 
 @triton.jit
@@ -462,9 +483,62 @@ def _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre, dh, pid_m, rows, ro
 
 
 @triton.jit
-def _store_act(h_ptr, pre, rows, row_mask, d_offs, D: tl.constexpr, ACT: tl.constexpr):
+def _store_act_quarters(h_ptr, pre_ptr, pre, rows, row_mask, first, D: tl.constexpr, ROWS: tl.constexpr,
+                        COLS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr):
+    # _store_act for the [ROWS, COLS] tile pre (columns first + [0, COLS)), one column quarter at a time
+    QUARTER: tl.constexpr = COLS // 4
+    left, right = _column_halves(pre, ROWS, COLS)
+    q0, q1 = _column_halves(left, ROWS, COLS // 2)
+    q2, q3 = _column_halves(right, ROWS, COLS // 2)
+    cols = first + tl.arange(0, QUARTER)
+    _store_act(h_ptr, pre_ptr, q0, rows, row_mask, cols, D, ACT, STORE_PRE)
+    _store_act(h_ptr, pre_ptr, q1, rows, row_mask, cols + QUARTER, D, ACT, STORE_PRE)
+    _store_act(h_ptr, pre_ptr, q2, rows, row_mask, cols + 2 * QUARTER, D, ACT, STORE_PRE)
+    _store_act(h_ptr, pre_ptr, q3, rows, row_mask, cols + 3 * QUARTER, D, ACT, STORE_PRE)
+
+
+@triton.jit
+def _store_act(h_ptr, pre_ptr, pre, rows, row_mask, d_offs, D: tl.constexpr, ACT: tl.constexpr,
+               STORE_PRE: tl.constexpr):
     mask = row_mask[:, None] & (d_offs[None, :] < D)
-    tl.store(h_ptr + rows[:, None] * D + d_offs[None, :], _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+    offs = rows[:, None] * D + d_offs[None, :]
+    if STORE_PRE:  # before the activation's temporaries are live
+        tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_hidden_saved_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, dh, pid_m, rows, row_mask, first, M,
+                            D: tl.constexpr, BLOCK_M: tl.constexpr, COLS: tl.constexpr, PART_ROWS: tl.constexpr,
+                            ACT: tl.constexpr):
+    # _store_hidden for the [BLOCK_M, COLS] tile dh (columns first + [0, COLS)) with pre read back from the forward's
+    # copy, a column quarter at a time from 16K-element tiles (the quarter's pre, act and act' in registers)
+    if BLOCK_M * COLS >= _SPLIT_TILE // 2:
+        QUARTER: tl.constexpr = COLS // 4
+        left, right = _column_halves(dh, BLOCK_M, COLS)
+        q0, q1 = _column_halves(left, BLOCK_M, COLS // 2)
+        q2, q3 = _column_halves(right, BLOCK_M, COLS // 2)
+        _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, q0, pid_m, rows, row_mask, first, M, D,
+                               BLOCK_M, QUARTER, PART_ROWS, ACT)
+        _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, q1, pid_m, rows, row_mask, first + QUARTER, M,
+                               D, BLOCK_M, QUARTER, PART_ROWS, ACT)
+        _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, q2, pid_m, rows, row_mask, first + 2 * QUARTER,
+                               M, D, BLOCK_M, QUARTER, PART_ROWS, ACT)
+        _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, q3, pid_m, rows, row_mask, first + 3 * QUARTER,
+                               M, D, BLOCK_M, QUARTER, PART_ROWS, ACT)
+    else:
+        _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, dh, pid_m, rows, row_mask, first, M, D,
+                               BLOCK_M, COLS, PART_ROWS, ACT)
+
+
+@triton.jit
+def _store_hidden_from_pre(h_ptr, dpre_ptr, db1_part_ptr, pre_ptr, dh, pid_m, rows, row_mask, first, M,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, COLS: tl.constexpr, PART_ROWS: tl.constexpr,
+                           ACT: tl.constexpr):
+    d_offs = first + tl.arange(0, COLS)
+    pre = _load_rows(pre_ptr, rows, row_mask, d_offs, D).to(tl.float32)
+    _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows, row_mask, d_offs,
+                  M, D, BLOCK_M, COLS, PART_ROWS, ACT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,6 +837,13 @@ def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
     return [_hidden_cfg(128, 64, 64, 8, 3)]
 
 
+def _hidden_bwd_pre_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """dh = g W2 -> dpre, h with pre read back from the forward's copy: one fp32 [BLOCK_M, BLOCK_D] accumulator."""
+    if dtype == "fp32":
+        return _hidden_bwd_configs(C, D, dtype)
+    return [_hidden_cfg(128, 256, 64, 8, 3)]
+
+
 def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     """Fused dx kernel for C <= BLOCK_N (recomputes pre and dh, stores dpre and h for the dW GEMMs)."""
     cp = _pow2(C)
@@ -812,6 +893,7 @@ _KERNEL_TABLE = {
     "fc2": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
     "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
     "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
+    "hidden_bwd_pre": (lambda: _mlp_hidden_kernel, _hidden_bwd_pre_configs, _INTERPRETER_HIDDEN),
     "dx_gemm": (lambda: _mlp_fwd_kernel, _dx_gemm_configs, _INTERPRETER_MN),
     "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
 }
@@ -868,13 +950,33 @@ def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
     return _config("dx", C, D, dtype, gpu)["BLOCK_N"] >= C
 
 
-def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool = False) -> List[str]:
-    """The kernels one call launches, in order (x and weight gradients wanted in training)."""
+def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool = False,
+           saved_pre: bool = False) -> List[str]:
+    """The kernels one call launches, in order (x and weight gradients wanted in training; `saved_pre`: the forward
+    keeps pre for backward, see `_saves_pre`)."""
     kinds = ["hidden", "fc2"] if _two_gemm_forward(C, D, dtype, precision, gpu) else ["fwd"]
     if training:
-        kinds += ["dx"] if _fused_dx(C, D, dtype, gpu) else ["hidden_bwd", "dx_gemm"]
+        if _fused_dx(C, D, dtype, gpu):
+            kinds.append("dx")
+        else:
+            kinds += ["hidden_bwd_pre" if saved_pre else "hidden_bwd", "dx_gemm"]
         kinds.append("dw")
     return kinds
+
+
+# The forward keeps pre = x W1^T + b1 ([M, D], activation dtype) for backward while H * W * D per image is at most
+# this: ConvNeXt-T/S/B's last stage at 224x224 (7 x 7 x 4C, C <= 1024), where the hidden is smallest. Backward then
+# skips recomputing pre (one M*C*D matmul of its five). ConvNeXt-T fp32: 3 blocks x 49 x 3072 x 4 B = 1.7 MiB per
+# image; at the earlier stages (4x, 16x, 64x as many hidden elements per image) pre stays recomputed.
+_SAVED_PRE_PER_IMAGE = 7 * 7 * 4096
+
+
+def _saves_pre(HW: int, C: int, D: int, dtype: str, precision: str, gpu: bool = False) -> bool:
+    """Whether a training forward at this shape keeps pre for backward: where the hidden per image is small (see
+    _SAVED_PRE_PER_IMAGE) and the forward materialises pre anyway (two-GEMM forward) for a backward that would
+    recompute it in the hidden-backward kernel (not the fused dx kernel)."""
+    return (HW * D <= _SAVED_PRE_PER_IMAGE and _two_gemm_forward(C, D, dtype, precision, gpu)
+            and not _fused_dx(C, D, dtype, gpu))
 
 
 def _m_bucket(M: int) -> int:
@@ -912,7 +1014,7 @@ def _same_reduction_order(kernel_name: str, configs: List[dict]) -> bool:
     does: the tree of a tl.sum, fixed by the tile shape and warp count (the db1 row-group sums of the dx and
     hidden-backward kernels, the dW kernel's column sums and segment split), hence one config for those; the
     forward candidates share BLOCK_N, which decides the fused/two-GEMM path."""
-    if kernel_name in ("dx", "hidden_bwd", "dw"):
+    if kernel_name in ("dx", "hidden_bwd", "hidden_bwd_pre", "dw"):
         return len(configs) == 1
     if kernel_name == "fwd":
         return len({c["BLOCK_N"] for c in configs}) == 1
@@ -989,15 +1091,29 @@ def _check_interpreter_dtype(dtype: torch.dtype) -> None:
                         "tl.dot misreads bf16 operands; use float16/float32 there, or a GPU for bfloat16")
 
 
+def _keeps_pre(x, D: int, save_pre: bool) -> bool:
+    """Whether a forward that may save for backward (`save_pre`) keeps pre at x's shape (see `_saves_pre`)."""
+    N, H, W, C = x.shape
+    return save_pre and _saves_pre(H * W, C, D, _TRITON_DTYPE[x.dtype], _dot_precision(x.dtype))
+
+
+def _forward_outputs(x, D: int, save_y2: bool, save_pre: bool, out_dtype=None):
+    """Uninitialised (out, y2, pre) of the forward op (empty placeholders for y2 and pre when not kept)."""
+    out = torch.empty_like(x, dtype=out_dtype or x.dtype)
+    y2 = torch.empty_like(x) if save_y2 else x.new_empty(0)
+    M = x.shape[0] * x.shape[1] * x.shape[2]
+    pre = x.new_empty((M, D)) if _keeps_pre(x, D, save_pre) else x.new_empty(0)
+    return out, y2, pre
+
+
 def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2,
-                  out_dtype=None):
+                  out_dtype=None, save_pre=False):
     N, H, W, C = x.shape
     D = fc1_weight.shape[0]
     M, HW = N * H * W, H * W
-    out = torch.empty_like(x, dtype=out_dtype or x.dtype)
-    y2 = torch.empty_like(x) if save_y2 else x.new_empty(0)
+    out, y2, pre = _forward_outputs(x, D, save_y2, save_pre, out_dtype)
     if M == 0:
-        return out, y2
+        return out, y2, pre
     _check_interpreter_dtype(x.dtype)
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     b2 = fc2_bias.to(torch.float32).contiguous()
@@ -1009,8 +1125,9 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
         if _two_gemm_forward(C, D, _TRITON_DTYPE[x.dtype], precision):
             h = torch.empty((M, D), device=x.device, dtype=x.dtype)
             _launch("hidden", functools.partial(_grid, "hidden", M=M, C=C, D=D),
-                    (x, x, w1, b1, w1, b1, b1, h, h, b1, M, HW), C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act,
-                    IS_BACKWARD=False, HAS_GAMMA=False, HAS_SCALE=False, DOT_PRECISION=precision)
+                    (x, x, w1, b1, w1, b1, b1, h, h, b1, pre if pre.numel() else h, M, HW), C, D, x.dtype, M,
+                    PART_ROWS=_PART_ROWS, ACT=act, IS_BACKWARD=False, STORE_PRE=pre.numel() > 0, LOAD_PRE=False,
+                    HAS_GAMMA=False, HAS_SCALE=False, DOT_PRECISION=precision)
             _launch("fc2", functools.partial(_grid, "fc2", M=M, C=C, D=D),
                     (h, residual, w1, b1, w2, b2, g, s, out, y2_or_out, M, HW), C, D, x.dtype, M, ACT=act,
                     LOAD_H=True, B_KN=False, **epilogue)
@@ -1018,7 +1135,7 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
             _launch("fwd", functools.partial(_grid, "fwd", M=M, C=C, D=D),
                     (x, residual, w1, b1, w2, b2, g, s, out, y2_or_out, M, HW), C, D, x.dtype, M, ACT=act,
                     LOAD_H=False, B_KN=False, **epilogue)
-    return out, y2
+    return out, y2, pre
 
 
 def _segments(M: int) -> Tuple[int, int]:
@@ -1036,15 +1153,16 @@ def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
     """Programs of one launch (shared by the launchers and launch_plans)."""
     if kind == "dw":  # dW1 programs, then dW2 programs, along axis 0
         return (2 * triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
-    if kind in ("hidden", "hidden_bwd"):
+    if kind in ("hidden", "hidden_bwd", "hidden_bwd_pre"):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_D"]),)
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
 
 
-def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale, act, want_x_side, want_hidden):
+def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, pre, has_gamma, has_scale, act, want_x_side,
+                     want_hidden):
     """Writes dx (when wanted). With `want_hidden` returns what the weight gradients need: h and dpre ([M, D],
     activation dtype), the fp32 db1 row-group partials, and (fused dx kernel only, else None) the fp32 db2 and
-    dgamma row-group partials."""
+    dgamma row-group partials. `pre`: the forward's copy ([M, D]) or empty (recomputed)."""
     N, H, W, C = x.shape
     D = w1.shape[0]
     M, HW = N * H * W, H * W
@@ -1069,9 +1187,16 @@ def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma, has_scale
                 (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, *hidden, M, HW), C, D, x.dtype, M, **flags,
                 STORE_HIDDEN=want_hidden, HAS_Y2=has_y2 and want_hidden, DOT_PRECISION=precision)
         return h, dpre, db1_part, vector_parts
-    _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
-            (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, M, HW), C, D, x.dtype, M, **flags, IS_BACKWARD=True,
-            DOT_PRECISION=precision)
+    if pre.numel():  # dh = dy (diag(gamma) W2), pre read back
+        w2_gamma = (g[:, None] * w2.float()).to(w2.dtype) if has_gamma else w2
+        _launch("hidden_bwd_pre", functools.partial(_grid, "hidden_bwd_pre", M=M, C=C, D=D),
+                (x, grad_out, w1, b1, w2_gamma, g, s, h, dpre, db1_part, pre, M, HW), C, D, x.dtype, M,
+                **dict(flags, HAS_GAMMA=False), IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True,
+                DOT_PRECISION=precision)
+    else:
+        _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
+                (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, h, M, HW), C, D, x.dtype, M, **flags,
+                IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False, DOT_PRECISION=precision)
     if want_x_side:
         _launch("dx_gemm", functools.partial(_grid, "dx_gemm", M=M, C=C, D=D),
                 (dpre, x, w1, b1, w1, b1, b1, b1, dx, dx, M, HW), C, D, x.dtype, M, ACT=act, LOAD_H=True, B_KN=True,
@@ -1120,7 +1245,7 @@ def _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gam
             _grad_like(fc2_bias, want_weight_side, x), _grad_like(gamma, has_dgamma, fc2_bias))
 
 
-def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, act,
+def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, pre, act,
                    want_x_side, want_weight_side):
     grads = _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
                             want_weight_side)
@@ -1132,7 +1257,7 @@ def _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamm
     w1, b1, w2, g, s = _params(x, fc1_weight, fc1_bias, fc2_weight, gamma, sample_scale)
     has_gamma, has_scale = gamma is not None, sample_scale is not None
     with _device_guard(x.device):
-        h, dpre, db1_part, vector_parts = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, has_gamma,
+        h, dpre, db1_part, vector_parts = _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, pre, has_gamma,
                                                            has_scale, act, want_x_side, want_weight_side)
         if want_weight_side:
             dw1_f32, dw2_f32, db2_f32, dgamma_f32 = _backward_dw(grad_out, x, h, dpre, g, s, y2, has_gamma,
@@ -1160,15 +1285,18 @@ def _mlp_fwd_op(
     act: str,
     save_y2: bool,
     out_dtype: Optional[torch.dtype] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, y2); the dots run in x's dtype, out has out_dtype (default x's), residual is read in its own."""
+    save_pre: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, y2, pre); the dots run in x's dtype, out has out_dtype (default x's), residual is read in its own. pre
+    ([M, D]) is kept for backward where `save_pre` and the shape call for it (`_keeps_pre`), else empty."""
     return _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
-                         save_y2, out_dtype)
+                         save_y2, out_dtype, save_pre)
 
 
 @_mlp_fwd_op.register_fake
-def _(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2, out_dtype=None):
-    return torch.empty_like(x, dtype=out_dtype or x.dtype), (torch.empty_like(x) if save_y2 else x.new_empty(0))
+def _(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act, save_y2, out_dtype=None,
+      save_pre=False):
+    return _forward_outputs(x, fc1_weight.shape[0], save_y2, save_pre, out_dtype)
 
 
 @torch.library.custom_op("fastconvnext::convnext_mlp_bwd", mutates_args=())
@@ -1182,16 +1310,17 @@ def _mlp_bwd_op(
     gamma: Optional[torch.Tensor],
     sample_scale: Optional[torch.Tensor],
     y2: torch.Tensor,
+    pre: torch.Tensor,
     act: str,
     want_x_side: bool,
     want_weight_side: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2,
+    return _backward_impl(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, pre,
                           act, want_x_side, want_weight_side)
 
 
 @_mlp_bwd_op.register_fake
-def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, act, want_x_side,
+def _(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, pre, act, want_x_side,
       want_weight_side):
     return _backward_grads(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, y2, want_x_side,
                            want_weight_side)
@@ -1202,16 +1331,16 @@ def _setup_context(ctx, inputs, output):
     ctx.act = act
     ctx.residual_dtype = residual.dtype
     ctx.has_gamma = gamma is not None
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, output[1])
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, output[1], output[2])
 
 
-def _mlp_backward(ctx, grad_out, _grad_y2):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2 = ctx.saved_tensors
+def _mlp_backward(ctx, grad_out, _grad_y2, _grad_pre):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, y2, pre = ctx.saved_tensors
     need = ctx.needs_input_grad
     want_x_side = need[0]
     want_weight_side = need[2] or need[3] or need[4] or need[5] or (ctx.has_gamma and need[6])
     dx, dw1, db1, dw2, db2, dgamma = _mlp_bwd_op(grad_out, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                                                 gamma, sample_scale, y2, ctx.act, want_x_side,
+                                                 gamma, sample_scale, y2, pre, ctx.act, want_x_side,
                                                  want_weight_side)
 
     def pick(t, i):
@@ -1220,7 +1349,7 @@ def _mlp_backward(ctx, grad_out, _grad_y2):
     d_residual = grad_out.to(ctx.residual_dtype) if need[1] else None
     d_gamma = dgamma if (ctx.has_gamma and need[6]) else None
     return (pick(dx, 0), d_residual, pick(dw1, 2), pick(db1, 3), pick(dw2, 4), pick(db2, 5), d_gamma,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _mlp_fwd_op.register_autograd(_mlp_backward, setup_context=_setup_context)
@@ -1240,13 +1369,13 @@ def _autocast_rule(device_type: str):
     key = autocast_key(device_type)
 
     def forward_in_autocast_dtype(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale,
-                                  act, save_y2, out_dtype=None):
+                                  act, save_y2, out_dtype=None, save_pre=False):
         dtype = torch.get_autocast_dtype(device_type)
         out_dtype = out_dtype or _eager_out_dtype(residual, gamma, dtype)
         with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
             return _mlp_fwd_op(x.to(dtype), residual, fc1_weight.to(dtype), fc1_bias.to(dtype),
                                fc2_weight.to(dtype), fc2_bias.to(dtype), gamma, sample_scale, act, save_y2,
-                               out_dtype)
+                               out_dtype, save_pre)
 
     return forward_in_autocast_dtype
 
@@ -1322,8 +1451,11 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
         return convnext_mlp_reference(*tensors[:7], act=act, sample_scale=sample_scale)
     _check_interpreter_dtype(_compute_dtype(x))
     save_y2 = gamma is not None and gamma.requires_grad and torch.is_grad_enabled()
-    out, _ = _mlp_fwd_op(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
-                         save_y2)
+    # pre may be kept only for a backward that recomputes it: the x or weight side trains
+    save_pre = torch.is_grad_enabled() and any(tensors[i] is not None and tensors[i].requires_grad
+                                               for i in (0, 2, 3, 4, 5, 6))
+    out, _, _ = _mlp_fwd_op(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, sample_scale, act,
+                            save_y2, None, save_pre)
     return out
 
 
@@ -1338,7 +1470,7 @@ _DTYPES = ("fp32", "fp16", "bf16")
 _FWD_POINTERS = ["x_ptr", "res_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "b2_ptr", "gamma_ptr", "scale_ptr", "out_ptr",
                  "y2_ptr"]
 _HIDDEN_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "h_ptr", "dpre_ptr",
-                    "db1_part_ptr"]
+                    "db1_part_ptr", "pre_ptr"]
 _DX_POINTERS = ["x_ptr", "dy_ptr", "w1_ptr", "b1_ptr", "w2_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dx_ptr",
                 "h_ptr", "dpre_ptr", "db1_part_ptr", "db2_part_ptr", "dgamma_part_ptr"]
 _DW_POINTERS = ["x_ptr", "dy_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr", "y2_ptr", "dw1_part_ptr",
@@ -1347,12 +1479,15 @@ _DW_POINTERS = ["x_ptr", "dy_ptr", "h_ptr", "dpre_ptr", "gamma_ptr", "scale_ptr"
 _KERNELS = {
     "fwd": ("convnext_mlp_fwd", _FWD_POINTERS, ["M", "HW"],
             dict(LOAD_H=False, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
-    "hidden": ("convnext_mlp_fc1_act", _HIDDEN_POINTERS, ["M", "HW"], dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False)),
+    "hidden": ("convnext_mlp_fc1_act", _HIDDEN_POINTERS, ["M", "HW"],
+               dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False, LOAD_PRE=False)),
     "fc2": ("convnext_mlp_fc2", _FWD_POINTERS, ["M", "HW"],
             dict(LOAD_H=True, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
     "dx": ("convnext_mlp_bwd_dx", _DX_POINTERS, ["M", "HW"], dict(PART_ROWS=_PART_ROWS)),
     "hidden_bwd": ("convnext_mlp_bwd_hidden", _HIDDEN_POINTERS, ["M", "HW"],
-                   dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True)),
+                   dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False)),
+    "hidden_bwd_pre": ("convnext_mlp_bwd_hidden_saved_pre", _HIDDEN_POINTERS, ["M", "HW"],
+                       dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True)),
     "dx_gemm": ("convnext_mlp_bwd_dx_gemm", _FWD_POINTERS, ["M", "HW"],
                 dict(LOAD_H=True, B_KN=True, HAS_BIAS=False, HAS_RESIDUAL=False)),
     "dw": ("convnext_mlp_bwd_dw", _DW_POINTERS, ["M", "HW", "SEGMENT_ROWS"], {}),
@@ -1360,15 +1495,18 @@ _KERNELS = {
 
 
 def _flags(kind: str, act: str = "gelu", has_gamma: bool = True, has_scale: bool = True,
-           training: bool = True, fused_dx: bool = True) -> dict:
-    """Every constexpr flag of a launch of `kind`, as the launchers pass them (`fused_dx`: the backward path)."""
+           training: bool = True, fused_dx: bool = True, saved_pre: bool = False) -> dict:
+    """Every constexpr flag of a launch of `kind`, as the launchers pass them (`fused_dx`: the backward path;
+    `saved_pre`: the training forward keeps pre)."""
     flags = dict(_KERNELS[kind][3], ACT=act)
     if kind in ("fwd", "fc2"):
         flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale, SAVE_Y2=has_gamma and training)
     elif kind == "dx_gemm":
         flags.update(HAS_GAMMA=False, HAS_SCALE=False, SAVE_Y2=False)
     elif kind == "hidden":
-        flags.update(HAS_GAMMA=False, HAS_SCALE=False)
+        flags.update(HAS_GAMMA=False, HAS_SCALE=False, STORE_PRE=saved_pre and training)
+    elif kind == "hidden_bwd_pre":  # the launcher folds gamma into W2
+        flags.update(HAS_GAMMA=False, HAS_SCALE=has_scale)
     elif kind in ("dx", "hidden_bwd"):
         flags.update(HAS_GAMMA=has_gamma, HAS_SCALE=has_scale)
         if kind == "dx":
@@ -1409,23 +1547,26 @@ def compile_targets() -> List[CompileTarget]:
     Each kernel a bucket launches (under either fp32 precision) is compiled with all optional features on (the
     most registers live), fp32 both with "ieee" (torch's default) and "tf32" dots; every candidate config of
     it once more with layer scale but no drop path (the default training step) and once with the features off.
-    The other activations are compiled once per dtype at C = 96."""
+    Where the backward is not the fused dx kernel, both with pre recomputed and kept (`_saves_pre` depends on H * W,
+    which a bucket leaves open). The other activations are compiled once per dtype at C = 96."""
     targets = []
     for dtype in _DTYPES:
         precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
         for C, D in _BUCKETS:
+            fused_dx = _fused_dx(C, D, dtype, gpu=True)
+            pre_kept = (False,) if fused_dx else (False, True)
             kinds = []
-            for precision in precisions:
-                kinds += [k for k in _kinds(C, D, dtype, precision, training=True, gpu=True) if k not in kinds]
-            for kind in kinds:
+            for precision, saved in ((p, k) for p in precisions for k in pre_kept):
+                kinds += [k for k in _kinds(C, D, dtype, precision, True, True, saved) if k not in kinds]
+            for kind, saved in ((k, saved) for k in kinds for saved in pre_kept):
                 for i, cfg in enumerate(_KERNEL_TABLE[kind][1](C, D, dtype)):
-                    fused_dx = _fused_dx(C, D, dtype, gpu=True)
                     for precision in precisions:
-                        if kind in _kinds(C, D, dtype, precision, training=True, gpu=True):
-                            targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, fused_dx=fused_dx), precision))
+                        if kind in _kinds(C, D, dtype, precision, True, True, saved):
+                            targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, fused_dx=fused_dx,
+                                                                                  saved_pre=saved), precision))
                     # layer scale without drop path (ConvNeXt's default training): its own register allocation
-                    targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_scale=False, fused_dx=fused_dx),
-                                           precisions[0]))
+                    targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_scale=False, fused_dx=fused_dx,
+                                                                          saved_pre=saved), precisions[0]))
                     targets.append(_target(kind, cfg, C, D, dtype, _flags(kind, has_gamma=False, has_scale=False,
                                                                           training=False, fused_dx=fused_dx),
                                            precisions[0]))
@@ -1472,9 +1613,17 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
     if kind in ("hidden", "hidden_bwd"):
         bd, backward = cfg["BLOCK_D"], kind == "hidden_bwd"
         parts = triton.cdiv(M, _PART_ROWS) * D * 4 * backward
-        hbm = (act + hidden + w) * (1 + backward) + parts + D * 4
+        stored_pre = hidden * flags.get("STORE_PRE", False)  # the forward's copy of pre for backward
+        hbm = (act + hidden + w) * (1 + backward) + parts + D * 4 + stored_pre
         per_program = (bm + bd) * C * s * (1 + backward) + bm * bd * s * (1 + backward)
-        return grid, hbm, programs * per_program + parts, _inner_trips(cfg["BLOCK_K"], C), 1, 1 + backward
+        l2 = programs * per_program + parts + stored_pre
+        return grid, hbm, l2, _inner_trips(cfg["BLOCK_K"], C), 1, 1 + backward
+    if kind == "hidden_bwd_pre":  # dy and W2 in (dh = g W2), pre in, h and dpre out
+        bd = cfg["BLOCK_D"]
+        parts = triton.cdiv(M, _PART_ROWS) * D * 4
+        hbm = act + w + 3 * hidden + parts + (D + C) * 4
+        per_program = (bm + bd) * C * s + 3 * bm * bd * s
+        return grid, hbm, programs * per_program + parts, _inner_trips(cfg["BLOCK_K"], C), 1, 1
     if kind == "dx":
         bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
         c_tiles, chunks, inner = triton.cdiv(C, bn), triton.cdiv(D, bd), _inner_trips(cfg["BLOCK_K"], C)
@@ -1513,13 +1662,15 @@ _PLAN_NOTES = {
     "fc2": "h W2^T + b2, x gamma x scale + residual (two-GEMM forward)",
     "dx": "fused dx: recomputes pre and dh, stores h and dpre for the dW GEMMs, db1/db2/dgamma row-group partials",
     "hidden_bwd": "recomputes pre, dh = g W2 -> dpre and h [M, D], db1 row-group partials",
+    "hidden_bwd_pre": "dh = g W2, pre read back from the forward -> dpre and h [M, D], db1 row-group partials",
     "dx_gemm": "dx = dpre W1",
     "dw": "dW1^T = x^T dpre, dW2 = g^T h (+ db2, dgamma after the two-GEMM path), per-segment partials",
 }
 
 
 # matmul units of a launch that eager also runs (the rest is recomputation)
-_USEFUL_UNITS = {"fwd": 2, "hidden": 1, "fc2": 1, "dx": 2, "hidden_bwd": 1, "dx_gemm": 1, "dw": 2}
+_USEFUL_UNITS = {"fwd": 2, "hidden": 1, "fc2": 1, "dx": 2, "hidden_bwd": 1, "hidden_bwd_pre": 1, "dx_gemm": 1,
+                 "dw": 2}
 
 
 def _torch_plan(phase: str, nbytes: float, note: str):
@@ -1546,15 +1697,18 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     C, D, s = channels, hidden or 4 * channels, _DTYPE_BYTES[dtype]
     M, HW = batch * height * width, height * width
     precision = "tf32" if dtype == "fp32" and _tf32_allowed() else "ieee"
+    saved_pre = training and _saves_pre(HW, C, D, dtype, precision, gpu=True)
     plans = []
     if dtype != "fp32":
         plans.append(_torch_plan("forward", (D + 2 * C) * (s + 4), "torch: b1, b2, gamma cast to fp32"))
-    for kind in _kinds(C, D, dtype, precision, training, gpu=True):
+    for kind in _kinds(C, D, dtype, precision, training, gpu=True, saved_pre=saved_pre):
         phase = "forward" if kind in ("fwd", "hidden", "fc2") else "backward"
-        if kind in ("dx", "hidden_bwd") and dtype != "fp32":
+        if kind in ("dx", "hidden_bwd", "hidden_bwd_pre") and dtype != "fp32":
             plans.append(_torch_plan("backward", (D + C) * (s + 4), "torch: b1, gamma cast to fp32"))
+        if kind == "hidden_bwd_pre" and has_gamma:
+            plans.append(_torch_plan("backward", 2 * D * C * s, "torch: diag(gamma) W2 for the dh GEMM"))
         cfg = _KERNEL_TABLE[kind][1](C, D, dtype)[0]
-        flags = _flags(kind, act, has_gamma, has_scale, training, _fused_dx(C, D, dtype, gpu=True))
+        flags = _flags(kind, act, has_gamma, has_scale, training, _fused_dx(C, D, dtype, gpu=True), saved_pre)
         int_args = dict(M=M, HW=HW)
         if kind == "dw":
             int_args["SEGMENT_ROWS"] = _segments(M)[1]

@@ -226,10 +226,10 @@ def _spy_fwd_op(monkeypatch):
     seen = []
     real = mlp._forward_impl
 
-    def spy(x, residual, w1, b1, w2, b2, gamma, scale, act, save_y2, out_dtype=None):
+    def spy(x, residual, w1, b1, w2, b2, gamma, scale, act, save_y2, out_dtype=None, save_pre=False):
         seen.append(dict(x=x.dtype, residual=residual.dtype, w1=w1.dtype, b2=b2.dtype,
                          gamma=None if gamma is None else gamma.dtype, out=out_dtype))
-        return real(x, residual, w1, b1, w2, b2, gamma, scale, act, save_y2, out_dtype)
+        return real(x, residual, w1, b1, w2, b2, gamma, scale, act, save_y2, out_dtype, save_pre)
 
     monkeypatch.setattr(mlp, "_forward_impl", spy)
     return seen

@@ -40,9 +40,9 @@ def _recorded_launches(monkeypatch, batch, size, C, dtype, training):
     w1, b1 = torch.empty(D, C, dtype=t), torch.empty(D, dtype=t)
     w2, b2 = torch.empty(C, D, dtype=t), torch.empty(C, dtype=t)
     gamma = torch.empty(C, dtype=t)
-    _, y2 = mlp._forward_impl(x, x, w1, b1, w2, b2, gamma, None, "gelu", training)
+    _, y2, pre = mlp._forward_impl(x, x, w1, b1, w2, b2, gamma, None, "gelu", training, save_pre=training)
     if training:
-        mlp._backward_impl(torch.empty_like(x), x, w1, b1, w2, b2, gamma, None, y2, "gelu", True, True)
+        mlp._backward_impl(torch.empty_like(x), x, w1, b1, w2, b2, gamma, None, y2, pre, "gelu", True, True)
     return log
 
 

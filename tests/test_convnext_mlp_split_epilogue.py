@@ -1,6 +1,7 @@
 """The GEMM kernels with the GPU's 32K-element output tiles, whose epilogues run one column half or quarter at a time
 (`_SPLIT_TILE`: fc1's activation and h store by quarters, fc2's bias, y2, gamma, drop path and residual by quarters
-when it stores y2 (training) and by halves otherwise, the dx GEMM's store by halves, the hidden-backward kernel's act, act', h, dpre and db1 sums by quarters), in the interpreter.
+when it stores y2 (training) and by halves otherwise, the dx GEMM's store by halves, the hidden-backward kernel's
+act, act', h, dpre and db1 sums by quarters, with pre recomputed or read back from the forward), in the interpreter.
 
 The interpreter's own configs (32x32 tiles) never reach that branch, so these tests hand the interpreter the tile
 shapes the GPU configs use (fc1 + act 128x256, fc2 256x128) and compare with the eager reference under the
@@ -24,6 +25,8 @@ def gpu_sized_tiles(monkeypatch):
     table["hidden"] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
     fn, configs, _ = table["hidden_bwd"]
     table["hidden_bwd"] = (fn, configs, mlp._hidden_cfg(128, 128, 32, 1, 1))
+    fn, configs, _ = table["hidden_bwd_pre"]
+    table["hidden_bwd_pre"] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
     for kind in ("fc2", "dx_gemm"):
         fn, configs, _ = table[kind]
         table[kind] = (fn, configs, mlp._cfg(256, 128, 32, 32, 1, 1))
@@ -33,6 +36,8 @@ def gpu_sized_tiles(monkeypatch):
         assert cfg["BLOCK_M"] * cfg.get("BLOCK_N", cfg.get("BLOCK_D")) >= mlp._SPLIT_TILE.value
     cfg = mlp._config("hidden_bwd", 192, 320, "fp32")  # two accumulators
     assert 2 * cfg["BLOCK_M"] * cfg["BLOCK_D"] >= mlp._SPLIT_TILE.value
+    cfg = mlp._config("hidden_bwd_pre", 192, 320, "fp32")  # one accumulator, pre loaded per quarter
+    assert cfg["BLOCK_M"] * cfg["BLOCK_D"] >= mlp._SPLIT_TILE.value
 
 
 def _forward(inputs, act, **kwargs):
@@ -53,9 +58,19 @@ def test_split_epilogues_match_reference_fp32(gpu_sized_tiles, act):
     assert_within_rule(fused, eager, ref, torch.float32, "out")
 
 
+@pytest.mark.parametrize("saved_pre", [False, True])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_split_epilogues_with_gradients(gpu_sized_tiles, act):
+def test_split_epilogues_with_gradients(gpu_sized_tiles, monkeypatch, act, saved_pre):
     """Training saves y2 from the split fc2 epilogue (dgamma needs it); backward takes the hidden-backward kernel
-    (h, dpre and the db1 row-group sums stored per column half) and the dx GEMM: gradients match the reference."""
-    assert mlp._kinds(192, 320, "fp32", "ieee", training=True)[2:] == ["hidden_bwd", "dx_gemm", "dw"]
+    (h, dpre and the db1 row-group sums stored per column quarter; pre recomputed, or stored by fc1's quarters and
+    read back per quarter) and the dx GEMM: gradients match the reference."""
+    if not saved_pre:
+        monkeypatch.setattr(mlp, "_SAVED_PRE_PER_IMAGE", 0)
+    assert mlp._saves_pre(4 * 5, 192, 320, "fp32", "ieee") == saved_pre
+    kind = "hidden_bwd_pre" if saved_pre else "hidden_bwd"
+    assert mlp._kinds(192, 320, "fp32", "ieee", True, saved_pre=saved_pre)[2:] == [kind, "dx_gemm", "dw"]
+    launched = []
+    real = mlp._launch
+    monkeypatch.setattr(mlp, "_launch", lambda k, *a, **kw: launched.append(k) or real(k, *a, **kw))
     check_against_reference(make_inputs((1, 4, 5, 192), 320, torch.float32, scale=[1.5]), act, torch.float32)
+    assert kind in launched
