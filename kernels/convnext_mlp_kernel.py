@@ -26,10 +26,13 @@ Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 u
   accumulates dW1^T += x^T dpre, dW2 += g^T h (2 units). (Recomputing h in the dW kernel instead would
   save 2 * M * D bytes for one more unit, but spilled on sm_80 at every tile that keeps 64x64 wgmma.)
 - wider C: `_mlp_hidden_kernel` (IS_BACKWARD) recomputes pre, dh -> stores h and dpre, db1 partials
-  (2 units), or with pre saved (LOAD_PRE) computes only dh = dy (diag(gamma) W2) (the launcher folds gamma into W2, so
-  dy goes to the tensor cores as it is; the drop-path scale multiplies dh rows) and reads pre back per column quarter
-  (1 unit); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel reads h and dpre
-  (2 units) and sums db2, dgamma.
+  (2 units), or with pre at hand (LOAD_PRE) computes only dh = dy (diag(gamma) W2) (the launcher folds gamma into W2,
+  so dy goes to the tensor cores as it is; the drop-path scale multiplies dh rows) in one 128x256 accumulator and
+  reads pre back per column quarter (1 unit). pre is at hand when the forward saved it, or from a first backward pass
+  (`fc1_pre`: fc1 + b1 -> pre [M, D] stored for this backward only, 1 unit) where the cost model finds the two
+  passes' wider tiles cheaper in L2 bytes than the two-accumulator kernel (`_two_pass_hidden_backward`: ConvNeXt-T
+  from C = 384 in fp16/bf16); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel
+  reads h and dpre (2 units) and sums db2, dgamma.
 The dW kernel's grid is (2 x D chunks: dW1 programs then dW2 programs, one accumulator each; C tiles; M
 segments); each program walks its segment's row tiles in order; the segment count depends only on M, so results
 are bitwise reproducible; no atomics anywhere.
@@ -412,12 +415,14 @@ def _mlp_hidden_kernel(
     IS_BACKWARD: tl.constexpr,
     STORE_PRE: tl.constexpr,
     LOAD_PRE: tl.constexpr,
+    STORE_H: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # forward: h = act(x W1^T + b1) (STORE_PRE: pre too); backward also dh = g W2 and dpre = dh * act'(pre) (fp32
-    # until stored), pre recomputed or (LOAD_PRE) read back from the forward's copy: one K = C GEMM instead of two
+    # forward: h = act(x W1^T + b1) (STORE_PRE: pre too; without STORE_H pre alone, the first pass of a two-pass
+    # hidden backward); backward also dh = g W2 and dpre = dh * act'(pre) (fp32 until stored), pre recomputed or
+    # (LOAD_PRE) read back from the forward's copy or the first pass: one K = C GEMM instead of two
     pid_m = tl.program_id(0) // tl.cdiv(D, BLOCK_D)  # hidden tiles fastest (see _mlp_fwd_kernel)
     pid_d = tl.program_id(0) % tl.cdiv(D, BLOCK_D)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -454,19 +459,20 @@ def _mlp_hidden_kernel(
                 _store_hidden(h_ptr, dpre_ptr, db1_part_ptr, pre, dh * _activation_grad(pre, ACT), pid_m, rows,
                               row_mask, d_offs, M, D, BLOCK_M, BLOCK_D, PART_ROWS, ACT)
         elif BLOCK_M * BLOCK_D >= _SPLIT_TILE:
-            # the activation's temporaries for a quarter of a 32K-element tile at a time (halves spilled 256 B on sm_90),
-            # an eighth when pre is stored too (quarters spilled 24-72 B on sm_80 and sm_90)
+            # the activation's temporaries for a quarter of a 32K-element tile at a time (halves spilled 256 B on
+            # sm_90), an eighth when pre is stored too (quarters spilled 24-72 B on sm_80 and sm_90)
             first = pid_d * BLOCK_D
-            if STORE_PRE:
+            if STORE_PRE and STORE_H:
                 left, right = _column_halves(pre, BLOCK_M, BLOCK_D)
                 _store_act_quarters(h_ptr, pre_ptr, left, rows, row_mask, first, D, BLOCK_M, BLOCK_D // 2, ACT,
-                                    STORE_PRE)
+                                    STORE_PRE, STORE_H)
                 _store_act_quarters(h_ptr, pre_ptr, right, rows, row_mask, first + BLOCK_D // 2, D, BLOCK_M,
-                                    BLOCK_D // 2, ACT, STORE_PRE)
+                                    BLOCK_D // 2, ACT, STORE_PRE, STORE_H)
             else:
-                _store_act_quarters(h_ptr, pre_ptr, pre, rows, row_mask, first, D, BLOCK_M, BLOCK_D, ACT, STORE_PRE)
+                _store_act_quarters(h_ptr, pre_ptr, pre, rows, row_mask, first, D, BLOCK_M, BLOCK_D, ACT, STORE_PRE,
+                                    STORE_H)
         else:
-            _store_act(h_ptr, pre_ptr, pre, rows, row_mask, d_offs, D, ACT, STORE_PRE)
+            _store_act(h_ptr, pre_ptr, pre, rows, row_mask, d_offs, D, ACT, STORE_PRE, STORE_H)
 
 
 @triton.jit
@@ -484,27 +490,28 @@ def _store_hidden_halves(h_ptr, dpre_ptr, db1_part_ptr, pre, dh, pid_m, rows, ro
 
 @triton.jit
 def _store_act_quarters(h_ptr, pre_ptr, pre, rows, row_mask, first, D: tl.constexpr, ROWS: tl.constexpr,
-                        COLS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr):
+                        COLS: tl.constexpr, ACT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_H: tl.constexpr):
     # _store_act for the [ROWS, COLS] tile pre (columns first + [0, COLS)), one column quarter at a time
     QUARTER: tl.constexpr = COLS // 4
     left, right = _column_halves(pre, ROWS, COLS)
     q0, q1 = _column_halves(left, ROWS, COLS // 2)
     q2, q3 = _column_halves(right, ROWS, COLS // 2)
     cols = first + tl.arange(0, QUARTER)
-    _store_act(h_ptr, pre_ptr, q0, rows, row_mask, cols, D, ACT, STORE_PRE)
-    _store_act(h_ptr, pre_ptr, q1, rows, row_mask, cols + QUARTER, D, ACT, STORE_PRE)
-    _store_act(h_ptr, pre_ptr, q2, rows, row_mask, cols + 2 * QUARTER, D, ACT, STORE_PRE)
-    _store_act(h_ptr, pre_ptr, q3, rows, row_mask, cols + 3 * QUARTER, D, ACT, STORE_PRE)
+    _store_act(h_ptr, pre_ptr, q0, rows, row_mask, cols, D, ACT, STORE_PRE, STORE_H)
+    _store_act(h_ptr, pre_ptr, q1, rows, row_mask, cols + QUARTER, D, ACT, STORE_PRE, STORE_H)
+    _store_act(h_ptr, pre_ptr, q2, rows, row_mask, cols + 2 * QUARTER, D, ACT, STORE_PRE, STORE_H)
+    _store_act(h_ptr, pre_ptr, q3, rows, row_mask, cols + 3 * QUARTER, D, ACT, STORE_PRE, STORE_H)
 
 
 @triton.jit
 def _store_act(h_ptr, pre_ptr, pre, rows, row_mask, d_offs, D: tl.constexpr, ACT: tl.constexpr,
-               STORE_PRE: tl.constexpr):
+               STORE_PRE: tl.constexpr, STORE_H: tl.constexpr):
     mask = row_mask[:, None] & (d_offs[None, :] < D)
     offs = rows[:, None] * D + d_offs[None, :]
     if STORE_PRE:  # before the activation's temporaries are live
         tl.store(pre_ptr + offs, pre.to(pre_ptr.dtype.element_ty), mask=mask)
-    tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + offs, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -894,6 +901,7 @@ _KERNEL_TABLE = {
     "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
     "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
     "hidden_bwd_pre": (lambda: _mlp_hidden_kernel, _hidden_bwd_pre_configs, _INTERPRETER_HIDDEN),
+    "fc1_pre": (lambda: _mlp_hidden_kernel, _hidden_configs, _INTERPRETER_HIDDEN),
     "dx_gemm": (lambda: _mlp_fwd_kernel, _dx_gemm_configs, _INTERPRETER_MN),
     "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
 }
@@ -958,10 +966,38 @@ def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool
     if training:
         if _fused_dx(C, D, dtype, gpu):
             kinds.append("dx")
+        elif saved_pre:
+            kinds += ["hidden_bwd_pre", "dx_gemm"]
+        elif _two_pass_hidden_backward(C, D, dtype, precision, gpu or not interpreting()):
+            kinds += ["fc1_pre", "hidden_bwd_pre", "dx_gemm"]
         else:
-            kinds += ["hidden_bwd_pre" if saved_pre else "hidden_bwd", "dx_gemm"]
+            kinds += ["hidden_bwd", "dx_gemm"]
         kinds.append("dw")
     return kinds
+
+
+def _modelled_seconds(kinds, C: int, D: int, dtype: str, precision: str, gpu: bool, saved_pre: bool = False) -> float:
+    """The path choices' cost model: per kernel the largest of its tensor work at peak, its HBM bytes / bandwidth and
+    its L2->SM bytes / L2 bandwidth (launch_plans' figures, `_plan_figures`, at a nominal row count)."""
+    s, M = _DTYPE_BYTES[dtype], _MODEL_ROWS
+    unit = 2 * M * C * D / _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
+    total = 0.0
+    for kind in kinds:
+        flags = _flags(kind, saved_pre=saved_pre)
+        _, hbm, l2, _, _, units = _plan_figures(kind, _config(kind, C, D, dtype, gpu), M, C, D, s, flags)
+        total += max(units * unit, hbm / _MODEL_HBM_BYTES_PER_S, l2 / _MODEL_L2_BYTES_PER_S)
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def _two_pass_hidden_backward(C: int, D: int, dtype: str, precision: str, gpu: bool) -> bool:
+    """Whether backward (pre not saved) recomputes pre in a GEMM of its own (`fc1_pre`: 32K-output tiles, pre stored
+    [M, D] for this backward only) and then runs the one-accumulator hidden backward on it, rather than the kernel
+    that recomputes pre and dh side by side in two 128x128 accumulators: the cheaper on the cost model
+    (`_modelled_seconds`). The second pass's wider tiles save more L2 operand bytes than the pre round trip costs where
+    C is wide (ConvNeXt-T from C = 384 in fp16/bf16)."""
+    split = _modelled_seconds(["fc1_pre", "hidden_bwd_pre"], C, D, dtype, precision, gpu)
+    return split < _modelled_seconds(["hidden_bwd"], C, D, dtype, precision, gpu)
 
 
 # The forward keeps pre = x W1^T + b1 ([M, D], activation dtype) for backward while H * W * D per image is at most
@@ -1127,6 +1163,7 @@ def _forward_impl(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma
             _launch("hidden", functools.partial(_grid, "hidden", M=M, C=C, D=D),
                     (x, x, w1, b1, w1, b1, b1, h, h, b1, pre if pre.numel() else h, M, HW), C, D, x.dtype, M,
                     PART_ROWS=_PART_ROWS, ACT=act, IS_BACKWARD=False, STORE_PRE=pre.numel() > 0, LOAD_PRE=False,
+                    STORE_H=True,
                     HAS_GAMMA=False, HAS_SCALE=False, DOT_PRECISION=precision)
             _launch("fc2", functools.partial(_grid, "fc2", M=M, C=C, D=D),
                     (h, residual, w1, b1, w2, b2, g, s, out, y2_or_out, M, HW), C, D, x.dtype, M, ACT=act,
@@ -1153,7 +1190,7 @@ def _grid(kind: str, meta: dict, M: int, C: int, D: int) -> tuple:
     """Programs of one launch (shared by the launchers and launch_plans)."""
     if kind == "dw":  # dW1 programs, then dW2 programs, along axis 0
         return (2 * triton.cdiv(D, meta["BLOCK_D"]), triton.cdiv(C, meta["BLOCK_C"]), _num_segments(M))
-    if kind in ("hidden", "hidden_bwd", "hidden_bwd_pre"):
+    if kind in ("hidden", "hidden_bwd", "hidden_bwd_pre", "fc1_pre"):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(D, meta["BLOCK_D"]),)
     return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_N"]),)
 
@@ -1187,16 +1224,23 @@ def _backward_hidden(dx, grad_out, x, w1, b1, w2, g, s, y2, pre, has_gamma, has_
                 (x, grad_out, w1, b1, w2, g, s, y2 if has_y2 else x, dx, *hidden, M, HW), C, D, x.dtype, M, **flags,
                 STORE_HIDDEN=want_hidden, HAS_Y2=has_y2 and want_hidden, DOT_PRECISION=precision)
         return h, dpre, db1_part, vector_parts
+    if not pre.numel() and _two_pass_hidden_backward(C, D, dtype, precision, not interpreting()):
+        # first pass: pre alone ([M, D], for this backward only), then the one-accumulator hidden backward
+        pre = torch.empty((M, D), device=x.device, dtype=x.dtype)
+        _launch("fc1_pre", functools.partial(_grid, "fc1_pre", M=M, C=C, D=D),
+                (x, x, w1, b1, w1, b1, b1, h, h, b1, pre, M, HW), C, D, x.dtype, M, PART_ROWS=_PART_ROWS, ACT=act,
+                IS_BACKWARD=False, STORE_PRE=True, LOAD_PRE=False, STORE_H=False, HAS_GAMMA=False, HAS_SCALE=False,
+                DOT_PRECISION=precision)
     if pre.numel():  # dh = dy (diag(gamma) W2), pre read back
         w2_gamma = (g[:, None] * w2.float()).to(w2.dtype) if has_gamma else w2
         _launch("hidden_bwd_pre", functools.partial(_grid, "hidden_bwd_pre", M=M, C=C, D=D),
                 (x, grad_out, w1, b1, w2_gamma, g, s, h, dpre, db1_part, pre, M, HW), C, D, x.dtype, M,
-                **dict(flags, HAS_GAMMA=False), IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True,
+                **dict(flags, HAS_GAMMA=False), IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True, STORE_H=True,
                 DOT_PRECISION=precision)
     else:
         _launch("hidden_bwd", functools.partial(_grid, "hidden_bwd", M=M, C=C, D=D),
                 (x, grad_out, w1, b1, w2, g, s, h, dpre, db1_part, h, M, HW), C, D, x.dtype, M, **flags,
-                IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False, DOT_PRECISION=precision)
+                IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False, STORE_H=True, DOT_PRECISION=precision)
     if want_x_side:
         _launch("dx_gemm", functools.partial(_grid, "dx_gemm", M=M, C=C, D=D),
                 (dpre, x, w1, b1, w1, b1, b1, b1, dx, dx, M, HW), C, D, x.dtype, M, ACT=act, LOAD_H=True, B_KN=True,
@@ -1480,14 +1524,16 @@ _KERNELS = {
     "fwd": ("convnext_mlp_fwd", _FWD_POINTERS, ["M", "HW"],
             dict(LOAD_H=False, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
     "hidden": ("convnext_mlp_fc1_act", _HIDDEN_POINTERS, ["M", "HW"],
-               dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False, LOAD_PRE=False)),
+               dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False, LOAD_PRE=False, STORE_H=True)),
     "fc2": ("convnext_mlp_fc2", _FWD_POINTERS, ["M", "HW"],
             dict(LOAD_H=True, B_KN=False, HAS_BIAS=True, HAS_RESIDUAL=True)),
     "dx": ("convnext_mlp_bwd_dx", _DX_POINTERS, ["M", "HW"], dict(PART_ROWS=_PART_ROWS)),
     "hidden_bwd": ("convnext_mlp_bwd_hidden", _HIDDEN_POINTERS, ["M", "HW"],
-                   dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False)),
+                   dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=False, STORE_H=True)),
     "hidden_bwd_pre": ("convnext_mlp_bwd_hidden_saved_pre", _HIDDEN_POINTERS, ["M", "HW"],
-                       dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True)),
+                       dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=True, STORE_PRE=False, LOAD_PRE=True, STORE_H=True)),
+    "fc1_pre": ("convnext_mlp_bwd_fc1_pre", _HIDDEN_POINTERS, ["M", "HW"],
+                dict(PART_ROWS=_PART_ROWS, IS_BACKWARD=False, STORE_PRE=True, LOAD_PRE=False, STORE_H=False)),
     "dx_gemm": ("convnext_mlp_bwd_dx_gemm", _FWD_POINTERS, ["M", "HW"],
                 dict(LOAD_H=True, B_KN=True, HAS_BIAS=False, HAS_RESIDUAL=False)),
     "dw": ("convnext_mlp_bwd_dw", _DW_POINTERS, ["M", "HW", "SEGMENT_ROWS"], {}),
@@ -1505,6 +1551,8 @@ def _flags(kind: str, act: str = "gelu", has_gamma: bool = True, has_scale: bool
         flags.update(HAS_GAMMA=False, HAS_SCALE=False, SAVE_Y2=False)
     elif kind == "hidden":
         flags.update(HAS_GAMMA=False, HAS_SCALE=False, STORE_PRE=saved_pre and training)
+    elif kind == "fc1_pre":
+        flags.update(HAS_GAMMA=False, HAS_SCALE=False)
     elif kind == "hidden_bwd_pre":  # the launcher folds gamma into W2
         flags.update(HAS_GAMMA=False, HAS_SCALE=has_scale)
     elif kind in ("dx", "hidden_bwd"):
@@ -1618,6 +1666,9 @@ def _plan_figures(kind, cfg, M, C, D, s, flags):
         per_program = (bm + bd) * C * s * (1 + backward) + bm * bd * s * (1 + backward)
         l2 = programs * per_program + parts + stored_pre
         return grid, hbm, l2, _inner_trips(cfg["BLOCK_K"], C), 1, 1 + backward
+    if kind == "fc1_pre":  # x and W1 in, pre out
+        per_program = (bm + cfg["BLOCK_D"]) * C * s + bm * cfg["BLOCK_D"] * s
+        return grid, act + w + hidden + D * 4, programs * per_program, _inner_trips(cfg["BLOCK_K"], C), 1, 1
     if kind == "hidden_bwd_pre":  # dy and W2 in (dh = g W2), pre in, h and dpre out
         bd = cfg["BLOCK_D"]
         parts = triton.cdiv(M, _PART_ROWS) * D * 4
@@ -1662,15 +1713,17 @@ _PLAN_NOTES = {
     "fc2": "h W2^T + b2, x gamma x scale + residual (two-GEMM forward)",
     "dx": "fused dx: recomputes pre and dh, stores h and dpre for the dW GEMMs, db1/db2/dgamma row-group partials",
     "hidden_bwd": "recomputes pre, dh = g W2 -> dpre and h [M, D], db1 row-group partials",
-    "hidden_bwd_pre": "dh = g W2, pre read back from the forward -> dpre and h [M, D], db1 row-group partials",
+    "hidden_bwd_pre": "dh = g W2, pre read back (saved by the forward, or from fc1_pre) -> dpre and h [M, D], db1 "
+                      "row-group partials",
+    "fc1_pre": "recomputes pre = x W1^T + b1 [M, D] for the hidden backward (first of two passes)",
     "dx_gemm": "dx = dpre W1",
     "dw": "dW1^T = x^T dpre, dW2 = g^T h (+ db2, dgamma after the two-GEMM path), per-segment partials",
 }
 
 
 # matmul units of a launch that eager also runs (the rest is recomputation)
-_USEFUL_UNITS = {"fwd": 2, "hidden": 1, "fc2": 1, "dx": 2, "hidden_bwd": 1, "hidden_bwd_pre": 1, "dx_gemm": 1,
-                 "dw": 2}
+_USEFUL_UNITS = {"fwd": 2, "hidden": 1, "fc2": 1, "dx": 2, "hidden_bwd": 1, "hidden_bwd_pre": 1, "fc1_pre": 0,
+                 "dx_gemm": 1, "dw": 2}
 
 
 def _torch_plan(phase: str, nbytes: float, note: str):

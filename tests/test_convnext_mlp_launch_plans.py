@@ -96,7 +96,7 @@ def test_every_planned_config_is_a_compile_target(C, size, dtype, training):
 
 def test_modelled_bytes_count_each_tensor_at_least_once():
     """HBM bytes >= the tensors each launch must touch; L2 bytes >= HBM bytes less the weights (a model)."""
-    for C, size in ((96, 28), (384, 14)):
+    for C, size in ((96, 28), (384, 14), (768, 7)):  # 768 @ 7x7: pre saved by the forward
         batch, s = 64, 2
         M, D = batch * size * size, 4 * C
         act, hidden, weights = M * C * s, M * D * s, D * C * s
@@ -105,6 +105,8 @@ def test_modelled_bytes_count_each_tensor_at_least_once():
                    "convnext_mlp_fc2": hidden + 3 * act,  # h, residual in; out, y2 out
                    "convnext_mlp_bwd_dx": 4 * act + 2 * hidden,  # x, dy, y2 in; dx, h, dpre out
                    "convnext_mlp_bwd_hidden": 2 * act + 2 * hidden,  # x, dy in; h, dpre out
+                   "convnext_mlp_bwd_fc1_pre": act + hidden,  # x in; pre out
+                   "convnext_mlp_bwd_hidden_saved_pre": act + 3 * hidden,  # dy, pre in; h, dpre out
                    "convnext_mlp_bwd_dx_gemm": hidden + act,  # dpre in, dx out
                    "convnext_mlp_bwd_dw": 2 * act + 2 * hidden}  # x, dy, h, dpre in
         for plan in _kernel_plans(mlp.launch_plans(batch, size, size, C, "bf16", True)):

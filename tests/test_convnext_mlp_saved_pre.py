@@ -1,6 +1,7 @@
 """The fused MLP's forward keeping pre = x W1^T + b1 for backward where the hidden per image is small
 (`_SAVED_PRE_PER_IMAGE`: ConvNeXt's last stage), so that the hidden-backward kernel runs one K = C matmul (dh) instead
-of two, with the layer scale folded into W2 by the launcher.
+of two, with the layer scale folded into W2 by the launcher; elsewhere at wide C the backward's own first pass
+(`fc1_pre`) recomputes pre for that kernel (`_two_pass_hidden_backward`).
 
 In the interpreter the two-GEMM forward (the one that materialises pre) starts at C = 192, too wide for most tests
 here, so they force it at C = 40 (`two_gemm`); the shapes leave M, C and D off the 32-wide interpreter tiles. Oracle:
@@ -147,3 +148,27 @@ def test_opcheck_with_saved_pre(two_gemm):
         t.requires_grad_()
     torch.library.opcheck(mlp._mlp_fwd_op, args + ("gelu", True, None, True))
     assert "hidden_bwd_pre" in _kinds(two_gemm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,D,act,gamma,scale", CASES)
+def test_two_pass_hidden_backward_matches_reference(monkeypatch, shape, D, act, gamma, scale, dtype):
+    """pre not saved (fused forward here), recomputed by the backward's first pass, read back by the second."""
+    monkeypatch.setattr(mlp, "_two_pass_hidden_backward", lambda *args: True)
+    launched = []
+    real = mlp._launch
+    monkeypatch.setattr(mlp, "_launch", lambda kind, *a, **k: launched.append((kind, k)) or real(kind, *a, **k))
+    check_against_reference(make_inputs(shape, D, dtype, gamma=gamma, scale=scale), act, dtype)
+    assert _kinds(launched) == ["fwd", "fc1_pre", "hidden_bwd_pre", "dx_gemm", "dw"]
+    first = launched[1][1]
+    assert first["STORE_PRE"] and not first["STORE_H"] and not first["IS_BACKWARD"]
+
+
+def test_two_pass_rule_on_the_gpu_configs():
+    """The cost model splits the hidden backward where C is wide (ConvNeXt-T from stage 3 in bf16), not at C = 192."""
+    def two_pass(C):
+        return mlp._two_pass_hidden_backward(C, 4 * C, "bf16", "ieee", True)
+
+    assert [two_pass(C) for C in (192, 384, 768)] == [False, True, True]
+    kinds = mlp._kinds(384, 1536, "bf16", "ieee", True, gpu=True)
+    assert kinds[2:] == ["fc1_pre", "hidden_bwd_pre", "dx_gemm", "dw"]

@@ -25,8 +25,9 @@ def gpu_sized_tiles(monkeypatch):
     table["hidden"] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
     fn, configs, _ = table["hidden_bwd"]
     table["hidden_bwd"] = (fn, configs, mlp._hidden_cfg(128, 128, 32, 1, 1))
-    fn, configs, _ = table["hidden_bwd_pre"]
-    table["hidden_bwd_pre"] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
+    for kind in ("hidden_bwd_pre", "fc1_pre"):
+        fn, configs, _ = table[kind]
+        table[kind] = (fn, configs, mlp._hidden_cfg(128, 256, 32, 1, 1))
     for kind in ("fc2", "dx_gemm"):
         fn, configs, _ = table[kind]
         table[kind] = (fn, configs, mlp._cfg(256, 128, 32, 32, 1, 1))
@@ -58,17 +59,21 @@ def test_split_epilogues_match_reference_fp32(gpu_sized_tiles, act):
     assert_within_rule(fused, eager, ref, torch.float32, "out")
 
 
-@pytest.mark.parametrize("saved_pre", [False, True])
+@pytest.mark.parametrize("pre", ["recomputed", "saved", "first_pass"])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_split_epilogues_with_gradients(gpu_sized_tiles, monkeypatch, act, saved_pre):
+def test_split_epilogues_with_gradients(gpu_sized_tiles, monkeypatch, act, pre):
     """Training saves y2 from the split fc2 epilogue (dgamma needs it); backward takes the hidden-backward kernel
-    (h, dpre and the db1 row-group sums stored per column quarter; pre recomputed, or stored by fc1's quarters and
-    read back per quarter) and the dx GEMM: gradients match the reference."""
+    (h, dpre and the db1 row-group sums stored per column quarter; pre recomputed beside dh, or stored by fc1's
+    eighths in the forward, or by a first backward pass's quarters, and read back per quarter) and the dx GEMM:
+    gradients match the reference."""
+    saved_pre = pre == "saved"
     if not saved_pre:
         monkeypatch.setattr(mlp, "_SAVED_PRE_PER_IMAGE", 0)
+    monkeypatch.setattr(mlp, "_two_pass_hidden_backward", lambda *args: pre == "first_pass")
     assert mlp._saves_pre(4 * 5, 192, 320, "fp32", "ieee") == saved_pre
-    kind = "hidden_bwd_pre" if saved_pre else "hidden_bwd"
-    assert mlp._kinds(192, 320, "fp32", "ieee", True, saved_pre=saved_pre)[2:] == [kind, "dx_gemm", "dw"]
+    kinds = {"recomputed": ["hidden_bwd"], "saved": ["hidden_bwd_pre"], "first_pass": ["fc1_pre", "hidden_bwd_pre"]}
+    kind = kinds[pre][0]
+    assert mlp._kinds(192, 320, "fp32", "ieee", True, saved_pre=saved_pre)[2:] == kinds[pre] + ["dx_gemm", "dw"]
     launched = []
     real = mlp._launch
     monkeypatch.setattr(mlp, "_launch", lambda k, *a, **kw: launched.append(k) or real(k, *a, **kw))
