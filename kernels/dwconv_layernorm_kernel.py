@@ -92,6 +92,9 @@ PARTIAL_PROGRAMS = 1024
 # The tile LayerNorm backward (C = 3 * 2^k): at most this many programs, each writing [3, C] partials. More than
 # PARTIAL_PROGRAMS, since its programs are 1 to 16 warps (C / 96): 2048 keeps 15 or more warps an SM at C = 96.
 NORM_TILE_PROGRAMS = 2048
+# Its conv outputs a thread with fp32 x: at the forward's 72 (C = 96, 1 warp) it spilled 8 B on sm_90 (255
+# registers; 16-bit x at 72: 255 registers, no spill on sm_80/sm_90).
+NORM_TILE_ACCUMULATORS_FP32 = 48
 PARTIAL_ELEMENTS = 1 << 22
 REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
 GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (row groups of the backward)
@@ -555,6 +558,7 @@ def _dwconv_bwd_conv_kernel(
     BLOCK_W: tl.constexpr,
     ROW_TILE: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STRIDE_C: tl.constexpr,  # C compiled in (a multiple of BLOCK_C: no channel mask), or 0: the runtime C
 ):
     """dx[h, w] = sum_taps g[h + PAD - kh, w + PAD - kw] * tap[kh, kw] and
     dW[kh, kw] += g[h + PAD - kh, w + PAD - kw] * x[h, w]: both read the same g window."""
@@ -564,7 +568,18 @@ def _dwconv_bwd_conv_kernel(
     group = tl.program_id(1)
     w0 = strip * BLOCK_W
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+    if STRIDE_C > 0:  # every offset below an immediate, every mask one predicate per (row, column)
+        C = STRIDE_C
+        c_ok = tl.full([BLOCK_C], True, tl.int1)
+    else:
+        c_ok = c < C
+    col_ok = ()  # [BLOCK_C] masks: window column i of this strip is in the image (and c < C)
+    for i in tl.static_range(WINDOW):
+        col_in = (w0 - PAD + i >= 0) & (w0 - PAD + i < W)
+        if STRIDE_C > 0:
+            col_ok = col_ok + (_splat(col_in, c),)
+        else:
+            col_ok = col_ok + (c < tl.where(col_in, C, 0),)
     taps = ()
     dw = ()
     for tap in tl.static_range(K * K):
@@ -592,9 +607,7 @@ def _dwconv_bwd_conv_kernel(
             g_tile = g_rows[:, None] + c[None, :]
             window = ()
             for i in tl.static_range(WINDOW):
-                src_w = w0 - PAD + i
-                col_ok = c < tl.where((src_w >= 0) & (src_w < W), C, 0)
-                ok = row_ok[:, None] & col_ok[None, :]
+                ok = row_ok[:, None] & col_ok[i][None, :]
                 window = window + (tl.load(g_tile + i * C, mask=ok, other=0.0),)
             updated_dx = ()
             for j in tl.static_range(BLOCK_W):
@@ -687,8 +700,14 @@ def _norm_bwd_config(block_c: int) -> tuple[int, int]:
 
 def _norm_bwd_tile_config(channels: int, x_bytes: int) -> Optional[tuple[dict, int]]:
     """(constexprs, num_warps) of the tile LayerNorm backward, or None where the strip kernel runs: the
-    forward's tiles (the same C = 3 * 2^k and register budget)."""
-    return _forward_config(channels, x_bytes)
+    forward's tiles (the same C = 3 * 2^k and register budget), at most NORM_TILE_ACCUMULATORS_FP32 conv
+    outputs a thread with fp32 x."""
+    config = _forward_config(channels, x_bytes)
+    if config is None or x_bytes < 4:
+        return config
+    consts, warps = config
+    rows = max(2, min(consts["TILE_H"], NORM_TILE_ACCUMULATORS_FP32 // (consts["TILE_W"] * consts["NCHUNK"])))
+    return dict(consts, TILE_H=rows), warps
 
 
 def _norm_tile_grid(n: int, h: int, w: int, consts: dict) -> tuple[int, int]:
@@ -696,6 +715,12 @@ def _norm_tile_grid(n: int, h: int, w: int, consts: dict) -> tuple[int, int]:
     tiles = n * triton.cdiv(h, consts["TILE_H"]) * triton.cdiv(w, consts["TILE_W"])
     programs, per_program = _split(tiles, NORM_TILE_PROGRAMS)
     return programs, per_program
+
+
+def _wgrad_stride_c(channels: int) -> int:
+    """C compiled into the fused input/weight-gradient kernel at the forward tile kernel's widths (C = 3 * 2^k,
+    ConvNeXt-T/S/L: a multiple of BWD_BLOCK_C), else 0 (the runtime C, masked channels)."""
+    return channels if _forward_config(channels) is not None and channels % BWD_BLOCK_C == 0 else 0
 
 
 def _wgrad_config() -> tuple[int, int]:
@@ -812,7 +837,8 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     _launch(
         _dwconv_bwd_conv_kernel, (strips, grids["conv_groups"], grids["channel_blocks"]),
         g, x, taps, dx, tap_partials, n * h, h, w, c, grids["tiles_per_program"],
-        K=kernel_size, BLOCK_W=BWD_BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, num_warps=warps, num_stages=1,
+        K=kernel_size, BLOCK_W=BWD_BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, STRIDE_C=_wgrad_stride_c(c),
+        num_warps=warps, num_stages=1,
     )
     d_ln_w, d_ln_b, d_bias = (sums.clone() for sums in _sum_rows(norm_partials))  # outputs must not alias
     return dx, _sum_rows(tap_partials), d_bias, d_ln_w, d_ln_b
@@ -1040,18 +1066,20 @@ def _norm_bwd_tile_target(x_dtype, dy_dtype, k, consts, warps) -> CompileTarget:
     )
 
 
-def _bwd_conv_target(x_dtype, k) -> CompileTarget:
+def _bwd_conv_target(x_dtype, k, stride_c=0) -> CompileTarget:
+    """One target for the runtime C (stride_c 0) and one per C compiled in."""
     block_c, warps = _wgrad_config()
     signature = {
         "g_ptr": "*fp32", "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "dx_ptr": f"*{x_dtype}",
         "partial_ptr": "*fp32", "ROWS": "i32", "H": "i32", "W": "i32", "C": "i32", "TILES_PER_PROGRAM": "i32",
         "K": "constexpr", "BLOCK_W": "constexpr", "ROW_TILE": "constexpr", "BLOCK_C": "constexpr",
+        "STRIDE_C": "constexpr",
     }
     return CompileTarget(
         kernel="dwconv_bwd_dgrad_wgrad", fn=_dwconv_bwd_conv_kernel, signature=signature,
-        constexprs={"K": k, "BLOCK_W": BWD_BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c},
+        constexprs={"K": k, "BLOCK_W": BWD_BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c, "STRIDE_C": stride_c},
         num_warps=warps, num_stages=1, dtype=x_dtype,
-        label=f"K={k} BLOCK_W={BWD_BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} warps={warps}",
+        label=f"K={k} BLOCK_W={BWD_BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} STRIDE_C={stride_c} warps={warps}",
     )
 
 
@@ -1075,11 +1103,16 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
             tile_classes = _forward_classes(_DTYPE_BYTES[x_dtype])
             targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in tile_classes]
-            targets += [_norm_bwd_tile_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in tile_classes]
+            targets += [_norm_bwd_tile_target(x_dtype, y_dtype, k,
+                                              *_norm_bwd_tile_config(consts["STRIDE_C"], _DTYPE_BYTES[x_dtype]))
+                        for consts, _ in tile_classes]
             for block_c in _block_c_classes():
                 targets.append(_strip_forward_target(x_dtype, y_dtype, k, block_c))
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
-        targets += [_bwd_conv_target(x_dtype, k) for x_dtype in _TRITON_DTYPES.values()]
+        for x_dtype in _TRITON_DTYPES.values():
+            widths = [consts["STRIDE_C"] for consts, _ in _forward_classes(_DTYPE_BYTES[x_dtype])]
+            targets += [_bwd_conv_target(x_dtype, k, stride_c) for stride_c in [0] + sorted(
+                {_wgrad_stride_c(c) for c in widths} - {0})]
     return targets + [_sum_rows_target()]
 
 
@@ -1248,7 +1281,7 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, BWD_BLOCK_W) * c
     g_halo_hbm = (g_requested - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
     plans.append(_int_plan(
-        _bwd_conv_target(name, k), (conv_strips, conv_groups, grids["channel_blocks"]), "backward",
+        _bwd_conv_target(name, k, _wgrad_stride_c(c)), (conv_strips, conv_groups, grids["channel_blocks"]), "backward",
         4 * pixels * c + 2 * act + taps * c * 4 + tap_partials + g_halo_hbm,
         g_requested * 4 + 2 * act + conv_programs * taps * conv_bwd_c * 4 + tap_partials, tiles,
         2 * conv_flops,

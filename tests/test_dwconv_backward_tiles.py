@@ -45,8 +45,8 @@ def _launched(monkeypatch):
     return kernels
 
 
-# (N, H, W, C, K, dtype): C = 96 (3 chunks of 32) and 192 (3 chunks of 64, 2-row tiles with 16-bit x); H = 4
-# with 3-row tiles (a tail tile), N = 2 (windows that reach into the next image), W = 9 with 8-wide tiles (a
+# (N, H, W, C, K, dtype): C = 96 (3 chunks of 32; 3-row tiles with 16-bit x, 2 with fp32) and 192 (3 chunks of
+# 64, 2-row tiles); H = 3 or 4 (a tail tile at some), N = 2 (windows that reach into the next image), W = 9 with 8-wide tiles (a
 # 1-pixel tail strip).
 CASES = [
     (1, 4, 9, 96, 7, torch.float32),
@@ -97,16 +97,16 @@ def test_g_is_fp32_and_matches_the_float64_layernorm_gradient(dtype):
 
 
 def test_grid_stride_split_with_a_dead_tile(monkeypatch):
-    """2 programs over 5 row tiles x 1 strip: 3 tiles a program, the sixth past the last image (dead: loads and
-    stores nothing). The split is fixed (no GPU-dependent program count) and the kernels use no atomics, so the
+    """2 programs over 7 row tiles (2 rows each with fp32 x) x 1 strip: 4 tiles a program, the eighth past the
+    last image (dead: loads and stores nothing). The split is fixed (no GPU-dependent program count) and the kernels use no atomics, so the
     partials' fixed-order sums give the same bits on every run (the interpreter runs programs in order, so a
     second run here would prove nothing)."""
     for kernel in (kernel_module._dwconv_ln_bwd_tile_kernel, kernel_module._ln_bwd_tile):
         assert "atomic" not in inspect.getsource(kernel.fn)
     monkeypatch.setattr(kernel_module, "NORM_TILE_PROGRAMS", 2)
     consts, _ = kernel_module._norm_bwd_tile_config(96, 4)
-    assert consts["TILE_H"] == 3 and consts["TILE_W"] == 8
-    assert kernel_module._norm_tile_grid(1, 13, 8, consts) == (2, 3)
+    assert consts["TILE_H"] == 2 and consts["TILE_W"] == 8
+    assert kernel_module._norm_tile_grid(1, 13, 8, consts) == (2, 4)
     x, params, dy = _case(1, 13, 8, 96, 3, seed=22)
     first = _run(dwconv_layernorm, x, params, dy, torch.float32, torch.float32)
     eager = _run(dwconv_layernorm_reference, x, params, dy, torch.float32, torch.float32)
@@ -123,3 +123,14 @@ def test_every_tile_backward_config_is_a_compile_target():
             target = kernel_module._norm_bwd_tile_target(dtype, dtype, 7, *config)
             assert (target.kernel, target.label) in labels, target.label
     assert kernel_module._norm_bwd_tile_config(128, 2) is None  # power-of-two C: the strip kernel
+
+
+def test_the_input_and_weight_gradient_kernel_compiles_c_in_at_the_tile_widths():
+    """C = 3 * 2^k (a multiple of its 32-channel blocks) is compiled in: no channel mask, immediate offsets;
+    every other C runs the runtime-C variant (STRIDE_C = 0). Each is a compile target."""
+    labels = {t.label for t in kernel_module.compile_targets()
+              if t.kernel == "dwconv_bwd_dgrad_wgrad" and t.dtype == "bf16"}
+    for c in (96, 192, 384, 768, 1536, 24, 80, 128, 1024, 2048):
+        stride_c = kernel_module._wgrad_stride_c(c)
+        assert stride_c == (c if c in (96, 192, 384, 768, 1536) else 0), c
+        assert kernel_module._bwd_conv_target("bf16", 7, stride_c).label in labels, c
