@@ -85,6 +85,9 @@ BWD_ROW_TILE = 4
 # Its strips are 4 pixels: at 8, its 49 tap-gradient + 49 tap + window registers spilled (sm_80/sm_90)
 # and ptxas took over a minute.
 BWD_BLOCK_W = 4
+# With C compiled in (STRIDE_C), 8-pixel strips fit (sm_90 238 registers, sm_80 168 at C = 96, no spill): 14 window
+# loads feed 8 pixels' 7 taps per kernel row instead of 10 feeding 4.
+BWD_BLOCK_W_EXACT_C = 8
 # Partial-sum budgets. Fixed (not per GPU), so the summation order and thus the bits do not depend on
 # the GPU model: at most PARTIAL_PROGRAMS (row group, strip) programs write [3, C] norm partials, and
 # the tap-gradient partials [row groups * strips, K*K, C] stay under PARTIAL_ELEMENTS fp32 (16 MB).
@@ -723,6 +726,11 @@ def _wgrad_stride_c(channels: int) -> int:
     return channels if _forward_config(channels) is not None and channels % BWD_BLOCK_C == 0 else 0
 
 
+def _wgrad_block_w(stride_c: int) -> int:
+    """Pixels per strip of the fused input/weight-gradient kernel (stride_c from _wgrad_stride_c)."""
+    return BWD_BLOCK_W_EXACT_C if stride_c else BWD_BLOCK_W
+
+
 def _wgrad_config() -> tuple[int, int]:
     """(BLOCK_C, num_warps) of the fused input/weight-gradient kernel: one row per warp."""
     return BWD_BLOCK_C, BWD_ROW_TILE
@@ -774,7 +782,7 @@ def _split(items: int, max_groups: int) -> tuple[int, int]:
 
 def _backward_grids(rows: int, width: int, channels: int, kernel_size: int) -> dict:
     """Grids and grid-stride lengths of the backward launches (shared by launchers and launch_plans)."""
-    strips = triton.cdiv(width, BWD_BLOCK_W)
+    strips = triton.cdiv(width, _wgrad_block_w(_wgrad_stride_c(channels)))
     norm_strips = triton.cdiv(width, _norm_bwd_config(_block_c(channels))[0])
     norm_groups, rows_per_program = _split(rows, PARTIAL_PROGRAMS // norm_strips)
     row_tiles = triton.cdiv(rows, BWD_ROW_TILE)
@@ -837,8 +845,8 @@ def _backward_launches(dy, x, taps, bias, ln_w, mean, rstd):
     _launch(
         _dwconv_bwd_conv_kernel, (strips, grids["conv_groups"], grids["channel_blocks"]),
         g, x, taps, dx, tap_partials, n * h, h, w, c, grids["tiles_per_program"],
-        K=kernel_size, BLOCK_W=BWD_BLOCK_W, ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c, STRIDE_C=_wgrad_stride_c(c),
-        num_warps=warps, num_stages=1,
+        K=kernel_size, BLOCK_W=_wgrad_block_w(_wgrad_stride_c(c)), ROW_TILE=BWD_ROW_TILE, BLOCK_C=block_c,
+        STRIDE_C=_wgrad_stride_c(c), num_warps=warps, num_stages=1,
     )
     d_ln_w, d_ln_b, d_bias = (sums.clone() for sums in _sum_rows(norm_partials))  # outputs must not alias
     return dx, _sum_rows(tap_partials), d_bias, d_ln_w, d_ln_b
@@ -1069,6 +1077,7 @@ def _norm_bwd_tile_target(x_dtype, dy_dtype, k, consts, warps) -> CompileTarget:
 def _bwd_conv_target(x_dtype, k, stride_c=0) -> CompileTarget:
     """One target for the runtime C (stride_c 0) and one per C compiled in."""
     block_c, warps = _wgrad_config()
+    block_w = _wgrad_block_w(stride_c)
     signature = {
         "g_ptr": "*fp32", "x_ptr": f"*{x_dtype}", "taps_ptr": "*fp32", "dx_ptr": f"*{x_dtype}",
         "partial_ptr": "*fp32", "ROWS": "i32", "H": "i32", "W": "i32", "C": "i32", "TILES_PER_PROGRAM": "i32",
@@ -1077,9 +1086,9 @@ def _bwd_conv_target(x_dtype, k, stride_c=0) -> CompileTarget:
     }
     return CompileTarget(
         kernel="dwconv_bwd_dgrad_wgrad", fn=_dwconv_bwd_conv_kernel, signature=signature,
-        constexprs={"K": k, "BLOCK_W": BWD_BLOCK_W, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c, "STRIDE_C": stride_c},
+        constexprs={"K": k, "BLOCK_W": block_w, "ROW_TILE": BWD_ROW_TILE, "BLOCK_C": block_c, "STRIDE_C": stride_c},
         num_warps=warps, num_stages=1, dtype=x_dtype,
-        label=f"K={k} BLOCK_W={BWD_BLOCK_W} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} STRIDE_C={stride_c} warps={warps}",
+        label=f"K={k} BLOCK_W={block_w} ROW_TILE={BWD_ROW_TILE} BLOCK_C={block_c} STRIDE_C={stride_c} warps={warps}",
     )
 
 
@@ -1278,7 +1287,7 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
     conv_bwd_c, _ = _wgrad_config()
     tap_partials = conv_groups * conv_strips * taps * c * 4
     conv_programs = conv_strips * conv_groups * grids["channel_blocks"]
-    g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, BWD_BLOCK_W) * c
+    g_requested = _tile_g_rows(rows, height, k) * _valid_window_columns(width, k, _wgrad_block_w(_wgrad_stride_c(c))) * c
     g_halo_hbm = (g_requested - pixels * c) * 4 if 2 * k * width * c * 4 > L2_BYTES else 0
     plans.append(_int_plan(
         _bwd_conv_target(name, k, _wgrad_stride_c(c)), (conv_strips, conv_groups, grids["channel_blocks"]), "backward",
