@@ -28,7 +28,8 @@ Backward (the conv output is recomputed from x, not saved):
      `_dwconv_ln_bwd_norm_kernel` (BLOCK_C = next_pow2(C), two channels a thread);
   2. `_dwconv_bwd_conv_kernel`: one pass over g (with halo) and x: dx = conv of g with the
      flipped taps, and per-program partials of dW[tap, c] = sum_p g[p, c] * x[p + shift(tap), c]
-     held in registers over the program's rows;
+     held in registers over the program's rows. At C = 3 * 2^k, C is compiled in (STRIDE_C: immediate
+     offsets, no channel mask) and strips are 8 pixels; other C run the runtime-C variant on 4-pixel strips;
   3. `_sum_rows_kernel`: each partial buffer summed over programs in a fixed order.
 Same bits on every run and every GPU: no atomics, program counts independent of the GPU.
 
