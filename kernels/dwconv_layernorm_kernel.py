@@ -688,8 +688,10 @@ def _forward_classes(x_bytes: int) -> list[tuple[dict, int]]:
 
 
 def _strip_forward_config(block_c: int) -> tuple[int, int]:
-    """(BLOCK_W, num_warps) of the strip forward: 4 channels per thread."""
-    return BLOCK_W, _full_c_warps(block_c)
+    """(BLOCK_W, num_warps) of the strip forward: 4 channels per thread; at 16 warps (128 registers a thread)
+    2-pixel strips, as the LayerNorm backward (8 and 4 pixels left 8-byte stacks on sm_90 or sm_80 where H, W and
+    C are multiples of 16)."""
+    return (BLOCK_W if block_c <= 1024 else BLOCK_W // 4), _full_c_warps(block_c)
 
 
 def _norm_bwd_config(block_c: int) -> tuple[int, int]:
