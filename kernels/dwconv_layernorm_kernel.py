@@ -96,9 +96,12 @@ PARTIAL_PROGRAMS = 1024
 # The tile LayerNorm backward (C = 3 * 2^k): at most this many programs, each writing [3, C] partials. More than
 # PARTIAL_PROGRAMS, since its programs are 1 to 16 warps (C / 96): 2048 keeps 15 or more warps an SM at C = 96.
 NORM_TILE_PROGRAMS = 2048
-# Its conv outputs a thread with fp32 x: at the forward's 72 (C = 96, 1 warp) it spilled 8 B on sm_90 (255
-# registers; 16-bit x at 72: 255 registers, no spill on sm_80/sm_90).
-NORM_TILE_ACCUMULATORS_FP32 = 48
+# Its conv outputs a thread, every dtype: at the forward's 72 (3-row tiles) it spilled 8 B on sm_90 (fp32 and fp16
+# x at C = 96) and on sm_80 (16-bit x at C = 768); 2-row tiles (48) compile with 168 registers and no spill at
+# C = 96-384, fp16/bf16/fp32, sm_80/sm_90, both integer specializations. Wider chunks (C >= 768: 2-row tiles
+# spilled 32 B on sm_80) run the strip kernel.
+NORM_TILE_ACCUMULATORS = 48
+NORM_TILE_MAX_CHUNK = 128
 PARTIAL_ELEMENTS = 1 << 22
 REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
 GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (row groups of the backward)
@@ -706,13 +709,13 @@ def _norm_bwd_config(block_c: int) -> tuple[int, int]:
 
 def _norm_bwd_tile_config(channels: int, x_bytes: int) -> Optional[tuple[dict, int]]:
     """(constexprs, num_warps) of the tile LayerNorm backward, or None where the strip kernel runs: the
-    forward's tiles (the same C = 3 * 2^k and register budget), at most NORM_TILE_ACCUMULATORS_FP32 conv
-    outputs a thread with fp32 x."""
+    forward's tiles (the same C = 3 * 2^k, chunks of at most NORM_TILE_MAX_CHUNK), at most NORM_TILE_ACCUMULATORS
+    conv outputs a thread."""
     config = _forward_config(channels, x_bytes)
-    if config is None or x_bytes < 4:
-        return config
+    if config is None or config[0]["CHUNK"] > NORM_TILE_MAX_CHUNK:
+        return None
     consts, warps = config
-    rows = max(2, min(consts["TILE_H"], NORM_TILE_ACCUMULATORS_FP32 // (consts["TILE_W"] * consts["NCHUNK"])))
+    rows = max(2, min(consts["TILE_H"], NORM_TILE_ACCUMULATORS // (consts["TILE_W"] * consts["NCHUNK"])))
     return dict(consts, TILE_H=rows), warps
 
 
@@ -1115,9 +1118,8 @@ def compile_targets(kernel_sizes=(MAX_KERNEL_SIZE,)) -> list[CompileTarget]:
         for x_dtype, y_dtype in _DTYPE_PAIRS:
             tile_classes = _forward_classes(_DTYPE_BYTES[x_dtype])
             targets += [_forward_target(x_dtype, y_dtype, k, consts, warps) for consts, warps in tile_classes]
-            targets += [_norm_bwd_tile_target(x_dtype, y_dtype, k,
-                                              *_norm_bwd_tile_config(consts["STRIDE_C"], _DTYPE_BYTES[x_dtype]))
-                        for consts, _ in tile_classes]
+            norm_tiles = (_norm_bwd_tile_config(consts["STRIDE_C"], _DTYPE_BYTES[x_dtype]) for consts, _ in tile_classes)
+            targets += [_norm_bwd_tile_target(x_dtype, y_dtype, k, *config) for config in norm_tiles if config]
             for block_c in _block_c_classes():
                 targets.append(_strip_forward_target(x_dtype, y_dtype, k, block_c))
                 targets.append(_norm_bwd_target(x_dtype, y_dtype, k, block_c))
