@@ -13,7 +13,8 @@ from triton.runtime import interpreter
 
 from fastconvnext.kernels import convnext_mlp
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
-from test_convnext_mlp import GRAD_NAMES, _dot_with_exact_bf16, check_against_reference, make_inputs, run_with_grads
+from test_convnext_mlp import (GRAD_NAMES, _dot_with_exact_bf16, check_against_reference, make_inputs,
+                               run_twice_bitwise_equal, run_with_grads)
 from test_convnext_mlp_fp32_intermediates import test_activation_derivative_times_dh_is_fp32 as _dpre_is_fp32
 
 
@@ -61,11 +62,7 @@ def test_saved_pre_path_bf16_with_exact_dot(monkeypatch, two_gemm):
 def test_saved_pre_path_is_deterministic_and_agrees_with_recomputing(monkeypatch, two_gemm):
     inputs = make_inputs((2, 3, 5, 40), 72, torch.float32, scale=[1.0, 2.0])
     dy = torch.randn(inputs["x"].shape)
-    out1, grads1 = run_with_grads(convnext_mlp, inputs, "gelu", dy)
-    out2, grads2 = run_with_grads(convnext_mlp, inputs, "gelu", dy)
-    assert torch.equal(out1, out2)
-    for name in grads1:
-        assert torch.equal(grads1[name], grads2[name]), name
+    out1, grads1 = run_twice_bitwise_equal(inputs, dy)
     # pre recomputed in backward instead: fp32 sums in another order, so equal within rounding, not bitwise
     monkeypatch.setattr(mlp, "_SAVED_PRE_PER_IMAGE", 0)
     two_gemm.clear()
