@@ -22,8 +22,8 @@ renaming: no shared memory and no barrier in the tap loop.
 Backward (the conv output is recomputed from x, not saved):
   1. LayerNorm backward -> g = d(conv output), stored in fp32 (never rounded to the activation dtype), plus
      per-program partial sums of dy*xhat, dy and g (LN weight, LN bias, conv bias grads). At the forward tile
-     kernel's C, `_dwconv_ln_bwd_tile_kernel` recomputes the conv with the forward's tiles and chunks
-     (`_conv_tile_chunk`) and runs the LayerNorm backward per pixel over the chunks; a program grid-strides over
+     kernel's C, `_dwconv_ln_bwd_tile_kernel` recomputes the conv with the forward's chunks and shorter tiles
+     (2 rows; 1 row from 256-channel chunks on, C >= 768) (`_conv_tile_chunk`) and runs the LayerNorm backward per pixel over the chunks; a program grid-strides over
      the batch's tiles (at most NORM_TILE_PROGRAMS programs). Every other C runs the strip kernel
      `_dwconv_ln_bwd_norm_kernel` (BLOCK_C = next_pow2(C), two channels a thread);
   2. `_dwconv_bwd_conv_kernel`: one pass over g (with halo) and x: dx = conv of g with the
@@ -98,10 +98,11 @@ PARTIAL_PROGRAMS = 1024
 NORM_TILE_PROGRAMS = 2048
 # Its conv outputs a thread, every dtype: at the forward's 72 (3-row tiles) it spilled 8 B on sm_90 (fp32 and fp16
 # x at C = 96) and on sm_80 (16-bit x at C = 768); 2-row tiles (48) compile with 168 registers and no spill at
-# C = 96-384, fp16/bf16/fp32, sm_80/sm_90, both integer specializations. Wider chunks (C >= 768: 2-row tiles
-# spilled 32 B on sm_80) run the strip kernel.
+# C = 96-384, fp16/bf16/fp32, sm_80/sm_90, both integer specializations. Chunks wider than NORM_TILE_NARROW_CHUNK
+# (C >= 768: 2-row tiles spilled 32 B on sm_80) get 24: 1 x 8 tiles, 113 registers at C = 768.
 NORM_TILE_ACCUMULATORS = 48
-NORM_TILE_MAX_CHUNK = 128
+NORM_TILE_WIDE_ACCUMULATORS = 24
+NORM_TILE_NARROW_CHUNK = 128
 PARTIAL_ELEMENTS = 1 << 22
 REDUCE_BLOCK_R, REDUCE_BLOCK_N = 32, 128
 GRID_Y_MAX = 65535  # CUDA's limit on the second grid dimension (row groups of the backward)
@@ -709,13 +710,14 @@ def _norm_bwd_config(block_c: int) -> tuple[int, int]:
 
 def _norm_bwd_tile_config(channels: int, x_bytes: int) -> Optional[tuple[dict, int]]:
     """(constexprs, num_warps) of the tile LayerNorm backward, or None where the strip kernel runs: the
-    forward's tiles (the same C = 3 * 2^k, chunks of at most NORM_TILE_MAX_CHUNK), at most NORM_TILE_ACCUMULATORS
-    conv outputs a thread."""
+    forward's tiles (the same C = 3 * 2^k) cut to at most NORM_TILE_ACCUMULATORS conv outputs a thread
+    (NORM_TILE_WIDE_ACCUMULATORS for chunks wider than NORM_TILE_NARROW_CHUNK)."""
     config = _forward_config(channels, x_bytes)
-    if config is None or config[0]["CHUNK"] > NORM_TILE_MAX_CHUNK:
+    if config is None:
         return None
     consts, warps = config
-    rows = max(2, min(consts["TILE_H"], NORM_TILE_ACCUMULATORS // (consts["TILE_W"] * consts["NCHUNK"])))
+    budget = NORM_TILE_ACCUMULATORS if consts["CHUNK"] <= NORM_TILE_NARROW_CHUNK else NORM_TILE_WIDE_ACCUMULATORS
+    rows = max(1, min(consts["TILE_H"], budget // (consts["TILE_W"] * consts["NCHUNK"])))
     return dict(consts, TILE_H=rows), warps
 
 

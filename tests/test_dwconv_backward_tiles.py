@@ -45,13 +45,14 @@ def _launched(monkeypatch):
     return kernels
 
 
-# (N, H, W, C, K, dtype): C = 96 (3 chunks of 32; 3-row tiles with 16-bit x, 2 with fp32) and 192 (3 chunks of
-# 64, 2-row tiles); H = 3 or 4 (a tail tile at some), N = 2 (windows that reach into the next image), W = 9 with 8-wide tiles (a
+# (N, H, W, C, K, dtype): C = 96 and 192 (3 chunks of 32 / 64, 2-row tiles), 768 (3 chunks of 256: 1-row tiles);
+# H = 3 or 4 (a tail tile at some), N = 2 (windows that reach into the next image), W = 9 with 8-wide tiles (a
 # 1-pixel tail strip).
 CASES = [
     (1, 4, 9, 96, 7, torch.float32),
     (2, 4, 9, 96, 3, torch.bfloat16),
     (1, 3, 9, 192, 3, torch.float16),
+    (2, 2, 9, 768, 3, torch.bfloat16),
 ]
 
 
@@ -117,13 +118,13 @@ def test_grid_stride_split_with_a_dead_tile(monkeypatch):
 
 def test_every_tile_backward_config_is_a_compile_target():
     labels = {(t.kernel, t.label) for t in kernel_module.compile_targets() if t.dtype in ("bf16", "fp32")}
-    for c in (96, 192, 384):
+    for c, budget in ((96, 48), (192, 48), (384, 48), (768, 24), (1536, 24)):  # the spill-free budgets
         for x_bytes, dtype in ((2, "bf16"), (4, "fp32")):
             config = kernel_module._norm_bwd_tile_config(c, x_bytes)
-            assert config[0]["TILE_H"] * config[0]["TILE_W"] * 3 <= 48  # the spill-free budget
+            assert config[0]["TILE_H"] * config[0]["TILE_W"] * 3 <= budget
             target = kernel_module._norm_bwd_tile_target(dtype, dtype, 7, *config)
             assert (target.kernel, target.label) in labels, target.label
-    for c in (128, 768, 1536):  # power-of-two C, and chunks past 128 channels: the strip kernel
+    for c in (128, 1024, 80):  # power-of-two C and C the three chunks do not cover: the strip kernel
         assert kernel_module._norm_bwd_tile_config(c, 2) is None
 
 
