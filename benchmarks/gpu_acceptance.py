@@ -1,7 +1,7 @@
 """GPU acceptance run (issue 10 item 3): one command, one report, non-zero exit on any failed step.
 
 Steps, each in its own Python process (a CUDA fault in one cannot take the others down), each with a
-time limit (570 s in all, so under 10 minutes):
+time limit (575 s in all, so under 10 minutes):
   kernel_tests   the kernel test files with FASTCONVNEXT_TEST_DEVICE=cuda (native kernels, real configs
                  and autotuner, ConvNeXt-T stage shapes at batch 8)
   inductor       torch.compile (default inductor backend, fullgraph) of ConvNeXt-T through both fused ops,
@@ -11,6 +11,8 @@ time limit (570 s in all, so under 10 minutes):
   tune           fastconvnext.tune() on ConvNeXt-T (inference and training passes) and the policy table
   modelled       fused and eager timed at ConvNeXt-T stage shapes (batch 64, bf16) beside the static
                  model's prediction (fastconvnext.bench.ops_report.predicted_us, when present)
+  calibrate      benchmarks/calibrate_machine.py: HBM, L2->SM, tensor-core and FFMA microbenchmarks, MEASURED
+                 beside the static model's ASSUMED constants (issue 9)
 Writes <output>/gpu_acceptance.md and <output>/gpu_acceptance.json (plus steps/<name>.json and logs).
 
     benchmarks/gpu_acceptance.sh OUTPUT_DIR            # or: python benchmarks/gpu_acceptance.py --output DIR
@@ -30,9 +32,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("kernel_tests", "inductor", "training", "tune", "modelled")
-# Limits per step (sum 570 s, so the run stays under 10 minutes); not yet checked on a GPU.
-STEP_TIMEOUT_S = {"kernel_tests": 210, "inductor": 90, "training": 120, "tune": 75, "modelled": 75}
+STEPS = ("kernel_tests", "inductor", "training", "tune", "modelled", "calibrate")
+# Limits per step (sum 575 s, so the run stays under 10 minutes); not yet checked on a GPU.
+STEP_TIMEOUT_S = {"kernel_tests": 180, "inductor": 80, "training": 100, "tune": 65, "modelled": 60, "calibrate": 90}
 KERNEL_TEST_FILES = ("test_kernels_native.py", "test_dispatch_policy.py", "test_tuning.py", "test_kernel_env.py")
 CONVNEXT_T = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
 STAGES_T = ((56, 96), (28, 192), (14, 384), (7, 768))
@@ -451,8 +453,23 @@ def step_modelled(args):
     return StepResult("modelled", True, summary=summary, data={"rows": rows})
 
 
+def step_calibrate(args):
+    """calibrate_machine's table; off CUDA (the tests) its interpreter dry run, labelled as no measurement."""
+    _torch_on_device()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import calibrate_machine
+
+    dry_run = SETUP.device != "cuda"
+    rows, suggest, facts = calibrate_machine.run_all(dry_run=dry_run)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "calibrate_machine.json").write_text(json.dumps(
+        {"measured": not dry_run, "facts": facts, "suggested": suggest}, indent=1, default=str))
+    return StepResult("calibrate", True, summary=calibrate_machine.report(rows, suggest, facts, dry_run),
+                      data={"suggested": suggest, "facts": facts, "rows": rows})
+
+
 STEP_FUNCTIONS = {"kernel_tests": step_kernel_tests, "inductor": step_inductor, "training": step_training,
-                  "tune": step_tune, "modelled": step_modelled}
+                  "tune": step_tune, "modelled": step_modelled, "calibrate": step_calibrate}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,7 +51,7 @@ def test_every_step_runs_and_failures_are_recorded():
     messages = []
     results = acceptance.orchestrate(acceptance.STEPS, fake_runner, progress=messages.append)
     assert [r.name for r in results] == list(acceptance.STEPS)
-    assert [r.ok for r in results] == [True, True, False, False, True]
+    assert [r.ok for r in results] == [True, True, False, False, True, True]
     assert results[3].error == "RuntimeError: CUDA error: illegal memory access"
     assert "[gpu_acceptance] training: FAILED fused and eager losses differ by 9% (3 s)" in messages
 
@@ -137,3 +137,11 @@ def test_tune_and_modelled_steps(tiny):
     assert modelled.ok and len(modelled.data["rows"]) == 4
     for row in modelled.data["rows"]:  # 1x4x4x8 is no table point: nothing modelled, nothing invented
         assert row[1] == "1x4x4x8" and row[4] == "not modelled" and row[5] == "n/a"
+
+
+def test_calibrate_step_puts_the_table_in_the_report(tiny):
+    result = acceptance.step_calibrate(tiny)  # off CUDA: calibrate_machine's interpreter dry run
+    assert result.ok, result.error
+    assert "DRY RUN (interpreter; NOT a measurement)" in result.summary
+    assert [row[0] for row in result.data["rows"]][:2] == ["HBM read bandwidth", "L2->SM read bandwidth"]
+    assert "roofline.Machine.l2_bytes_per_s" in result.data["suggested"]
