@@ -57,7 +57,7 @@ def read_kernel(x_ptr,  # [n_blocks * BLOCK] fp32
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for j in range(blocks_per_program):
         block = (start + j) % n_blocks
-        acc += tl.load(x_ptr + block * BLOCK + tl.arange(0, BLOCK))
+        acc += tl.load(x_ptr + block * BLOCK + tl.arange(0, BLOCK), cache_modifier=".cg")  # L2, not L1
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
@@ -202,7 +202,19 @@ def device_facts(torch, dry_run):
     clock_khz = getattr(props, "clock_rate", None)  # not exposed by every torch build
     if clock_khz:
         facts["clock_hz"] = clock_khz * 1e3
+    facts["nvidia-smi clocks.sm, clocks.max.sm (MHz)"] = _smi_clocks()
     return facts
+
+
+def _smi_clocks():
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=20)
+        return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else "n/a"
+    except (OSError, subprocess.TimeoutExpired):
+        return "n/a"
 
 
 def run_all(dry_run=False, repeats=10):
@@ -249,7 +261,7 @@ def run_all(dry_run=False, repeats=10):
     for m, n_, warps in DOT_SHAPES[:2] if dry_run else DOT_SHAPES:
         a = torch.randn(m, DOT_K, device=device).to(torch.bfloat16)
         b = torch.randn(DOT_K, n_, device=device).to(torch.bfloat16)
-        programs, iterations = (1, 2) if dry_run else (sms * 2, 4096)
+        programs, iterations = (1, 2) if dry_run else (sms * 8, 2048)  # 8 per SM: even waves, SMs full
         flops = dot_loop(a, b, programs, iterations, warps)[1]
         achieved = rate(flops, timed(lambda: dot_loop(a, b, programs, iterations, warps)))
         efficiency = {k: v / peak for k, v in achieved.items()}
