@@ -141,8 +141,10 @@ def fma_loop(programs, iterations, block, device, scale=0.5, shift=1.0):
 # ----------------------------------------------------------------------------------- timing, arithmetic
 
 
-def time_ms(run, warmup=3, repeats=10, cuda=True):
-    """Milliseconds of each of `repeats` calls (CUDA events on a GPU, perf_counter in a dry run)."""
+def time_ms(run, warmup=3, repeats=10, inner=1, cuda=True):
+    """Milliseconds per call, one figure per repeat, each the mean of `inner` back-to-back calls. On a GPU one
+    call precedes the start event, so the launches that follow queue behind it and the events time GPU work,
+    not the launch latency (a dry run uses perf_counter)."""
     import torch
 
     for _ in range(warmup):
@@ -151,15 +153,18 @@ def time_ms(run, warmup=3, repeats=10, cuda=True):
     for _ in range(repeats):
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
             run()
+            begin.record()
+            for _ in range(inner):
+                run()
             end.record()
             end.synchronize()
-            times.append(begin.elapsed_time(end))
+            times.append(begin.elapsed_time(end) / inner)
         else:
             begin = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - begin) * 1e3)
+            for _ in range(inner):
+                run()
+            times.append((time.perf_counter() - begin) * 1e3 / inner)
     return times
 
 
@@ -231,8 +236,11 @@ def run_all(dry_run=False, repeats=10):
     l2 = facts.get("l2_bytes") or machine.l2_size
     clock = facts.get("clock_hz") or machine.clock_hz
     facts["clock_source"] = "torch" if "clock_hz" in facts else "model (ASSUMED: the clock the bf16 peak implies)"
-    timed = lambda run: time_ms(run, warmup=1 if dry_run else 3, repeats=2 if dry_run else repeats,  # noqa: E731
-                                cuda=not dry_run)
+
+    def timed(run, inner):
+        return time_ms(run, warmup=1 if dry_run else 3, repeats=2 if dry_run else repeats,
+                       inner=1 if dry_run else inner, cuda=not dry_run)
+
     rows, suggest = [], {}
 
     def row(figure, measured, assumed, unit, scale=1.0):
@@ -244,14 +252,14 @@ def run_all(dry_run=False, repeats=10):
     n = READ_BLOCK * programs * (2 if dry_run else max(1, int(4 * l2) // (READ_BLOCK * 4 * programs)))
     x = torch.ones(n, device=device)
     hbm_bytes = read_sum(x, programs, 0)[1]
-    hbm = rate(hbm_bytes, timed(lambda: read_sum(x, programs, 0)))
+    hbm = rate(hbm_bytes, timed(lambda: read_sum(x, programs, 0), inner=20))
     row("HBM read bandwidth", hbm, machine.hbm_bytes_per_s, "TB/s", 1e12)
     # L2: 1/4 of L2, every program sweeps all of it
     n = READ_BLOCK * (2 if dry_run else max(1, int(l2 / 4) // (READ_BLOCK * 4)))
     x = torch.ones(n, device=device)
     sweeps = 1 if dry_run else 4
     l2_bytes = read_sum(x, programs, sweeps)[1]
-    l2_rate = rate(l2_bytes, timed(lambda: read_sum(x, programs, sweeps)))
+    l2_rate = rate(l2_bytes, timed(lambda: read_sum(x, programs, sweeps), inner=2))
     row("L2->SM read bandwidth", l2_rate, machine.l2_bytes_per_s, "TB/s", 1e12)
     suggest["roofline.Machine.l2_bytes_per_s"] = l2_rate["median"]
     del x
@@ -263,7 +271,7 @@ def run_all(dry_run=False, repeats=10):
         b = torch.randn(DOT_K, n_, device=device).to(torch.bfloat16)
         programs, iterations = (1, 2) if dry_run else (sms * 8, 2048)  # 8 per SM: even waves, SMs full
         flops = dot_loop(a, b, programs, iterations, warps)[1]
-        achieved = rate(flops, timed(lambda: dot_loop(a, b, programs, iterations, warps)))
+        achieved = rate(flops, timed(lambda: dot_loop(a, b, programs, iterations, warps), inner=3))
         efficiency = {k: v / peak for k, v in achieved.items()}
         assumed = assumed_dot_efficiency(facts["arch"], n_)
         row(f"bf16 dot {m}x{n_}x{DOT_K} ({warps} warps), fraction of dense peak", efficiency, assumed, "of peak")
@@ -272,7 +280,7 @@ def run_all(dry_run=False, repeats=10):
     block = 128 if dry_run else 1024
     programs, iterations = (1, 4) if dry_run else (sms * 16, 8192)
     fmas = fma_loop(programs, iterations, block, device)[1]
-    fma_rate = rate(fmas, timed(lambda: fma_loop(programs, iterations, block, device)))
+    fma_rate = rate(fmas, timed(lambda: fma_loop(programs, iterations, block, device), inner=5))
     issue = {k: ffma_issue_per_clock(v, sms, clock) for k, v in fma_rate.items()}
     row("FFMA warp-instructions per SM per clock", issue, machine.issue_per_clock, "/clk/SM")
     suggest["roofline.Machine.issue_per_clock (FFMA)"] = issue["median"]

@@ -76,6 +76,12 @@ def test_rate_arithmetic_on_known_times():
         calib.rate(1.0, [0.0])
 
 
+def test_time_ms_reports_per_call_times_of_every_repeat():
+    calls = []
+    times = calib.time_ms(lambda: calls.append(1), warmup=2, repeats=3, inner=4, cuda=False)
+    assert len(times) == 3 and len(calls) == 2 + 3 * 4 and all(t >= 0 for t in times)
+
+
 def test_bad_buffers_are_refused():
     with pytest.raises(ValueError, match=f"multiple of {BLOCK} elements, got torch.float32 with 100"):
         calib.read_sum(torch.ones(100), 1, 0)
