@@ -262,7 +262,6 @@ def run_all(dry_run=False, repeats=10):
     l2_rate = rate(l2_bytes, timed(lambda: read_sum(x, programs, sweeps), inner=2))
     row("L2->SM read bandwidth", l2_rate, machine.l2_bytes_per_s, "TB/s", 1e12)
     suggest["roofline.Machine.l2_bytes_per_s"] = l2_rate["median"]
-    del x
     # tensor cores
     peak = machine.gpu.tensor_flops["bf16"]
     suggest["tensor_efficiency"] = {}
