@@ -188,11 +188,14 @@ def assumed_dot_efficiency(arch, n):
 # ------------------------------------------------------------------------------------------ the runs
 
 
-def machine_for(arch):
+def machine_for(arch, device_name):
+    """The static model's Machine for this arch, and the datasheet peaks of this very part where known
+    (an H200 or an H100 PCIe has the sm_90 Machine but its own HBM bandwidth and tensor peak)."""
     sys.path.insert(0, str(ROOT))
-    from kernels.roofline import MACHINES
+    from kernels.roofline import MACHINES, gpu_for_device_name
 
-    return MACHINES[90 if arch >= 90 else 80]
+    machine = MACHINES[90 if arch >= 90 else 80]
+    return machine, gpu_for_device_name(device_name) or machine.gpu
 
 
 def device_facts(torch, dry_run):
@@ -230,7 +233,8 @@ def run_all(dry_run=False, repeats=10):
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device: calibrate_machine needs a GPU (or --dry-run for the interpreter)")
     facts = device_facts(torch, dry_run)
-    machine = machine_for(facts["arch"])
+    machine, gpu = machine_for(facts["arch"], facts["device"])
+    facts["model"] = f"Machine {machine.name} (sm_{machine.arch}), datasheet peaks of {gpu.name}"
     device = "cpu" if dry_run else "cuda"
     sms = facts["sms"]
     l2 = facts.get("l2_bytes") or machine.l2_size
@@ -253,7 +257,7 @@ def run_all(dry_run=False, repeats=10):
     x = torch.ones(n, device=device)
     hbm_bytes = read_sum(x, programs, 0)[1]
     hbm = rate(hbm_bytes, timed(lambda: read_sum(x, programs, 0), inner=20))
-    row("HBM read bandwidth", hbm, machine.hbm_bytes_per_s, "TB/s", 1e12)
+    row("HBM read bandwidth", hbm, gpu.hbm_bytes_per_s, "TB/s", 1e12)
     # L2: 1/4 of L2, every program sweeps all of it
     n = READ_BLOCK * (2 if dry_run else max(1, int(l2 / 4) // (READ_BLOCK * 4)))
     x = torch.ones(n, device=device)
@@ -263,7 +267,7 @@ def run_all(dry_run=False, repeats=10):
     row("L2->SM read bandwidth", l2_rate, machine.l2_bytes_per_s, "TB/s", 1e12)
     suggest["roofline.Machine.l2_bytes_per_s"] = l2_rate["median"]
     # tensor cores
-    peak = machine.gpu.tensor_flops["bf16"]
+    peak = gpu.tensor_flops["bf16"]
     suggest["tensor_efficiency"] = {}
     for m, n_, warps in DOT_SHAPES[:2] if dry_run else DOT_SHAPES:
         a = torch.randn(m, DOT_K, device=device).to(torch.bfloat16)
@@ -297,11 +301,14 @@ def table(rows, dry_run=False):
 
 def report(rows, suggest, facts, dry_run=False):
     head = ", ".join(f"{k} {v}" for k, v in facts.items())
-    return (f"Machine calibration ({head}). Each figure is MEASURED on this device (CUDA events, median of the "
-            "repeats) beside the static model's constant from kernels/roofline.py / sass_report.py; the L2->SM "
-            "bandwidth and the tensor-instruction efficiencies there are ASSUMED, HBM is the datasheet's.\n\n"
-            + table(rows, dry_run) + f"\n\nSuggested constants ({'DRY RUN, meaningless' if dry_run else 'MEASURED medians'}):\n\n```\n"
-            + json.dumps(suggest, indent=1) + "\n```")
+    how = ("DRY RUN in Triton's interpreter: the kernels ran at tiny sizes on the CPU and NO figure below is a "
+           "measurement" if dry_run else "Each figure is MEASURED on this device (CUDA events, median of the repeats)")
+    label = "DRY RUN, meaningless" if dry_run else "MEASURED medians"
+    return (f"Machine calibration ({head}). {how}, beside the static model's constant from kernels/roofline.py / "
+            "sass_report.py: the L2->SM bandwidth, the tensor-instruction efficiencies and the issue rate there are "
+            "ASSUMED, HBM bandwidth and the bf16 peak are the datasheet's.\n\n"
+            + table(rows, dry_run) + f"\n\nSuggested constants ({label}):\n\n```\n" + json.dumps(suggest, indent=1)
+            + "\n```")
 
 
 # ------------------------------------------------------------------------------ SASS check (no GPU)
