@@ -74,6 +74,7 @@ from ._env import autotune_enabled, interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
 from .compile_spec import CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
+from .roofline import MACHINES
 
 # Rows per partial sum of the small vectors in the dx kernel (every config's BLOCK_M is a multiple).
 _PART_ROWS = 16
@@ -917,10 +918,11 @@ def _config(kind: str, C: int, D: int, dtype: str, gpu: bool = False) -> dict:
     return interpreter_cfg if interpreting() and not gpu else configs(C, D, dtype)[0]
 
 
-# Roofline constants of the path choice (H100 SXM, dense; a model, not a measurement).
-_MODEL_PEAK_FLOPS = {"ieee": 67e12, "tf32": 495e12, "fp16": 990e12, "bf16": 990e12}
-_MODEL_HBM_BYTES_PER_S = 3.35e12
-_MODEL_L2_BYTES_PER_S = 5.5e12  # L2 -> SMs, as kernels/sass_report.py assumes (uncalibrated)
+# Roofline constants of the path choice: kernels/roofline.py's H100 SXM (dense; a model, not a measurement).
+_MODEL_MACHINE = MACHINES[90]
+_MODEL_PEAK_FLOPS = {"ieee": _MODEL_MACHINE.gpu.vector_flops, **_MODEL_MACHINE.gpu.tensor_flops}
+_MODEL_HBM_BYTES_PER_S = _MODEL_MACHINE.hbm_bytes_per_s
+_MODEL_L2_BYTES_PER_S = _MODEL_MACHINE.l2_bytes_per_s  # L2 -> SMs: ASSUMED, as sass_report charges it
 _MODEL_ROWS = 256 * 28 * 28  # the row count the path choice is costed at (ConvNeXt-T stage 2, batch 256)
 
 
