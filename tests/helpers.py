@@ -76,3 +76,19 @@ def cuda_autocast_dispatch(dtype):
     finally:
         torch.set_autocast_enabled("cuda", previous[0])
         torch.set_autocast_dtype("cuda", previous[1])
+
+
+def dot_with_exact_bf16(a, b, d, input_precision, max_num_imprecise_acc):
+    """tl.dot for Triton's interpreter that reads bf16 operands correctly (exact bf16 products, fp32 sums): monkeypatch
+    it over `interpreter.interpreter_builder.create_dot`; Triton 3.9's own multiplies bf16's raw uint16 bits."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def as_float(handle):
+        if handle.dtype.scalar == tl.bfloat16:  # the interpreter keeps bf16 as raw uint16 bits
+            return (handle.data.astype(np.uint32) << 16).view(np.float32)
+        return handle.data
+
+    result = np.matmul(as_float(a), as_float(b), dtype=d.data.dtype) + d.data
+    return interpreter.TensorHandle(result, d.dtype.scalar)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from triton.runtime import interpreter
 
-from test_convnext_mlp import _dot_with_exact_bf16
+from helpers import dot_with_exact_bf16
 from tolerance import assert_within_rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_l2_read_sweeps_the_whole_buffer_from_staggered_starts():
 @pytest.mark.parametrize("shape", [(16, 16), (32, 16)])
 def test_dot_loop_accumulates_iterations_of_the_product(shape, dtype, monkeypatch):
     if dtype == torch.bfloat16:  # Triton 3.9's interpreter multiplies bf16 bit patterns: see that test file
-        monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", _dot_with_exact_bf16)
+        monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", dot_with_exact_bf16)
     m, n = shape
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(m, 16, generator=gen).to(dtype)

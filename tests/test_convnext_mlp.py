@@ -9,15 +9,14 @@ streamed-K path with two C tiles, M and D are not multiples of the blocks.
 """
 import math
 
-import numpy as np
 import pytest
 import torch
-import triton.language as tl
 from triton.runtime import interpreter
 
 from fastconvnext.kernels import convnext_mlp
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
 from fastconvnext.kernels.reference import convnext_mlp_reference
+from helpers import dot_with_exact_bf16
 from tolerance import assert_within_rule
 
 GRAD_NAMES = ("x", "residual", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma")
@@ -100,18 +99,6 @@ def test_fp32_params_with_fp16_activations():
     check_against_reference(inputs, "gelu", torch.float16, eager_dtype=torch.float16)
 
 
-def _dot_with_exact_bf16(a, b, d, input_precision, max_num_imprecise_acc):
-    """tl.dot for the interpreter that reads bf16 operands correctly (exact bf16 products, fp32 sums)."""
-
-    def as_float(handle):
-        if handle.dtype.scalar == tl.bfloat16:  # the interpreter keeps bf16 as raw uint16 bits
-            return (handle.data.astype(np.uint32) << 16).view(np.float32)
-        return handle.data
-
-    result = np.matmul(as_float(a), as_float(b), dtype=d.data.dtype) + d.data
-    return interpreter.TensorHandle(result, d.dtype.scalar)
-
-
 def test_interpreter_bf16_is_refused_not_garbage(monkeypatch):
     # Triton 3.9's interpreter multiplies the raw uint16 bit patterns of bf16 dot operands (values ~1e10).
     # The op probes the interpreter's dot and refuses bf16 with a clear error before any launch. If the
@@ -133,14 +120,14 @@ def test_interpreter_bf16_is_refused_not_garbage(monkeypatch):
 def test_bf16_matches_reference_with_exact_dot(monkeypatch, shape, D, act, gamma, scale):
     # Everything of the bf16 path runs as compiled (loads, casts of h/dpre/g to bf16, epilogue, stores);
     # only the interpreter's tl.dot is replaced by one that reads bf16 operands, see the test above.
-    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", _dot_with_exact_bf16)
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", dot_with_exact_bf16)
     inputs = make_inputs(shape, D, torch.bfloat16, gamma=gamma, scale=scale)
     check_against_reference(inputs, act, torch.bfloat16)
 
 
 def test_bf16_zero_drop_path_returns_residual_exactly(monkeypatch):
     # a dropped sample's branch is multiplied by 0: out is the residual, bit for bit
-    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", _dot_with_exact_bf16)
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", dot_with_exact_bf16)
     inputs = make_inputs((2, 3, 5, 24), 96, torch.bfloat16, scale=[0.0, 0.0])
     out = convnext_mlp(**inputs)
     assert out.dtype == torch.bfloat16

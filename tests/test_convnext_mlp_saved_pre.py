@@ -13,7 +13,8 @@ from triton.runtime import interpreter
 
 from fastconvnext.kernels import convnext_mlp
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
-from test_convnext_mlp import (GRAD_NAMES, _dot_with_exact_bf16, check_against_reference, make_inputs,
+from helpers import dot_with_exact_bf16
+from test_convnext_mlp import (GRAD_NAMES, check_against_reference, make_inputs,
                                run_twice_bitwise_equal, run_with_grads)
 from test_convnext_mlp_fp32_intermediates import test_activation_derivative_times_dh_is_fp32 as _dpre_is_fp32
 
@@ -54,7 +55,7 @@ def test_saved_pre_path_matches_reference(two_gemm, shape, D, act, gamma, scale,
 def test_saved_pre_path_bf16_with_exact_dot(monkeypatch, two_gemm):
     # pre kept in bf16 (as eager keeps its bf16 fc1 output); only the interpreter's dot is patched (see
     # test_convnext_mlp.test_interpreter_bf16_is_refused_not_garbage)
-    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", _dot_with_exact_bf16)
+    monkeypatch.setattr(interpreter.interpreter_builder, "create_dot", dot_with_exact_bf16)
     check_against_reference(make_inputs((2, 3, 5, 40), 72, torch.bfloat16, scale=[1.0, 0.5]), "gelu", torch.bfloat16)
     assert "hidden_bwd_pre" in _kinds(two_gemm)
 
