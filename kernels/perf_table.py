@@ -1,13 +1,13 @@
 """Predicted kernel times from the static SASS model (kernels/sass_report.py). MODEL, not measurement.
 
-Generated 2026-11-23 06:16 UTC by `python -m fastconvnext.kernels.sass_report` (triton 3.9.0, torch 2.13.0+cpu),
+Generated 2026-11-23 09:01 UTC by `python -m fastconvnext.kernels.sass_report` (triton 3.9.0, torch 2.13.0+cpu),
 compiling each launch's config for sm_80/sm_90 without a GPU. Keys: (op, arch, dtype, channels, hw, batch,
 mode) with op in {"dwconv_layernorm", "convnext_mlp"}, arch 80 (A100 SXM) or 90 (H100 SXM), hw = H*W,
 mode "forward" (inference) or "forward_backward" (training forward + backward). fused_us: sum over the
 fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor
 (fastconvnext.kernels.roofline, every op at peak). Regenerate after a kernel change:
     python -m fastconvnext.kernels.sass_report
-from convnext_mlp 25e701b and dwconv 61b76e9
+convnext_mlp 25e701b, dwconv f286675 (tile LayerNorm backward at C >= 768)
 """
 
 PREDICTED = {
@@ -228,9 +228,9 @@ PREDICTED = {
     ('dwconv_layernorm', 80, 'bf16', 512, 196, 256, 'forward'): {"fused_us": 182.300, "eager_us": 181.022},
     ('dwconv_layernorm', 80, 'bf16', 512, 196, 256, 'forward_backward'): {"fused_us": 870.225, "eager_us": 590.829},
     ('dwconv_layernorm', 80, 'bf16', 768, 49, 64, 'forward'): {"fused_us": 34.940, "eager_us": 16.966},
-    ('dwconv_layernorm', 80, 'bf16', 768, 49, 64, 'forward_backward'): {"fused_us": 124.793, "eager_us": 55.376},
+    ('dwconv_layernorm', 80, 'bf16', 768, 49, 64, 'forward_backward'): {"fused_us": 100.366, "eager_us": 55.376},
     ('dwconv_layernorm', 80, 'bf16', 768, 49, 256, 'forward'): {"fused_us": 104.525, "eager_us": 67.860},
-    ('dwconv_layernorm', 80, 'bf16', 768, 49, 256, 'forward_backward'): {"fused_us": 409.070, "eager_us": 221.490},
+    ('dwconv_layernorm', 80, 'bf16', 768, 49, 256, 'forward_backward'): {"fused_us": 325.695, "eager_us": 221.490},
     ('dwconv_layernorm', 80, 'bf16', 1024, 49, 64, 'forward'): {"fused_us": 26.200, "eager_us": 22.617},
     ('dwconv_layernorm', 80, 'bf16', 1024, 49, 64, 'forward_backward'): {"fused_us": 166.886, "eager_us": 73.822},
     ('dwconv_layernorm', 80, 'bf16', 1024, 49, 256, 'forward'): {"fused_us": 88.608, "eager_us": 90.463},
@@ -260,9 +260,9 @@ PREDICTED = {
     ('dwconv_layernorm', 80, 'fp16', 512, 196, 256, 'forward'): {"fused_us": 173.038, "eager_us": 181.022},
     ('dwconv_layernorm', 80, 'fp16', 512, 196, 256, 'forward_backward'): {"fused_us": 860.963, "eager_us": 590.829},
     ('dwconv_layernorm', 80, 'fp16', 768, 49, 64, 'forward'): {"fused_us": 34.940, "eager_us": 16.966},
-    ('dwconv_layernorm', 80, 'fp16', 768, 49, 64, 'forward_backward'): {"fused_us": 122.879, "eager_us": 55.376},
+    ('dwconv_layernorm', 80, 'fp16', 768, 49, 64, 'forward_backward'): {"fused_us": 100.366, "eager_us": 55.376},
     ('dwconv_layernorm', 80, 'fp16', 768, 49, 256, 'forward'): {"fused_us": 104.525, "eager_us": 67.860},
-    ('dwconv_layernorm', 80, 'fp16', 768, 49, 256, 'forward_backward'): {"fused_us": 401.516, "eager_us": 221.490},
+    ('dwconv_layernorm', 80, 'fp16', 768, 49, 256, 'forward_backward'): {"fused_us": 325.695, "eager_us": 221.490},
     ('dwconv_layernorm', 80, 'fp16', 1024, 49, 64, 'forward'): {"fused_us": 24.811, "eager_us": 22.617},
     ('dwconv_layernorm', 80, 'fp16', 1024, 49, 64, 'forward_backward'): {"fused_us": 165.496, "eager_us": 73.822},
     ('dwconv_layernorm', 80, 'fp16', 1024, 49, 256, 'forward'): {"fused_us": 83.884, "eager_us": 90.463},
@@ -292,9 +292,9 @@ PREDICTED = {
     ('dwconv_layernorm', 80, 'fp32', 512, 196, 256, 'forward'): {"fused_us": 233.517, "eager_us": 231.421},
     ('dwconv_layernorm', 80, 'fp32', 512, 196, 256, 'forward_backward'): {"fused_us": 1026.499, "eager_us": 792.422},
     ('dwconv_layernorm', 80, 'fp32', 768, 49, 64, 'forward'): {"fused_us": 33.826, "eager_us": 21.692},
-    ('dwconv_layernorm', 80, 'fp32', 768, 49, 64, 'forward_backward'): {"fused_us": 130.910, "eager_us": 74.280},
+    ('dwconv_layernorm', 80, 'fp32', 768, 49, 64, 'forward_backward'): {"fused_us": 103.894, "eager_us": 74.280},
     ('dwconv_layernorm', 80, 'fp32', 768, 49, 256, 'forward'): {"fused_us": 101.182, "eager_us": 86.760},
-    ('dwconv_layernorm', 80, 'fp32', 768, 49, 256, 'forward_backward'): {"fused_us": 438.370, "eager_us": 297.091},
+    ('dwconv_layernorm', 80, 'fp32', 768, 49, 256, 'forward_backward'): {"fused_us": 347.961, "eager_us": 297.091},
     ('dwconv_layernorm', 80, 'fp32', 1024, 49, 64, 'forward'): {"fused_us": 22.578, "eager_us": 28.919},
     ('dwconv_layernorm', 80, 'fp32', 1024, 49, 64, 'forward_backward'): {"fused_us": 177.934, "eager_us": 99.027},
     ('dwconv_layernorm', 80, 'fp32', 1024, 49, 256, 'forward'): {"fused_us": 76.960, "eager_us": 115.664},
@@ -324,9 +324,9 @@ PREDICTED = {
     ('dwconv_layernorm', 90, 'bf16', 512, 196, 256, 'forward'): {"fused_us": 114.047, "eager_us": 68.755},
     ('dwconv_layernorm', 90, 'bf16', 512, 196, 256, 'forward_backward'): {"fused_us": 587.764, "eager_us": 236.174},
     ('dwconv_layernorm', 90, 'bf16', 768, 49, 64, 'forward'): {"fused_us": 27.415, "eager_us": 6.443},
-    ('dwconv_layernorm', 90, 'bf16', 768, 49, 64, 'forward_backward'): {"fused_us": 90.017, "eager_us": 22.133},
+    ('dwconv_layernorm', 90, 'bf16', 768, 49, 64, 'forward_backward'): {"fused_us": 72.305, "eager_us": 22.133},
     ('dwconv_layernorm', 90, 'bf16', 768, 49, 256, 'forward'): {"fused_us": 54.741, "eager_us": 25.769},
-    ('dwconv_layernorm', 90, 'bf16', 768, 49, 256, 'forward_backward'): {"fused_us": 272.251, "eager_us": 88.522},
+    ('dwconv_layernorm', 90, 'bf16', 768, 49, 256, 'forward_backward'): {"fused_us": 213.303, "eager_us": 88.522},
     ('dwconv_layernorm', 90, 'bf16', 1024, 49, 64, 'forward'): {"fused_us": 16.857, "eager_us": 8.588},
     ('dwconv_layernorm', 90, 'bf16', 1024, 49, 64, 'forward_backward'): {"fused_us": 115.185, "eager_us": 29.503},
     ('dwconv_layernorm', 90, 'bf16', 1024, 49, 256, 'forward'): {"fused_us": 58.700, "eager_us": 34.349},
@@ -356,9 +356,9 @@ PREDICTED = {
     ('dwconv_layernorm', 90, 'fp16', 512, 196, 256, 'forward'): {"fused_us": 108.123, "eager_us": 68.755},
     ('dwconv_layernorm', 90, 'fp16', 512, 196, 256, 'forward_backward'): {"fused_us": 581.841, "eager_us": 236.174},
     ('dwconv_layernorm', 90, 'fp16', 768, 49, 64, 'forward'): {"fused_us": 27.645, "eager_us": 6.443},
-    ('dwconv_layernorm', 90, 'fp16', 768, 49, 64, 'forward_backward'): {"fused_us": 90.246, "eager_us": 22.133},
+    ('dwconv_layernorm', 90, 'fp16', 768, 49, 64, 'forward_backward'): {"fused_us": 72.534, "eager_us": 22.133},
     ('dwconv_layernorm', 90, 'fp16', 768, 49, 256, 'forward'): {"fused_us": 55.200, "eager_us": 25.769},
-    ('dwconv_layernorm', 90, 'fp16', 768, 49, 256, 'forward_backward'): {"fused_us": 272.710, "eager_us": 88.522},
+    ('dwconv_layernorm', 90, 'fp16', 768, 49, 256, 'forward_backward'): {"fused_us": 213.762, "eager_us": 88.522},
     ('dwconv_layernorm', 90, 'fp16', 1024, 49, 64, 'forward'): {"fused_us": 15.996, "eager_us": 8.588},
     ('dwconv_layernorm', 90, 'fp16', 1024, 49, 64, 'forward_backward'): {"fused_us": 114.324, "eager_us": 29.503},
     ('dwconv_layernorm', 90, 'fp16', 1024, 49, 256, 'forward'): {"fused_us": 55.685, "eager_us": 34.349},
@@ -388,9 +388,9 @@ PREDICTED = {
     ('dwconv_layernorm', 90, 'fp32', 512, 196, 256, 'forward'): {"fused_us": 191.039, "eager_us": 122.851},
     ('dwconv_layernorm', 90, 'fp32', 512, 196, 256, 'forward_backward'): {"fused_us": 753.442, "eager_us": 429.900},
     ('dwconv_layernorm', 90, 'fp32', 768, 49, 64, 'forward'): {"fused_us": 26.015, "eager_us": 11.558},
-    ('dwconv_layernorm', 90, 'fp32', 768, 49, 64, 'forward_backward'): {"fused_us": 97.656, "eager_us": 40.424},
+    ('dwconv_layernorm', 90, 'fp32', 768, 49, 64, 'forward_backward'): {"fused_us": 75.976, "eager_us": 40.424},
     ('dwconv_layernorm', 90, 'fp32', 768, 49, 256, 'forward'): {"fused_us": 51.940, "eager_us": 46.090},
-    ('dwconv_layernorm', 90, 'fp32', 768, 49, 256, 'forward_backward'): {"fused_us": 305.780, "eager_us": 161.274},
+    ('dwconv_layernorm', 90, 'fp32', 768, 49, 256, 'forward_backward'): {"fused_us": 230.960, "eager_us": 161.274},
     ('dwconv_layernorm', 90, 'fp32', 1024, 49, 64, 'forward'): {"fused_us": 15.821, "eager_us": 15.408},
     ('dwconv_layernorm', 90, 'fp32', 1024, 49, 64, 'forward_backward'): {"fused_us": 126.448, "eager_us": 53.892},
     ('dwconv_layernorm', 90, 'fp32', 1024, 49, 256, 'forward'): {"fused_us": 62.926, "eager_us": 61.443},
@@ -760,9 +760,9 @@ LAUNCHES = {
     ('dwconv_layernorm', 80, 'bf16', 768, 49, 256, 'forward_backward'): [
         {'kernel': 'torch', 'config': 'torch: taps transposed to a [K*K, C] fp32 matrix', 'phase': 'forward', 'grid': [], 'registers': 0, 'shared_bytes': 0, 'ctas_per_sm': 0, 'waves': 0.0, 'loop_trips': 0, 'us': 0.15, 'bound': 'hbm', 'terms_us': {'hbm': 0.15, 'l2': 0.07}, 'hbm_mb': 0.3, 'l2_mb': 0.3, 'hot_loops': [], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_ln_fwd', 'config': 'K=7 TILE_H=3 TILE_W=8 CHUNK=256 NCHUNK=3 STRIDE_C=768 warps=8', 'phase': 'forward', 'grid': [256], 'registers': 181, 'shared_bytes': 32, 'ctas_per_sm': 1, 'waves': 2.37, 'loop_trips': 21, 'us': 104.38, 'bound': 'issue', 'terms_us': {'hbm': 18.95, 'l2': 40.92, 'tensor': 0.0, 'issue': 104.38, 'mufu': 2.59}, 'hbm_mb': 38.64, 'l2_mb': 184.13, 'hot_loops': [{'instructions': 265, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 23, 'control/other': 2}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 265, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 23, 'control/other': 2}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 264, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 22, 'control/other': 2}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
-        {'kernel': 'dwconv_ln_bwd_norm', 'config': 'K=7 BLOCK_W=4 BLOCK_C=1024 warps=16', 'phase': 'backward', 'grid': [2, 448], 'registers': 114, 'shared_bytes': 16384, 'ctas_per_sm': 1, 'waves': 8.3, 'loop_trips': 28, 'us': 188.98, 'bound': 'issue', 'terms_us': {'hbm': 41.9, 'l2': 176.62, 'tensor': 0.0, 'issue': 188.98, 'mufu': 1.63}, 'hbm_mb': 85.44, 'l2_mb': 794.79, 'hot_loops': [{'instructions': 187, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 17, 'int/address': 76, 'move/shuffle': 34, 'control/other': 4}, 'detail': {'LDG.32': 10, 'LDG.64': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
+        {'kernel': 'dwconv_ln_bwd_tile', 'config': 'K=7 TILE_H=1 TILE_W=8 CHUNK=256 NCHUNK=3 STRIDE_C=768 warps=8', 'phase': 'backward', 'grid': [1792], 'registers': 76, 'shared_bytes': 32, 'ctas_per_sm': 3, 'waves': 5.53, 'loop_trips': 7, 'us': 101.56, 'bound': 'l2', 'terms_us': {'hbm': 45.95, 'l2': 101.56, 'tensor': 0.0, 'issue': 92.61, 'mufu': 0.58}, 'hbm_mb': 93.7, 'l2_mb': 457.02, 'hot_loops': [{'instructions': 134, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 5, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 132, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 3, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 132, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 3, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_bwd_dgrad_wgrad', 'config': 'K=7 BLOCK_W=8 ROW_TILE=4 BLOCK_C=32 STRIDE_C=768 warps=4', 'phase': 'backward', 'grid': [1, 90, 24], 'registers': 168, 'shared_bytes': 512, 'ctas_per_sm': 3, 'waves': 6.67, 'loop_trips': 5, 'us': 104.78, 'bound': 'issue', 'terms_us': {'hbm': 44.52, 'l2': 32.32, 'tensor': 0.0, 'issue': 104.78, 'mufu': 0.11}, 'hbm_mb': 90.77, 'l2_mb': 145.45, 'hot_loops': [{'instructions': 1308, 'iterations_per_body': 1, 'classes': {'ffma': 784, 'convert': 4, 'global load': 106, 'global store': 8, 'int/address': 287, 'move/shuffle': 84, 'control/other': 35}, 'detail': {'LDG.16': 8, 'LDG.32': 98, 'STG.16': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
-        {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [18], 'registers': 56, 'shared_bytes': 2048, 'ctas_per_sm': 9, 'waves': 0.02, 'loop_trips': 28, 'us': 4.05, 'bound': 'hbm', 'terms_us': {'hbm': 4.05, 'l2': 1.84, 'tensor': 0.0, 'issue': 2.56, 'mufu': 0.0}, 'hbm_mb': 8.27, 'l2_mb': 8.27, 'hot_loops': [{'instructions': 125, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 68, 'move/shuffle': 16, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
+        {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [18], 'registers': 56, 'shared_bytes': 2048, 'ctas_per_sm': 9, 'waves': 0.02, 'loop_trips': 56, 'us': 8.1, 'bound': 'hbm', 'terms_us': {'hbm': 8.1, 'l2': 3.67, 'tensor': 0.0, 'issue': 5.04, 'mufu': 0.0}, 'hbm_mb': 16.52, 'l2_mb': 16.52, 'hot_loops': [{'instructions': 125, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 68, 'move/shuffle': 16, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [294], 'registers': 56, 'shared_bytes': 2048, 'ctas_per_sm': 9, 'waves': 0.3, 'loop_trips': 3, 'us': 6.72, 'bound': 'hbm', 'terms_us': {'hbm': 6.72, 'l2': 3.04, 'tensor': 0.0, 'issue': 1.08, 'mufu': 0.0}, 'hbm_mb': 13.7, 'l2_mb': 13.7, 'hot_loops': [{'instructions': 131, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 74, 'move/shuffle': 16, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'torch', 'config': 'torch: param-gradient copies (taps transposed back, LN/bias sums cloned)', 'phase': 'backward', 'grid': [], 'registers': 0, 'shared_bytes': 0, 'ctas_per_sm': 0, 'waves': 0.0, 'loop_trips': 0, 'us': 0.01, 'bound': 'hbm', 'terms_us': {'hbm': 0.01, 'l2': 0.0}, 'hbm_mb': 0.02, 'l2_mb': 0.02, 'hot_loops': [], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
     ],
@@ -864,9 +864,9 @@ LAUNCHES = {
     ('dwconv_layernorm', 90, 'bf16', 768, 49, 256, 'forward_backward'): [
         {'kernel': 'torch', 'config': 'torch: taps transposed to a [K*K, C] fp32 matrix', 'phase': 'forward', 'grid': [], 'registers': 0, 'shared_bytes': 0, 'ctas_per_sm': 0, 'waves': 0.0, 'loop_trips': 0, 'us': 0.09, 'bound': 'hbm', 'terms_us': {'hbm': 0.09, 'l2': 0.05}, 'hbm_mb': 0.3, 'l2_mb': 0.3, 'hot_loops': [], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_ln_fwd', 'config': 'K=7 TILE_H=3 TILE_W=8 CHUNK=256 NCHUNK=3 STRIDE_C=768 warps=8', 'phase': 'forward', 'grid': [256], 'registers': 178, 'shared_bytes': 1024, 'ctas_per_sm': 1, 'waves': 1.94, 'loop_trips': 21, 'us': 54.65, 'bound': 'issue', 'terms_us': {'hbm': 11.54, 'l2': 33.48, 'tensor': 0.0, 'issue': 54.65, 'mufu': 1.33}, 'hbm_mb': 38.64, 'l2_mb': 184.13, 'hot_loops': [{'instructions': 271, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 30, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 270, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 29, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 273, 'iterations_per_body': 1, 'classes': {'ffma': 168, 'global load': 21, 'int/address': 51, 'move/shuffle': 32, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
-        {'kernel': 'dwconv_ln_bwd_norm', 'config': 'K=7 BLOCK_W=4 BLOCK_C=1024 warps=16', 'phase': 'backward', 'grid': [2, 448], 'registers': 113, 'shared_bytes': 16384, 'ctas_per_sm': 1, 'waves': 6.79, 'loop_trips': 28, 'us': 144.51, 'bound': 'l2', 'terms_us': {'hbm': 25.5, 'l2': 144.51, 'tensor': 0.0, 'issue': 104.59, 'mufu': 0.98}, 'hbm_mb': 85.44, 'l2_mb': 794.79, 'hot_loops': [{'instructions': 165, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 17, 'int/address': 72, 'move/shuffle': 16, 'control/other': 4}, 'detail': {'LDG.32': 10, 'LDG.64': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
+        {'kernel': 'dwconv_ln_bwd_tile', 'config': 'K=7 TILE_H=1 TILE_W=8 CHUNK=256 NCHUNK=3 STRIDE_C=768 warps=8', 'phase': 'backward', 'grid': [1792], 'registers': 75, 'shared_bytes': 1024, 'ctas_per_sm': 3, 'waves': 4.53, 'loop_trips': 7, 'us': 83.09, 'bound': 'l2', 'terms_us': {'hbm': 27.97, 'l2': 83.09, 'tensor': 0.0, 'issue': 59.06, 'mufu': 0.37}, 'hbm_mb': 93.7, 'l2_mb': 457.02, 'hot_loops': [{'instructions': 134, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 5, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 134, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 5, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}, {'instructions': 132, 'iterations_per_body': 1, 'classes': {'ffma': 56, 'global load': 21, 'int/address': 51, 'move/shuffle': 3, 'control/other': 1}, 'detail': {'LDG.16': 14, 'LDG.32': 7}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_bwd_dgrad_wgrad', 'config': 'K=7 BLOCK_W=8 ROW_TILE=4 BLOCK_C=32 STRIDE_C=768 warps=4', 'phase': 'backward', 'grid': [1, 90, 24], 'registers': 238, 'shared_bytes': 1024, 'ctas_per_sm': 2, 'waves': 8.18, 'loop_trips': 5, 'us': 66.44, 'bound': 'issue', 'terms_us': {'hbm': 27.1, 'l2': 26.45, 'tensor': 0.0, 'issue': 66.44, 'mufu': 0.07}, 'hbm_mb': 90.77, 'l2_mb': 145.45, 'hot_loops': [{'instructions': 1257, 'iterations_per_body': 1, 'classes': {'ffma': 784, 'convert': 4, 'global load': 106, 'global store': 8, 'int/address': 289, 'move/shuffle': 65, 'control/other': 1}, 'detail': {'LDG.16': 8, 'LDG.32': 98, 'STG.16': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
-        {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [18], 'registers': 64, 'shared_bytes': 2048, 'ctas_per_sm': 8, 'waves': 0.02, 'loop_trips': 28, 'us': 2.47, 'bound': 'hbm', 'terms_us': {'hbm': 2.47, 'l2': 1.5, 'tensor': 0.0, 'issue': 2.02, 'mufu': 0.0}, 'hbm_mb': 8.27, 'l2_mb': 8.27, 'hot_loops': [{'instructions': 128, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 70, 'move/shuffle': 17, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
+        {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [18], 'registers': 64, 'shared_bytes': 2048, 'ctas_per_sm': 8, 'waves': 0.02, 'loop_trips': 56, 'us': 4.93, 'bound': 'hbm', 'terms_us': {'hbm': 4.93, 'l2': 3.0, 'tensor': 0.0, 'issue': 3.98, 'mufu': 0.0}, 'hbm_mb': 16.52, 'l2_mb': 16.52, 'hot_loops': [{'instructions': 128, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 70, 'move/shuffle': 17, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'dwconv_sum_partials', 'config': 'BLOCK_R=32 BLOCK_N=128', 'phase': 'backward', 'grid': [294], 'registers': 64, 'shared_bytes': 2048, 'ctas_per_sm': 8, 'waves': 0.28, 'loop_trips': 3, 'us': 4.09, 'bound': 'hbm', 'terms_us': {'hbm': 4.09, 'l2': 2.49, 'tensor': 0.0, 'issue': 0.86, 'mufu': 0.0}, 'hbm_mb': 13.7, 'l2_mb': 13.7, 'hot_loops': [{'instructions': 134, 'iterations_per_body': 1, 'classes': {'fp32 other': 32, 'global load': 8, 'int/address': 76, 'move/shuffle': 17, 'control/other': 1}, 'detail': {'LDG.128': 8}}], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
         {'kernel': 'torch', 'config': 'torch: param-gradient copies (taps transposed back, LN/bias sums cloned)', 'phase': 'backward', 'grid': [], 'registers': 0, 'shared_bytes': 0, 'ctas_per_sm': 0, 'waves': 0.0, 'loop_trips': 0, 'us': 0.01, 'bound': 'hbm', 'terms_us': {'hbm': 0.01, 'l2': 0.0}, 'hbm_mb': 0.02, 'l2_mb': 0.02, 'hot_loops': [], 'tensor_vs_plan_flops': 0.0, 'spill_bytes': 0},
     ],
