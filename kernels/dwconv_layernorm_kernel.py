@@ -22,10 +22,11 @@ renaming: no shared memory and no barrier in the tap loop.
 Backward (the conv output is recomputed from x, not saved):
   1. LayerNorm backward -> g = d(conv output), stored in fp32 (never rounded to the activation dtype), plus
      per-program partial sums of dy*xhat, dy and g (LN weight, LN bias, conv bias grads). At the forward tile
-     kernel's C, `_dwconv_ln_bwd_tile_kernel` recomputes the conv with the forward's chunks and shorter tiles
-     (2 rows; 1 row from 256-channel chunks on, C >= 768) (`_conv_tile_chunk`) and runs the LayerNorm backward per pixel over the chunks; a program grid-strides over
-     the batch's tiles (at most NORM_TILE_PROGRAMS programs). Every other C runs the strip kernel
-     `_dwconv_ln_bwd_norm_kernel` (BLOCK_C = next_pow2(C), two channels a thread);
+     kernel's C, `_dwconv_ln_bwd_tile_kernel` recomputes the conv with the forward's chunks (`_conv_tile_chunk`)
+     on shorter tiles (2 rows; 1 row from 256-channel chunks on, C >= 768) and runs the LayerNorm backward per
+     pixel over the chunks; a program grid-strides over the batch's tiles (at most NORM_TILE_PROGRAMS programs).
+     Every other C runs the strip kernel `_dwconv_ln_bwd_norm_kernel` (BLOCK_C = next_pow2(C), two channels a
+     thread);
   2. `_dwconv_bwd_conv_kernel`: one pass over g (with halo) and x: dx = conv of g with the
      flipped taps, and per-program partials of dW[tap, c] = sum_p g[p, c] * x[p + shift(tap), c]
      held in registers over the program's rows. At C = 3 * 2^k, C is compiled in (STRIDE_C: immediate
