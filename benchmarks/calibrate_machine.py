@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 DOT_SHAPES = ((64, 64, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8))  # M, N, warps
 DOT_K = 64
 READ_BLOCK = 4096  # fp32 elements per program step: 16 B (one 128-bit load) per thread per 4 elements
@@ -182,7 +181,10 @@ def ffma_issue_per_clock(fmas_per_s, sms, clock_hz):
 
 
 def assumed_dot_efficiency(arch, n):
-    return n / (n + 16) if arch >= 90 else 0.85  # kernels/sass_report.py tensor_efficiency (wgmma / HMMA)
+    """The static model's efficiency of a 16-bit dot of width n: wgmma on sm_90, HMMA on sm_80."""
+    from fastconvnext.kernels.sass_report import tensor_efficiency
+
+    return tensor_efficiency(arch, "HGMMA" if arch >= 90 else "HMMA", n)
 
 
 # ------------------------------------------------------------------------------------------ the runs
@@ -191,8 +193,7 @@ def assumed_dot_efficiency(arch, n):
 def machine_for(arch, device_name):
     """The static model's Machine for this arch, and the datasheet peaks of this very part where known
     (an H200 or an H100 PCIe has the sm_90 Machine but its own HBM bandwidth and tensor peak)."""
-    sys.path.insert(0, str(ROOT))
-    from kernels.roofline import MACHINES, gpu_for_device_name
+    from fastconvnext.kernels.roofline import MACHINES, gpu_for_device_name
 
     machine = MACHINES[90 if arch >= 90 else 80]
     return machine, gpu_for_device_name(device_name) or machine.gpu
@@ -314,50 +315,40 @@ def report(rows, suggest, facts, dry_run=False):
 # ------------------------------------------------------------------------------ SASS check (no GPU)
 
 
-def compile_for(arch, kernel, signature, constexprs, num_warps):
-    """SASS text and resources of one kernel compiled for sm_<arch> (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sys.path.insert(0, str(ROOT))
-    from kernels.compile_check import _resource_usage
-
-    names = list(signature)
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in signature.items() if v.startswith("*")}
-    source = ASTSource(fn=kernel, signature=signature | {k: "constexpr" for k in constexprs}, constexprs=constexprs,
-                       attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-    return _resource_usage(compiled.asm["cubin"])
-
-
 def sass_targets():
-    yield "read", read_kernel, {"x_ptr": "*fp32", "partial_ptr": "*fp32", "n_blocks": "i32",
-                                "blocks_per_program": "i32", "start_step": "i32"}, {"BLOCK": READ_BLOCK}, 8
+    """Each microbenchmark kernel as a compile target (pointers 16-byte aligned, as a launch gets them)."""
+    from fastconvnext.kernels.compile_spec import CompileTarget
+
+    def target(name, fn, signature, constexprs, warps):
+        signature = signature | {k: "constexpr" for k in constexprs}
+        return CompileTarget(kernel=name, fn=fn, signature=signature, constexprs=constexprs, num_warps=warps)
+
+    yield target("read", read_kernel, {"x_ptr": "*fp32", "partial_ptr": "*fp32", "n_blocks": "i32",
+                                       "blocks_per_program": "i32", "start_step": "i32"}, {"BLOCK": READ_BLOCK}, 8)
     for m, n, warps in DOT_SHAPES:
-        yield f"dot {m}x{n}", dot_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32",
-                                           "iterations": "i32"}, {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": DOT_K}, warps
-    yield "ffma", fma_kernel, {"out_ptr": "*fp32", "iterations": "i32", "scale": "fp32", "shift": "fp32"}, \
-        {"BLOCK": 1024}, 8
+        yield target(f"dot {m}x{n}", dot_kernel, {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32",
+                                                   "iterations": "i32"},
+                     {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": DOT_K}, warps)
+    yield target("ffma", fma_kernel, {"out_ptr": "*fp32", "iterations": "i32", "scale": "fp32", "shift": "fp32"},
+                 {"BLOCK": 1024}, 8)
 
 
 def sass_summary(arch, only=None):
     """Per kernel: registers, spill bytes and the opcodes in its innermost loop (a MODEL-side check)."""
-    sys.path.insert(0, str(ROOT))
     from collections import Counter
 
-    from kernels.sass_report import find_loops, hot_loops, parse_sass
+    from fastconvnext.kernels.sass_report import compile_sass, find_loops, hot_loops, parse_sass
 
     lines = []
-    for name, kernel, signature, constexprs, warps in sass_targets():
-        if only and not name.startswith(only):
+    for target in sass_targets():
+        if only and not target.kernel.startswith(only):
             continue
-        usage, sass = compile_for(arch, kernel, signature, constexprs, warps)
-        instrs = parse_sass(sass)
+        compiled = compile_sass(target, arch)
+        instrs = parse_sass(compiled.sass)
         loops = hot_loops(find_loops(instrs)) or find_loops(instrs)
         counts = Counter(i.opcode for i in instrs if any(loop.holds(i.address) for loop in loops))
-        spill = usage["STACK"] + usage["LOCAL"]
-        lines.append(f"sm_{arch} {name}: {usage['REG']} registers, {spill} B spill; loop: "
-                     + ", ".join(f"{op} x{c}" for op, c in counts.most_common(8)))
+        lines.append(f"sm_{arch} {target.kernel}: {compiled.registers} registers, {compiled.spill_bytes} B spill; "
+                     "loop: " + ", ".join(f"{op} x{c}" for op, c in counts.most_common(8)))
     return lines
 
 
