@@ -274,6 +274,32 @@ def _conv_tile_chunk(
 
 
 @triton.jit
+def _conv_tile(
+    x_ptr,  # [ROWS * W, C] input, x dtype
+    taps_ptr,  # [K*K, C] fp32
+    first_row,  # image row n*H + h0 of the tile's first output row
+    h0, w0,  # the tile's first output row (in its image) and column
+    lane, row_step, H, W,
+    STRIDE_C: tl.constexpr,
+    K: tl.constexpr,
+    TILE_H: tl.constexpr,
+    TILE_W: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NCHUNK: tl.constexpr,
+):
+    """Conv sums (no bias) of one tile, all channels: NCHUNK tuples of TILE_H*TILE_W fp32 [CHUNK] vectors. A tile
+    past the image's last row (h0 >= H) loads nothing and sums zeros."""
+    PAD: tl.constexpr = K // 2
+    live_h = tl.where(h0 < H, H, 0)
+    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * STRIDE_C + lane
+    sums = ()
+    for k in tl.static_range(NCHUNK):
+        sums = sums + (_conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h,
+                                        W, STRIDE_C, K, TILE_H, TILE_W, CHUNK),)
+    return sums
+
+
+@triton.jit
 def _dwconv_ln_fwd_kernel(
     x_ptr,  # [ROWS * W, C] input, x dtype
     taps_ptr,  # [K*K, C] fp32
@@ -320,20 +346,23 @@ def _dwconv_ln_tile(
     NCHUNK: tl.constexpr,
 ):
     """Conv + bias + LayerNorm of one tile; a tile past the image's last row (h0 >= H) loads and stores nothing."""
-    PAD: tl.constexpr = K // 2
-    live_h = tl.where(h0 < H, H, 0)
     first_row = image * H + h0  # image row of the tile's first output row
-    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * STRIDE_C + lane
+    sums = _conv_tile(x_ptr, taps_ptr, first_row, h0, w0, lane, row_step, H, W, STRIDE_C, K, TILE_H, TILE_W, CHUNK,
+                      NCHUNK)
     z = ()  # NCHUNK tuples of TILE_H*TILE_W [CHUNK] conv outputs (+ bias)
     for k in tl.static_range(NCHUNK):
-        sums = _conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W,
-                                STRIDE_C, K, TILE_H, TILE_W, CHUNK)
         bias = tl.load(bias_ptr + k * CHUNK + lane)
         with_bias = ()
         for p in tl.static_range(TILE_H * TILE_W):
-            with_bias = with_bias + (sums[p] + bias,)
+            with_bias = with_bias + (sums[k][p] + bias,)
         z = z + (with_bias,)
     out_row0 = first_row.to(tl.int64) * W + w0  # pixel index of the tile's first output pixel
+    # Loaded once a tile: in the pixel loop, each would be reloaded after every store (y might alias them).
+    ln_ws = ()
+    ln_bs = ()
+    for k in tl.static_range(NCHUNK):
+        ln_ws = ln_ws + (tl.load(ln_w_ptr + k * CHUNK + lane),)
+        ln_bs = ln_bs + (tl.load(ln_b_ptr + k * CHUNK + lane),)
     for p in tl.static_range(TILE_H * TILE_W):
         total = z[0][p]
         for k in tl.static_range(1, NCHUNK):
@@ -349,9 +378,7 @@ def _dwconv_ln_tile(
         tl.store(mean_ptr + pixel, mean, mask=pixel_ok)
         tl.store(rstd_ptr + pixel, rstd, mask=pixel_ok)
         for k in tl.static_range(NCHUNK):
-            ln_w = tl.load(ln_w_ptr + k * CHUNK + lane)
-            ln_b = tl.load(ln_b_ptr + k * CHUNK + lane)
-            y = (z[k][p] - mean) * rstd * ln_w + ln_b
+            y = (z[k][p] - mean) * rstd * ln_ws[k] + ln_bs[k]
             dst = y_ptr + pixel * STRIDE_C + k * CHUNK + lane
             tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=_splat(pixel_ok, lane))
 
@@ -458,17 +485,18 @@ def _ln_bwd_tile(
     NCHUNK: tl.constexpr,
 ):
     """g of one tile's pixels (a dead tile, h0 >= H, loads and stores nothing and adds zeros)."""
-    PAD: tl.constexpr = K // 2
     live_h = tl.where(h0 < H, H, 0)
     first_row = image * H + h0
-    x_row0 = x_ptr + ((first_row - PAD).to(tl.int64) * W + (w0 - PAD)) * STRIDE_C + lane
-    z = ()  # NCHUNK tuples of TILE_H*TILE_W [CHUNK] conv sums (bias added per pixel below)
-    for k in tl.static_range(NCHUNK):
-        z = z + (_conv_tile_chunk(x_row0 + k * CHUNK, taps_ptr + k * CHUNK + lane, row_step, h0, w0, live_h, W,
-                                  STRIDE_C, K, TILE_H, TILE_W, CHUNK),)
+    z = _conv_tile(x_ptr, taps_ptr, first_row, h0, w0, lane, row_step, H, W, STRIDE_C, K, TILE_H, TILE_W, CHUNK,
+                   NCHUNK)  # bias added per pixel below
     out_row0 = first_row.to(tl.int64) * W + w0  # pixel index of the tile's first output pixel
     dy_tile = dy_ptr + out_row0 * STRIDE_C + lane
     g_tile = g_ptr + out_row0 * STRIDE_C + lane
+    biases = ()  # loaded once a tile, as in _dwconv_ln_tile (g's stores might alias them)
+    ln_ws = ()
+    for k in tl.static_range(NCHUNK):
+        biases = biases + (tl.load(bias_ptr + k * CHUNK + lane),)
+        ln_ws = ln_ws + (tl.load(ln_w_ptr + k * CHUNK + lane),)
     for p in tl.static_range(TILE_H * TILE_W):
         pixel_ok = (h0 + p // TILE_W < live_h) & (w0 + p % TILE_W < W)
         ok = _splat(pixel_ok, lane)
@@ -480,9 +508,9 @@ def _ln_bwd_tile(
         dot = tl.zeros([CHUNK], dtype=tl.float32)
         total = tl.zeros([CHUNK], dtype=tl.float32)
         for k in tl.static_range(NCHUNK):
-            xhat = (z[k][p] + tl.load(bias_ptr + k * CHUNK + lane) - mean) * rstd
+            xhat = (z[k][p] + biases[k] - mean) * rstd
             dy = _widen(tl.load(dy_tile + step * STRIDE_C + k * CHUNK, mask=ok, other=0.0))
-            dy_w = dy * tl.load(ln_w_ptr + k * CHUNK + lane)
+            dy_w = dy * ln_ws[k]
             dot = tl.fma(dy_w, xhat, dot)
             total += dy_w
             xhats = xhats + (xhat,)
@@ -491,7 +519,7 @@ def _ln_bwd_tile(
         proj_one = tl.sum(total, axis=0) / STRIDE_C
         updated = ()
         for k in tl.static_range(NCHUNK):
-            dy_w = dys[k] * tl.load(ln_w_ptr + k * CHUNK + lane)
+            dy_w = dys[k] * ln_ws[k]
             g = (dy_w - xhats[k] * proj_xhat - proj_one) * rstd
             tl.store(g_tile + step * STRIDE_C + k * CHUNK, g, mask=ok)
             updated = updated + (tl.fma(dys[k], xhats[k], sums[3 * k]), sums[3 * k + 1] + dys[k], sums[3 * k + 2] + g)
