@@ -43,6 +43,8 @@ if __name__ == "__main__" and _dry_run_requested(None):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from fastconvnext.kernels.compile_spec import FP_FUSION  # noqa: E402  (launched as the fused kernels are)
+
 
 # ------------------------------------------------------------------------------------------- kernels
 
@@ -110,7 +112,7 @@ def read_sum(x, programs, sweeps):
     else:
         per_program, step = n_blocks * sweeps, max(1, n_blocks // programs)
     partials = torch.empty(programs, device=x.device, dtype=torch.float32)
-    read_kernel[(programs,)](x, partials, n_blocks, per_program, step, BLOCK=READ_BLOCK, num_warps=8)
+    read_kernel[(programs,)](x, partials, n_blocks, per_program, step, BLOCK=READ_BLOCK, num_warps=8, enable_fp_fusion=FP_FUSION)
     return partials, programs * per_program * READ_BLOCK * 4
 
 
@@ -124,7 +126,7 @@ def dot_loop(a, b, programs, iterations, num_warps):
                          f"{b.dtype} {tuple(b.shape)}")
     out = torch.empty(programs, m, n, device=a.device, dtype=torch.float32)
     dot_kernel[(programs,)](a.contiguous(), b.contiguous(), out, iterations, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
-                            num_warps=num_warps)
+                            num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return out, 2 * m * n * k * iterations * programs
 
 
@@ -133,7 +135,7 @@ def fma_loop(programs, iterations, block, device, scale=0.5, shift=1.0):
     import torch
 
     out = torch.empty(programs * block, device=device, dtype=torch.float32)
-    fma_kernel[(programs,)](out, iterations, scale, shift, BLOCK=block, num_warps=max(1, block // 128))
+    fma_kernel[(programs,)](out, iterations, scale, shift, BLOCK=block, num_warps=max(1, block // 128), enable_fp_fusion=FP_FUSION)
     return out, programs * block * FMA_CHAINS * iterations
 
 

@@ -32,6 +32,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fastconvnext.kernels.compile_spec import compile_options
+
 KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA",)}
@@ -123,7 +125,7 @@ def check_target(target, arch: int) -> CheckResult:
         compiled = triton.compile(
             source,
             target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": target.num_warps, "num_stages": target.num_stages},
+            options=compile_options(target),
         )
         result.seconds = _cpu_seconds() - start
         usage, sass = _resource_usage(compiled.asm["cubin"])

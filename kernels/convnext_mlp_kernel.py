@@ -72,7 +72,7 @@ import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
-from .compile_spec import CompileTarget
+from .compile_spec import FP_FUSION, CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
 from .roofline import MACHINES
 
@@ -1065,11 +1065,11 @@ def _same_reduction_order(kernel_name: str, configs: List[dict]) -> bool:
 def _launch(kernel_name: str, grid_fn, args: tuple, C: int, D: int, dtype: torch.dtype, M: int, **flags):
     kernel, cfg = _select(kernel_name, C, D, dtype, M, flags)
     if cfg is None:
-        kernel[grid_fn](*args, C=C, D=D, **flags)
+        kernel[grid_fn](*args, C=C, D=D, **flags, enable_fp_fusion=FP_FUSION)
         return
     meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
     kernel[grid_fn(meta)](*args, C=C, D=D, **meta, **flags, num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"])
+                          num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
 
 
 def _tf32_allowed() -> bool:

@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ._env import interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
-from .compile_spec import CompileTarget, LaunchPlan
+from .compile_spec import FP_FUSION, CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
@@ -776,7 +776,7 @@ def _wgrad_config() -> tuple[int, int]:
 
 def _launch(kernel, grid, *args, **meta):
     """Every launch goes through here (inside `_device_guard`, which the tests check)."""
-    kernel[grid](*args, **meta)
+    kernel[grid](*args, **meta, enable_fp_fusion=FP_FUSION)
 
 
 def _kernel_size(taps: torch.Tensor) -> int:

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastconvnext.kernels import roofline
+from fastconvnext.kernels.compile_spec import compile_options
 
 _PACKAGE = __package__ or "fastconvnext.kernels"
 KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
@@ -400,7 +401,7 @@ def compile_sass(target, arch: int, plan=None, use_cache: bool = True) -> Compil
     start = time.perf_counter()
     source = ASTSource(fn=target.fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": target.num_warps, "num_stages": target.num_stages})
+                              options=compile_options(target))
     seconds = time.perf_counter() - start
     usage, sass = _resource_usage(compiled.asm["cubin"])
     shared = max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0) or 0))
