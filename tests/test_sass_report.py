@@ -280,3 +280,57 @@ def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
     rows = ops_report.measured_vs_predicted(path, arch=90)
     assert rows == [["convnext_mlp", "256x56x56x96", "fwd", "fused", "600.0", "300.0", "2.00"],
                     ["convnext_mlp", "256x56x56x96", "fwd", "eager", "1,000.0", "500.0", "2.00"]]
+
+
+def _stage_table(l2_us, issue_us, eager_us):
+    """A perf_table with every ConvNeXt-T b256 bf16 H100 stage: each (op, mode) one launch, L2 vs issue terms."""
+    from fastconvnext.kernels import roofline
+
+    class Table:
+        __doc__ = FakeTable.__doc__
+        PREDICTED, LAUNCHES = {}, {}
+
+    for shape in roofline.stage_shapes(("tiny",), 256):
+        for op in roofline.OPS:
+            for mode in ("forward", "forward_backward"):
+                key = (op, 90, "bf16", shape.channels, shape.size * shape.size, 256, mode)
+                us = max(l2_us, issue_us)
+                Table.PREDICTED[key] = {"fused_us": us, "eager_us": eager_us}
+                Table.LAUNCHES[key] = [{"kernel": "k", "us": us, "terms_us": {"l2": l2_us, "issue": issue_us}}]
+    return Table
+
+
+def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
+    from fastconvnext.bench import roofline_report
+    from fastconvnext.kernels.roofline import MACHINES
+
+    assumed = MACHINES[90].l2_bytes_per_s / 1e12
+    # every launch L2-bound at the assumed constant (200 us) with 120 us of issue under it; eager 100 us
+    monkeypatch.setattr(roofline_report, "perf_table", lambda: _stage_table(200.0, 120.0, 100.0))
+    text = roofline_report.l2_sensitivity_markdown(what_if=(2 * assumed, 4 * assumed))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
+    assert len(rows) == 3
+    # at the assumed constant: 200 us; at twice it: the L2 term halves to 100, so issue (120) binds; at 4x too
+    assert "| 0.50× | 0.50× | 2.00 / 2.00 / 2.00 / 2.00 |" in rows[f"{assumed:g} (the model's, ASSUMED)"]
+    for scale in (2, 4):
+        assert "| 0.83× | 0.83× | 1.20 / 1.20 / 1.20 / 1.20 |" in rows[f"{scale * assumed:g}"]
+
+
+def test_l2_sensitivity_says_so_when_the_table_lacks_detail(monkeypatch):
+    from fastconvnext.bench import roofline_report
+
+    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    assert roofline_report.l2_sensitivity_markdown().startswith("(no per-launch detail")
+
+
+def test_the_per_launch_detail_sums_to_the_predicted_times():
+    """perf_table.LAUNCHES (what the L2 what-if re-maxes) and PREDICTED come from one run: each op's launches
+    add up to its predicted time, so the what-if starts from the table's own figures."""
+    from fastconvnext.kernels import perf_table
+
+    assert perf_table.LAUNCHES
+    for key, launches in perf_table.LAUNCHES.items():
+        total = sum(launch["us"] for launch in launches)
+        assert total == pytest.approx(perf_table.PREDICTED[key]["fused_us"], rel=1e-3, abs=0.05), key
+        for launch in launches:
+            assert launch["us"] == pytest.approx(max(launch["terms_us"].values()), rel=1e-3, abs=0.02), key

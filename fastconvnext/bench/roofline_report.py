@@ -227,6 +227,56 @@ def targets_markdown(batch=256, dtype="bf16", model="tiny", arch=90):
             + markdown_table(headers, body))
 
 
+L2_WHAT_IF_TBPS = (7.0, 9.0, 11.0)  # beside the model's own constant: the range a calibration could land in
+
+
+def _launch_us_at_l2(launch, l2_scale):
+    """One perf_table.LAUNCHES record's modelled µs with its L2 term scaled (the other terms as compiled)."""
+    terms = dict(launch["terms_us"])
+    if "l2" in terms:
+        terms["l2"] *= l2_scale
+    return max(terms.values(), default=launch["us"])
+
+
+def _fused_us_at_l2(launches, key, l2_scale):
+    records = launches.get(key)
+    return None if not records else sum(_launch_us_at_l2(r, l2_scale) for r in records)
+
+
+def l2_sensitivity_markdown(batch=256, dtype="bf16", model="tiny", arch=90, what_if=L2_WHAT_IF_TBPS):
+    """The targets' verdict at other L2->SM bandwidths: each launch of perf_table.LAUNCHES re-maxed with its L2
+    term scaled (the launches today's code makes; the MLP's path choice is not re-run)."""
+    table = perf_table()
+    launches = getattr(table, "LAUNCHES", {}) if table is not None else {}
+    from fastconvnext.kernels.roofline import MACHINES
+
+    assumed = MACHINES[arch].l2_bytes_per_s / 1e12
+    shapes = roofline.stage_shapes((model,), batch)
+    headers = ["L2->SM TB/s", "blocks fwd", "blocks fwd+bwd",
+               *(f"{OP_LABELS[op]} {pass_} s1/s2/s3/s4" for op in roofline.OPS for _, pass_ in MODES)]
+    body = []
+    for tbps in (assumed, *what_if):
+        scale = assumed / tbps
+        ratios, cells = {}, []
+        for mode, _ in MODES:
+            eager = fused = 0.0
+            for depth, shape in zip(MODEL_DEPTHS[model], shapes):
+                for op in roofline.OPS:
+                    key = (op, arch, dtype, shape.channels, shape.size * shape.size, batch, mode)
+                    entry, us = model_entry(op, arch, dtype, shape, mode), _fused_us_at_l2(launches, key, scale)
+                    if entry is None or us is None:
+                        return f"(no per-launch detail for batch {batch}, {dtype}, sm_{arch} in kernels/perf_table.py)"
+                    eager, fused = eager + depth * entry["eager_us"], fused + depth * us
+                    ratios[op, mode, shape.channels] = us / entry["eager_us"]
+            cells.append(_speedup(eager / fused))
+        for op in roofline.OPS:
+            for mode, _ in MODES:
+                cells.append(" / ".join(f"{ratios[op, mode, shape.channels]:.2f}" for shape in shapes))
+        label = f"{tbps:g} (the model's, ASSUMED)" if tbps == assumed else f"{tbps:g}"
+        body.append([label, *cells])
+    return markdown_table(headers, body)
+
+
 def _launch_markdown(batch, dtype, arch, model="tiny"):
     table = perf_table()
     launches = getattr(table, "LAUNCHES", {}) if table is not None else {}
@@ -409,6 +459,16 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "### Issue 9.5 targets: ConvNeXt-T, batch 256, bf16, H100 SXM (model)",
         "",
         targets_markdown(256, "bf16", "tiny", 90),
+        "",
+        "### What the verdict hinges on: the L2->SM bandwidth (model, what-if)",
+        "",
+        "Most MLP launches at s2-s4 are L2-bound on the ASSUMED L2->SM constant, so the table above changes with "
+        "it. Here each launch of the per-launch table below is re-maxed with its L2 term scaled to other "
+        "bandwidths (same launches and configs; every other term as compiled); cells are fused/eager per stage, "
+        "blocks are eager/fused. A what-if on the model, not a measurement: `benchmarks/calibrate_machine.py` "
+        "measures the constant on a GPU.",
+        "",
+        l2_sensitivity_markdown(256, "bf16", "tiny", 90),
         "",
         f"### H100 SXM, batch {batch}, {dtype} (model)",
         "",
