@@ -1245,7 +1245,7 @@ def _forward_plan(name, batch, height, width, c, k, halo_reread) -> LaunchPlan:
     # (tiles past the last row load nothing).
     tile_elements = batch * _valid_window_columns(height, k, tile_h) * _valid_window_columns(width, k, tile_w) * c
     # Each tile loads every tap once; a program's later tiles find them in L1 while they fit there. The
-    # LayerNorm params are reloaded per pixel from L1.
+    # LayerNorm params are loaded once a tile (L1 hits after the program's first).
     tap_bytes = taps * c * 4
     fwd_params = (tap_bytes if tap_bytes <= L1_RESIDENT_BYTES else tiles * tap_bytes) + 3 * c * 4
     return _int_plan(
