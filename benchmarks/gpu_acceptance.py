@@ -253,11 +253,21 @@ def step_kernel_tests(args):
                       error="" if done.returncode == 0 else f"pytest exit code {done.returncode}")
 
 
-def _tolerance():
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tolerance
+def _script_module(path: Path):
+    """A sibling script (tests/tolerance.py, benchmarks/calibrate_machine.py) by its path: no sys.path entry."""
+    import importlib.util
 
-    return tolerance
+    name = f"_gpu_acceptance_{path.stem}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _tolerance():
+    return _script_module(ROOT / "tests" / "tolerance.py")
 
 
 def _convnext(torch, classify=False, num_labels=10):
@@ -456,9 +466,7 @@ def step_modelled(args):
 def step_calibrate(args):
     """calibrate_machine's table; off CUDA (the tests) its interpreter dry run, labelled as no measurement."""
     _torch_on_device()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import calibrate_machine
-
+    calibrate_machine = _script_module(ROOT / "benchmarks" / "calibrate_machine.py")
     dry_run = SETUP.device != "cuda"
     rows, suggest, facts = calibrate_machine.run_all(dry_run=dry_run)
     args.output.mkdir(parents=True, exist_ok=True)
