@@ -225,7 +225,11 @@ def _die_with_parent() -> None:
 
 
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
-    for process in list(getattr(pool, "_processes", {}).values()):
+    """Kill every child this process forked, not only those the pool has recorded: an interrupt that lands
+    between a worker's fork and the pool's record of it leaves a child only multiprocessing knows, and its exit
+    handler would then wait forever for that idle worker (seen once in CI: Ctrl-C hung the checker)."""
+    recorded = list((getattr(pool, "_processes", None) or {}).values())
+    for process in {*recorded, *multiprocessing.active_children()}:
         if process.is_alive():
             process.kill()
     pool.shutdown(wait=True, cancel_futures=True)

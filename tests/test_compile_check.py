@@ -114,6 +114,25 @@ def test_no_pool_worker_outlives_the_checker(how, tmp_path):
             proc.wait()
 
 
+def _idle_forever():
+    time.sleep(3600)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork pool")
+def test_an_interrupt_kills_a_worker_the_pool_had_not_recorded_yet():
+    """Ctrl-C between a worker's fork and the pool's record of it: the checker must still kill that child, or
+    multiprocessing's exit handler joins it forever (a CI run hung 600 s in the SIGINT case above)."""
+    import multiprocessing
+
+    stray = multiprocessing.get_context("fork").Process(target=_idle_forever)  # forked, unknown to the pool
+    with pytest.raises(KeyboardInterrupt):
+        with compile_check.worker_pool(2):
+            stray.start()
+            raise KeyboardInterrupt
+    stray.join(timeout=30)
+    assert stray.exitcode == -signal.SIGKILL
+
+
 SPILLING_KERNEL = '''
 import triton
 import triton.language as tl

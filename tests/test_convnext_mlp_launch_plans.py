@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
-from fastconvnext.kernels.compile_spec import LaunchPlan
+from fastconvnext.kernels.compile_spec import LaunchPlan, compile_options
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -20,10 +20,10 @@ class _Recorder:
         self.kind, self.log = kind, log
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, num_stages, **constexprs):
+        def launch(*args, num_warps, num_stages, enable_fp_fusion, **constexprs):
             ints = {name: v for name, v in zip(("M", "HW", "SEGMENT_ROWS"), args[-3 if self.kind == "dw" else -2:])}
             self.log.append(dict(kind=self.kind, grid=tuple(grid), num_warps=num_warps, num_stages=num_stages,
-                                 constexprs=constexprs, ints=ints))
+                                 enable_fp_fusion=enable_fp_fusion, constexprs=constexprs, ints=ints))
         return launch
 
 
@@ -65,6 +65,7 @@ def test_plans_are_the_launches_a_call_makes(monkeypatch, batch, size, C, dtype,
         target = plan.target
         assert plan.grid == real["grid"]
         assert (target.num_warps, target.num_stages) == (real["num_warps"], real["num_stages"])
+        assert compile_options(target)["enable_fp_fusion"] is real["enable_fp_fusion"] is True  # modelled as launched
         expected = dict(real["constexprs"])
         assert {k: target.constexprs[k] for k in expected} == expected
         assert plan.int_args == real["ints"]
