@@ -112,7 +112,8 @@ def read_sum(x, programs, sweeps):
     else:
         per_program, step = n_blocks * sweeps, max(1, n_blocks // programs)
     partials = torch.empty(programs, device=x.device, dtype=torch.float32)
-    read_kernel[(programs,)](x, partials, n_blocks, per_program, step, BLOCK=READ_BLOCK, num_warps=8, enable_fp_fusion=FP_FUSION)
+    read_kernel[(programs,)](x, partials, n_blocks, per_program, step, BLOCK=READ_BLOCK, num_warps=8,
+                             enable_fp_fusion=FP_FUSION)
     return partials, programs * per_program * READ_BLOCK * 4
 
 
@@ -135,7 +136,8 @@ def fma_loop(programs, iterations, block, device, scale=0.5, shift=1.0):
     import torch
 
     out = torch.empty(programs * block, device=device, dtype=torch.float32)
-    fma_kernel[(programs,)](out, iterations, scale, shift, BLOCK=block, num_warps=max(1, block // 128), enable_fp_fusion=FP_FUSION)
+    fma_kernel[(programs,)](out, iterations, scale, shift, BLOCK=block, num_warps=max(1, block // 128),
+                            enable_fp_fusion=FP_FUSION)
     return out, programs * block * FMA_CHAINS * iterations
 
 

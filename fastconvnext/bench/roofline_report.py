@@ -248,9 +248,7 @@ def l2_sensitivity_markdown(batch=256, dtype="bf16", model="tiny", arch=90, what
     term scaled (the launches today's code makes; the MLP's path choice is not re-run)."""
     table = perf_table()
     launches = getattr(table, "LAUNCHES", {}) if table is not None else {}
-    from fastconvnext.kernels.roofline import MACHINES
-
-    assumed = MACHINES[arch].l2_bytes_per_s / 1e12
+    assumed = roofline.MACHINES[arch].l2_bytes_per_s / 1e12
     shapes = roofline.stage_shapes((model,), batch)
     headers = ["L2->SM TB/s", "blocks fwd", "blocks fwd+bwd",
                *(f"{OP_LABELS[op]} {pass_} s1/s2/s3/s4" for op in roofline.OPS for _, pass_ in MODES)]
