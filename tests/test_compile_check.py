@@ -84,12 +84,21 @@ def _alive(pid):
     return state != "Z"
 
 
+# `python -m fastconvnext.kernels.compile_check ...` with SIGINT at its default disposition, as an interactive shell
+# starts it. A job started with `&` from a script inherits SIGINT ignored, and Python then never raises
+# KeyboardInterrupt: a test suite launched that way would see Ctrl-C ignored, not the checker's handling of it.
+CHECKER_AS_A_SHELL_STARTS_IT = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('fastconvnext.kernels.compile_check', run_name='__main__', alter_sys=True)"
+)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT])
 def test_no_pool_worker_outlives_the_checker(how, tmp_path):
     """Kill the checker (SIGKILL as a timeout does, SIGINT as Ctrl-C does) while its pool compiles."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastconvnext.kernels.compile_check", "--arch", "80", "90", "--jobs", "2"],
+        [sys.executable, "-c", CHECKER_AS_A_SHELL_STARTS_IT, "--arch", "80", "90", "--jobs", "2"],
         env=compiler_env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
