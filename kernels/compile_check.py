@@ -227,7 +227,7 @@ def _die_with_parent() -> None:
 def _kill_workers(pool: ProcessPoolExecutor) -> None:
     """Kill every child this process forked, not only those the pool has recorded: an interrupt that lands
     between a worker's fork and the pool's record of it leaves a child only multiprocessing knows, and its exit
-    handler would then wait forever for that idle worker (seen once in CI: Ctrl-C hung the checker)."""
+    handler would then wait forever for that idle worker (a narrow window, found by reading the pool's code)."""
     recorded = list((getattr(pool, "_processes", None) or {}).values())
     for process in {*recorded, *multiprocessing.active_children()}:
         if process.is_alive():
