@@ -485,7 +485,6 @@ def _ln_bwd_tile(
     NCHUNK: tl.constexpr,
 ):
     """g of one tile's pixels (a dead tile, h0 >= H, loads and stores nothing and adds zeros)."""
-    live_h = tl.where(h0 < H, H, 0)
     first_row = image * H + h0
     z = _conv_tile(x_ptr, taps_ptr, first_row, h0, w0, lane, row_step, H, W, STRIDE_C, K, TILE_H, TILE_W, CHUNK,
                    NCHUNK)  # bias added per pixel below
@@ -498,7 +497,7 @@ def _ln_bwd_tile(
         biases = biases + (tl.load(bias_ptr + k * CHUNK + lane),)
         ln_ws = ln_ws + (tl.load(ln_w_ptr + k * CHUNK + lane),)
     for p in tl.static_range(TILE_H * TILE_W):
-        pixel_ok = (h0 + p // TILE_W < live_h) & (w0 + p % TILE_W < W)
+        pixel_ok = (h0 + p // TILE_W < H) & (w0 + p % TILE_W < W)
         ok = _splat(pixel_ok, lane)
         step = (p // TILE_W) * W + p % TILE_W  # pixels from the tile's first
         mean = tl.load(mean_ptr + out_row0 + step, mask=pixel_ok, other=0.0)
