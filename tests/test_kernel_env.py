@@ -6,7 +6,7 @@ from triton.runtime import interpreter
 
 from fastconvnext.kernels import convnext_mlp, dwconv_layernorm
 from fastconvnext.kernels.compile_spec import CompileTarget, compile_options
-from kernels import _env
+from fastconvnext.kernels import _env
 
 
 def _native(monkeypatch, capturing):
