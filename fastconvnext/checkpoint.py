@@ -8,11 +8,20 @@ Sources `load_pretrained` understands:
   architecture is then read off the tensor names and shapes;
 - a Hugging Face Hub id ("facebook/convnext-tiny-224"), through huggingface_hub when it is installed.
 
-Nothing is read outside the model directory (shard names and symlinks are resolved and checked), and
+Nothing is read outside the model directory (shard names and symlinks are resolved and checked, and the
+file actually opened is checked again: a regular file, inside the folder; safe_io.open_regular_file), and
 the architecture is checked against the checkpoint's tensors before any parameter is allocated, so a
 small hostile file cannot make the loader allocate gigabytes. Pickled files are only ever read with
 `torch.load(weights_only=True)`: a file that would run code when unpickled is refused, not executed;
-compressed archives (which torch.save never writes) are refused before they could inflate.
+compressed archives (which torch.save never writes) are refused before they could inflate, pickles nested
+deeper than MAX_PICKLE_NESTING are refused before unpickling (hashing a deep tuple overflows the C stack),
+and tensors that overlap in memory (stride-0 or aliasing views, which let a small file declare gigabytes
+of parameters) are refused after it.
+
+A directory is read under its shared lock (safe_io.reading), so a concurrent fastconvnext save, which
+commits under the exclusive lock, is seen wholly or not at all; what was read is compared with the disk
+afterwards, and read again when another program changed it meanwhile. Saves stage every file and commit
+them, with the removal of weights of other formats, as one journaled transaction (safe_io.StagedFiles).
 
 Inside this module state dicts are handled in a "canonical" form: transformers' names without the
 `convnext.` prefix that ForImageClassification adds to its trunk, so ConvNextModel, the classifier
@@ -22,13 +31,17 @@ hidden_states_norms.<stage>.*).
 from __future__ import annotations
 
 import copy
+import errno
 import inspect
+import io
 import json
 import logging
 import math
 import os
 import pickle
+import pickletools
 import re
+import reprlib
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -38,6 +51,7 @@ from typing import NamedTuple
 import torch
 
 from fastconvnext.configuration import CONFIG_NAME, ConvNextConfig
+from fastconvnext import safe_io
 from fastconvnext.safe_io import StagedFiles
 
 logger = logging.getLogger(__name__)
@@ -66,6 +80,15 @@ WRAPPER_KEYS = ("model", "state_dict")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_LISTED = 40
 MAX_JSON_BYTES = 16 * 2**20
+# Containers inside containers in a pickle: a state dict is ~5 deep, an optimizer state ~10; hashing a tuple
+# nested a million deep (a 1 MB file) overflows the C stack, which no exception handler can catch.
+MAX_PICKLE_NESTING = 100
+# The pickles at the start of a legacy (pre-zip) torch.save file are scanned in memory, up to this size.
+MAX_LEGACY_PICKLE_BYTES = 64 * 2**20
+# {"model": {"state_dict": ...}}: at most this many wrappers around the state dict.
+MAX_WRAPPERS = 4
+# A directory changed by another program while it was read is read again, at most this many times in all.
+READ_ATTEMPTS = 3
 # Parameters a load may initialize rather than read (a new head, strict=False gaps): at most as many as
 # the checkpoint provides, or this floor (a 21k-class head on ConvNeXt-T is 17M; on XL 45M of 350M).
 # More means the config and the checkpoint describe different models, and it bounds what a tiny file
@@ -150,7 +173,8 @@ def load_pretrained(
     config: a ConvNextConfig to use instead of config.json / the one inferred from the tensors.
     map_location: the device the model ends up on (tensors are read on the CPU first).
     strict: False turns missing and unexpected tensors into a warning (wrong shapes still raise).
-    dtype: "auto" keeps the checkpoint's floating dtype, as transformers 5 does; or a torch.dtype / its name.
+    dtype: "auto" takes the config's `dtype` (config.json's "dtype" or "torch_dtype") when it has one, else the
+        checkpoint's floating dtype, as transformers 5 does; or a torch.dtype / its name.
     ignore_mismatched_sizes: re-initialize (and warn about) tensors whose shape differs, e.g. a new head.
     subfolder: read the model from this folder inside `path` (or inside the hub repo).
     state_dict: tensors to use instead of the weights stored at `path` (config.json is still read).
@@ -186,7 +210,7 @@ def load_pretrained(
     config = _build_config(config, config_dict, canonical, fmt, config_overrides, source)
     cls = _chosen_class(cls, canonical)
     _check_block_structure(config, canonical, source, strict)
-    target_dtype = _target_dtype(dtype, canonical, source)
+    target_dtype = _target_dtype(dtype, config, canonical, source)
     model, info = _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes,
                                 target_dtype, device)
     model.eval()
@@ -197,10 +221,13 @@ def save_pretrained(model, directory, safe_serialization=True):
     """Write config.json and model.safetensors (or pytorch_model.bin) in transformers' form, so that
     transformers' `from_pretrained` of the same class loads it with no missing or unexpected keys.
 
-    Atomic: both files are written under temporary names beside their targets, fsynced, then renamed
-    over the old ones; any failure before that (an unserialisable config, a failed write) leaves the
-    previous checkpoint untouched. Weight files of other formats that would shadow the new ones are
-    removed only once the new files are in place.
+    Atomic: both files are written under temporary names beside their targets and fsynced; then, holding
+    the folder's exclusive lock (so concurrent saves into one folder take turns and loads wait), they
+    replace the old ones and weight files of other formats that would shadow them (pytorch_model.bin beside
+    a new model.safetensors, shards and indexes) are removed, as one journaled transaction: a failure or a
+    kill at any point leaves the previous checkpoint whole (rolled back at once, or by the next load or save
+    of the folder) or the new one. A config.json whose text does not change is left alone. A failed write
+    raises OSError naming the file.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -209,17 +236,15 @@ def save_pretrained(model, directory, safe_serialization=True):
     config_text = _config_json(model, tensors)
     directory.mkdir(parents=True, exist_ok=True)
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    stale = [name for name in DIRECTORY_WEIGHTS if name != weights_name] + list(SHARD_PATTERNS)
     with StagedFiles(directory) as staged:
-        weights_file = staged.stage(weights_name)
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(weights_file), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, weights_file)
-        staged.stage(CONFIG_NAME).write_text(config_text)
-        staged.commit()
-    _remove_stale_weights(directory, keep=weights_name)
+        _write_weights(tensors, staged.stage(weights_name), directory / weights_name, safe_serialization)
+        config_file = staged.stage(CONFIG_NAME, skip_if_unchanged=True)
+        try:
+            config_file.write_text(config_text, encoding="utf-8")
+        except OSError as err:
+            raise safe_io.write_error(directory / CONFIG_NAME, err) from None
+        staged.commit(remove=stale)
     return directory
 
 
@@ -394,7 +419,7 @@ def _resolve_source(path, hub_options=None, subfolder=""):
     local = Path(os.path.expanduser(os.fspath(path)))
     if local.exists():
         inner = _inside_subfolder(local, subfolder)
-        root = local.resolve() if local.is_dir() else inner.resolve().parent
+        root = safe_io.model_root(local) if local.is_dir() else inner.resolve().parent
         return Source(inner, root)
     text = os.fspath(path)
     if not _looks_like_hub_id(text):
@@ -447,9 +472,7 @@ def _download_from_hub(repo_id, subfolder="", **hub_options):
             f"{repo_id!r} is not a local file or directory, and downloading it from the Hugging Face Hub "
             f"failed ({type(err).__name__}: {err}). {advice}"
         ) from err
-    resolved = folder.resolve()
-    is_cache_snapshot = resolved.parent.name == "snapshots" and resolved.parent.parent.name.startswith("models--")
-    return folder, resolved.parent.parent if is_cache_snapshot else resolved
+    return folder, safe_io.model_root(folder)
 
 
 def _require_inside(root, path, what):
@@ -469,27 +492,78 @@ def _read_source(source, needs_config=True):
     """(state dict, config.json contents or None) of a directory or a single checkpoint file."""
     if source.path.is_dir():
         return _read_directory(source, needs_config)
-    return _unwrap(_read_file(source.path), source.path), None
+    return _read_file(source.path, _Reader(source.root)), None
+
+
+class _Reader:
+    """Opens a checkpoint's files, each only as a regular file inside `root`, and records what it opened, so that
+    a directory load can tell afterwards whether another program replaced or rewrote a file meanwhile."""
+
+    def __init__(self, root):
+        self.root, self.opened = root, {}
+
+    def open(self, path):
+        file = safe_io.open_regular_file(path, self.root)
+        self.opened[Path(path)] = _identity(os.fstat(file.fileno()))
+        return file
+
+    def changed(self):
+        """Names of the files opened that are no longer the same file with the same size and mtime."""
+        changed = []
+        for path, identity in self.opened.items():
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                now = None
+            if now != identity:
+                changed.append(path.name)
+        return changed
+
+
+def _identity(info):
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _read_directory(source, needs_config):
+    """Read under the folder's shared lock (a fastconvnext save commits under the exclusive one); if another
+    program changed a file read meanwhile, read it all again, READ_ATTEMPTS times at most."""
+    directory = source.path
+    for _ in range(READ_ATTEMPTS):
+        with safe_io.reading(directory):
+            reader = _Reader(source.root)
+            try:
+                weights = _directory_weights(source)
+                if weights.name.endswith(".index.json"):
+                    state_dict = _read_shards(weights, reader)
+                else:
+                    state_dict = _read_file(weights, reader)
+                config_dict = _read_config_json(directory, reader) if needs_config else None
+            except (ValueError, OSError):
+                if reader.changed():  # a file was being written: the error is about a half-written file
+                    continue
+                raise
+            changed = reader.changed()
+            if not changed and _directory_weights(source) == weights:
+                return state_dict, config_dict
+    raise OSError(
+        errno.EAGAIN,
+        f"{directory}: {', '.join(changed) or 'its weights'} changed while being read, {READ_ATTEMPTS} times "
+        f"(another program is saving into the folder?); retry once it is done",
+    )
+
+
+def _directory_weights(source):
+    """The weights file (or index) a transformers directory is loaded from: the first of DIRECTORY_WEIGHTS."""
     directory = source.path
     for name in DIRECTORY_WEIGHTS:
         if (directory / name).is_file():
-            weights = _require_inside(source.root, directory / name, f"{directory / name}")
-            break
-    else:
-        raise FileNotFoundError(
-            f"{directory} holds none of {', '.join(DIRECTORY_WEIGHTS)}; expected {SUPPORTED_SOURCES}"
-        )
-    if weights.name.endswith(".index.json"):
-        state_dict = _read_shards(weights, source.root)
-    else:
-        state_dict = _unwrap(_read_file(weights), weights)
-    return state_dict, _read_config_json(directory, source.root) if needs_config else None
+            return _require_inside(source.root, directory / name, f"{directory / name}")
+    raise FileNotFoundError(
+        f"{directory} holds none of {', '.join(DIRECTORY_WEIGHTS)}; expected {SUPPORTED_SOURCES}"
+    )
 
 
-def _read_config_json(directory, root):
+def _read_config_json(directory, reader):
     """config.json of a transformers directory, which must be there: guessing the architecture of a
     transformers directory would silently pick transformers' defaults (gelu, eps 1e-12)."""
     config_file = directory / CONFIG_NAME
@@ -501,8 +575,8 @@ def _read_config_json(directory, root):
         raise FileNotFoundError(f"{directory} has weights but no {CONFIG_NAME}; {advice}")
     if not config_file.is_file():
         raise IsADirectoryError(f"{config_file} is not a file; {advice}")
-    _require_inside(root, config_file, str(config_file))
-    config_dict = _read_json(config_file)
+    _require_inside(reader.root, config_file, str(config_file))
+    config_dict = _read_json(config_file, reader)
     if not isinstance(config_dict, dict):
         raise ValueError(
             f"{config_file} must hold a JSON object of ConvNextConfig fields, found {_json_kind(config_dict)}; {advice}"
@@ -510,8 +584,8 @@ def _read_config_json(directory, root):
     return config_dict
 
 
-def _read_shards(index_file, root):
-    index = _read_json(index_file)
+def _read_shards(index_file, reader):
+    index = _read_json(index_file, reader)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(
@@ -520,8 +594,8 @@ def _read_shards(index_file, root):
         )
     state_dict = {}
     for shard_name in sorted(set(weight_map.values())):
-        shard = _shard_path(index_file, shard_name, root)
-        tensors = _unwrap(_read_file(shard), shard)
+        shard = _shard_path(index_file, shard_name, reader.root)
+        tensors = _read_file(shard, reader)
         unlisted = sorted(k for k in tensors if weight_map.get(k) != shard_name)
         if unlisted:
             raise ValueError(
@@ -559,13 +633,10 @@ def _json_kind(value):
     return kinds.get(type(value), f"a number ({value!r})" if isinstance(value, (int, float)) else type(value).__name__)
 
 
-def _read_json(path):
+def _read_json(path, reader):
     path = Path(path)
-    try:
-        with open(path, "rb") as file:
-            data = file.read(MAX_JSON_BYTES + 1)
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{path} is a directory, expected a JSON file") from None
+    with reader.open(path) as file:
+        data = file.read(MAX_JSON_BYTES + 1)
     if len(data) > MAX_JSON_BYTES:
         raise ValueError(f"{path} is larger than {MAX_JSON_BYTES // 2**20} MiB, which no ConvNeXt JSON file needs")
     try:
@@ -576,32 +647,47 @@ def _read_json(path):
         raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
 
 
-def _read_file(path):
+def _read_file(path, reader):
+    """The state dict in one checkpoint file, opened through `reader` (one descriptor: one version of the file)."""
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
-        return _read_safetensors(path)
-    if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path)
-    raise ValueError(f"unsupported checkpoint file {path} (suffix {suffix or 'none'!r}); expected {SUPPORTED_SOURCES}")
+    if suffix not in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES:
+        raise ValueError(
+            f"unsupported checkpoint file {path} (suffix {suffix or 'none'!r}); expected {SUPPORTED_SOURCES}"
+        )
+    with reader.open(path) as file:
+        if suffix in SAFETENSORS_SUFFIXES:
+            return _unwrap(_read_safetensors(path, file), path)
+        return _read_pickle(path, file)
 
 
-def _read_safetensors(path):
+def _read_safetensors(path, file):
+    """safetensors' own reader on the open file: through /proc/self/fd where there is one (the same file, mapped),
+    else from its bytes."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     try:
-        return load_file(str(path), device="cpu")
+        reopened = safe_io.descriptor_path(file)
+        return load_file(reopened, device="cpu") if reopened else load(file.read())
     except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"cannot read {path} as safetensors ({err}); expected {SUPPORTED_SOURCES}") from None
 
 
-def _read_pickle(path):
+def _read_pickle(path, file):
+    """torch.load(weights_only=True) of an open file, after checks that bound what unpickling it can cost, and
+    the unwrapped state dict checked for tensors that overlap in memory."""
     unreadable = f"cannot read {path} as a PyTorch checkpoint"
-    if not _has_torch_magic(path):
+    size = os.fstat(file.fileno()).st_size
+    head = file.read(4)
+    is_zip = head.startswith(b"PK\x03\x04")
+    if not is_zip and head[:1] != b"\x80":
         raise ValueError(f"{unreadable} (neither a torch.save zip archive nor a pickle); expected {SUPPORTED_SOURCES}")
-    _check_zip_is_stored(path, unreadable)
+    if is_zip:
+        _check_zip_is_stored(file, size, unreadable)
+    _check_pickle_nesting(file, is_zip, unreadable)
+    file.seek(0)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "unsupported operand" in str(err).lower():  # a damaged pickle stream, not a forbidden object
             raise ValueError(f"{unreadable} (damaged pickle data); expected {SUPPORTED_SOURCES}") from None
@@ -613,18 +699,20 @@ def _read_pickle(path):
     except MemoryError:
         raise ValueError(f"{unreadable}: it declares storages larger than memory") from None
     except Exception as err:  # damaged archives surface as RuntimeError, EOFError, struct.error, ...
-        raise ValueError(f"{unreadable} ({type(err).__name__}: {err}); expected {SUPPORTED_SOURCES}") from None
+        raise ValueError(f"{unreadable} ({type(err).__name__}: {_brief(err)}); expected {SUPPORTED_SOURCES}") from None
+    state_dict = _unwrap(loaded, path)
+    _check_storages(state_dict, path, size)
+    return state_dict
 
 
-def _check_zip_is_stored(path, unreadable):
+def _check_zip_is_stored(file, size, unreadable):
     """torch.save stores its zip entries uncompressed; a compressed entry could inflate a small file into
     gigabytes (a zip bomb), so only stored entries no larger than the file itself are accepted."""
-    if not zipfile.is_zipfile(path):
-        return
+    file.seek(0)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(file) as archive:
             entries = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
         raise ValueError(f"{unreadable} (damaged zip archive: {err})") from None
     compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if compressed:
@@ -633,29 +721,235 @@ def _check_zip_is_stored(path, unreadable):
             f"checkpoint can inflate to far more memory than its size); expected uncompressed entries"
         )
     declared = sum(e.file_size for e in entries)
-    if declared > os.path.getsize(path):
+    if declared > size:
         raise ValueError(f"{unreadable}: its entries declare {declared:,} bytes, more than the file's own size")
 
 
-def _has_torch_magic(path):
-    """torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)."""
-    with open(path, "rb") as file:
-        head = file.read(4)
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+def _check_pickle_nesting(file, is_zip, unreadable):
+    """Refuse pickles nested deeper than MAX_PICKLE_NESTING before anything unpickles them.
+
+    The pickle torch.load will unpickle is read as torch reads it (data.pkl through torch's own zip reader; the
+    five pickles at the start of a legacy file) and its opcodes are walked without building anything.
+    """
+    file.seek(0)
+    try:
+        if is_zip:
+            streams = [io.BytesIO(torch._C.PyTorchFileReader(file).get_record("data.pkl"))]
+            count = 1
+        else:
+            streams = [io.BytesIO(file.read(MAX_LEGACY_PICKLE_BYTES))]
+            count = 5  # magic number, protocol version, system info, the object, its storage keys
+    except Exception as err:  # torch's reader on a damaged archive: RuntimeError and others
+        raise ValueError(f"{unreadable} ({type(err).__name__}: {_brief(err)}); expected {SUPPORTED_SOURCES}") from None
+    for stream in streams:
+        for _ in range(count):
+            try:
+                depth = _pickle_nesting(stream, MAX_PICKLE_NESTING)
+            except _DamagedPickle as err:
+                raise ValueError(f"{unreadable} (damaged pickle data: {err}); expected {SUPPORTED_SOURCES}") from None
+            if depth > MAX_PICKLE_NESTING:
+                raise ValueError(
+                    f"{unreadable}: its pickle nests containers more than {MAX_PICKLE_NESTING} deep (a state dict "
+                    f"needs about 5); unpickling it could overflow the stack"
+                )
+
+
+class _DamagedPickle(Exception):
+    pass
+
+
+_MARK = object()
+_PUSHES_ATOM = frozenset({
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE",
+    "BINUNICODE8", "FLOAT", "BINFLOAT", "NONE", "NEWTRUE", "NEWFALSE", "GLOBAL", "EXT1", "EXT2", "EXT4", "PERSID",
+    "NEXT_BUFFER",
+})
+_PUSHES_EMPTY = frozenset({"EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"})
+_NO_STACK_EFFECT = frozenset({"PROTO", "FRAME", "READONLY_BUFFER"})
+_BUILDS_FROM = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "REDUCE": 2, "NEWOBJ": 2, "NEWOBJ_EX": 3, "BINPERSID": 1,
+                "STACK_GLOBAL": 2}
+_BUILDS_FROM_MARK = frozenset({"TUPLE", "LIST", "DICT", "FROZENSET", "INST", "OBJ"})
+_ADDS_TO_TOP = {"APPEND": 1, "SETITEM": 2, "BUILD": 1}
+_ADDS_TO_TOP_FROM_MARK = frozenset({"APPENDS", "SETITEMS", "ADDITEMS"})
+_PUTS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_GETS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+
+
+def _pickle_nesting(stream, limit):
+    """The deepest nesting of containers the pickle at `stream`'s position builds, walking its opcodes up to STOP
+    (stops early once past `limit`). Each stack slot holds the depth of what it stands for: 0 for an atom, one
+    more than the deepest item for what is built from items. The memo keeps a slot's depth when it is stored, so
+    a list filled after being memoised is undercounted, but a tuple (immutable: all its items are known when it
+    is built) never is, and tuples are what hashing recurses through in C. _DamagedPickle for a stream the
+    unpickler would not accept either (unknown opcode, empty stack, missing mark or memo entry)."""
+    stack, memo, deepest = [], {}, 0
+
+    def pop(count):
+        if len(stack) < count or any(item is _MARK for item in stack[len(stack) - count:]):
+            raise _DamagedPickle("an opcode takes more items than the stack holds")
+        items = stack[len(stack) - count:]
+        del stack[len(stack) - count:]
+        return items
+
+    def pop_to_mark():
+        for position in range(len(stack) - 1, -1, -1):
+            if stack[position] is _MARK:
+                items = stack[position + 1:]
+                del stack[position:]
+                return items
+        raise _DamagedPickle("no MARK before an opcode that needs one")
+
+    def top():
+        if not stack or stack[-1] is _MARK:
+            raise _DamagedPickle("an opcode needs an item on the stack")
+        return stack[-1]
+
+    try:
+        for opcode, argument, _ in pickletools.genops(stream):
+            name = opcode.name
+            if name == "STOP":
+                break
+            if name in _NO_STACK_EFFECT:
+                continue
+            if name == "MARK":
+                stack.append(_MARK)
+            elif name in _PUSHES_ATOM:
+                stack.append(0)
+            elif name in _PUSHES_EMPTY:
+                stack.append(1)
+            elif name in _BUILDS_FROM:
+                stack.append(1 + max(pop(_BUILDS_FROM[name])))
+            elif name in _BUILDS_FROM_MARK:
+                stack.append(1 + max(pop_to_mark(), default=0))
+            elif name in _ADDS_TO_TOP:
+                added = 1 + max(pop(_ADDS_TO_TOP[name]))
+                stack[-1] = max(top(), added)
+            elif name in _ADDS_TO_TOP_FROM_MARK:
+                added = 1 + max(pop_to_mark(), default=0)
+                stack[-1] = max(top(), added)
+            elif name == "POP":
+                if not stack:
+                    raise _DamagedPickle("POP on an empty stack")
+                stack.pop()
+            elif name == "POP_MARK":
+                pop_to_mark()
+            elif name == "DUP":
+                stack.append(top())
+            elif name in _PUTS:
+                memo[argument] = top()
+            elif name == "MEMOIZE":
+                memo[len(memo)] = top()
+            elif name in _GETS:
+                if argument not in memo:
+                    raise _DamagedPickle(f"{name} of memo entry {argument!r}, which was never stored")
+                stack.append(memo[argument])
+            else:
+                raise _DamagedPickle(f"opcode {name} is not one torch.save writes")
+            if stack and stack[-1] is not _MARK:
+                deepest = max(deepest, stack[-1])
+                if deepest > limit:
+                    return deepest
+        else:
+            raise _DamagedPickle("the pickle ends without STOP")
+    except ValueError as err:  # pickletools: truncated argument, unknown opcode byte
+        raise _DamagedPickle(str(err)) from None
+    return deepest
+
+
+def _check_storages(state_dict, path, file_size):
+    """Every tensor of a pickled state dict must be a plain CPU tensor whose elements do not overlap one another
+    or another tensor's, and the storages behind them may not hold more bytes than the file.
+
+    A pickle can make any number of tensors, of any shape, out of one small storage: stride-0 views (what
+    torch.expand makes) or views of one storage under many names. Such a file is small and passes every check
+    that counts elements, yet makes the loader allocate the whole model it declares. torch.save writes each
+    parameter's storage once, so a real checkpoint's tensors never overlap.
+    """
+    spans, storage_bytes = {}, {}
+    for name, tensor in state_dict.items():
+        described = f"{path}: tensor {name!r}"
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or tensor.is_quantized:
+            raise ValueError(
+                f"{described} is a {tensor.layout} tensor on {tensor.device}{' (quantized)' * tensor.is_quantized}; "
+                f"expected a dense tensor with its values in the file"
+            )
+        if tensor.numel() == 0:
+            continue
+        if not _elements_are_distinct(tensor):
+            raise ValueError(
+                f"{described} (shape {list(tensor.shape)}, strides {list(tensor.stride())}) repeats elements in "
+                f"memory (a stride-0 or overlapping view): it holds fewer values than it declares, which "
+                f"torch.save never writes for a parameter; re-save it with .contiguous()"
+            )
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        storage_bytes[key] = storage.nbytes()
+        size = tensor.element_size()
+        first = tensor.storage_offset()
+        last = first + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+        spans.setdefault(key, []).append((first * size, (last + 1) * size, name))
+    for regions in spans.values():
+        regions.sort()
+        for (_, end, earlier), (start, _, later) in zip(regions, regions[1:]):
+            if start < end:
+                raise ValueError(
+                    f"{path}: tensors {earlier!r} and {later!r} share storage bytes (views of one storage): a "
+                    f"checkpoint holds each tensor's values once, and overlapping views would let a small file "
+                    f"declare far more parameters than it holds; re-save each tensor with .clone()"
+                )
+    held = sum(storage_bytes.values())
+    if held > file_size:
+        raise ValueError(f"{path}: its tensors' storages hold {held:,} bytes, more than the file's {file_size:,}")
+
+
+def _elements_are_distinct(tensor):
+    """Whether no two indices of `tensor` address the same element: with dims of more than one element sorted
+    by stride, each stride must step past everything the smaller dims reach."""
+    reach = 0
+    for step, length in sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n > 1):
+        if step <= reach:
+            return False
+        reach += (length - 1) * step
+    return True
+
+
+def _brief(value, limit=200):
+    """A bounded repr of something read from a file (reprlib: nesting and lengths cut, never a RecursionError)."""
+    try:
+        text = _SHORT_REPR.repr(value) if not isinstance(value, BaseException) else str(value)
+    except (RecursionError, ValueError, TypeError):
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother = 3, 60, 60
 
 
 def _unwrap(obj, path):
-    """The {name: tensor} state dict inside a loaded file ({"model": ...} / {"state_dict": ...} too)."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        bad_keys = [k for k in obj if not isinstance(k, str)]
-        if bad_keys:
-            raise ValueError(f"{path} holds tensors under keys that are not strings: {bad_keys[:5]!r}")
-        return _strip_ddp_prefix(obj)
+    """The {name: tensor} state dict inside a loaded file ({"model": ...} / {"state_dict": ...} too, at most
+    MAX_WRAPPERS deep). Nothing from the file is formatted without a bound (_brief)."""
+    for _ in range(MAX_WRAPPERS + 1):
+        if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            bad_keys = [k for k in obj if not isinstance(k, str)]
+            if bad_keys:
+                raise ValueError(f"{path} holds tensors under keys that are not strings: {_brief(bad_keys[:5])}")
+            return _strip_ddp_prefix(obj)
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    else:
+        raise ValueError(
+            f"{path} nests its state dict under more than {MAX_WRAPPERS} {' / '.join(map(repr, WRAPPER_KEYS))} "
+            f"wrappers; expected a state dict of tensors, directly or under one of them"
+        )
     if isinstance(obj, dict):
-        for key in WRAPPER_KEYS:
-            if isinstance(obj.get(key), dict):
-                return _unwrap(obj[key], path)
-    described = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        names = sorted(_brief(k, 60) if not isinstance(k, str) else k[:60] for k in list(obj)[:10_000])
+        described = f"a dict with keys {names[:8]}"
+    else:
+        described = type(obj).__name__
     raise ValueError(
         f"{path} holds {described}, not a state dict of tensors (directly or under "
         f"{' / '.join(repr(k) for k in WRAPPER_KEYS)})"
@@ -908,10 +1202,14 @@ def _config_json(model, tensors):
         raise TypeError(f"the config of {type(model).__name__} cannot be written as JSON ({err})") from None
 
 
-def _target_dtype(dtype, canonical, source):
-    """The dtype the model is built in: the requested one, or the checkpoint's ("auto")."""
+def _target_dtype(dtype, config, canonical, source):
+    """The dtype the model is built in: the requested one; for "auto" the config's `dtype` (config.json's "dtype"
+    or "torch_dtype") when it names one, as transformers' from_pretrained(dtype="auto") does, else the
+    checkpoint's."""
     if dtype != "auto":
         return dtype
+    if config.dtype not in (None, "auto"):
+        return config.dtype
     dtypes = {t.dtype for t in canonical.values()}
     if len(dtypes) != 1:
         return torch.float32
@@ -1113,15 +1411,20 @@ def _plain_tensors(state_dict):
     return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
 
 
-def _remove_stale_weights(directory, keep):
-    """Old weight files of other formats would shadow the new `keep` file (loaders prefer safetensors,
-    then an index); called only once the new files are in place."""
-    stale = [directory / name for name in DIRECTORY_WEIGHTS if name != keep]
-    for pattern in SHARD_PATTERNS:
-        stale.extend(directory.glob(pattern))
-    for path in stale:
-        if path.is_file() or path.is_symlink():
-            path.unlink()
+def _write_weights(tensors, temporary, final, safe_serialization):
+    """Write the weights to the staged file; a failed write (a full disk, an I/O error) raises OSError naming
+    `final`, whatever the writer reports it as (safetensors: SafetensorError, torch.save: RuntimeError)."""
+    from safetensors import SafetensorError
+
+    try:
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(temporary), metadata={"format": "pt"})
+        else:
+            torch.save(tensors, temporary)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        raise safe_io.write_error(final, err) from None
 
 
 def _copy_training_flags(source_model, target_model):

@@ -207,9 +207,9 @@ def load_one_case(root, folders, case):
         handed_to_readers = []
         original_read_file = checkpoint._read_file
 
-        def spied_read_file(path):
+        def spied_read_file(path, reader):
             handed_to_readers.append(str(path))
-            return original_read_file(path)
+            return original_read_file(path, reader)
 
         WATCH.paths, WATCH.active = [], True
         checkpoint._read_file = spied_read_file

@@ -345,10 +345,12 @@ def snapshot(directory):
 
 
 def saved_pair(tmp_path, safe_serialization=True):
-    """(directory holding a saved classifier, a changed model to save over it)."""
+    """(directory holding a saved classifier, a changed model to save over it: other weights and other labels, so
+    that both config.json and the weights change)."""
     old = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, num_labels=5))
     save_pretrained(old, tmp_path, safe_serialization=safe_serialization)
-    new = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, num_labels=5))
+    labels = {i: f"new label {i}" for i in range(5)}
+    new = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, id2label=labels))
     with torch.no_grad():
         new.classifier.bias.add_(1.0)
     return old, new
