@@ -13,6 +13,8 @@ beside each ASSUMED one:
 Every kernel accumulates what it reads or computes and stores it, so none can be optimized away.
 
     python benchmarks/calibrate_machine.py --output DIR     # needs CUDA; ~1 minute on an H100
+    python benchmarks/calibrate_machine.py --quick          # one dot tile per width N (3 instead of 6 dot
+                                                            # kernels to compile): gpu_acceptance's stage 1
     python benchmarks/calibrate_machine.py --dry-run        # Triton interpreter, tiny sizes, NO measurement
     python benchmarks/calibrate_machine.py --sass 90        # compile the kernels for sm_90 (no GPU) and
                                                             # show the loop instructions (a MODEL check)
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 DOT_SHAPES = ((64, 64, 4), (64, 128, 4), (64, 256, 4), (128, 64, 4), (128, 128, 8), (128, 256, 8))  # M, N, warps
+# The model's dot efficiency depends on the width N only (sass_report.tensor_efficiency): one tile per N is enough
+# to check it, and compiles half the dot kernels (gpu_acceptance.py's stage 1 counts every compile).
+QUICK_DOT_SHAPES = ((128, 64, 4), (128, 128, 8), (128, 256, 8))
 DOT_K = 64
 READ_BLOCK = 4096  # fp32 elements per program step: 16 B (one 128-bit load) per thread per 4 elements
 FMA_CHAINS = 4  # independent FMA chains per element, to hide the FMA latency
@@ -230,9 +235,11 @@ def _smi_clocks():
         return "n/a"
 
 
-def run_all(dry_run=False, repeats=10):
+def run_all(dry_run=False, repeats=10, dot_shapes=DOT_SHAPES, on_row=None):
     """Runs the microbenchmarks; returns (rows, suggestions, facts). Rows: (figure, measured median,
-    measured min..max, assumed, measured/assumed, unit)."""
+    measured min..max, assumed, measured/assumed, unit). dot_shapes: the (M, N, warps) dot tiles to time (a dry
+    run takes the first two); on_row(row, facts) is called as soon as each row is measured, so a caller can
+    write it out before the next kernel compiles."""
     import torch
 
     if not dry_run and not torch.cuda.is_available():
@@ -255,6 +262,8 @@ def run_all(dry_run=False, repeats=10):
     def row(figure, measured, assumed, unit, scale=1.0):
         rows.append((figure, measured["median"] / scale, (measured["min"] / scale, measured["max"] / scale),
                      assumed / scale, measured["median"] / assumed, unit))
+        if on_row is not None:
+            on_row(rows[-1], facts)
 
     # HBM: 4x L2, one contiguous share per program, 8 programs per SM
     programs = 1 if dry_run else sms * 8
@@ -274,7 +283,7 @@ def run_all(dry_run=False, repeats=10):
     # tensor cores
     peak = gpu.tensor_flops["bf16"]
     suggest["tensor_efficiency"] = {}
-    for m, n_, warps in DOT_SHAPES[:2] if dry_run else DOT_SHAPES:
+    for m, n_, warps in tuple(dot_shapes)[:2] if dry_run else dot_shapes:
         a = torch.randn(m, DOT_K, device=device).to(torch.bfloat16)
         b = torch.randn(DOT_K, n_, device=device).to(torch.bfloat16)
         programs, iterations = (1, 2) if dry_run else (sms * 8, 2048)  # 8 per SM: even waves, SMs full
@@ -364,13 +373,14 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, help="write calibrate_machine.json and .md here")
     parser.add_argument("--dry-run", action="store_true", help="interpreter, tiny sizes; checks the code only")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help=f"dot tiles {QUICK_DOT_SHAPES} only (one per width N)")
     parser.add_argument("--sass", type=int, choices=(80, 90), help="compile for sm_ARCH and print the loops")
     args = parser.parse_args(argv)
     if args.sass:
         print("\n".join(sass_summary(args.sass)))
         return 0
     try:
-        rows, suggest, facts = run_all(args.dry_run, args.repeats)
+        rows, suggest, facts = run_all(args.dry_run, args.repeats, QUICK_DOT_SHAPES if args.quick else DOT_SHAPES)
     except RuntimeError as error:
         print(f"calibrate_machine: {error}", file=sys.stderr)
         return 2
