@@ -92,3 +92,23 @@ def dot_with_exact_bf16(a, b, d, input_precision, max_num_imprecise_acc):
 
     result = np.matmul(as_float(a), as_float(b), dtype=d.data.dtype) + d.data
     return interpreter.TensorHandle(result, d.dtype.scalar)
+
+
+# ------------------------------------------------------------------ what the installed transformers can do
+# fastconvnext follows the newest transformers where versions differ (README: "Older transformers"). Against an
+# older transformers, the tests of a behaviour it lacks skip, each naming the behaviour; detected from the
+# installed transformers itself, never from a version number.
+def transformers_composites_alpha_on_white() -> bool:
+    """Whether the installed transformers' RGB conversion composites transparency onto white (newer releases)
+    or drops the alpha channel (older ones)."""
+    from PIL import Image
+    from transformers.image_transforms import convert_to_rgb
+
+    transparent_black = Image.new("RGBA", (1, 1), (0, 0, 0, 0))
+    try:
+        converted = convert_to_rgb(transparent_black, return_numpy=True)
+    except TypeError:  # older signature without return_numpy
+        converted = convert_to_rgb(transparent_black)
+    import numpy as np
+
+    return bool(np.asarray(converted).reshape(-1)[0] == 255)

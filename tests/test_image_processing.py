@@ -9,6 +9,7 @@ import transformers
 from PIL import Image
 from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
 
+from helpers import transformers_composites_alpha_on_white
 from fastconvnext.image_processing import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -112,6 +113,9 @@ MODE_IMAGES = {
 def test_non_rgb_modes_match_transformers_rgb_conversion(mode):
     # transformers fails on these without do_convert_rgb; with it, it converts (alpha onto white) like we do.
     image = MODE_IMAGES[mode]()
+    if "A" in image.getbands() and not transformers_composites_alpha_on_white():
+        pytest.skip(f"transformers {transformers.__version__} drops alpha in its RGB conversion; fastconvnext "
+                    "composites onto white as newer transformers do")
     got = ours(image, size=224)
     assert got.shape == (1, 3, 224, 224)
     assert_close(got, reference(image, size=224, do_convert_rgb=True))
@@ -248,7 +252,12 @@ def test_save_and_load_round_trip(tmp_path):
 
 def test_transformers_loads_our_config_with_identical_outputs(tmp_path):
     ConvNextImageProcessor(**CUSTOM).save_pretrained(tmp_path)
-    theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    try:
+        theirs = transformers.AutoImageProcessor.from_pretrained(tmp_path)
+    except ImportError as error:  # older transformers pick the torchvision-backed processor
+        if "orchvision" not in str(error):
+            raise
+        pytest.skip(f"transformers {transformers.__version__}'s AutoImageProcessor needs torchvision, not installed")
     assert type(theirs).__name__.startswith("ConvNextImageProcessor")
     images = [random_rgb(h, w) for h, w in ODD_SIZES]
     expected = theirs(images, return_tensors="pt")["pixel_values"]
