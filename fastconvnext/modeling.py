@@ -137,26 +137,84 @@ class ConvNextDropPath(nn.Module):
     def sample_scale(self, x):
         return drop_path_scale(self.drop_prob, self.training, x)
 
+    def forward(self, x):
+        """x (NCHW) with each sample kept and scaled by 1/keep_prob, or dropped: what a block runs when it
+        calls its sub-modules (hooks or adapters attached); the fused path applies sample_scale() itself."""
+        scale = self.sample_scale(x)
+        return x if scale is None else x * scale.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
     def extra_repr(self):
         return f"p={self.drop_prob}"
 
 
-def block_forward(block, x, act, sample_scale):
-    """One ConvNeXt block through the backend ops; x is channels-last NCHW, so its NHWC view is free.
+_module_state = torch.nn.modules.module  # where torch keeps its process-wide module hooks
 
-    `block` is any module with transformers' block attribute names (dwconv, layernorm, pwconv1,
-    pwconv2, layer_scale_parameter): fastconvnext's own, or transformers' patched one.
+
+def _global_hooks_registered():
+    """Whether hooks registered for every module (torch.nn.modules.module.register_module_forward_hook and
+    friends) exist: the same four dicts nn.Module.__call__ checks before it skips hook handling."""
+    return bool(_module_state._global_forward_hooks or _module_state._global_forward_pre_hooks
+                or _module_state._global_backward_hooks or _module_state._global_backward_pre_hooks)
+
+
+def _hooked(module):
+    """Whether `module` has forward, forward-pre or backward hooks of its own (nn.Module.__call__'s test)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _plain(module, cls):
+    """Whether `module` is exactly `cls` with no hooks of its own: then its tensors can be passed to a fused op
+    instead of calling it. A subclass (a LoRA or quantized Linear, a parametrized module) or any hook means
+    the module must be called, as transformers calls it."""
+    return type(module) is cls and not _hooked(module)
+
+
+def block_forward(block, x, norm_class, act_name, drop_path_classes, draw_scale):
+    """One ConvNeXt block; x is channels-last NCHW, so its NHWC view is free.
+
+    `block` is any module with transformers' block attribute names (dwconv, layernorm, pwconv1, act,
+    pwconv2, layer_scale_parameter, drop_path): fastconvnext's own, or transformers' patched one. Each
+    half runs as one backend op (fused kernel or eager reference) when its sub-modules are the plain ones the
+    op reproduces: dwconv an nn.Conv2d and layernorm a `norm_class`; pwconv1/pwconv2 nn.Linear, the
+    activation fusable (`act_name`, None if not) and drop_path one of `drop_path_classes`, none with hooks and
+    no global module hooks. Otherwise that half calls its sub-modules in transformers' order, so hooks fire
+    and adapters (LoRA, quantized linears) take part, with transformers' numbers. `draw_scale(x)` gives the
+    drop-path scale for the fused MLP (drawn after the first half, where transformers' order puts it).
+    Only the block's own few sub-modules are inspected, on every call (hooks can come and go at any time).
     """
+    global_hooks = _global_hooks_registered()
     residual = _nhwc(x)
-    y = backend.dwconv_layernorm(
-        residual, block.dwconv.weight, block.dwconv.bias, block.layernorm.weight, block.layernorm.bias,
-        block.layernorm.eps,
+    if not global_hooks and _plain(block.dwconv, nn.Conv2d) and _plain(block.layernorm, norm_class):
+        y = backend.dwconv_layernorm(
+            residual, block.dwconv.weight, block.dwconv.bias, block.layernorm.weight, block.layernorm.bias,
+            block.layernorm.eps,
+        )
+    else:
+        y = block.layernorm(_nhwc(block.dwconv(x)))
+    fusable_mlp = (
+        act_name is not None and not global_hooks and _plain(block.pwconv1, nn.Linear)
+        and _plain(block.pwconv2, nn.Linear) and not _hooked(block.act)
+        and type(block.drop_path) in drop_path_classes and not _hooked(block.drop_path)
     )
-    out = backend.convnext_mlp(
-        y, residual, block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
-        block.layer_scale_parameter, act, sample_scale,
-    )
-    return _nchw(out)
+    if fusable_mlp:
+        out = backend.convnext_mlp(
+            y, residual, block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
+            block.layer_scale_parameter, act_name, draw_scale(x),
+        )
+        return _nchw(out)
+    y = block.pwconv2(block.act(block.pwconv1(y)))
+    if block.layer_scale_parameter is not None:
+        y = block.layer_scale_parameter * y
+    return x + block.drop_path(_nchw(y))
+
+
+_DROP_PATHS = (ConvNextDropPath, nn.Identity)
+
+
+def _draw_scale(block):
+    drop_path = block.drop_path
+    return drop_path.sample_scale if isinstance(drop_path, ConvNextDropPath) else lambda x: None
 
 
 class ConvNextLayer(nn.Module):
@@ -174,24 +232,10 @@ class ConvNextLayer(nn.Module):
         self.drop_path = ConvNextDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
-        scale = self.drop_path.sample_scale(x) if isinstance(self.drop_path, ConvNextDropPath) else None
-        if isinstance(self.act, ConvNextActivation):
-            return block_forward(self, x, self.act.name, scale)
-        return self._forward_learnable_act(x, scale)
-
-    def _forward_learnable_act(self, x, sample_scale):
-        """A block whose activation has parameters: the fused dwconv+LayerNorm, then the MLP eagerly."""
-        residual = _nhwc(x)
-        y = backend.dwconv_layernorm(
-            residual, self.dwconv.weight, self.dwconv.bias, self.layernorm.weight, self.layernorm.bias,
-            self.layernorm.eps,
-        )
-        y = self.pwconv2(self.act(self.pwconv1(y)))
-        if self.layer_scale_parameter is not None:
-            y = self.layer_scale_parameter * y
-        if sample_scale is not None:
-            y = y * sample_scale.view(-1, 1, 1, 1)
-        return _nchw(residual + y)
+        """The fused ops where the sub-modules are plain; an activation with parameters (prelu, xielu) or any
+        other than the fused MLP's runs its MLP half by calling pwconv1, act, pwconv2 (block_forward)."""
+        act_name = self.act.name if type(self.act) is ConvNextActivation else None
+        return block_forward(self, x, ConvNextLayerNorm, act_name, _DROP_PATHS, _draw_scale(self))
 
 
 class ConvNextStage(nn.Module):

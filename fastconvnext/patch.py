@@ -58,12 +58,17 @@ def _activation_names():
 
 def _build_fused_layer(original):
     activation_names = _activation_names()
+    modeling_convnext = _convnext_module()
+    layer_norm = modeling_convnext.ConvNextLayerNorm
+    drop_paths = (modeling_convnext.ConvNextDropPath, nn.Identity)
 
     class ConvNextLayer(original):
         """transformers' ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops.
 
         Same parameters and output as the original; the output tensor is channels-last in memory, so the
-        next block reads it without a copy. Activations the fused MLP lacks run the original forward.
+        next block reads it without a copy. A half of the block whose sub-modules are not transformers' plain
+        ones (hooks, global module hooks, LoRA or other replaced layers) calls them as the original forward
+        does (modeling.block_forward); activations the fused MLP lacks run the original forward.
         """
 
         _fastconvnext_fused = True
@@ -72,9 +77,12 @@ def _build_fused_layer(original):
             act = activation_names.get(type(self.act))
             if act is None:
                 return super().forward(features)
-            x = _channels_last(features)
-            drop_prob = getattr(self.drop_path, "drop_prob", 0.0)
-            return block_forward(self, x, act, drop_path_scale(drop_prob, self.drop_path.training, x))
+            drop_path = self.drop_path
+            drop_prob = getattr(drop_path, "drop_prob", 0.0)
+            return block_forward(
+                self, _channels_last(features), layer_norm, act, drop_paths,
+                lambda x: drop_path_scale(drop_prob, drop_path.training, x),
+            )
 
     # Keep transformers' class name (accelerate's _no_split_modules matches by name) and make the
     # class reachable as fastconvnext.patch.ConvNextLayer so pickled models load again.
