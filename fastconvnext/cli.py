@@ -113,7 +113,10 @@ def _add_classify(commands) -> None:
         "Classify images with a ConvNeXt image-classification checkpoint.\n\n"
         "Preprocessing comes from MODEL/preprocessor_config.json when MODEL is a directory that has one;\n"
         "otherwise the ImageNet evaluation settings are used (shortest edge = config.image_size,\n"
-        "crop 224/256, bicubic, ImageNet mean/std).",
+        "crop 224/256, bicubic, ImageNet mean/std).\n\n"
+        "Scores as transformers' image-classification pipeline gives them: softmax probabilities for\n"
+        "single-label classification, sigmoid probabilities for a multi-label or one-logit head, and the\n"
+        "raw scores (JSON key \"score\", not \"probability\") for problem_type \"regression\".",
         "examples:\n"
         "  fastconvnext classify --model ./convnext-tiny-224 cat.jpg\n"
         "  fastconvnext classify --model model.safetensors *.png --top-k 1 --json",
@@ -273,7 +276,11 @@ def run_classify(args: argparse.Namespace) -> int:
     model = _load_classifier(args.model, device, getattr(torch, DTYPES[args.dtype]), args.ignore_mismatched_sizes)
     if processor is None:
         processor = _imagenet_processor(args.model, model.config)
-    predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels))
+    function = score_function(model.config)
+    if function == "none":
+        print(f"{PROG}: note: {terminal_safe(_RAW_SCORES_NOTE.format(model.config.problem_type))}", file=sys.stderr)
+    predictions = _predict(model, processor, image_paths, args.batch_size, min(args.top_k, model.config.num_labels),
+                           function)
     if args.json:
         print(json.dumps(list(predictions), indent=2))
     else:
@@ -282,20 +289,23 @@ def run_classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _predict(model, processor, image_paths: list[Path], batch_size: int, top_k: int):
-    """Yield {"image", "predictions": [{"label", "index", "probability"}, ...]} per image, in order."""
+def _predict(model, processor, image_paths: list[Path], batch_size: int, top_k: int, function: str = "softmax"):
+    """Yield {"image", "predictions": [{"label", "index", "probability"}, ...]} per image, in order; with
+    function "none" (regression) the value is the raw logit, under "score" instead of "probability"."""
     import torch
 
+    key = "score" if function == "none" else "probability"
     for start in range(0, len(image_paths), batch_size):
         batch_paths = image_paths[start : start + batch_size]
         # Paths, not decoded images: the processor names the file in its errors (EXIF orientation applied).
         pixels = processor([str(p) for p in batch_paths], return_tensors="pt").pixel_values
         with torch.inference_mode():
             logits = model(pixels.to(device=model.device, dtype=model.dtype)).logits.float()
-        values, indices = _probabilities(logits, model.config.problem_type).topk(top_k, dim=-1)
-        for path, probs, ids in zip(batch_paths, values.tolist(), indices.tolist()):
+        # a stable descending sort: equal scores keep label order, as the pipeline's sorted() does
+        values, indices = _scores(logits, function).sort(dim=-1, descending=True, stable=True)
+        for path, scores, ids in zip(batch_paths, values[:, :top_k].tolist(), indices[:, :top_k].tolist()):
             yield {"image": str(path), "predictions": [
-                {"label": _label(model.config, i), "index": i, "probability": p} for p, i in zip(probs, ids)
+                {"label": _label(model.config, i), "index": i, key: v} for v, i in zip(scores, ids)
             ]}
 
 
@@ -405,10 +415,35 @@ def _imagenet_processor(model_path: str, config):
     return ConvNextImageProcessor.for_imagenet(image_size=config.image_size)
 
 
-def _probabilities(logits, problem_type: str | None):
-    if problem_type == "multi_label_classification":
+SCORE_FUNCTIONS = ("sigmoid", "softmax", "none")
+_RAW_SCORES_NOTE = ("config.problem_type is {!r}: the values shown are the model's raw scores (logits), "
+                    "not probabilities")
+
+
+def score_function(config) -> str:
+    """What turns logits into the scores shown, decided as transformers' ImageClassificationPipeline does by
+    default (postprocess with function_to_apply=None): "none" (raw scores) for problem_type "regression";
+    "sigmoid" for "multi_label_classification" or a single logit; "softmax" for
+    "single_label_classification" or several logits; else config.function_to_apply, else "none"."""
+    problem_type, num_labels = config.problem_type, config.num_labels
+    if problem_type == "regression":
+        return "none"
+    if problem_type == "multi_label_classification" or num_labels == 1:
+        return "sigmoid"
+    if problem_type == "single_label_classification" or num_labels > 1:
+        return "softmax"
+    function = getattr(config, "function_to_apply", "none")
+    if str(function).lower() not in SCORE_FUNCTIONS:
+        raise CommandError(f"config.function_to_apply must be one of {SCORE_FUNCTIONS}, got {function!r}")
+    return str(function).lower()
+
+
+def _scores(logits, function: str):
+    if function == "sigmoid":
         return logits.sigmoid()
-    return logits.softmax(dim=-1)
+    if function == "softmax":
+        return logits.softmax(dim=-1)
+    return logits
 
 
 def _label(config, index: int) -> str:
@@ -416,9 +451,14 @@ def _label(config, index: int) -> str:
 
 
 def _print_prediction(result: dict) -> None:
+    """`  1. 0.9731  label` per class; raw scores (regression) read `  1. score 2.5000  label`."""
     print(terminal_safe(result["image"]))
     for rank, prediction in enumerate(result["predictions"], start=1):
-        print(f"  {rank}. {prediction['probability']:.4f}  {terminal_safe(prediction['label'])}")
+        if "probability" in prediction:
+            value = f"{prediction['probability']:.4f}"
+        else:
+            value = f"score {prediction['score']:.4f}"
+        print(f"  {rank}. {value}  {terminal_safe(prediction['label'])}")
     sys.stdout.flush()
 
 

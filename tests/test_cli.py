@@ -141,6 +141,51 @@ def test_classify_multi_label_model_reports_sigmoid_scores(capsys, hf_model, ima
     np.testing.assert_allclose([p["probability"] for p in predictions], expected.values.tolist(), rtol=0, atol=1e-5)
 
 
+HEADS = {  # name: (num_labels, problem_type, the pipeline's function_to_apply)
+    "one logit": (1, None, "sigmoid"),
+    "regression, one output": (1, "regression", "none"),
+    "regression, three outputs": (3, "regression", "none"),
+    "multi-label": (3, "multi_label_classification", "sigmoid"),
+    "single-label": (3, "single_label_classification", "softmax"),
+}
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_classify_scores_as_transformers_image_classification_pipeline(capsys, head, images, tmp_path):
+    """The oracle is transformers' ImageClassificationPipeline with its default function_to_apply: sigmoid for a
+    one-logit or multi-label head, softmax for single-label, raw scores (not probabilities) for regression."""
+    num_labels, problem_type, function = HEADS[head]
+    labels = {i: LABELS[i] for i in range(num_labels)}
+    torch.manual_seed(2)
+    model = transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**dict(
+        TINY, num_labels=num_labels, id2label=labels, label2id={v: k for k, v in labels.items()},
+        problem_type=problem_type))).eval()
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 3.0)
+    model.save_pretrained(tmp_path)
+    processor = ConvNextImageProcessorPil(**PREPROCESSING)
+    processor.save_pretrained(tmp_path)
+    pipe = transformers.pipeline("image-classification", model=model, image_processor=processor, device="cpu")
+    capsys.readouterr()
+    code, out, err = run(capsys, "classify", "--model", tmp_path, *images, "--json", "--top-k", 2)
+    assert code == 0, err
+    key = "score" if function == "none" else "probability"
+    for image, result in zip(images, json.loads(out)):
+        expected = pipe(str(image), top_k=2)
+        assert [p["label"] for p in result["predictions"]] == [e["label"] for e in expected]
+        assert all(set(p) == {"label", "index", key} for p in result["predictions"])
+        np.testing.assert_allclose([p[key] for p in result["predictions"]], [e["score"] for e in expected],
+                                   rtol=0, atol=1e-5)
+    if function == "none":
+        assert "raw scores (logits), not probabilities" in err
+    code, out, err = run(capsys, "classify", "--model", tmp_path, images[0], "--top-k", 1)
+    assert code == 0, err
+    expected = pipe(str(images[0]), top_k=1)[0]
+    value = f"score {expected['score']:.4f}" if function == "none" else f"{expected['score']:.4f}"
+    assert out.splitlines()[1] == f"  1. {value}  {expected['label']}"
+
+
 def test_device_cuda_without_cuda_is_an_error(capsys, model_dir, images, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code, out, err = run(capsys, "classify", "--model", model_dir, images[0], "--device", "cuda")
