@@ -7,7 +7,8 @@
 `triton`: always the kernels; on CPU tensors that needs TRITON_INTERPRET=1 (Triton's interpreter).
 `eager`: always the eager references from `fastconvnext.kernels.reference`.
 Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import; a bad value
-is reported when an op is first dispatched or `get_backend()` is called, so `fastconvnext info` still runs).
+is reported when an op is first dispatched or `get_backend()` is called, so `fastconvnext info` still runs):
+the process-wide default. `with use_backend(...)` overrides it in the current thread only, for the block.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 from fastconvnext import policy
 from fastconvnext.kernels import reference
 from fastconvnext.policy import (  # noqa: F401  (the public names are also fastconvnext.backend's)
-    BACKENDS, CPU_ARCH, ENV_VAR, MODES, OPS, Decision, PolicyKey, clear_policy, configured_backend, get_backend,
-    install_tuned, set_backend, tuned_decisions, use_backend,
+    BACKENDS, CPU_ARCH, ENV_VAR, MODES, OPS, Decision, PolicyKey, active_backend, clear_policy, configured_backend,
+    get_backend, install_tuned, scoped_backend, set_backend, tuned_decisions, use_backend,
 )
 
 TUNE_ENV_VAR = "FASTCONVNEXT_TUNE"
@@ -55,10 +56,11 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
     policy.raise_env_error()
     if policy.recorder is not None and call is not None and unsupported_reason is None:
         policy.recorder(op, policy_key(op, x, channels, tensors), call)
-    if policy.current_backend == "eager":
+    active = policy.active_backend()
+    if active == "eager":
         return False
     usable, why = _kernels_usable(x.device.type)
-    if policy.current_backend == "auto":
+    if active == "auto":
         return usable and x.device.type == "cuda" and unsupported_reason is None and _auto_prefers_fused(
             op, x, channels, tensors, call)
     if not usable:

@@ -262,6 +262,13 @@ class ConvNextStage(nn.Module):
         return x
 
 
+def _run_under_backend(name, stage, x):
+    """stage(x) under use_backend(name): the checkpointed stage's forward and its recomputation in backward pick
+    the same ops, whichever thread the autograd engine recomputes it in."""
+    with backend.use_backend(name):
+        return stage(x)
+
+
 class ConvNextEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -282,7 +289,11 @@ class ConvNextEncoder(nn.Module):
         hidden_states = [x] if output_hidden_states else None
         for stage in self.stages:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+                scoped = None if torch.compiler.is_compiling() else backend.scoped_backend()
+                if scoped is None:
+                    x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+                else:  # backward may recompute in another thread (CUDA's): take this thread's scope along
+                    x = torch.utils.checkpoint.checkpoint(_run_under_backend, scoped, stage, x, use_reentrant=False)
             else:
                 x = stage(x)
             if output_hidden_states:
@@ -301,13 +312,18 @@ def _contiguous_nchw(tensors, selected=None):
 def _hidden_states_selection(value, count):
     """transformers' output_hidden_states: a flag, or an index or list of indices of the `count` hidden
     states to return (negative ones count from the end, out-of-range ones select nothing).
-    Returns None (no hidden states), or the set of indices to return."""
+    Returns None (no hidden states), or the set of indices to return.
+
+    As in transformers, a false value asks for none whatever its type: 0 and [] are not selections of
+    index 0 and of nothing, they are "no hidden states" (transformers tests the flag's truth first)."""
     if isinstance(value, bool):
         return set(range(count)) if value else None
     indices = [value] if isinstance(value, int) else value
     is_index = lambda i: isinstance(i, int) and not isinstance(i, bool)  # noqa: E731
     if not isinstance(indices, (list, tuple)) or not all(is_index(i) for i in indices):
         raise TypeError(f"output_hidden_states must be a bool, an int or a list of ints, got {value!r}")
+    if not value:
+        return None
     return {i % count for i in indices if -count <= i < count}
 
 

@@ -1,10 +1,12 @@
 """The dispatch policy's vocabulary and state, below both `fastconvnext.backend` (which decides) and
-`fastconvnext.tuning` (which measures): the backend in force, the key a decision depends on, decisions,
-the table of measured decisions and the hook through which tuning records a model's calls."""
+`fastconvnext.tuning` (which measures): the backend in force (a process-wide default, and per thread the
+innermost use_backend() scope's), the key a decision depends on, decisions, the table of measured decisions
+and the hook through which tuning records a model's calls."""
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,44 +34,69 @@ def _backend_from_env():
                     f"call fastconvnext.set_backend())")
 
 
-current_backend, _env_error = _backend_from_env()
+class _ThreadBackend(threading.local):
+    """Per thread: the backend of the innermost use_backend() scope, None outside any (as torch keeps its
+    grad and dispatch modes per thread). A threading.local rather than a ContextVar: torch.compile traces
+    its reads (and guards on them), where ContextVar.get breaks the graph."""
+
+    name = None
+
+
+default_backend, _env_error = _backend_from_env()  # process-wide: set_backend() and FASTCONVNEXT_BACKEND
+_thread = _ThreadBackend()
 _warned = set()
 
 
+def active_backend():
+    """The backend in force in this thread: its innermost use_backend() scope's, else the process-wide default."""
+    name = _thread.name
+    return default_backend if name is None else name
+
+
+def scoped_backend():
+    """This thread's use_backend() backend, or None outside any scope (the process default applies)."""
+    return _thread.name
+
+
 def raise_env_error():
-    if _env_error is not None:
+    """Raise the FASTCONVNEXT_BACKEND error, unless set_backend() or this thread's use_backend() overrides it."""
+    if _env_error is not None and _thread.name is None:
         raise ValueError(_env_error)
 
 
 def set_backend(name):
-    """Choose the implementation of the fused ops: "auto", "triton" or "eager" (overrides the env var)."""
-    global current_backend, _env_error
-    current_backend = _checked(name, "backend")
+    """Choose the process-wide implementation of the fused ops: "auto", "triton" or "eager" (overrides the env
+    var). A thread inside a use_backend() scope keeps that scope's backend until the scope ends."""
+    global default_backend, _env_error
+    default_backend = _checked(name, "backend")
     _env_error = None
 
 
 def get_backend():
-    """The backend in force; raises ValueError if FASTCONVNEXT_BACKEND holds an unknown name."""
+    """The backend in force in this thread; raises ValueError if FASTCONVNEXT_BACKEND holds an unknown name
+    (and neither set_backend() nor a use_backend() scope overrides it)."""
     raise_env_error()
-    return current_backend
+    return active_backend()
 
 
 def configured_backend():
     """(backend, error or None) without raising: for reports such as `fastconvnext info`."""
-    return current_backend, _env_error
+    if _thread.name is not None:
+        return _thread.name, None
+    return default_backend, _env_error
 
 
 @contextlib.contextmanager
 def use_backend(name):
-    """Temporarily run with another backend (restored on exit, the env-var error too)."""
-    global _env_error
-    previous, previous_error = current_backend, _env_error
-    set_backend(name)
+    """Run with another backend inside the `with` block, in this thread only: other threads keep theirs, and
+    the process-wide default (set_backend) is untouched. Scopes nest; each restores the one it found."""
+    name = _checked(name, "backend")
+    previous = _thread.name
+    _thread.name = name
     try:
         yield
     finally:
-        set_backend(previous)
-        _env_error = previous_error
+        _thread.name = previous
 
 
 def warn_once(message, stacklevel=3):
