@@ -1,5 +1,10 @@
 """The benchmark harness on CPU: the quick run's files, the roofline arithmetic, saved-bytes counting."""
+import contextlib
 import csv
+import io
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,8 +21,11 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     # The quick run's code path on a model small enough for a test (its real defaults: ConvNeXt-T 224² batch 8,
     # checked without running below). One thread: a loaded 2-core runner makes 2 threads crawl.
-    code = cli.main(["--quick", "--output", str(out), "--threads", "1", "--model", "atto", "--resolution", "64",
-                     "--batch", "2", "--repeats", "5", "--passes", "infer,train", "--no-progress"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(["--quick", "--output", str(out), "--threads", "1", "--model", "atto", "--resolution", "64",
+                         "--batch", "2", "--repeats", "5", "--passes", "infer,train", "--no-progress"])
+    (out / "printed.txt").write_text(printed.getvalue())  # beside the files it wrote; the run never reads it
     return code, out
 
 
@@ -82,6 +90,26 @@ def test_quick_run_prints_a_ratio_interval_the_load_and_a_verdict(quick_run):
             assert float(row["speedup_ci_low"]) <= float(row["speedup_vs_baseline"]) <= float(row["speedup_ci_high"])
         assert float(row["load_average"]) >= 0
     assert "torch.compile works on CPU" in summary
+
+
+def test_quick_run_prints_what_was_measured_and_no_model_tables(quick_run):
+    printed = (quick_run[1] / "printed.txt").read_text()
+    assert "the speed of transformers (95% interval" in printed
+    assert "MODEL" in printed and "--roofline" in printed  # one line pointing at the model, labelled
+    assert "H100" not in printed and "A100" not in printed and "TB/s" not in printed, printed
+
+
+def test_a_reader_closing_the_pipe_ends_the_run_quietly():
+    # `fastconvnext bench --roofline | head`: the reader is gone before the report is written (read end closed).
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([sys.executable, "-m", "fastconvnext.bench", "--roofline"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert done.stderr == "", done.stderr[-2000:]
+    assert done.returncode == cli.SIGPIPE_EXIT
 
 
 def test_cpu_quick_defaults_are_convnext_t_224_batch_8_inference(monkeypatch):

@@ -176,8 +176,25 @@ def _progress_factory(enabled):
     return lambda total: tqdm(total=total, unit="call", dynamic_ncols=True, file=sys.stderr)
 
 
+SIGPIPE_EXIT = 128 + 13  # what a shell reports for a Unix tool killed by SIGPIPE
+
+
 def run(args):
-    """Run `fastconvnext bench` with parsed arguments; returns the exit code."""
+    """Run `fastconvnext bench` with parsed arguments; returns the exit code. A reader that closes the pipe
+    early (`fastconvnext bench --roofline | head`) ends the run quietly, as Unix tools do."""
+    try:
+        code = _run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout again at exit: point stdout at /dev/null first.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return SIGPIPE_EXIT
+    return code
+
+
+def _run(args):
     if args.markdown and not args.roofline:
         print("fastconvnext bench: error: --markdown goes with --roofline", file=sys.stderr)
         return 2
@@ -188,7 +205,7 @@ def run(args):
     except ValueError as error:
         print(f"fastconvnext bench: error: {error}", file=sys.stderr)
         return 2
-    from fastconvnext.bench import report, roofline_report
+    from fastconvnext.bench import report
 
     import torch
 
@@ -218,8 +235,7 @@ def run(args):
     _write_roofline(settings.output, ROOFLINE_BATCH, roofline_dtype, settings.allow_tf32)
     written += [settings.output / "roofline.md", settings.output / "roofline.csv"]
     if settings.quick:
-        print()
-        print(roofline_report.text_report(ROOFLINE_BATCH, roofline_dtype, settings.allow_tf32, models=("tiny",)))
+        print("\nModelled figures (MODEL, not measured): fastconvnext bench --roofline; written to roofline.md")
     print()
     print("Wrote " + ", ".join(str(p) for p in written))
     return 0 if outcome.rows else 1
