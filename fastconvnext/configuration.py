@@ -12,10 +12,14 @@ import copy
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
+from fastconvnext.safe_io import model_root, open_regular_file, write_text_atomically
+
 CONFIG_NAME = "config.json"
+# config.json is read up to this size (the largest, a 100,000-label head, is a few MB).
+MAX_CONFIG_BYTES = 16 * 2**20
 
 # transformers' hidden_act names (every parameter-free ACT2FN entry of transformers 5.23) -> the
 # activation name of the ops (kernels/reference.py ACTIVATIONS). Mathematically equal forms share a name.
@@ -267,10 +271,15 @@ class ConvNextConfig:
             id2label = {i: f"LABEL_{i}" for i in range(count)}
         if label2id is not None and not isinstance(label2id, Mapping):
             raise TypeError(f"label2id must be a mapping from label to index, got {_kind(label2id)}")
-        try:
-            label2id = {k: int(v) for k, v in label2id.items()} if label2id else {v: k for k, v in id2label.items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"label2id must map labels to int indices, got {dict(label2id)!r}") from None
+        if label2id:
+            try:
+                label2id = {k: int(v) for k, v in label2id.items()}
+            except (TypeError, ValueError, OverflowError):
+                shown = ", ".join(f"{k!r:.40}: {_kind(v)} {v!r:.40}" for k, v in list(label2id.items())[:3])
+                raise ValueError(f"label2id must map labels to int indices, got {{{shown}{', ...' * (len(label2id) > 3)}}}") \
+                    from None
+        else:
+            label2id = {v: k for k, v in id2label.items()}
         self.id2label, self.label2id = id2label, label2id
 
     @staticmethod
@@ -280,9 +289,16 @@ class ConvNextConfig:
         if len(id2label) > ARCH_LIMITS["num_labels"]:
             raise ValueError(f"id2label must have at most {ARCH_LIMITS['num_labels']:,} entries, got {len(id2label):,}")
         try:
-            return {int(k): v for k, v in id2label.items()}
-        except (TypeError, ValueError):
-            raise ValueError(f"id2label keys must be int indices, got {list(id2label)[:5]!r}") from None
+            checked = {int(k): v for k, v in id2label.items()}
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"id2label keys must be int indices, got {[f'{k!r:.40}' for k in list(id2label)[:5]]}") \
+                from None
+        for index, label in checked.items():
+            if not isinstance(label, Hashable):
+                raise TypeError(
+                    f"id2label values must be labels (strings), got {_kind(label)} {label!r:.60} for index {index}"
+                )
+        return checked
 
     @property
     def num_labels(self):
@@ -462,16 +478,28 @@ class ConvNextConfig:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2) + "\n"
 
     def to_json_file(self, path, use_diff=False):
-        Path(path).write_text(self.to_json_string(use_diff))
+        """Write config.json's text to `path` atomically: a failed write (a full disk) leaves the old file whole."""
+        write_text_atomically(path, self.to_json_string(use_diff))
 
     @classmethod
     def from_json_file(cls, path, **overrides):
+        """A config from a JSON file: a regular file (not a FIFO or device) of at most MAX_CONFIG_BYTES."""
+        return cls._from_file(path, None, overrides)
+
+    @classmethod
+    def _from_file(cls, path, root, overrides):
+        with open_regular_file(path, root) as file:
+            text = file.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_CONFIG_BYTES // 2**20} MiB, which no config.json needs")
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(text.decode("utf-8"))
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         except UnicodeDecodeError as err:
             raise ValueError(f"{path} is not UTF-8 text: {err}") from None
+        except RecursionError:
+            raise ValueError(f"{path} is not valid JSON: nested too deeply") from None
         if not isinstance(data, Mapping):
             raise TypeError(f"{path} must hold a JSON object of ConvNextConfig fields, found {_kind(data)}")
         try:
@@ -480,12 +508,15 @@ class ConvNextConfig:
             raise type(err)(f"{path}: {err}") from None
 
     def save_pretrained(self, directory):
+        """Write `directory/config.json` atomically, under the folder's lock (as a model's save_pretrained)."""
         os.makedirs(directory, exist_ok=True)
         self.to_json_file(Path(directory) / CONFIG_NAME)
 
     @classmethod
     def from_pretrained(cls, path, subfolder="", **overrides):
-        """Read config.json from a directory (or `directory/subfolder`) or a JSON file."""
+        """Read config.json from a directory (or `directory/subfolder`) or a JSON file. The config.json of a
+        directory must be a regular file inside it (a symlink may point within it, or, in a Hugging Face cache
+        snapshot, to the cache's blobs), as checkpoint.load_pretrained requires."""
         root = Path(path)
         if subfolder:
             folder = (root / subfolder).resolve()
@@ -495,7 +526,7 @@ class ConvNextConfig:
         file = root / CONFIG_NAME if root.is_dir() else root
         if not file.is_file():
             raise FileNotFoundError(f"no {CONFIG_NAME} at {root}")
-        return cls.from_json_file(file, **overrides)
+        return cls._from_file(file, model_root(Path(path)) if root.is_dir() else None, overrides)
 
     @property
     def activation(self):

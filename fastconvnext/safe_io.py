@@ -210,7 +210,11 @@ def _backup(directory, final):
 
 
 def _roll_back(directory, entries):
-    """Give every final name of `entries` its backup back (or remove it when it had none), last entry first."""
+    """Give every final name of `entries` its backup back (or remove it when it had none), last entry first.
+
+    Idempotent, so a rollback interrupted by another crash is finished by the next: a backup that is gone was
+    already moved back (nothing else removes a journal's backups: stale staged files are removed only after the
+    journal is rolled back)."""
     for final_name, backup_name in reversed(entries):
         final = directory / final_name
         if backup_name is None:
@@ -220,6 +224,8 @@ def _roll_back(directory, entries):
                 pass
             continue
         backup = directory / backup_name
+        if not os.path.lexists(backup):
+            continue
         if _same_file(backup, final):  # not replaced yet: rename() of two links to one file does nothing
             os.unlink(backup)
         else:
@@ -271,16 +277,11 @@ def read_journal(directory):
 
 def recover(directory):
     """Roll back the transaction a killed commit left in `directory`, if any; call it holding the exclusive lock.
-    Returns True when there was one. JournalError when the journal cannot be read or a backup it lists is gone
-    (then nothing is changed)."""
+    Returns True when there was one. JournalError when the journal cannot be read (then nothing is changed)."""
     directory = Path(directory)
     if not os.path.lexists(directory / JOURNAL_NAME):
         return False
     entries, _ = read_journal(directory)
-    missing = [b for _, b in entries if b is not None and not os.path.lexists(directory / b)]
-    if missing:
-        raise JournalError(f"cannot roll back the interrupted save recorded in {directory / JOURNAL_NAME}: its "
-                           f"backups {missing[:5]} are gone")
     _roll_back(directory, entries)
     _remove_journal(directory)
     logger.warning("%s: rolled back the interrupted save recorded in %s", directory, JOURNAL_NAME)
