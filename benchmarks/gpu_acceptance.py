@@ -775,7 +775,7 @@ def op_call(op, inputs, requires_grad):
 
 def _worker_count(ctx, tasks):
     limit = ctx.workers or max(1, min(15, (os.cpu_count() or 2) - 1))
-    return max(1, min(limit, len(tasks)))
+    return max(1, min(limit, len(tasks) or 1))
 
 
 def prewarm_task(task):
@@ -841,8 +841,8 @@ def _from_spec(torch, spec, device):
 
 class Prewarm:
     """A pool of processes compiling (by running once) the tasks' kernels in parallel; `wait(tag)` blocks until
-    the tasks of that tag are done and writes one figure for them. With one worker or if the pool cannot start,
-    nothing is prewarmed and the stage's own first calls compile (serially)."""
+    the tasks of that tag are done and writes one figure for them. With one worker (--workers 1) or if the pool
+    cannot start, nothing is prewarmed and the stage's own first calls compile, one after another."""
 
     COLUMNS = ("tasks of", "tasks", "workers", "failed", "done after s", "slowest task s", "first error")
 
@@ -850,7 +850,9 @@ class Prewarm:
         self.ctx, self.futures, self.pool, self.begin, self.title = ctx, {}, None, time.monotonic(), title
         tasks = [task for _, task in tagged_tasks]
         workers = self.workers = _worker_count(ctx, tasks)
-        if not tasks:
+        if not tasks or workers < 2:
+            if tasks:
+                ctx.log.note(f"{title}: not prewarmed (one worker): the kernels compile at their first call")
             return
         ctx.log.note(f"{title}: {len(tasks)} tasks on {workers} processes. Each task runs one real launch of its case "
                      "in a pool process, so the kernel variants compile in parallel into TRITON_CACHE_DIR (the exact "

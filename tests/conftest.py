@@ -35,15 +35,36 @@ INTERPRETER_SUITES = (
     "test_dwconv_layernorm.py", "test_dwconv_launch_paths.py", "test_dwconv_launch_plans.py", "test_convnext_mlp.py",
     "test_convnext_mlp_launch_paths.py", "test_convnext_mlp_launch_plans.py",
     "test_convnext_mlp_fp32_intermediates.py", "test_fused_equivalence.py",
+    "test_convnext_mlp_saved_pre.py", "test_convnext_mlp_split_epilogue.py", "test_convnext_mlp_activation.py",
+    "test_dwconv_forward_tiles.py", "test_dwconv_backward_tiles.py", "test_calibrate_machine.py",
 )
+# Single tests, in files whose other tests run anywhere, that launch the kernels on CPU tensors: through the
+# interpreter's own classes, or with the 'triton' backend forced on a CPU model (which needs the interpreter).
+# "file::test" skips every parametrization, "file::test[id]" one. GPU mode skips them and reports so.
+INTERPRETER_TESTS = (
+    "test_kernel_env.py::test_every_kernel_launch_asks_for_fma_contraction",  # spies InterpretedFunction.run
+    "test_compile_cpu.py::test_default_inductor_through_both_custom_ops_forward_and_backward",
+    "test_patch_transformers.py::test_patched_blocks_run_the_fused_kernels",
+    "test_training.py::test_torch_compile_fullgraph_through_the_kernels_custom_ops",
+    "test_training.py::test_saved_bytes_of_one_block_match_a_hand_count[triton]",
+)
+
+
+def interpreter_only_reason(file_name, name, original_name=None):
+    """Why GPU mode skips a test (file name, test name with its parametrization, name without it), or None."""
+    if file_name in INTERPRETER_SUITES:
+        return "interpreter suite (small CPU tensors); GPU mode runs test_kernels_native.py"
+    if f"{file_name}::{name}" in INTERPRETER_TESTS or f"{file_name}::{original_name or name}" in INTERPRETER_TESTS:
+        return "runs the kernels on CPU tensors, which only Triton's interpreter can (CPU mode runs it)"
+    return None
 
 
 def pytest_collection_modifyitems(config, items):
     if _test_device == "cuda":
-        skip = pytest.mark.skip(reason="interpreter suite (small CPU tensors); GPU mode runs test_kernels_native.py")
         for item in items:
-            if item.path.name in INTERPRETER_SUITES:
-                item.add_marker(skip)
+            reason = interpreter_only_reason(item.path.name, item.name, getattr(item, "originalname", None))
+            if reason is not None:
+                item.add_marker(pytest.mark.skip(reason=reason))
         return
     skip = pytest.mark.skip(reason=f"GPU-only test: set {TEST_DEVICE_ENV}=cuda on a machine with a GPU")
     for item in items:
