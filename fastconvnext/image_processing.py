@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fastconvnext.safe_io import write_text_atomically
+from fastconvnext.safe_io import model_root, open_regular_file, write_text_atomically
 
 # transformers' class defaults (`IMAGENET_STANDARD_*`) ...
 IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
@@ -110,6 +110,8 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 def _check_pixels(width: int, height: int, limit: int, what: str) -> None:
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{what} is {width}x{height}: it has no pixels; expected an image at least 1x1")
     if width * height > limit:
         raise ImageTooLargeError(
             f"{what} is {width}x{height} = {width * height:,} pixels, more than the limit of {limit:,} "
@@ -172,8 +174,36 @@ def check_image_file(path: str | os.PathLike, max_pixels: int | None = None) -> 
         return image.width, image.height
 
 
+_ICON_MAGICS = (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00")  # ICO, CUR
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_icon_entries(handle, path: Path, limit: int) -> None:
+    """ICO/CUR files: Pillow decodes the largest entry inside Image.open, before any size can be checked, so
+    every entry's real size (the embedded PNG's IHDR, or the BMP header) is checked here first."""
+    header = handle.read(6)
+    handle.seek(0)
+    if header[:4] not in _ICON_MAGICS:
+        return
+    count = int.from_bytes(header[4:6], "little")
+    directory = handle.read(6 + 16 * count)[6:]
+    for index in range(len(directory) // 16):
+        entry = directory[16 * index:16 * index + 16]
+        width, height = entry[0] or 256, entry[1] or 256
+        handle.seek(int.from_bytes(entry[12:16], "little"))
+        head = handle.read(24)
+        if head[:8] == _PNG_MAGIC and len(head) == 24:
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        elif len(head) >= 12:
+            width = abs(int.from_bytes(head[4:8], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2  # image and mask rows
+        _check_pixels(max(width, 1), max(height, 1), limit, f"image {path} (icon entry {index})")
+    handle.seek(0)
+
+
 def _decode(handle, path: Path, limit: int, header_only: bool) -> Image.Image:
     try:
+        _check_icon_entries(handle, path, limit)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides below
             image = Image.open(handle)
@@ -696,8 +726,10 @@ class ConvNextImageProcessor:
         Settings errors name the file. A directory without the file (model weights only) raises
         FileNotFoundError pointing to `ConvNextImageProcessor.for_imagenet()`.
         """
-        config_file = _config_file(Path(path))
-        config = _read_config(config_file)
+        path = Path(path)
+        config_file = _config_file(path)
+        # Read from a model directory: the file must be inside it (no symbolic link out of it), as model files are.
+        config = _read_config(config_file, model_root(path) if path.is_dir() else None)
         try:
             return cls.from_dict(config, **overrides)
         except (ValueError, TypeError) as error:
@@ -706,8 +738,8 @@ class ConvNextImageProcessor:
 
 def _config_file(path: Path) -> Path:
     config_file = path / PREPROCESSOR_CONFIG_NAME if path.is_dir() else path
-    if config_file.is_file():
-        return config_file
+    if config_file.is_file() or config_file.exists() and not config_file.is_dir():
+        return config_file  # opening it refuses what is not a regular file (a FIFO would block a plain read)
     if path.is_dir():
         raise FileNotFoundError(
             f"no {PREPROCESSOR_CONFIG_NAME} in {path} (a directory with model weights only?); for the ImageNet "
@@ -717,12 +749,13 @@ def _config_file(path: Path) -> Path:
     raise FileNotFoundError(f"no {PREPROCESSOR_CONFIG_NAME} found at {path}")
 
 
-def _read_config(config_file: Path) -> dict:
-    size = config_file.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{config_file} is {size:,} bytes; expected a JSON file of at most {MAX_CONFIG_BYTES:,}")
+def _read_config(config_file: Path, root: Path | None) -> dict:
+    with open_regular_file(config_file, root) as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{config_file} is over {MAX_CONFIG_BYTES:,} bytes; expected a JSON file of at most that")
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"{config_file} is not valid JSON: {_describe(error)}") from None
     if not isinstance(config, dict):

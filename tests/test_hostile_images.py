@@ -247,3 +247,70 @@ def test_to_json_file_is_read_by_transformers(tmp_path):
     torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"],
                                theirs(image, return_tensors="pt")["pixel_values"], rtol=0, atol=1e-5)
     assert ConvNextImageProcessor.from_pretrained(path) == processor
+
+
+# ---- icons, empty images, a preprocessor config linked from outside the model directory ---------------------
+
+
+def _icon_with_embedded_png(declared, png):
+    """An ICO file with one entry that declares `declared` (width, height bytes) and holds the PNG `png`."""
+    entry = struct.pack("<BBBBHHII", declared[0], declared[1], 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+@pytest.fixture
+def no_png_decoding(monkeypatch):
+    """Fail any PNG decode: the checks below must refuse an icon from its headers, before Pillow decodes it."""
+    from PIL import PngImagePlugin
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a PNG was decoded before the size check")
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", refuse)
+
+
+def test_an_icon_whose_png_is_larger_than_declared_is_refused_before_decoding(tmp_path, no_png_decoding):
+    path = tmp_path / "lying.ico"
+    path.write_bytes(_icon_with_embedded_png((16, 16), png_bytes(Image.new("RGB", (400, 300)))))
+    with pytest.raises(ImageTooLargeError, match=r"lying.ico \(icon entry 0\) is 400x300 = 120,000 pixels"):
+        load_image(path, max_pixels=100_000)
+    with pytest.raises(ImageTooLargeError, match="400x300"):
+        ConvNextImageProcessor(size={"shortest_edge": 16})(str(path), max_pixels=100_000)
+
+
+def test_an_icon_within_the_limit_matches_transformers(tmp_path):
+    path = tmp_path / "small.ico"
+    random_rgb(40, 40).save(path, format="ICO", sizes=[(40, 40)])
+    ours = ConvNextImageProcessor(size={"shortest_edge": 32})(str(path), return_tensors="pt")["pixel_values"]
+    theirs = ConvNextImageProcessorPil(size={"shortest_edge": 32})(
+        transformers_load_image(str(path)), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(10, 0, 3), (0, 7, 3), (0, 0)])
+def test_an_image_without_pixels_is_a_clear_error(shape):
+    processor = ConvNextImageProcessor(size={"shortest_edge": 32})  # the crop_pct resize divides by the size
+    with pytest.raises(ValueError, match=r"has no pixels; expected an image at least 1x1"):
+        processor(np.zeros(shape, dtype=np.uint8), return_tensors="pt")
+    with pytest.raises(ValueError, match=r"has no pixels"):
+        ConvNextImageProcessor()(np.zeros(shape, dtype=np.uint8), return_tensors="pt")  # the warp resize
+
+
+def test_a_preprocessor_config_linked_from_outside_the_model_directory_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text(json.dumps({"size": {"shortest_edge": 64}}))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / PREPROCESSOR_CONFIG_NAME).symlink_to(outside)
+    with pytest.raises(PermissionError, match="outside the model directory"):
+        ConvNextImageProcessor.from_pretrained(model)
+    assert ConvNextImageProcessor.from_pretrained(outside).size == {"shortest_edge": 64}  # named directly: allowed
+
+
+def test_a_fifo_as_the_preprocessor_config_is_refused_without_blocking(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    os.mkfifo(model / PREPROCESSOR_CONFIG_NAME)
+    for where in (model, model / PREPROCESSOR_CONFIG_NAME):
+        with pytest.raises(OSError, match="FIFO.*expected a regular file|expected a regular file"):
+            ConvNextImageProcessor.from_pretrained(where)
