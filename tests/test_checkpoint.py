@@ -201,6 +201,25 @@ def test_dtype_auto_keeps_the_checkpoint_dtype(tmp_path):
     assert_same_outputs(as_float, hf.to(torch.float32))
 
 
+@pytest.mark.parametrize("key, value", [("dtype", "float16"), ("torch_dtype", "bfloat16"), ("dtype", "float64"),
+                                        (None, None)])
+def test_dtype_auto_takes_config_json_dtype_as_transformers_does(tmp_path, key, value):
+    """transformers' from_pretrained(dtype="auto") builds the model in config.json's "dtype" (or the older
+    "torch_dtype") when it has one, and in the weights' dtype otherwise; the weights here are float32."""
+    hf_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    if key is not None:
+        config[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.ConvNextForImageClassification.from_pretrained(tmp_path, dtype="auto")
+    ours = load_pretrained(None, tmp_path, dtype="auto")
+    assert ours.dtype == theirs.dtype == (getattr(torch, value) if value else torch.float32)
+    assert fastconvnext.ConvNextForImageClassification.from_pretrained(tmp_path).dtype == theirs.dtype
+    assert load_pretrained(None, tmp_path, dtype="float32").dtype == torch.float32  # an explicit dtype wins
+
+
 def test_explicit_config_and_overrides(tmp_path):
     hf = hf_model(layer_norm_eps=1e-6)
     path = save_transformers_file(hf, tmp_path / "weights.safetensors")
@@ -429,6 +448,16 @@ def test_new_num_labels_needs_ignore_mismatched_sizes(tmp_path):
         model = load_pretrained(None, tmp_path, num_labels=3, ignore_mismatched_sizes=True)
     assert model.config.num_labels == 3 and model.classifier.weight.shape == (3, 32)
     assert_same_outputs(model.convnext, hf.convnext)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pickled_checkpoints_in_both_torch_save_formats_load(tmp_path, zip_format):
+    """The zip archive torch.save writes since 1.6 and the legacy format before it (five pickles, then raw
+    storages), both scanned for nesting before torch.load."""
+    hf = hf_model()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": hf.state_dict()}, path, _use_new_zipfile_serialization=zip_format)
+    assert_same_outputs(load_pretrained(None, path), hf)
 
 
 def test_pickle_that_runs_code_is_refused_and_not_executed(tmp_path):

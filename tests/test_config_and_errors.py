@@ -1,5 +1,6 @@
 """ConvNextConfig validation and config.json interop; the model's input errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -48,6 +49,10 @@ from helpers import SMALL, twin_models
         (dict(num_labels=10**9), ValueError, "num_labels must be an int in [0, 100000], got 1000000000"),
         (dict(id2label=["a", "b"]), TypeError, "id2label must be a mapping from index to label, got list"),
         (dict(id2label={"x": "a"}), ValueError, "id2label keys must be int indices"),
+        (dict(id2label={0: ["a"]}), TypeError, "id2label values must be labels (strings), got list ['a'] for index 0"),
+        (dict(id2label={"0": {"x": 1}}), TypeError, "id2label values must be labels (strings), got dict"),
+        (dict(id2label={0: "a"}, label2id={"a": [0]}), ValueError, "label2id must map labels to int indices, got "
+                                                                    "{'a': list [0]}"),
         (dict(return_dict="yes"), TypeError, "return_dict must be true or false, got str 'yes'"),
         (dict(output_hidden_states=1), TypeError, "output_hidden_states must be true or false, got int 1"),
         (dict(dtype="complex64"), ValueError, "dtype must be None, 'auto' or one of"),
@@ -134,6 +139,58 @@ def test_config_json_round_trips_through_transformers(tmp_path):
     again = fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "back")
     assert again == ours
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "convnext"
+
+
+def test_unhashable_labels_in_config_json_are_a_clear_error_naming_it(tmp_path):
+    """An id2label value that is a list used to crash the error handler itself ('NoneType' is not iterable)."""
+    transformers.ConvNextForImageClassification(transformers.ConvNextConfig(**SMALL, num_labels=2)).save_pretrained(
+        tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["id2label"] = {"0": ["cat"], "1": "dog"}
+    config.pop("label2id", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError, match=r"config\.json: id2label values must be labels \(strings\), got list") as err:
+        fastconvnext.ConvNextForImageClassification.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(err.value)
+    with pytest.raises(TypeError, match=r"config\.json: id2label values must be labels"):
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["c" * 250 + ".json", "é" * 125 + ".json"])
+def test_config_json_files_with_long_names_are_written_atomically(tmp_path, name):
+    """The staged name used to add ~40 bytes to the file name: a valid name over ~215 bytes got ENAMETOOLONG."""
+    config = fastconvnext.ConvNextConfig(**SMALL)
+    config.to_json_file(tmp_path / name)
+    assert fastconvnext.ConvNextConfig.from_json_file(tmp_path / name) == config
+    assert os.listdir(tmp_path) == [name]
+
+
+def test_config_save_pretrained_replaces_the_file_and_keeps_its_link_target_alone(tmp_path):
+    """save_pretrained writes a new file and renames it over config.json (no partial file, ever): a config.json
+    that was a symlink becomes a regular file, and what it pointed to is not written through."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "shared.json").write_text("{}")
+    (tmp_path / "model" / "config.json").symlink_to(tmp_path / "shared.json")
+    fastconvnext.ConvNextConfig(**SMALL).save_pretrained(tmp_path / "model")
+    assert (tmp_path / "shared.json").read_text() == "{}"
+    assert not (tmp_path / "model" / "config.json").is_symlink()
+    assert fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "model") == fastconvnext.ConvNextConfig(**SMALL)
+
+
+def test_config_from_pretrained_reads_config_json_only_inside_the_folder(tmp_path):
+    """As load_pretrained does: config.json may link within the folder, or from a Hugging Face cache snapshot
+    to the cache's blobs, but not anywhere else."""
+    fastconvnext.ConvNextConfig(**SMALL).save_pretrained(tmp_path / "elsewhere")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").symlink_to(tmp_path / "elsewhere" / "config.json")
+    with pytest.raises(PermissionError, match=r"refusing to read .*model/config\.json: it resolves to .*elsewhere"):
+        fastconvnext.ConvNextConfig.from_pretrained(tmp_path / "model")
+    snapshot = tmp_path / "models--org--name" / "snapshots" / "0123abc"
+    (tmp_path / "models--org--name" / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "elsewhere" / "config.json").rename(tmp_path / "models--org--name" / "blobs" / "f00d")
+    (snapshot / "config.json").symlink_to("../../blobs/f00d")
+    assert fastconvnext.ConvNextConfig.from_pretrained(snapshot) == fastconvnext.ConvNextConfig(**SMALL)
 
 
 def test_config_from_json_rejects_other_model_types(tmp_path):

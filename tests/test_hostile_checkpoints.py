@@ -4,12 +4,15 @@ The memory bound is measured in a subprocess (ru_maxrss after the imports vs aft
 bound is the subprocess timeout, generous for a loaded machine: the files here used to build models of a
 million blocks, which runs out of memory or takes hours, so any bound catches a regression.
 """
+import io
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +106,63 @@ def lying_safetensors_header(path):
     return path
 
 
+XL = dict(hidden_sizes=[256, 512, 1024, 2048], depths=[3, 3, 27, 3])  # ConvNeXt-XL: 350M parameters, 1.4 GB
+
+
+def declared_layout(**config):
+    """{name: shape} of every tensor of ConvNextModel(config), built on the meta device."""
+    with torch.device("meta"):
+        model = fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig(**config))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def stride_zero_views(path):
+    """ConvNeXt-XL, every tensor a stride-0 view (torch.expand) of one 4-byte storage: a ~60 KB .pth."""
+    one = torch.zeros(1)
+    torch.save({k: one.expand(shape) for k, shape in declared_layout(**XL).items()}, path)
+    return path
+
+
+def views_of_one_storage(path):
+    """512 blocks of width 128 (71M parameters, 283 MB), every tensor a view of one 256 KB storage: ~0.7 MB."""
+    layout = declared_layout(hidden_sizes=[128] * 4, depths=[128] * 4)
+    base = torch.zeros(max(math.prod(shape) for shape in layout.values()))
+    torch.save({k: base[: math.prod(shape)].view(shape) for k, shape in layout.items()}, path)
+    return path
+
+
+def nested_wrappers(path, depth=1500):
+    """A real state dict under `depth` {"model": ...} wrappers (28 KB for 1,500)."""
+    nested = {"embeddings.patch_embeddings.weight": torch.zeros(8, 3, 4, 4)}
+    for _ in range(depth):
+        nested = {"model": nested}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 20 * depth))  # the pickler recurses once per level
+    try:
+        torch.save(nested, path)
+    finally:
+        sys.setrecursionlimit(limit)
+    return path
+
+
+def with_data_pickle(path, pickle_bytes):
+    """A torch.save zip archive whose data.pkl is `pickle_bytes` (entries stored, as torch.save writes them)."""
+    buffer = io.BytesIO()
+    torch.save({"x": torch.zeros(1)}, buffer)
+    with zipfile.ZipFile(buffer) as plain, zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as crafted:
+        for entry in plain.infolist():
+            data = pickle_bytes if entry.filename.endswith("/data.pkl") else plain.read(entry.filename)
+            crafted.writestr(entry.filename, data)
+    return path
+
+
+def deep_tuple_key(path, depth=1_000_000):
+    """A dict whose key is a tuple nested a million deep (TUPLE1 opcodes, 1 MB): hashing it to store the key
+    recursed in C until the process died with SIGSEGV."""
+    pickle_bytes = b"\x80\x02}q\x00(" + b"J\x00\x00\x00\x00" + b"\x85" * depth + b"X\x01\x00\x00\x00vu."
+    return with_data_pickle(path, pickle_bytes)
+
+
 def hostile_cases(root):
     """[(id, path, load_pretrained kwargs)] of small files that used to allocate without bound."""
     def directory(name, **changes):
@@ -119,6 +179,10 @@ def hostile_cases(root):
         ("num_labels 1e6", directory("labels", num_labels=1_000_000, id2label=None, label2id=None), {}),
         ("zip bomb", zip_bomb(root / "bomb.pth"), {}),
         ("lying safetensors header", lying_safetensors_header(root / "lying.safetensors"), {}),
+        ("stride-0 views of ConvNeXt-XL", stride_zero_views(root / "stride0.pth"), {}),
+        ("views of one storage", views_of_one_storage(root / "aliased.pth"), {}),
+        ("1,500 nested wrappers", nested_wrappers(root / "nested.pth"), {}),
+        ("tuple nested 1e6 deep", deep_tuple_key(root / "deep_tuple.pth"), {}),
     ]
 
 
@@ -530,3 +594,303 @@ def test_a_later_save_removes_what_a_killed_save_left_and_nothing_else(tmp_path)
     assert set(kept) <= names
     assert names - set(kept) == {"config.json", "model.safetensors"}
     assert same_outputs(load_pretrained(None, tmp_path), new)
+
+
+# ---- pickles: tensors that overlap in memory, deep nesting -----------------------------------------------
+
+
+def pickled_classifier(path, edit=None):
+    """(path, reference model): a small classifier's state dict saved with torch.save, after `edit(state)`."""
+    model = fastconvnext.ConvNextForImageClassification(fastconvnext.ConvNextConfig(**SMALL, num_labels=5)).eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if edit is not None:
+        edit(state)
+    torch.save(state, path)
+    return path, model
+
+
+def expand_one(state):
+    key = "convnext.encoder.stages.3.layers.0.pwconv1.weight"
+    state[key] = torch.zeros(1).expand(state[key].shape)
+
+
+def alias_two(state):
+    state["convnext.encoder.stages.2.layers.1.pwconv2.weight"] = state["convnext.encoder.stages.2.layers.0.pwconv2.weight"]
+
+
+def overlapping_slices(state):
+    first, second = "convnext.encoder.stages.3.layers.0.pwconv1.weight", "convnext.encoder.stages.3.layers.0.pwconv2.weight"
+    base = torch.zeros(state[first].numel() + 10)
+    state[first] = base[: state[first].numel()].view(state[first].shape)
+    state[second] = base[10: 10 + state[second].numel()].view(state[second].shape)
+
+
+def overlapping_strides(state):
+    key = "convnext.encoder.stages.0.layers.0.dwconv.weight"  # [8, 1, 7, 7]: rows that share 42 of 49 elements
+    state[key] = torch.zeros(8 * 7 + 49).as_strided(state[key].shape, (7, 49, 7, 1))
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (expand_one, r"tensor 'convnext\.encoder\.stages\.3\.layers\.0\.pwconv1\.weight' \(shape \[128, 32\], strides "
+                 r"\[0, 0\]\) repeats elements in memory"),
+    (overlapping_strides, r"tensor 'convnext\.encoder\.stages\.0\.layers\.0\.dwconv\.weight' .* repeats elements"),
+    (alias_two, r"tensors 'convnext\.encoder\.stages\.2\.layers\.0\.pwconv2\.weight' and "
+                r"'convnext\.encoder\.stages\.2\.layers\.1\.pwconv2\.weight' share storage bytes"),
+    (overlapping_slices, r"tensors .*pwconv1\.weight' and .*pwconv2\.weight' share storage bytes"),
+])
+def test_pickled_tensors_that_overlap_in_memory_are_refused(tmp_path, edit, expected):
+    """A pickle can give many large tensors one small storage; each such file declared more parameters than it
+    held and loaded (all the elements of a stride-0 view, every alias, allocated anew in the model)."""
+    path, _ = pickled_classifier(tmp_path / "aliased.pth", edit)
+    with pytest.raises(ValueError, match=expected) as raised:
+        load_pretrained(None, path)
+    assert str(path) in str(raised.value)
+
+
+def test_pickled_tensors_that_share_a_storage_without_overlapping_still_load(tmp_path):
+    """Views are refused only when elements overlap: a transposed (non-contiguous) weight, a channels_last conv
+    and two disjoint slices of one storage are what some training code saves, and load as they are."""
+    def distinct_views(state):
+        key = "convnext.encoder.stages.1.layers.0.pwconv1.weight"
+        state[key] = state[key].t().contiguous().t()
+        key = "convnext.embeddings.patch_embeddings.weight"
+        state[key] = state[key].contiguous(memory_format=torch.channels_last)
+        first, second = "convnext.encoder.stages.3.layers.0.pwconv1.weight", "convnext.encoder.stages.3.layers.0.pwconv2.weight"
+        base = torch.cat([state[first].flatten(), state[second].flatten()])
+        state[first] = base[: state[first].numel()].view(state[first].shape)
+        state[second] = base[state[first].numel():].view(state[second].shape)
+
+    path, reference = pickled_classifier(tmp_path / "views.pth", distinct_views)
+    assert not torch.load(path)["convnext.encoder.stages.1.layers.0.pwconv1.weight"].is_contiguous()
+    assert same_outputs(load_pretrained(None, path), reference)
+
+
+@pytest.mark.parametrize("depth, expected", [
+    (1500, r"its pickle nests containers more than 100 deep"),
+    (10, r"nests its state dict under more than 4 'model' / 'state_dict' wrappers"),
+])
+def test_deeply_nested_pickles_fail_clearly(tmp_path, depth, expected):
+    """1,500 wrappers (28 KB) used to end in RecursionError; nesting is now measured from the opcodes, before
+    anything is unpickled."""
+    path = nested_wrappers(tmp_path / "nested.pth", depth)
+    with pytest.raises(ValueError, match=expected) as raised:
+        load_pretrained(None, path)
+    assert str(path) in str(raised.value)
+
+
+def test_keys_that_would_recurse_when_printed_are_reported_briefly(tmp_path):
+    """A non-string key nested 60 deep (within the nesting bound) is reported through a bounded repr."""
+    key = 0
+    for _ in range(60):
+        key = (key,)
+    torch.save({key: torch.zeros(1)}, tmp_path / "keys.pth")
+    with pytest.raises(ValueError, match=r"keys.pth holds tensors under keys that are not strings: \[\(\(\(\.\.\.") \
+            as raised:
+        load_pretrained(None, tmp_path / "keys.pth")
+    assert len(str(raised.value)) < 400
+
+
+def test_pickle_nesting_is_measured_without_unpickling():
+    """The opcode walk against pickle itself: the depth of what pickle.loads would build, exactly where each
+    container has its own opcode (protocol 4+), never less where older protocols build sets through REDUCE."""
+    import pickle
+
+    cases = {"flat": {"a": 1}, "tuples": ((((1,),),),), "list in dict": {"a": [[1, 2], [3]]}, "set": {frozenset({1})},
+             "shared": [[1]] * 3}
+    expected = {"flat": 1, "tuples": 4, "list in dict": 3, "set": 2, "shared": 2}
+    for name, value in cases.items():
+        for protocol in (0, 2, 4, 5):
+            depth = checkpoint._pickle_nesting(io.BytesIO(pickle.dumps(value, protocol=protocol)), 100)
+            assert depth == expected[name] if protocol >= 4 else depth >= expected[name], (name, protocol, depth)
+    with pytest.raises(checkpoint._DamagedPickle):
+        checkpoint._pickle_nesting(io.BytesIO(b"\x80\x02t."), 100)  # TUPLE without a MARK
+
+
+def test_fifos_and_other_special_files_fail_clearly_in_bounded_time(tmp_path):
+    """A FIFO as the checkpoint, as config.json or as a weights file used to block the load forever (open()
+    waits for a writer); opened non-blocking and checked with fstat, each is an error naming it."""
+    fifo_file = tmp_path / "checkpoint.pth"
+    os.mkfifo(fifo_file)
+    config_fifo = tmp_path / "config_fifo"
+    hf_classifier().save_pretrained(config_fifo)
+    (config_fifo / "config.json").unlink()
+    os.mkfifo(config_fifo / "config.json")
+    weights_fifo = tmp_path / "weights_fifo"
+    hf_classifier().save_pretrained(weights_fifo)
+    (weights_fifo / "model.safetensors").unlink()
+    os.mkfifo(weights_fifo / "model.safetensors")
+    script = textwrap.dedent("""
+        import json, sys
+        from fastconvnext.checkpoint import load_pretrained
+        from fastconvnext.configuration import ConvNextConfig
+        calls = {
+            "load the FIFO": lambda p: load_pretrained(None, p),
+            "load the folder": lambda p: load_pretrained(None, p),
+            "config from the FIFO": lambda p: ConvNextConfig.from_json_file(p),
+        }
+        results = []
+        for what, path in json.loads(sys.argv[1]):
+            try:
+                calls[what](path)
+                results.append([what, "loaded", ""])
+            except (ValueError, TypeError, OSError) as err:
+                results.append([what, type(err).__name__, str(err)])
+        print(json.dumps(results))
+    """)
+    cases = [("load the FIFO", fifo_file), ("load the folder", config_fifo), ("load the folder", weights_fifo),
+             ("config from the FIFO", config_fifo / "config.json")]
+    argument = json.dumps([[what, str(path)] for what, path in cases])
+    done = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for (what, path), (_, kind, message) in zip(cases, json.loads(done.stdout.strip().splitlines()[-1])):
+        assert kind != "loaded", (what, path)
+        assert str(path) in message, (what, message)
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "is a FIFO (named pipe), expected a regular file" in results[0][2]
+    assert "holds none of model.safetensors" in results[2][2]
+
+
+# ---- symbolic links swapped in after the check --------------------------------------------------------------
+
+
+def swap_for_link_after_check(monkeypatch, target_name, outside):
+    """Right after checkpoint._require_inside approves `target_name`, replace it with a symlink to `outside` (an
+    attacker who wins the race between the check and the open)."""
+    real_check, swapped = checkpoint._require_inside, []
+
+    def check_then_swap(root, path, what):
+        result = real_check(root, path, what)
+        if Path(path).name == target_name and not swapped:
+            os.unlink(path)
+            os.symlink(outside, path)
+            swapped.append(path)
+        return result
+
+    monkeypatch.setattr(checkpoint, "_require_inside", check_then_swap)
+    return swapped
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "config.json", "shard"])
+def test_a_symlink_swapped_in_after_the_check_is_not_followed(tmp_path, monkeypatch, target):
+    model = tmp_path / "model"
+    if target == "shard":
+        _, index = sharded_directory(model)
+        target = sorted(set(index["weight_map"].values()))[0]
+    else:
+        hf_classifier().save_pretrained(model)
+    outside = tmp_path / f"outside-{target}"
+    outside.write_bytes((model / target).read_bytes())  # a well-formed file of the same kind, outside the folder
+    swapped = swap_for_link_after_check(monkeypatch, target, outside)
+    with pytest.raises(PermissionError, match=f"refusing to read .*{target}.* outside the model directory") as raised:
+        load_pretrained(None, model)
+    assert swapped and str(model) in str(raised.value)
+
+
+class OsThatSwapsBeforeOpening:
+    """safe_io's os module, whose first os.open of `victim` is preceded by `swap()`."""
+
+    def __init__(self, victim, swap):
+        self.victim, self.swap, self.done = str(victim), swap, False
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def open(self, path, *args, **kwargs):
+        if not self.done and os.fspath(path) == self.victim:
+            self.done = True
+            self.swap()
+        return os.open(path, *args, **kwargs)
+
+
+def test_open_regular_file_refuses_a_final_component_swapped_for_a_symlink(tmp_path, monkeypatch):
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "config.json").write_text("{}")
+    (tmp_path / "secret.json").write_text('{"secret": 1}')
+
+    def swap():
+        (root / "config.json").unlink()
+        (root / "config.json").symlink_to(tmp_path / "secret.json")
+
+    monkeypatch.setattr(safe_io, "os", OsThatSwapsBeforeOpening((root / "config.json").resolve(), swap))
+    with pytest.raises(PermissionError, match=r"config\.json became a symbolic link after it was checked"):
+        safe_io.open_regular_file(root / "config.json", root.resolve())
+
+
+def test_open_regular_file_refuses_a_directory_swapped_for_a_symlink(tmp_path, monkeypatch):
+    """O_NOFOLLOW guards the last component only; the kernel's path of the opened file catches the rest."""
+    if not os.path.exists("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd")
+    root = tmp_path / "model"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "config.json").write_text("{}")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "config.json").write_text('{"secret": 1}')
+
+    def swap():
+        (root / "sub").rename(root / "moved")
+        (root / "sub").symlink_to(tmp_path / "elsewhere")
+
+    monkeypatch.setattr(safe_io, "os", OsThatSwapsBeforeOpening((root / "sub" / "config.json").resolve(), swap))
+    with pytest.raises(PermissionError, match=r"the file opened is .*elsewhere/config\.json, outside the model"):
+        safe_io.open_regular_file(root / "sub" / "config.json", root.resolve())
+
+
+# ---- writes: file names near NAME_MAX, a full disk ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".json", "é" * 120 + ".json"])
+def test_atomic_writes_keep_the_staged_name_within_name_max(tmp_path, name):
+    """The staged name adds ~40 bytes of prefix; a valid name over ~215 bytes used to fail with ENAMETOOLONG."""
+    assert len(os.fsencode(name)) <= 255
+    safe_io.write_text_atomically(tmp_path / name, "{}")
+    assert (tmp_path / name).read_text() == "{}"
+    assert os.listdir(tmp_path) == [name]
+    staged = safe_io.staged_name(tmp_path, name)
+    assert len(os.fsencode(staged)) <= 255 and staged.startswith(safe_io.TEMP_PREFIX)
+
+
+def test_a_full_disk_is_a_clear_oserror_and_leaves_the_old_files_whole(tmp_path):
+    """RLIMIT_FSIZE makes every write past 4 KB fail with EFBIG, as a full disk fails with ENOSPC. safetensors
+    reported it as SafetensorError, torch.save as RuntimeError, and ConvNextConfig.save_pretrained truncated the
+    old config.json; now each is an OSError naming the file, and the previous files are untouched."""
+    script = textwrap.dedent("""
+        import json, resource, signal, sys
+        from pathlib import Path
+        import fastconvnext
+        from fastconvnext.configuration import ConvNextConfig
+        folder = Path(sys.argv[1])
+        small = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], num_labels=5)
+        fastconvnext.ConvNextForImageClassification(ConvNextConfig(**small)).save_pretrained(folder / "model")
+        ConvNextConfig(**small).save_pretrained(folder / "config")
+        before = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        labels = {i: f"a longer label number {i}" for i in range(500)}
+        bigger = ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 2, 1], id2label=labels)
+        model = fastconvnext.ConvNextForImageClassification(bigger)
+        results = []
+        for what, call in [
+            ("safetensors", lambda: model.save_pretrained(folder / "model")),
+            ("bin", lambda: model.save_pretrained(folder / "model", safe_serialization=False)),
+            ("config save_pretrained", lambda: bigger.save_pretrained(folder / "config")),
+            ("config to_json_file", lambda: bigger.to_json_file(folder / "config" / "config.json")),
+        ]:
+            try:
+                call()
+                results.append([what, "saved", ""])
+            except Exception as err:
+                results.append([what, type(err).__name__, str(err)])
+        after = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        print(json.dumps({"results": results, "unchanged": after == before}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {"safetensors": "model/model.safetensors: File too large", "bin": "model/pytorch_model.bin",
+                "config save_pretrained": "config/config.json: File too large",
+                "config to_json_file": "config/config.json: File too large"}
+    for what, kind, message in report["results"]:
+        assert kind in ("OSError", "FileTooLargeError"), (what, kind, message)
+        assert f"cannot write {tmp_path}/{expected[what]}" in message, (what, message)
+    assert report["unchanged"], "a failed save changed the previous files"
