@@ -492,7 +492,9 @@ def write_summary(output):
     if any(statuses[n].get("rehearsal") for n in ran):
         verdict += " (REHEARSAL on CPU: no figure is a measurement)"
     lines = [f"# GPU acceptance run: {verdict}", "",
-             "Every figure is MEASURED on the machine below unless labelled MODEL.", "",
+             "A REHEARSAL: Triton's interpreter on CPU at tiny shapes; nothing here is a measurement." if any(
+                 statuses[n].get("rehearsal") for n in ran) else
+             "Every timed figure is MEASURED on the GPU the preflight names, unless labelled MODEL.", "",
              "| stage | result | seconds | limit s | expected s | new compiled kernels |", "|---|---|---|---|---|---|"]
     for name in names:
         stage = STAGE_BY_NAME[name]
@@ -945,8 +947,8 @@ def calibrate_part(ctx):
     dry_run = ctx.setup.device != "cuda"
     label = "DRY RUN (interpreter; NOT a measurement)" if dry_run else "MEASURED"
     ctx.log.section("calibrate", "Machine calibration (benchmarks/calibrate_machine.py --quick)",
-                    "The static model's ASSUMED constants beside a measurement of each (CUDA events, median of 10 "
-                    "repeats, min..max); dot tiles: one per width N.",
+                    "The static model's ASSUMED constants beside a measurement of each (on the GPU: CUDA events, "
+                    "median of 10 repeats, min..max; a dry run: 2 interpreter runs); dot tiles: one per width N.",
                     ("figure", f"{label} median", "min .. max", "model (ASSUMED or datasheet)", "measured/assumed",
                      "unit"))
 
