@@ -6,15 +6,23 @@ Reads are watched twice: an audit hook sees every Python-level open(), and a spy
 entry point for weight files sees the paths handed to safetensors' Rust reader, which Python's audit
 hooks cannot see. A canary file beside the model folder is what hostile shard names aim at.
 
+Two more fuzzers cover what mutating bytes cannot reach: pickles whose tensors alias one another (stride-0,
+shared, transposed and spaced views; exactly the overlapping ones must be refused, the rest load their values),
+and a save into a folder with a load or a second save started in another thread at a drawn step of it, plus a
+kill replayed at that step (every load returns one whole checkpoint). They synchronise on events and on
+safe_io._on_lock_busy, never on sleeps.
+
 Bounded for CI: derandomized (the same cases every run, so never flaky), a per-example deadline, and a
-total time budget after which the remaining examples are skipped; the number of cases run is printed.
-FASTCONVNEXT_FUZZ_EXAMPLES=N runs N random cases instead (for changes to checkpoint.py).
+total time budget after which the remaining examples are skipped; the number of cases run is printed
+(400 mutations, 60 aliased pickles, 24 concurrent interleavings: about 15 s on two idle cores).
+FASTCONVNEXT_FUZZ_EXAMPLES=N runs N random cases of each instead (for changes to checkpoint.py or safe_io.py).
 """
 import json
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from datetime import timedelta
@@ -27,7 +35,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import fastconvnext
-from fastconvnext import checkpoint
+from fastconvnext import checkpoint, safe_io
 
 DOCUMENTED_ERRORS = (ValueError, TypeError, OSError)
 # FASTCONVNEXT_FUZZ_EXAMPLES=5000 runs that many random (not derandomized) cases with no time budget.
@@ -248,3 +256,209 @@ def test_mutated_checkpoints_load_or_fail_with_documented_errors_inside_the_fold
     ran = counts["loaded"] + counts["refused"]
     print(f"fuzz cases run: {ran} in {time.monotonic() - started:.0f} s ({counts})")
     assert ran >= 25, f"the time budget left too few cases: {counts}"
+
+
+# ---- pickles whose tensors alias one another ------------------------------------------------------------------
+
+VIEWS = st.sampled_from(["own", "own", "expand", "shared", "transposed", "every other"])
+ALIASED_CASES = st.tuples(
+    st.lists(st.tuples(VIEWS, st.integers(0, 4096)), min_size=1, max_size=24),  # one (view, offset) per tensor
+    st.booleans(),  # the zip archive torch.save writes, or the legacy format
+    st.sampled_from(["direct", "under 'model'"]),
+)
+
+
+def aliased_state(template, views):
+    """The template's tensors remade as the drawn views; returns (state dict, whether any elements overlap)."""
+    names = sorted(template)
+    assigned = [views[position % len(views)] for position in range(len(names))]
+    shared_length = max([offset + template[n].numel() for n, (kind, offset) in zip(names, assigned) if kind == "shared"],
+                        default=0)
+    shared, regions, overlapping, state = torch.zeros(shared_length), [], False, {}
+    for name, (kind, offset) in zip(names, assigned):
+        tensor = template[name]
+        if kind == "expand" and tensor.numel() > 1:
+            state[name], overlapping = tensor.flatten()[:1].clone().expand(tensor.shape), True
+        elif kind == "shared":
+            view = shared[offset: offset + tensor.numel()]
+            view.copy_(tensor.flatten())  # an earlier overlapping view's values are overwritten: the file holds these
+            state[name] = view.view(tensor.shape)
+            overlapping |= any(offset < end and start < offset + tensor.numel() for start, end in regions)
+            regions.append((offset, offset + tensor.numel()))
+        elif kind == "transposed" and tensor.dim() == 2:
+            state[name] = tensor.t().contiguous().t()
+        elif kind == "every other":
+            spaced = torch.zeros(2 * tensor.numel())
+            spaced[::2] = tensor.flatten()
+            state[name] = spaced[::2].view(tensor.shape)
+        else:
+            state[name] = tensor.clone()
+    return state, overlapping
+
+
+def test_pickles_of_aliased_storages_load_only_what_they_hold(templates):
+    """torch.save pickles with stride-0 views, views of one storage (overlapping or not), transposed and spaced
+    views: exactly those whose elements overlap are refused, naming the file; the others load with their values,
+    and what loads never declares more tensor bytes than the file holds."""
+    root, _ = templates
+    torch.manual_seed(0)
+    template = tensors_of(fastconvnext.ConvNextForImageClassification(CONFIG))
+    counts = {"loaded": 0, "refused": 0}
+
+    @settings(max_examples=RANDOM_EXAMPLES or 60, deadline=DEADLINE, derandomize=not RANDOM_EXAMPLES, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(case=ALIASED_CASES)
+    def run(case):
+        views, zip_format, wrapping = case
+        state, overlapping = aliased_state(template, views)
+        with tempfile.TemporaryDirectory(dir=root) as scratch:
+            path = Path(scratch) / "aliased.pth"
+            saved = {"model": state} if wrapping != "direct" else state
+            torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    model = checkpoint.load_pretrained(None, path)
+            except DOCUMENTED_ERRORS as err:
+                assert overlapping, f"refused a checkpoint whose tensors do not overlap: {err}"
+                assert str(path) in str(err) and ("repeats elements" in str(err) or "share storage" in str(err)), err
+                counts["refused"] += 1
+                return
+            assert not overlapping, "loaded a checkpoint whose tensors overlap in memory"
+            declared = sum(t.numel() * t.element_size() for t in state.values())
+            assert declared <= path.stat().st_size
+            loaded = model.state_dict()
+            assert all(torch.equal(loaded[k], v) for k, v in state.items())
+            counts["loaded"] += 1
+
+    run()
+    print(f"aliased pickles: {counts}")
+    assert counts["loaded"] and counts["refused"], counts
+
+
+# ---- saves and loads of one folder at once, and kills at any step ---------------------------------------------
+
+NAME_CHANGES = ("replace", "rename", "unlink", "link", "symlink", "open")
+CONCURRENT_CASES = st.tuples(
+    st.sampled_from(["safetensors", "bin"]),  # the format in the folder before
+    st.sampled_from(["safetensors", "bin"]),  # the format the foreground save writes
+    st.integers(0, 15),  # at which of the save's name changes the background starts (and a kill is replayed)
+    st.sampled_from(["load", "save"]),  # what runs in the background: a load, or a save of a third model
+    st.sampled_from(["safetensors", "bin"]),  # the background save's format
+)
+
+
+def labelled_model(tag, seed):
+    config = fastconvnext.ConvNextConfig(num_stages=2, hidden_sizes=[4, 8], depths=[1, 1],
+                                         id2label={i: f"{tag} {i}" for i in range(3)})
+    torch.manual_seed(seed)
+    return fastconvnext.ConvNextForImageClassification(config).eval()
+
+
+def saved_by(model, references):
+    """Which reference `model` was loaded from; a config.json of one beside the weights of another fails."""
+    by_labels = model.config.id2label[0].split()[0]
+    state = model.state_dict()
+    by_weights = [tag for tag, reference in references.items()
+                  if all(torch.equal(state[k], v) for k, v in reference.state_dict().items())]
+    assert by_weights == [by_labels], f"config.json of {by_labels!r} beside the weights of {by_weights}"
+    return by_labels
+
+
+def folder_files(directory):
+    files = {}
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as file:
+                files[entry.name] = file.read()
+    return files
+
+
+def test_concurrent_saves_and_loads_always_see_one_whole_checkpoint(templates):
+    """A save into a folder that already holds a checkpoint, with, started at a drawn step of it, a load or a
+    second save in another thread (the foreground waits until that one finishes or waits for the folder's lock:
+    events, no sleeps), and a kill replayed at the same step (the folder as it was then, loaded afresh). Every
+    load returns one whole checkpoint; the folder ends with one."""
+    root, _ = templates
+    references = {"old": labelled_model("old", 1), "new": labelled_model("new", 2), "other": labelled_model("other", 3)}
+    counts = {"background waited": 0, "background ran through": 0, "kill replays": 0}
+    real = {name: getattr(os, name) for name in NAME_CHANGES}
+
+    @settings(max_examples=RANDOM_EXAMPLES or 24, deadline=DEADLINE, derandomize=not RANDOM_EXAMPLES, database=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(case=CONCURRENT_CASES)
+    def run(case):
+        before, after, step, background_kind, background_format = case
+        with tempfile.TemporaryDirectory(dir=root) as scratch:
+            folder = Path(scratch) / "model"
+            folder.mkdir()
+            references["old"].save_pretrained(folder, safe_serialization=before == "safetensors")
+            outcome, settled, calls, replay = {}, threading.Event(), [], []
+
+            def background():
+                try:
+                    if background_kind == "load":
+                        outcome["loaded"] = saved_by(checkpoint.load_pretrained(None, folder), references)
+                    else:
+                        references["other"].save_pretrained(folder, safe_serialization=background_format == "safetensors")
+                except BaseException as err:  # re-raised in the foreground
+                    outcome["error"] = err
+                finally:
+                    settled.set()
+
+            worker = threading.Thread(target=background, daemon=True)
+
+            def busy(directory, exclusive):
+                if threading.current_thread() is worker:
+                    outcome["waited"] = True
+                    settled.set()
+
+            def watching(name):
+                def call(*args, **kwargs):
+                    in_folder = any(isinstance(a, (str, os.PathLike)) and Path(os.fsdecode(a)).parent == folder
+                                    for a in args[:2])
+                    changes = name != "open" or (len(args) > 1 and args[1] & os.O_CREAT)
+                    if in_folder and changes and threading.current_thread() is not worker:
+                        calls.append(name)
+                        if len(calls) == step + 1:
+                            replay.append(folder_files(folder))
+                            worker.start()
+                            assert settled.wait(120), "the background load/save neither finished nor waited"
+                    return real[name](*args, **kwargs)
+                return call
+
+            real_busy = getattr(safe_io, "_on_lock_busy", None)
+            safe_io._on_lock_busy = busy
+            for name in NAME_CHANGES:
+                setattr(os, name, watching(name))
+            try:
+                references["new"].save_pretrained(folder, safe_serialization=after == "safetensors")
+            finally:
+                for name in NAME_CHANGES:
+                    setattr(os, name, real[name])
+                safe_io._on_lock_busy = real_busy
+            if not worker.is_alive() and not settled.is_set():  # the save made fewer changes than `step`
+                worker.start()
+            worker.join(120)
+            assert not worker.is_alive()
+            if "error" in outcome:
+                raise outcome["error"]
+            counts["background waited" if outcome.get("waited") else "background ran through"] += 1
+            final = saved_by(checkpoint.load_pretrained(None, folder), references)
+            if background_kind == "load":
+                assert outcome["loaded"] in ("old", "new") and final == "new"
+                if outcome.get("waited"):
+                    assert outcome["loaded"] == "new"
+            else:
+                assert final in ("new", "other")
+            for state in replay:
+                crashed = Path(scratch) / "crashed"
+                crashed.mkdir()
+                for name, content in state.items():
+                    (crashed / name).write_bytes(content)
+                assert saved_by(checkpoint.load_pretrained(None, crashed), references) in ("old", "new")
+                counts["kill replays"] += 1
+
+    run()
+    print(f"concurrent saves and loads: {counts}")
+    assert counts["background waited"] and counts["background ran through"] and counts["kill replays"], counts
