@@ -637,7 +637,7 @@ def preflight(rehearse=False, environ=None):
             major, minor = torch.cuda.get_device_capability(0)
             facts.update({"gpu": props.name, "sm": f"sm_{major}{minor}", "SMs": props.multi_processor_count,
                           "memory GiB": round(props.total_memory / 2**30, 1),
-                          "driver": _driver_version()})
+                          "cudnn": torch.backends.cudnn.version(), "driver": _driver_version()})
             checks.append(Check("GPU", f"sm_{MIN_ARCH} or newer", f"{props.name}, sm_{major}{minor}, "
                                 f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.1f} GiB",
                                 10 * major + minor >= MIN_ARCH))
@@ -895,8 +895,11 @@ class Prewarm:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, traceback):
+        if exc_type is None:
+            self.close()
+        elif self.pool is not None:  # the stage failed: do not wait for compiles nobody will use
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------- stage 1
