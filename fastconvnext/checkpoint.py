@@ -238,12 +238,9 @@ def save_pretrained(model, directory, safe_serialization=True):
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     stale = [name for name in DIRECTORY_WEIGHTS if name != weights_name] + list(SHARD_PATTERNS)
     with StagedFiles(directory) as staged:
-        _write_weights(tensors, staged.stage(weights_name), directory / weights_name, safe_serialization)
-        config_file = staged.stage(CONFIG_NAME, skip_if_unchanged=True)
-        try:
-            config_file.write_text(config_text, encoding="utf-8")
-        except OSError as err:
-            raise safe_io.write_error(directory / CONFIG_NAME, err) from None
+        _write_staged(staged, weights_name, lambda path: _write_weights(tensors, path, safe_serialization))
+        _write_staged(staged, CONFIG_NAME, lambda path: path.write_text(config_text, encoding="utf-8"),
+                      skip_if_unchanged=True)
         staged.commit(remove=stale)
     return directory
 
@@ -1411,20 +1408,24 @@ def _plain_tensors(state_dict):
     return {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in state_dict.items()}
 
 
-def _write_weights(tensors, temporary, final, safe_serialization):
-    """Write the weights to the staged file; a failed write (a full disk, an I/O error) raises OSError naming
-    `final`, whatever the writer reports it as (safetensors: SafetensorError, torch.save: RuntimeError)."""
+def _write_staged(staged, name, write, **options):
+    """Stage `name` and `write(path)` it; a failed write (a full disk, an I/O error) raises OSError naming the
+    final file, whatever the writer reports it as (safetensors: SafetensorError, torch.save: RuntimeError)."""
     from safetensors import SafetensorError
 
     try:
-        if safe_serialization:
-            from safetensors.torch import save_file
-
-            save_file(tensors, str(temporary), metadata={"format": "pt"})
-        else:
-            torch.save(tensors, temporary)
+        write(staged.stage(name, **options))
     except (OSError, SafetensorError, RuntimeError) as err:
-        raise safe_io.write_error(final, err) from None
+        raise safe_io.write_error(staged.directory / name, err) from None
+
+
+def _write_weights(tensors, path, safe_serialization):
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
 
 
 def _copy_training_flags(source_model, target_model):

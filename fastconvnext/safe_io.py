@@ -485,9 +485,8 @@ def write_text_atomically(path, text):
     """Replace the file at `path` with `text` (UTF-8) in one rename: readers see the old or the new file."""
     path = Path(path)
     with StagedFiles(path.parent) as staged:
-        temporary = staged.stage(path.name)
         try:
-            temporary.write_text(text, encoding="utf-8")
+            staged.stage(path.name).write_text(text, encoding="utf-8")
         except OSError as err:
             raise write_error(path, err) from None
         staged.commit()
