@@ -1,9 +1,12 @@
 """The one place that decides, per call, whether an op runs as a fused Triton kernel or as eager PyTorch.
 
 `auto` (default): on CUDA tensors, per (op, channels, H*W bucket, batch bucket, dtype, grad mode, GPU
-  arch), whichever of fused and eager the policy says is faster: a shape timed by `fastconvnext.tune`
-  (or FASTCONVNEXT_TUNE=1) on this GPU, else the static performance model (kernels/perf_table.py), else
-  the analytic roofline (kernels/roofline.py). Eager ops on every other device.
+  arch), whichever of fused and eager is faster HERE: the first time a shape is met it is timed both ways on
+  the call's own inputs and the faster is kept and cached per GPU, driver and versions (fastconvnext.tuning;
+  FASTCONVNEXT_TUNE=0 opts out). Where it cannot be timed (CUDA-graph capture, torch.compile tracing,
+  torch.distributed, too little free memory) the cached decision applies, else the prior: the static
+  performance model (kernels/perf_table.py, a MODEL), else the analytic roofline (kernels/roofline.py).
+  Eager ops on every other device.
 `triton`: always the kernels; on CPU tensors that needs TRITON_INTERPRET=1 (Triton's interpreter).
 `eager`: always the eager references from `fastconvnext.kernels.reference`.
 Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import; a bad value
@@ -15,23 +18,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
-import os
 
 import torch
 
 from fastconvnext import policy
-from fastconvnext.kernels import reference
+from fastconvnext.kernels import _env, reference
 from fastconvnext.policy import (  # noqa: F401  (the public names are also fastconvnext.backend's)
     BACKENDS, CPU_ARCH, ENV_VAR, MODES, OPS, Decision, PolicyKey, active_backend, clear_policy, configured_backend,
     get_backend, install_tuned, scoped_backend, set_backend, tuned_decisions, use_backend,
 )
 
-TUNE_ENV_VAR = "FASTCONVNEXT_TUNE"
+TUNE_ENV_VAR = _env.TUNE_ENV
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # Both the static model and the roofline leave out effects (launch gaps, cache behaviour) worth a few
 # percent: a modelled win smaller than that is no win, and the policy keeps eager.
 MODEL_WIN_FACTOR = 0.95
-_interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _triton_importable = importlib.util.find_spec("triton") is not None
 _tuned, _decisions = policy._tuned, policy._decisions  # the same dicts: PolicyKey -> Decision
 _UNSET = object()
@@ -42,7 +43,7 @@ def _kernels_usable(device_type):
     """Whether the Triton kernels can run on tensors of this device type; the reason when not."""
     if not _triton_importable:
         return False, "triton is not installed"
-    if device_type == "cuda" or (device_type == "cpu" and _interpreting):
+    if device_type == "cuda" or (device_type == "cpu" and _env.interpreting()):
         return True, ""
     if device_type == "cpu":
         return False, "CPU tensors run the kernels only in Triton's interpreter (TRITON_INTERPRET=1)"
@@ -52,17 +53,17 @@ def _kernels_usable(device_type):
 def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
     """Return True for the fused kernel, False for eager, raising if `triton` is forced and impossible.
 
-    `call` (the op's arguments) lets FASTCONVNEXT_TUNE=1 time an untuned shape on its first use."""
+    `call` (the op's arguments) lets `auto` time a shape on its first use."""
     policy.raise_env_error()
     if policy.recorder is not None and call is not None and unsupported_reason is None:
         policy.recorder(op, policy_key(op, x, channels, tensors), call)
     active = policy.active_backend()
     if active == "eager":
         return False
+    if active == "auto":  # CUDA only, so TRITON_INTERPRET is not read for the CPU tensors auto runs eagerly
+        return (x.device.type == "cuda" and unsupported_reason is None and _kernels_usable("cuda")[0]
+                and _auto_prefers_fused(op, x, channels, tensors, call))
     usable, why = _kernels_usable(x.device.type)
-    if active == "auto":
-        return usable and x.device.type == "cuda" and unsupported_reason is None and _auto_prefers_fused(
-            op, x, channels, tensors, call)
     if not usable:
         raise RuntimeError(f"backend 'triton' is forced but cannot run here: {why}")
     if unsupported_reason is not None:
@@ -72,11 +73,15 @@ def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
 
 
 def _auto_prefers_fused(op, x, channels, tensors, call):
-    """The auto policy for a CUDA call (tuning the shape first under FASTCONVNEXT_TUNE=1)."""
-    if call is not None and not torch.compiler.is_compiling() and _tune_on_first_use():
+    """The auto policy for a CUDA call: a shape not decided by a measurement yet is timed first (unless
+    FASTCONVNEXT_TUNE=0, or tuning declines: see fastconvnext.tuning). Under torch.compile tracing nothing is
+    timed, and neither the flag nor the pending first-run line is read (a traced read would become a guard)."""
+    if call is not None and not torch.compiler.is_compiling():
         key = policy_key(op, x, channels, tensors)
-        if key not in _tuned:
+        if key not in _tuned and _tune_on_first_use():
             _tune_call(op, key, call)
+        if policy.summary_pending:
+            _flush_summary()
     index = x.device.index if x.device.index is not None else -1
     return _prefers_fused(op, index, *_call_shape(x, channels, tensors))
 
@@ -175,7 +180,7 @@ def _nearest_arch(arch, known):
 def _compare(fused_us, eager_us, source, where):
     fused = fused_us < MODEL_WIN_FACTOR * eager_us
     verdict = "fused" if fused else "eager"
-    reason = (f"{where}: fused {fused_us:,.1f} µs vs eager {eager_us:,.1f} µs (modelled) -> {verdict}")
+    reason = (f"{where}: fused {fused_us:,.1f} µs vs eager {eager_us:,.1f} µs (MODEL) -> {verdict}")
     return Decision(fused, source, reason, fused_us, eager_us)
 
 
@@ -238,7 +243,8 @@ def static_decision(key):
 
 
 def decide(key):
-    """The policy's Decision for a PolicyKey: tuned here if it was, else the static policy."""
+    """The policy's Decision for a PolicyKey: measured (this process, or the cache of the current GPU) if it
+    was, else the prior: the static policy."""
     key = PolicyKey(*key)
     decision = _decisions.get(key)
     if decision is None:
@@ -249,18 +255,14 @@ def decide(key):
     return decision
 
 
-_cache_checked = False
-
-
-def _load_tuned_cache():
-    """Once per process: the table `fastconvnext.tune` saved for this GPU and these versions, if any."""
-    global _cache_checked
-    if _cache_checked or not torch.cuda.is_available():
+def _load_tuned_cache(index=None):
+    """The decisions cached for CUDA device `index` (None: the current one), read once per process and device
+    (tuning.load_for_device); not with FASTCONVNEXT_TUNE=0 (the prior alone) nor under torch.distributed."""
+    if not torch.cuda.is_available() or not _tune_on_first_use():
         return
-    _cache_checked = True
     from fastconvnext import tuning
 
-    tuning.load_for_device(torch.cuda.current_device())
+    tuning.load_for_device(torch.cuda.current_device() if index is None else index)
 
 
 @torch.compiler.assume_constant_result
@@ -268,7 +270,10 @@ def _prefers_fused(op, device_index, dtype, channels, hw, batch, mode):
     """decide(...).fused for a call on CUDA device `device_index` (-1: the current one); under torch.compile
     evaluated once per trace, outside the graph (all arguments are constants), so reading the device's
     arch, the static table or the tuning cache never breaks the graph."""
-    key = (op, device_arch(None if device_index < 0 else device_index), dtype, channels, hw, batch, mode)
+    index = None if device_index < 0 else device_index
+    key = PolicyKey(op, device_arch(index), dtype, channels, hw, batch, mode)
+    if key not in _decisions:
+        _load_tuned_cache(index)
     return decide(key).fused
 
 
@@ -310,14 +315,21 @@ def stage_keys(arch, dtype="bf16", batch=64, channels=(96, 192, 384, 768), sizes
 
 
 def _tune_on_first_use():
-    return os.environ.get(TUNE_ENV_VAR, "0") not in ("", "0")
+    """FASTCONVNEXT_TUNE, read on each call (default on; a bad value raises ValueError naming it)."""
+    return _env.read(TUNE_ENV_VAR)
 
 
 def _tune_call(op, key, call):
-    """FASTCONVNEXT_TUNE=1: time this call's shape now, unless that cannot be done safely here."""
+    """Time this call's shape now, unless that cannot be done safely here (fastconvnext.tuning decides)."""
     from fastconvnext import tuning
 
     tuning.tune_on_first_use(op, key, call)
+
+
+def _flush_summary():
+    from fastconvnext import tuning
+
+    tuning.flush_summary()
 
 
 def _dwconv_unsupported(dw_weight):
@@ -365,14 +377,19 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
 
 
 def describe():
-    """Which implementation each op would use now, for CUDA and for CPU tensors, and the auto policy's
-    table (shown by `fastconvnext info`). Never raises: a bad FASTCONVNEXT_BACKEND is reported here."""
+    """Which implementation each op would use now, for CUDA and for CPU tensors, the environment flags, whether
+    shapes are measured on first use, where this GPU's tuning cache is and the decisions measured in it, and
+    the auto policy's table (shown by `fastconvnext info`). Never raises: a bad FASTCONVNEXT_BACKEND (or any
+    other bad flag) is reported here."""
     report = {}
     backend_name, env_error = configured_backend()
     if env_error is not None:
         report[f"{ENV_VAR} error"] = env_error
     for device_type in ("cuda", "cpu"):
-        usable, why = _kernels_usable(device_type)
+        try:
+            usable, why = _kernels_usable(device_type)
+        except ValueError as error:  # a bad TRITON_INTERPRET
+            usable, why = False, str(error)
         if backend_name == "eager":
             choice = "eager PyTorch (backend forced to 'eager')"
         elif usable and device_type == "cuda" and backend_name == "auto":
@@ -390,7 +407,38 @@ def describe():
     if torch.backends.mkldnn.is_available():
         report["convnext_mlp eager, fp32 CPU inference"] = "oneDNN linear with fused bias+act / layer scale+residual"
         report["convnext_mlp eager, fp32 CPU training"] = "oneDNN linears (forward and input gradient)"
-    report.update(_policy_report())
+    report.update(_tuning_report())
+    try:
+        report.update(_policy_report())
+    except ValueError as error:  # a bad FASTCONVNEXT_TUNE, read when the policy looks for the cache
+        report["policy"] = f"unavailable: {error}"
+    return report
+
+
+def _tuning_report():
+    """The flags as read now, whether `auto` measures on first use, and this GPU's tuning cache."""
+    from fastconvnext import tuning
+
+    report = {f"env {name}": text for name, text in _env.report().items()}
+    try:
+        tune = _tune_on_first_use()
+    except ValueError as error:
+        report["tuning"] = f"invalid ({error})"
+        return report
+    if tune:
+        report["tuning"] = ("on first use: on CUDA, auto times fused against eager the first time it meets a shape "
+                            "(median of CUDA-event runs, forward or forward+backward as called), keeps the faster "
+                            "and caches it; inside CUDA-graph capture or torch.compile tracing, under "
+                            "torch.distributed (call fastconvnext.tune() on every rank) or short of memory, the "
+                            "cached decision, else the static model (MODEL), decides. FASTCONVNEXT_TUNE=0 turns "
+                            "it off")
+    else:
+        report["tuning"] = (f"off ({TUNE_ENV_VAR}=0): the static model (MODEL) decides, unless fastconvnext.tune() "
+                            f"measured the shape in this process; the cache is not read")
+    try:
+        report.update(tuning.cache_report())
+    except Exception as error:  # a report must not fail on a GPU it cannot query
+        report["tuning cache"] = f"unavailable ({type(error).__name__}: {error})"
     return report
 
 

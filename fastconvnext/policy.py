@@ -5,14 +5,15 @@ and the hook through which tuning records a model's calls."""
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
-BACKENDS = ("auto", "triton", "eager")
-ENV_VAR = "FASTCONVNEXT_BACKEND"
+from fastconvnext.kernels import _env
+
+ENV_VAR = _env.BACKEND_ENV
+BACKENDS = _env.FLAGS[ENV_VAR].values  # ("auto", "triton", "eager")
 OPS = ("dwconv_layernorm", "convnext_mlp")
 MODES = ("forward", "forward_backward")
 CPU_ARCH = 0  # the arch recorded for CPU tensors (tuning in Triton's interpreter, tests)
@@ -25,13 +26,15 @@ def _checked(name, source):
 
 
 def _backend_from_env():
-    """(backend, error message or None): a bad value keeps 'auto' and is reported on first use."""
-    raw = os.environ.get(ENV_VAR, "auto")
-    name = raw.strip().lower() or "auto"
-    if name in BACKENDS:
-        return name, None
-    return "auto", (f"{ENV_VAR} must be one of {BACKENDS}, got {raw!r} (set in the environment; unset it or "
-                    f"call fastconvnext.set_backend())")
+    """(backend, error message or None): a bad value keeps 'auto' and is reported on first use.
+
+    Read once, at import (not per call like the other flags): the environment gives the process-wide default,
+    which set_backend() then replaces; the error waits for the first dispatch or get_backend() so that
+    `fastconvnext info` (backend.describe) still runs and reports it."""
+    try:
+        return _env.read(ENV_VAR), None
+    except ValueError as error:
+        return "auto", str(error)
 
 
 class _ThreadBackend(threading.local):
@@ -129,8 +132,9 @@ class PolicyKey(NamedTuple):
 @dataclass(frozen=True)
 class Decision:
     """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
-    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on), why, and the times behind it (µs;
-    measured for "tuned", MODELLED otherwise)."""
+    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on; "failed": timing the shape on first use
+    failed, so it runs eagerly in this process), why, and the times behind it (µs; measured for "tuned", a MODEL
+    for "model" and "roofline")."""
 
     fused: bool
     source: str
@@ -146,6 +150,7 @@ class Decision:
 _tuned = {}  # PolicyKey -> Decision, measured by fastconvnext.tuning
 _decisions = {}  # PolicyKey -> Decision, every lookup so far
 recorder = None  # set by fastconvnext.tuning while it collects a model's calls: recorder(op, PolicyKey, call)
+summary_pending = False  # set by fastconvnext.tuning while its first-run line waits to be emitted (backend asks)
 
 
 def install_tuned(decisions):

@@ -1,17 +1,21 @@
 """The `auto` policy: per (op, C, H*W bucket, batch bucket, dtype, grad mode, arch), fused or eager.
 
-Decisions come from a fake static-model table (the format of kernels/perf_table.py), so every expected
+The prior: decisions from a fake static-model table (the format of kernels/perf_table.py), so every expected
 choice below follows from numbers written here; the roofline fallback is checked against
-fastconvnext.kernels.roofline computed independently in the test.
+fastconvnext.kernels.roofline computed independently in the test. On a (mocked) CUDA device `auto` measures
+first: a fake timer decides there, and the tests count its calls.
 """
+import json
+import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from fastconvnext import backend
+from fastconvnext import backend, tuning
 from fastconvnext.backend import Decision, PolicyKey
 from helpers import KERNEL_DEVICE, gpu, gpu_shapes, interpreter_only, kernel_dtypes, kernel_shapes
 
@@ -32,13 +36,16 @@ FAKE_TABLE = {
 
 
 @pytest.fixture(autouse=True)
-def _fresh_policy(monkeypatch):
-    monkeypatch.setattr(backend, "_cache_checked", True)  # never this machine's tuning cache
+def _fresh_policy(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # never this machine's tuning cache
+    monkeypatch.delenv("FASTCONVNEXT_TUNE", raising=False)
     saved = backend.tuned_decisions()
     backend.clear_policy()
+    tuning.reset()
     with backend.use_predicted_table(FAKE_TABLE):
         yield
     backend.clear_policy()
+    tuning.reset()
     backend.install_tuned(saved)
 
 
@@ -52,7 +59,7 @@ def test_exact_table_points_follow_the_modelled_times():
     assert backend.decide(key(op=DW)).fused
     decision = backend.decide(key())
     assert (decision.source, decision.fused_us, decision.eager_us) == ("model", 50.0, 100.0)
-    assert "(modelled)" in decision.reason and "C=96 H*W=3136 N=64" in decision.reason
+    assert "(MODEL)" in decision.reason and "C=96 H*W=3136 N=64" in decision.reason
 
 
 def test_a_modelled_win_inside_the_margin_keeps_eager():
@@ -211,13 +218,64 @@ class FakeCudaTensor:
         self.device, self.dtype, self.shape, self.requires_grad = torch.device("cuda", 3), dtype, shape, requires_grad
 
 
+FAKE_GPU = "Fake GPU 80GB"
+
+
+def _refuse(run, key, impl):
+    raise AssertionError(f"timed {impl} {key.label}")
+
+
+class CountingTimer:
+    """Returns the given times; records each (key, impl) it was asked to time."""
+
+    def __init__(self, fused_us, eager_us):
+        self.times, self.calls = {"fused": fused_us, "eager": eager_us}, []
+
+    def __call__(self, run, key, impl):
+        self.calls.append((key, impl))
+        return self.times[impl]
+
+
 @pytest.fixture()
 def fake_gpu(monkeypatch):
+    """CUDA device 3, an sm_90 with 80 GiB free, as far as the dispatch and tuning ask; nothing is timed unless a
+    test sets tuning.first_use_timer."""
     monkeypatch.setattr(backend, "_kernels_usable", lambda device_type: (True, ""))
     monkeypatch.setitem(backend._arch_cache, 3, 90)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "_device_identity", lambda index: (FAKE_GPU, "999.1"))
+    monkeypatch.setattr(tuning, "_free_memory", lambda device: 80 << 30)
+    monkeypatch.setattr(tuning, "first_use_timer", _refuse)
 
 
-def test_auto_on_cuda_follows_the_policy_and_forced_backends_do_not(fake_gpu):
+def mlp_call(x):
+    """The arguments backend.convnext_mlp passes on: real (CPU) weights, only their shapes are read."""
+    c = x.shape[-1]
+    return (x, x, torch.zeros(4 * c, c), torch.zeros(4 * c), torch.zeros(c, 4 * c), torch.zeros(c), torch.zeros(c),
+            "gelu", None)
+
+
+def choose(x, call=None):
+    call = mlp_call(x) if call is None else call
+    return backend._choose(MLP, x, x.shape[-1], call[1:7], None, call)
+
+
+WINS = key(hw=4096, batch=64)  # FAKE_TABLE: fused 50 vs eager 100 -> the prior says fused
+
+
+def cached_file():
+    return tuning.cache_path(tuning.environment(torch.device("cuda", 3)))
+
+
+def write_cache(decisions):
+    env = tuning.environment(torch.device("cuda", 3))
+    assert tuning.save_cache(env, decisions) == cached_file()
+
+
+def test_auto_on_cuda_follows_the_policy_and_forced_backends_do_not(fake_gpu, monkeypatch):
+    monkeypatch.setenv(backend.TUNE_ENV_VAR, "0")  # the static model's decisions, without measuring first
     wins, loses = FakeCudaTensor(64, 56, 56, 96), FakeCudaTensor(64, 7, 7, 768)
     with torch.no_grad(), backend.use_backend("auto"):
         assert backend._choose(MLP, wins, 96, ()) is True
@@ -229,7 +287,7 @@ def test_auto_on_cuda_follows_the_policy_and_forced_backends_do_not(fake_gpu):
         assert backend._choose(MLP, wins, 96, ()) is False
 
 
-def test_tune_env_var_times_each_untuned_shape_once(fake_gpu, monkeypatch):
+def test_each_new_shape_is_timed_once_by_default(fake_gpu, monkeypatch):
     tuned = []
 
     def fake_tune(op, key, call):
@@ -239,9 +297,165 @@ def test_tune_env_var_times_each_untuned_shape_once(fake_gpu, monkeypatch):
     monkeypatch.setattr(backend, "_tune_call", fake_tune)
     x = FakeCudaTensor(64, 56, 56, 96)
     with torch.no_grad(), backend.use_backend("auto"):
-        monkeypatch.delenv(backend.TUNE_ENV_VAR, raising=False)
-        assert backend._choose(MLP, x, 96, (), call=(x,)) is True and tuned == []
-        monkeypatch.setenv(backend.TUNE_ENV_VAR, "1")
-        assert backend._choose(MLP, x, 96, (), call=(x,)) is False  # measured: eager is faster
-        assert backend._choose(MLP, x, 96, (), call=(x,)) is False
-    assert tuned == [key(hw=4096, batch=64)]
+        assert choose(x) is False  # measured: eager is faster (the prior said fused)
+        assert choose(x) is False
+        assert tuned == [WINS]
+        monkeypatch.setenv(backend.TUNE_ENV_VAR, "off")
+        assert choose(FakeCudaTensor(256, 56, 56, 96)) is False and tuned == [WINS]  # the prior, not timed
+
+
+@pytest.mark.parametrize("fused_us, eager_us", [(30.0, 60.0), (90.0, 60.0)], ids=["fused-faster", "eager-faster"])
+def test_auto_on_cuda_times_the_first_use_keeps_the_faster_and_caches_it(fake_gpu, monkeypatch, fused_us, eager_us):
+    timer = CountingTimer(fused_us, eager_us)
+    monkeypatch.setattr(tuning, "first_use_timer", timer)
+    x = FakeCudaTensor(64, 56, 56, 96)
+    with torch.no_grad(), backend.use_backend("auto"):
+        assert choose(x) is (fused_us < eager_us)
+        assert timer.calls == [(WINS, "fused"), (WINS, "eager")]
+        assert choose(x) is (fused_us < eager_us) and len(timer.calls) == 2  # decided: not timed again
+    decision = backend.decide(WINS)
+    assert (decision.source, decision.fused_us, decision.eager_us) == ("tuned", fused_us, eager_us)
+    assert f"measured on {FAKE_GPU}" in decision.reason
+    stored = json.loads(cached_file().read_text())
+    assert stored["environment"]["gpu"] == FAKE_GPU and stored["environment"]["driver"] == "999.1"
+    assert stored["entries"] == [{**WINS._asdict(), "fused_us": fused_us, "eager_us": eager_us}]
+
+    backend.clear_policy()  # a fresh policy, as in a new process: the cache answers, nothing is timed
+    tuning.reset()
+    monkeypatch.setattr(tuning, "first_use_timer", _refuse)
+    with torch.no_grad(), backend.use_backend("auto"):
+        assert choose(x) is (fused_us < eager_us)
+    assert backend.decide(WINS).source == "tuned" and len(timer.calls) == 2
+
+
+def test_training_calls_time_forward_and_backward(fake_gpu, monkeypatch):
+    timer = CountingTimer(30.0, 60.0)
+    monkeypatch.setattr(tuning, "first_use_timer", timer)
+    x = FakeCudaTensor(64, 56, 56, 96, requires_grad=True)
+    with backend.use_backend("auto"):
+        assert choose(x) is True
+    assert [k.mode for k, _ in timer.calls] == [TRAIN, TRAIN]
+    with torch.no_grad(), backend.use_backend("auto"):  # the same shape in inference is another key
+        choose(x)
+    assert [k.mode for k, _ in timer.calls] == [TRAIN, TRAIN, FWD, FWD]
+
+
+@pytest.mark.parametrize("raw", ["0", "off", "FALSE", " no "])
+def test_tune_0_never_times_and_ignores_the_cache(fake_gpu, monkeypatch, raw):
+    write_cache({WINS: tuning.measured_decision(90.0, 60.0, FAKE_GPU)})  # measured: eager; the prior: fused
+    monkeypatch.setenv(backend.TUNE_ENV_VAR, raw)
+    with torch.no_grad(), backend.use_backend("auto"):
+        assert choose(FakeCudaTensor(64, 56, 56, 96)) is True  # the prior alone
+        assert choose(FakeCudaTensor(64, 7, 7, 768)) is False
+    assert backend.decide(WINS).source == "model"
+    assert backend.describe()["tuning"].startswith("off (FASTCONVNEXT_TUNE=0)")
+
+
+def test_a_bad_tune_value_is_a_clear_error_at_dispatch(fake_gpu, monkeypatch):
+    monkeypatch.setenv(backend.TUNE_ENV_VAR, "sometimes")
+    with torch.no_grad(), backend.use_backend("auto"), pytest.raises(ValueError) as caught:
+        choose(FakeCudaTensor(64, 56, 56, 96))
+    assert str(caught.value) == ("FASTCONVNEXT_TUNE must be one of ('1', '0', 'true', 'false', 'yes', 'no', 'on', "
+                                 "'off'), got 'sometimes' (any case; unset or empty: on)")
+
+
+def _cannot_time(situation, monkeypatch):
+    if situation == "capture":
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    elif situation == "compile":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    elif situation == "memory":
+        monkeypatch.setattr(tuning, "_free_memory", lambda device: 1 << 20)
+    elif situation == "oom":
+        def oom(run, key, impl):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        monkeypatch.setattr(tuning, "first_use_timer", oom)
+    else:
+        raise AssertionError(situation)
+
+
+WARNS = {"memory": "not enough free GPU memory to time", "oom": "ran out of memory while timing"}
+
+
+@pytest.mark.parametrize("situation", ["capture", "compile", "memory", "oom"])
+def test_where_timing_is_impossible_the_cache_decides_else_the_prior(fake_gpu, monkeypatch, situation):
+    _cannot_time(situation, monkeypatch)
+    x = FakeCudaTensor(64, 56, 56, 96)
+    with torch.no_grad(), backend.use_backend("auto"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert choose(x) is True  # no cache: the prior (fused)
+        assert choose(x) is True
+    assert backend.decide(WINS).source == "model" and WINS not in backend.tuned_decisions()
+    assert not cached_file().exists()
+    messages = [str(w.message) for w in caught]
+    if situation in WARNS:  # one warning per process, not one per call or shape
+        assert len(messages) == 1 and WARNS[situation] in messages[0], messages
+    else:
+        assert messages == []
+    backend.clear_policy()
+    tuning.reset()
+    write_cache({WINS: tuning.measured_decision(90.0, 60.0, FAKE_GPU)})  # measured earlier: eager
+    with torch.no_grad(), backend.use_backend("auto"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert choose(x) is False  # the cached measurement
+    assert backend.decide(WINS).source == "tuned" and caught == []
+
+
+def test_the_memory_check_compares_twice_the_modelled_need_with_what_is_free(fake_gpu, monkeypatch):
+    x = FakeCudaTensor(64, 56, 56, 96)
+    call = mlp_call(x)
+    act = 64 * 56 * 56 * 96 * 2  # bf16 activations
+    assert tuning.timing_memory_estimate(MLP, WINS, call) == 2 * (4 * act) + 3 * act  # hidden is 4x; interpreter:
+    needed = tuning.MEMORY_HEADROOM * tuning.timing_memory_estimate(MLP, WINS, call)  # no autotune buffer
+    timer = CountingTimer(30.0, 60.0)
+    monkeypatch.setattr(tuning, "first_use_timer", timer)
+    monkeypatch.setattr(tuning, "_free_memory", lambda device: int(needed) - 1)
+    with torch.no_grad(), backend.use_backend("auto"), pytest.warns(UserWarning, match="not enough free GPU memory"):
+        choose(x)
+    assert timer.calls == []
+    tuning.reset()
+    monkeypatch.setattr(tuning, "_free_memory", lambda device: int(needed))
+    with torch.no_grad(), backend.use_backend("auto"):
+        choose(x)
+    assert len(timer.calls) == 2
+    train = WINS._replace(mode=TRAIN)
+    assert tuning.timing_memory_estimate(MLP, train, call) == 2 * (11 * act) + sum(
+        tuning._nbytes(v) for v in call)
+
+
+def test_the_first_run_line_comes_at_the_first_dispatch_after_the_debounce(fake_gpu, monkeypatch, caplog):
+    now = [50.0]
+    monkeypatch.setattr(tuning, "clock", lambda: now[0])
+    monkeypatch.setattr(tuning, "first_use_timer", CountingTimer(30.0, 60.0))
+    caplog.set_level(logging.WARNING, logger="fastconvnext.tuning")
+    x, other = FakeCudaTensor(64, 56, 56, 96), FakeCudaTensor(64, 7, 7, 768)
+    with torch.no_grad(), backend.use_backend("auto"):
+        choose(x)
+        choose(other)
+        choose(x)  # the same forward goes on: no line yet
+        assert caplog.records == []
+        now[0] += tuning.SUMMARY_DEBOUNCE_S
+        choose(x)  # the next forward
+        choose(x)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fastconvnext: measured 2 shapes in 0 ms on {FAKE_GPU}; decisions cached in {cached_file()}"]
+
+
+def test_info_shows_the_cached_decisions_of_this_gpu_and_where_they_are(fake_gpu):
+    write_cache({WINS: tuning.measured_decision(30.0, 60.0, FAKE_GPU),
+                 key(op=DW, mode=TRAIN): tuning.measured_decision(90.0, 60.0, FAKE_GPU)})
+    report = backend.describe()
+    assert report["tuning cache"] == f"{cached_file()} (2 decisions measured on {FAKE_GPU})"
+    assert report[f"cached {WINS.label}"] == "fused (measured: fused 30.0 µs vs eager 60.0 µs)"
+    assert report[f"cached {key(op=DW, mode=TRAIN).label}"] == "eager (measured: fused 90.0 µs vs eager 60.0 µs)"
+    assert report["tuning"].startswith("on first use: on CUDA, auto times fused against eager")
+    assert report["env FASTCONVNEXT_TUNE"] == "on (unset; default on)"
+
+
+def test_info_without_a_gpu_says_where_the_caches_go(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    report = backend.describe()
+    assert report["tuning cache"] == (f"{tmp_path / 'cache' / 'fastconvnext'}{os.sep}tuned-policy-<gpu>.json, one per "
+                                      f"GPU (no CUDA device here)")
