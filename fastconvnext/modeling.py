@@ -170,51 +170,51 @@ def _plain(module, cls):
     return type(module) is cls and not _hooked(module)
 
 
-def block_forward(block, x, norm_class, act_name, drop_path_classes, draw_scale):
+def block_forward(block, x, norm_class, fused_act, drop_path_classes, draw_scale):
     """One ConvNeXt block; x is channels-last NCHW, so its NHWC view is free.
 
     `block` is any module with transformers' block attribute names (dwconv, layernorm, pwconv1, act,
     pwconv2, layer_scale_parameter, drop_path): fastconvnext's own, or transformers' patched one. Each
     half runs as one backend op (fused kernel or eager reference) when its sub-modules are the plain ones the
     op reproduces: dwconv an nn.Conv2d and layernorm a `norm_class`; pwconv1/pwconv2 nn.Linear, the
-    activation fusable (`act_name`, None if not) and drop_path one of `drop_path_classes`, none with hooks and
-    no global module hooks. Otherwise that half calls its sub-modules in transformers' order, so hooks fire
-    and adapters (LoRA, quantized linears) take part, with transformers' numbers. `draw_scale(x)` gives the
-    drop-path scale for the fused MLP (drawn after the first half, where transformers' order puts it).
-    Only the block's own few sub-modules are inspected, on every call (hooks can come and go at any time).
+    activation one the fused MLP has (`fused_act(act)` gives its name, None if none) and drop_path one of
+    `drop_path_classes`, none with hooks and no global module hooks. Otherwise that half calls its sub-modules
+    in transformers' order, so hooks fire and adapters (LoRA, quantized linears) take part, with transformers'
+    numbers. `draw_scale(drop_path, x)` gives the drop-path scale for the fused MLP (drawn after the first
+    half, where transformers' order puts it). Only the block's own few sub-modules are inspected, on every
+    call (hooks can come and go at any time).
     """
+    # each sub-module read once (nn.Module.__getattr__ is the slow part of these checks)
+    dwconv, layernorm, pwconv1, act, pwconv2 = block.dwconv, block.layernorm, block.pwconv1, block.act, block.pwconv2
+    drop_path, gamma = block.drop_path, block.layer_scale_parameter
     global_hooks = _global_hooks_registered()
     residual = _nhwc(x)
-    if not global_hooks and _plain(block.dwconv, nn.Conv2d) and _plain(block.layernorm, norm_class):
-        y = backend.dwconv_layernorm(
-            residual, block.dwconv.weight, block.dwconv.bias, block.layernorm.weight, block.layernorm.bias,
-            block.layernorm.eps,
-        )
+    if not global_hooks and _plain(dwconv, nn.Conv2d) and _plain(layernorm, norm_class):
+        y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
+                                     layernorm.eps)
     else:
-        y = block.layernorm(_nhwc(block.dwconv(x)))
-    fusable_mlp = (
-        act_name is not None and not global_hooks and _plain(block.pwconv1, nn.Linear)
-        and _plain(block.pwconv2, nn.Linear) and not _hooked(block.act)
-        and type(block.drop_path) in drop_path_classes and not _hooked(block.drop_path)
-    )
-    if fusable_mlp:
-        out = backend.convnext_mlp(
-            y, residual, block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias,
-            block.layer_scale_parameter, act_name, draw_scale(x),
-        )
+        y = layernorm(_nhwc(dwconv(x)))
+    act_name = fused_act(act)
+    if (act_name is not None and not global_hooks and _plain(pwconv1, nn.Linear) and _plain(pwconv2, nn.Linear)
+            and not _hooked(act) and type(drop_path) in drop_path_classes and not _hooked(drop_path)):
+        out = backend.convnext_mlp(y, residual, pwconv1.weight, pwconv1.bias, pwconv2.weight, pwconv2.bias, gamma,
+                                   act_name, draw_scale(drop_path, x))
         return _nchw(out)
-    y = block.pwconv2(block.act(block.pwconv1(y)))
-    if block.layer_scale_parameter is not None:
-        y = block.layer_scale_parameter * y
-    return x + block.drop_path(_nchw(y))
+    y = pwconv2(act(pwconv1(y)))
+    if gamma is not None:
+        y = gamma * y
+    return x + drop_path(_nchw(y))
 
 
 _DROP_PATHS = (ConvNextDropPath, nn.Identity)
 
 
-def _draw_scale(block):
-    drop_path = block.drop_path
-    return drop_path.sample_scale if isinstance(drop_path, ConvNextDropPath) else lambda x: None
+def _fused_act_name(act):
+    return act.name if type(act) is ConvNextActivation else None
+
+
+def _draw_scale(drop_path, x):
+    return drop_path.sample_scale(x) if isinstance(drop_path, ConvNextDropPath) else None
 
 
 class ConvNextLayer(nn.Module):
@@ -234,8 +234,7 @@ class ConvNextLayer(nn.Module):
     def forward(self, x):
         """The fused ops where the sub-modules are plain; an activation with parameters (prelu, xielu) or any
         other than the fused MLP's runs its MLP half by calling pwconv1, act, pwconv2 (block_forward)."""
-        act_name = self.act.name if type(self.act) is ConvNextActivation else None
-        return block_forward(self, x, ConvNextLayerNorm, act_name, _DROP_PATHS, _draw_scale(self))
+        return block_forward(self, x, ConvNextLayerNorm, _fused_act_name, _DROP_PATHS, _draw_scale)
 
 
 class ConvNextStage(nn.Module):

@@ -62,6 +62,12 @@ def _build_fused_layer(original):
     layer_norm = modeling_convnext.ConvNextLayerNorm
     drop_paths = (modeling_convnext.ConvNextDropPath, nn.Identity)
 
+    def fused_act(act):
+        return activation_names.get(type(act))
+
+    def draw_scale(drop_path, x):
+        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x)
+
     class ConvNextLayer(original):
         """transformers' ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops.
 
@@ -74,15 +80,9 @@ def _build_fused_layer(original):
         _fastconvnext_fused = True
 
         def forward(self, features):
-            act = activation_names.get(type(self.act))
-            if act is None:
+            if type(self.act) not in activation_names:
                 return super().forward(features)
-            drop_path = self.drop_path
-            drop_prob = getattr(drop_path, "drop_prob", 0.0)
-            return block_forward(
-                self, _channels_last(features), layer_norm, act, drop_paths,
-                lambda x: drop_path_scale(drop_prob, drop_path.training, x),
-            )
+            return block_forward(self, _channels_last(features), layer_norm, fused_act, drop_paths, draw_scale)
 
     # Keep transformers' class name (accelerate's _no_split_modules matches by name) and make the
     # class reachable as fastconvnext.patch.ConvNextLayer so pickled models load again.
