@@ -53,6 +53,12 @@ JOURNAL_NAME = ".fastconvnext-journal.json"
 JOURNAL_FORMAT = "fastconvnext-rollback-journal"
 MAX_JOURNAL_BYTES = 2**20
 MAX_JOURNAL_ENTRIES = 10_000
+# The only names a journaled transaction may change (a checkpoint's files), so that a journal planted in a
+# downloaded folder can at most put one checkpoint file in place of another, never remove anything else.
+JOURNALED_NAMES = (
+    "config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+    "pytorch_model.bin.index.json", "model-*-of-*.safetensors", "pytorch_model-*-of-*.bin",
+)
 # How long a save or a load waits for another process's lock on the folder before it gives up.
 LOCK_TIMEOUT_S = 300.0
 _DEFAULT_NAME_MAX = 255
@@ -157,8 +163,12 @@ class _Transaction:
         self.entries = []  # [final name, backup name or None]
 
     def run(self):
+        finals = [final for _, final in self.replacements] + self.removals
+        unjournaled = [f.name for f in finals if not _journaled_name(f.name)]
+        if unjournaled:
+            raise ValueError(f"a transaction of several files may only change {JOURNALED_NAMES}, not {unjournaled}")
         try:
-            for final in [final for _, final in self.replacements] + self.removals:
+            for final in finals:
                 backup = _backup(self.directory, final)
                 self.entries.append([final.name, None if backup is None else backup.name])
             _write_journal(self.directory, self.entries)
@@ -266,12 +276,13 @@ def read_journal(directory):
         raise JournalError(f"cannot read the rollback journal {path}: {err}") from None
     entries = record.get("entries") if isinstance(record, dict) and record.get("format") == JOURNAL_FORMAT else None
     if not isinstance(entries, list) or len(entries) > MAX_JOURNAL_ENTRIES or not all(
-        isinstance(e, list) and len(e) == 2 and _plain_name(e[0])
-        and (e[1] is None or (_plain_name(e[1]) and e[1].startswith(TEMP_PREFIX)))
+        isinstance(e, list) and len(e) == 2 and _plain_name(e[0]) and _journaled_name(e[0])
+        and (e[1] is None or (_plain_name(e[1]) and _STAGED_NAME.match(e[1])))
         for e in entries
     ):
         raise JournalError(f"{path} is not a rollback journal fastconvnext wrote (expected {{'format': "
-                           f"{JOURNAL_FORMAT!r}, 'entries': [[name, backup name or null], ...]}})")
+                           f"{JOURNAL_FORMAT!r}, 'entries': [[checkpoint file name, staged backup name or null], "
+                           f"...]}})")
     return entries, record
 
 
@@ -587,6 +598,10 @@ def model_root(folder):
 def _plain_name(name):
     return (isinstance(name, str) and 0 < len(name) <= 4096 and name not in (".", "..")
             and not any(c in name for c in ("/", "\\", "\x00")))
+
+
+def _journaled_name(name):
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in JOURNALED_NAMES)
 
 
 def _same_file(a, b):

@@ -438,3 +438,25 @@ def test_resaving_with_the_same_config_renames_only_the_weights(tmp_path, monkey
     assert renamed == ["model.safetensors"]
     assert (tmp_path / "config.json").stat().st_ino == config_before.st_ino
     assert load_pretrained(None, tmp_path).classifier.weight.equal(updated.classifier.weight)
+
+
+@pytest.mark.parametrize("entries", [
+    [["train.py", None]],  # a file no save writes
+    [["config.json", "../outside"]],  # a backup outside the folder
+    [["../config.json", None]],
+    "not a list",
+])
+def test_a_planted_journal_changes_nothing_outside_a_checkpoints_files(tmp_path, entries):
+    """A journal arriving with a downloaded folder is applied only if it names a checkpoint's files and staged
+    backups inside the folder; any other is an error naming the folder, and nothing is removed."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_checkpoint(folder, "old", "safetensors")
+    (folder / "train.py").write_text("print('mine')")
+    journal = {"format": "fastconvnext-rollback-journal", "version": 1, "host": "0" * 8, "pid": 1, "entries": entries}
+    (folder / JOURNAL).write_text(json.dumps(journal))
+    before = folder_state(folder)
+    with pytest.raises(OSError, match=r"holds the journal of an interrupted save .*is not a rollback journal") as raised:
+        load_pretrained(None, folder)
+    assert str(folder) in str(raised.value)
+    assert folder_state(folder) == before
