@@ -213,6 +213,7 @@ def load_pretrained(
     target_dtype = _target_dtype(dtype, config, canonical, source)
     model, info = _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes,
                                 target_dtype, device)
+    model.config.dtype = target_dtype  # transformers records the dtype the model was built in
     model.eval()
     return (model, info) if output_loading_info else model
 

@@ -216,6 +216,7 @@ def test_dtype_auto_takes_config_json_dtype_as_transformers_does(tmp_path, key, 
     theirs = transformers.ConvNextForImageClassification.from_pretrained(tmp_path, dtype="auto")
     ours = load_pretrained(None, tmp_path, dtype="auto")
     assert ours.dtype == theirs.dtype == (getattr(torch, value) if value else torch.float32)
+    assert ours.config.dtype == theirs.config.dtype == ours.dtype
     assert fastconvnext.ConvNextForImageClassification.from_pretrained(tmp_path).dtype == theirs.dtype
     assert load_pretrained(None, tmp_path, dtype="float32").dtype == torch.float32  # an explicit dtype wins
 
