@@ -525,7 +525,7 @@ def _identity(info):
 def _read_directory(source, needs_config):
     """Read under the folder's shared lock (a fastconvnext save commits under the exclusive one); if another
     program changed a file read meanwhile, read it all again, READ_ATTEMPTS times at most."""
-    directory = source.path
+    directory, changed = source.path, []
     for _ in range(READ_ATTEMPTS):
         with safe_io.reading(directory):
             reader = _Reader(source.root)
@@ -537,7 +537,8 @@ def _read_directory(source, needs_config):
                     state_dict = _read_file(weights, reader)
                 config_dict = _read_config_json(directory, reader) if needs_config else None
             except (ValueError, OSError):
-                if reader.changed():  # a file was being written: the error is about a half-written file
+                changed = reader.changed()
+                if changed:  # a file was being written: the error is about a half-written file
                     continue
                 raise
             changed = reader.changed()

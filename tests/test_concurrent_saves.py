@@ -238,6 +238,36 @@ def test_a_load_reads_again_when_another_program_rewrites_the_folder_meanwhile(t
     assert which(load_pretrained(None, tmp_path)) == "new"
 
 
+def test_a_load_that_meets_a_half_written_file_reads_again(tmp_path, monkeypatch):
+    """A foreign writer is half way through the weights when the load reads them (an error), and done by the
+    time it reads them again: the error was about a file that changed meanwhile, so the load retries."""
+    write_checkpoint(tmp_path, "old", "safetensors")
+    weights, config, calls = tmp_path / "model.safetensors", tmp_path / "config.json", []
+    real_read = checkpoint._read_safetensors
+
+    def later(path):  # file systems stamp mtime with a coarse clock: each write here comes a second later
+        stamp = path.stat().st_mtime_ns + 10**9
+        os.utime(path, ns=(stamp, stamp))
+
+    def read_while_another_program_writes(path, file):
+        calls.append(path.name)
+        if len(calls) == 1:
+            data = weights.read_bytes()
+            with open(weights, "r+b") as handle:
+                handle.truncate(len(data) // 2)
+            later(weights)
+        elif len(calls) == 2:
+            state = {k: v.contiguous() for k, v in MODELS["new"].state_dict().items()}
+            save_file(state, str(weights), metadata={"format": "pt"})
+            later(weights)
+            config.write_text(MODELS["new"].config.to_json_string())
+        return real_read(path, file)
+
+    monkeypatch.setattr(checkpoint, "_read_safetensors", read_while_another_program_writes)
+    assert which(load_pretrained(None, tmp_path)) == "new"
+    assert len(calls) == 3
+
+
 def test_a_folder_rewritten_on_every_read_is_an_error_to_retry(tmp_path, monkeypatch):
     write_checkpoint(tmp_path, "old", "safetensors")
     real_read_config, tags = checkpoint._read_config_json, iter(["new", "old", "new", "old"])
