@@ -269,7 +269,7 @@ def read_journal(directory):
     JournalError when the journal is unreadable or malformed."""
     path = Path(directory) / JOURNAL_NAME
     try:
-        with open_regular_file(path) as file:
+        with open_regular_file(path, Path(directory).resolve()) as file:
             data = file.read(MAX_JOURNAL_BYTES + 1)
         record = json.loads(data) if len(data) <= MAX_JOURNAL_BYTES else None
     except (OSError, ValueError, RecursionError) as err:
@@ -617,7 +617,7 @@ def _same_bytes(temporary, final):
         info = os.lstat(final)
         if not stat.S_ISREG(info.st_mode) or info.st_size != os.path.getsize(temporary):
             return False
-        with open(temporary, "rb") as new, open_regular_file(final) as old:
+        with open(temporary, "rb") as new, open_regular_file(final, final.parent.resolve()) as old:
             return new.read() == old.read()
     except OSError:
         return False

@@ -490,3 +490,13 @@ def test_a_planted_journal_changes_nothing_outside_a_checkpoints_files(tmp_path,
         load_pretrained(None, folder)
     assert str(folder) in str(raised.value)
     assert folder_state(folder) == before
+
+
+def test_a_journal_linking_outside_the_folder_is_not_read(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_checkpoint(folder, "old", "safetensors")
+    (tmp_path / "elsewhere.json").write_text(json.dumps({"format": "fastconvnext-rollback-journal", "entries": []}))
+    (folder / JOURNAL).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(OSError, match=r"holds the journal of an interrupted save .*outside the model directory"):
+        load_pretrained(None, folder)
