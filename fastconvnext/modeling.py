@@ -471,7 +471,16 @@ class ConvNextModel(ConvNextPreTrainedModel):
             last_hidden_state=last.contiguous(), pooler_output=pooled,
             hidden_states=_contiguous_nchw(hidden_states, selection),
         )
-        return output if return_dict else output.to_tuple()
+        return _returned(output, return_dict)
+
+
+def _returned(output, return_dict):
+    """What a model's forward returns: the output object, or its tuple without return_dict. Under torch.jit.trace
+    (and the TorchScript ONNX exporter) the object goes out as a dict of its fields, which is what the tracer makes
+    of transformers' outputs (OrderedDicts); it cannot record any other class."""
+    if not return_dict:
+        return output.to_tuple()
+    return dict(output.items()) if torch.jit.is_tracing() else output
 
 
 class ConvNextForImageClassification(ConvNextPreTrainedModel):
@@ -492,10 +501,10 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         _, return_dict = self._flags(output_hidden_states, return_dict)
         # the trunk always answers with its output object, whatever config.return_dict says
         outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(outputs.pooler_output)
+        logits = self.classifier(outputs["pooler_output"])  # by key: under torch.jit.trace the trunk returns a dict
         loss = None if labels is None else self.loss(logits, labels)
-        output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
+        output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"))
+        return _returned(output, return_dict)
 
     def loss(self, logits, labels):
         """transformers' rule: problem_type, inferred (and stored in the config) on first use when unset."""
@@ -601,4 +610,4 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
             feature_maps=_contiguous_nchw(feature_maps),
             hidden_states=_contiguous_nchw(hidden_states, selection) if selection is not None else None,
         )
-        return output if return_dict else output.to_tuple()
+        return _returned(output, return_dict)

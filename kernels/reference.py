@@ -86,8 +86,11 @@ def _autocast_bf16():
 
 def _onednn_usable(x):
     """oneDNN may run this CPU tensor's linears: built and enabled in torch, outside torch.compile (which
-    fuses the reference itself) and outside vmap/grad (which would run oneDNN per sample)."""
+    fuses the reference itself), outside vmap/grad (which would run oneDNN per sample) and outside
+    torch.jit tracing and scripting (the TorchScript ONNX exporter among them), which cannot record its op."""
     if torch.compiler.is_compiling() or not _ONEDNN_LINEAR or x.device.type != "cpu":
+        return False
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
     return torch.backends.mkldnn.enabled and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
