@@ -1,4 +1,10 @@
 import os
+import shutil
+import tempfile
+
+# Tests never read or write the user's caches (the tuning cache, which `auto` writes on a GPU, among them).
+_CACHE_HOME = tempfile.mkdtemp(prefix="fastconvnext-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
 
 # The kernels are tested in Triton's interpreter on CPU. Triton reads this variable when a
 # @triton.jit function is defined, so it must be set before any kernel module is imported.
@@ -75,3 +81,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_HOME, ignore_errors=True)
