@@ -409,10 +409,14 @@ def _saved_processor(model_path: str):
 def _imagenet_processor(model_path: str, config):
     from fastconvnext.image_processing import PREPROCESSOR_CONFIG_NAME, ConvNextImageProcessor
 
+    try:
+        processor = ConvNextImageProcessor.for_imagenet(image_size=config.image_size)
+    except (TypeError, ValueError) as error:
+        raise CommandError(f"{model_path} has no {PREPROCESSOR_CONFIG_NAME} and its config's {error}") from None
     note = (f"no {PREPROCESSOR_CONFIG_NAME} with {model_path}; using the ImageNet evaluation settings "
             f"(ConvNextImageProcessor.for_imagenet(image_size={config.image_size}))")
     print(f"{PROG}: note: {terminal_safe(note)}", file=sys.stderr)
-    return ConvNextImageProcessor.for_imagenet(image_size=config.image_size)
+    return processor
 
 
 SCORE_FUNCTIONS = ("sigmoid", "softmax", "none")
@@ -474,10 +478,11 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CommandError(f"destination exists and is not a directory: {destination}")
     dtype = "auto" if args.dtype == "keep" else getattr(torch, DTYPES[args.dtype])
     model = _load_model(args.source, dtype=dtype, ignore_mismatched_sizes=args.ignore_mismatched_sizes)
+    processor = _processor_for(args.source, model.config)  # before anything is written: no partial output
     model.save_pretrained(destination)
-    processor_files = _processor_for(args.source, model.config).save_pretrained(destination)
-    print(f"wrote {destination}: {type(model).__name__} ({model.num_parameters():,} parameters, {model.dtype}), "
-          f"{', '.join(Path(name).name for name in processor_files)}")
+    processor_files = processor.save_pretrained(destination)
+    print(terminal_safe(f"wrote {destination}: {type(model).__name__} ({model.num_parameters():,} parameters, "
+                        f"{model.dtype}), {', '.join(Path(name).name for name in processor_files)}"))
     return 0
 
 

@@ -644,8 +644,9 @@ class ConvNextImageProcessor:
     @classmethod
     def for_imagenet(cls, image_size: int = 224, **kwargs: Any) -> ConvNextImageProcessor:
         """The settings the facebook/convnext-*-224 checkpoints ship: shortest edge `image_size`, crop 224/256,
-        bicubic, ImageNet mean/std."""
-        settings = {"size": {"shortest_edge": image_size}, "crop_pct": DEFAULT_CROP_PCT,
+        bicubic, ImageNet mean/std. `image_size` is an int or, as a config may hold it, a square [size, size]
+        pair; ConvNeXt's preprocessing makes square images, so a pair of two sizes is refused."""
+        settings = {"size": {"shortest_edge": _square_image_size(image_size)}, "crop_pct": DEFAULT_CROP_PCT,
                     "image_mean": IMAGENET_DEFAULT_MEAN, "image_std": IMAGENET_DEFAULT_STD}
         return cls(**{**settings, **kwargs})
 
@@ -734,6 +735,20 @@ class ConvNextImageProcessor:
             return cls.from_dict(config, **overrides)
         except (ValueError, TypeError) as error:
             raise type(error)(f"{config_file}: {error}") from None
+
+
+def _square_image_size(image_size: Any) -> Any:
+    """An int, or the one size of a square [h, w] / (h, w) / {"height", "width"} (checked later as any size is)."""
+    if isinstance(image_size, Mapping) and set(image_size) == {"height", "width"}:
+        image_size = (image_size["height"], image_size["width"])
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str) and len(image_size) == 2:
+        height, width = image_size
+        if height != width:
+            raise ValueError(
+                f"image_size {list(image_size)} is not square: the ImageNet evaluation settings resize the shortest "
+                "edge and crop a square; save a preprocessor_config.json with the model for other shapes")
+        return height
+    return image_size
 
 
 def _config_file(path: Path) -> Path:

@@ -585,3 +585,44 @@ def test_bad_backend_setting_is_one_error_line(model_dir, images):
     assert f"torch         {torch.__version__}" in result.stdout  # info still reports what it can
     assert "invalid" in result.stdout
     assert_one_line_error(result.stderr, "FASTCONVNEXT_BACKEND", "bogus")
+
+
+# ---- image_size as a pair in config.json, and convert's output ---------------------------------------------
+
+
+def _weights_only_dir(hf_model, tmp_path, image_size):
+    directory = tmp_path / "weights_only"
+    model = transformers.ConvNextForImageClassification(
+        transformers.ConvNextConfig(**{**hf_model.config.to_dict(), "image_size": image_size}))
+    model.load_state_dict(hf_model.state_dict())
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_a_square_image_size_pair_classifies_as_its_int(capsys, hf_model, images, tmp_path):
+    as_pair = _weights_only_dir(hf_model, tmp_path / "pair", [64, 64])
+    as_int = _weights_only_dir(hf_model, tmp_path / "int", 64)
+    code, out_pair, err = run(capsys, "classify", "--model", as_pair, "--json", images[0])
+    assert code == 0, err
+    code, out_int, err = run(capsys, "classify", "--model", as_int, "--json", images[0])
+    assert code == 0, err
+    assert json.loads(out_pair) == json.loads(out_int)
+
+
+def test_a_non_square_image_size_is_a_clear_error_and_convert_writes_nothing(capsys, hf_model, images, tmp_path):
+    source = _weights_only_dir(hf_model, tmp_path, [64, 48])
+    capsys.readouterr()  # transformers' save progress
+    code, _, err = run(capsys, "classify", "--model", source, images[0])
+    assert code == 1
+    assert_one_line_error(err, "image_size [64, 48] is not square", "preprocessor_config.json")
+    destination = tmp_path / "converted"
+    code, _, err = run(capsys, "convert", source, destination)
+    assert code == 1 and "is not square" in err
+    assert not destination.exists()
+
+
+def test_convert_prints_its_destination_escaped(capsys, model_dir, tmp_path):
+    destination = tmp_path / "out\x1b[31mred"
+    code, out, err = run(capsys, "convert", model_dir, destination)
+    assert code == 0, err
+    assert "\x1b" not in out and "out\\x1b[31mred" in out
