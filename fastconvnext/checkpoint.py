@@ -30,6 +30,7 @@ hidden_states_norms.<stage>.*).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import inspect
@@ -299,10 +300,23 @@ def from_transformers(hf_model, classes=None):
         raise TypeError(f"from_transformers takes one of transformers' {sorted(classes)}, got {name}")
     config = ConvNextConfig.from_dict(hf_model.config.to_dict())
     reference = next(hf_model.parameters())
-    model = classes[name](config).to(device=reference.device, dtype=reference.dtype)
+    with built_in(reference.dtype):
+        model = classes[name](config).to(device=reference.device)
     model.load_state_dict(hf_model.state_dict(), strict=True)
     _copy_training_flags(hf_model, model)
     return model
+
+
+@contextlib.contextmanager
+def built_in(dtype):
+    """Build modules with `dtype` as torch's default dtype, as transformers does, instead of casting a built model
+    whole: parameters a module creates in a fixed dtype (xIELU's bf16 alpha_p/alpha_n/beta/eps) keep it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # ---- arguments ---------------------------------------------------------------------------------
@@ -1248,11 +1262,10 @@ def _load_checked(cls, config, canonical, origins, source, strict, ignore_mismat
     if match.missing or match.unexpected:
         warnings.warn(report.describe(match.missing, match.unexpected, [], strict=False), stacklevel=4)
 
-    with torch.device("meta"):
+    with torch.device("meta"), built_in(dtype):
         model = cls(config)
     if set(model.state_dict()) != set(model_keys.values()):
         raise RuntimeError(f"{cls.__name__} has other tensors than its one-block-per-stage layout predicted")
-    model.to(dtype=dtype)
     model.to_empty(device=device)
     _initialize(model, [model_keys[k] for k in initialized])
     to_load = {model_keys[k]: canonical[k] for k in match.loadable}

@@ -103,10 +103,6 @@ def test_xielu_matches_transformers_in_bf16_and_fp16():
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.xfail(strict=True, reason=(
-    "fastconvnext/checkpoint.py builds the model and then casts it whole (model.to(dtype=...) in _load_checked and "
-    "in from_transformers), which turns xIELU's bf16 alpha_p/alpha_n/beta/eps into fp32; transformers builds "
-    "under the target default dtype, so they stay bf16. Remove this marker with that fix."))
 @pytest.mark.parametrize("load", ["from_pretrained", "from_transformers"])
 def test_loaded_xielu_parameters_keep_transformers_bf16(load, tmp_path):
     hf, _ = twin_models("ConvNextForImageClassification", num_labels=3, hidden_act="xielu", **TINY)
