@@ -113,16 +113,18 @@ class ConvNextEmbeddings(nn.Module):
         return self.layernorm(_channels_last(x))
 
 
-def drop_path_scale(drop_prob, training, x):
+def drop_path_scale(drop_prob, training, x, dtype=None):
     """Per-sample stochastic-depth scale for x (0 or 1/keep_prob), or None when nothing is dropped.
 
-    Draws one uniform number per sample, in the same order and dtype as transformers, so a seeded run
-    drops the same samples. The scale is applied inside the fused MLP epilogue.
+    Draws one uniform number per sample, in the same order and dtype as transformers (`dtype`, by default x's:
+    that of the branch transformers hands to drop path), so a seeded run drops the same samples. The scale is
+    applied inside the fused MLP epilogue.
     """
     if drop_prob == 0.0 or not training:
         return None
     keep_prob = 1.0 - drop_prob
-    keep = torch.floor(torch.rand(x.shape[0], dtype=x.dtype, device=x.device) + keep_prob)
+    dtype = x.dtype if dtype is None else dtype
+    keep = torch.floor(torch.rand(x.shape[0], dtype=dtype, device=x.device) + keep_prob)
     # drop_prob 1 drops every sample (transformers computes 0/0 there and returns NaN)
     return keep / keep_prob if keep_prob > 0 else keep
 
@@ -134,8 +136,8 @@ class ConvNextDropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def sample_scale(self, x):
-        return drop_path_scale(self.drop_prob, self.training, x)
+    def sample_scale(self, x, dtype=None):
+        return drop_path_scale(self.drop_prob, self.training, x, dtype)
 
     def forward(self, x):
         """x (NCHW) with each sample kept and scaled by 1/keep_prob, or dropped: what a block runs when it
@@ -180,7 +182,7 @@ def block_forward(block, x, norm_class, fused_act, drop_path_classes, draw_scale
     activation one the fused MLP has (`fused_act(act)` gives its name, None if none) and drop_path one of
     `drop_path_classes`, none with hooks and no global module hooks. Otherwise that half calls its sub-modules
     in transformers' order, so hooks fire and adapters (LoRA, quantized linears) take part, with transformers'
-    numbers. `draw_scale(drop_path, x)` gives the drop-path scale for the fused MLP (drawn after the first
+    numbers. `draw_scale(drop_path, x, dtype)` gives the drop-path scale for the fused MLP (drawn after the first
     half, where transformers' order puts it). Only the block's own few sub-modules are inspected, on every
     call (hooks can come and go at any time).
     """
@@ -198,7 +200,7 @@ def block_forward(block, x, norm_class, fused_act, drop_path_classes, draw_scale
     if (act_name is not None and not global_hooks and _plain(pwconv1, nn.Linear) and _plain(pwconv2, nn.Linear)
             and not _hooked(act) and type(drop_path) in drop_path_classes and not _hooked(drop_path)):
         out = backend.convnext_mlp(y, residual, pwconv1.weight, pwconv1.bias, pwconv2.weight, pwconv2.bias, gamma,
-                                   act_name, draw_scale(drop_path, x))
+                                   act_name, draw_scale(drop_path, x, _branch_dtype(x, gamma)))
         return _nchw(out)
     y = pwconv2(act(pwconv1(y)))
     if gamma is not None:
@@ -213,8 +215,17 @@ def _fused_act_name(act):
     return act.name if type(act) is ConvNextActivation else None
 
 
-def _draw_scale(drop_path, x):
-    return drop_path.sample_scale(x) if isinstance(drop_path, ConvNextDropPath) else None
+def _draw_scale(drop_path, x, dtype):
+    return drop_path.sample_scale(x, dtype) if isinstance(drop_path, ConvNextDropPath) else None
+
+
+def _branch_dtype(x, gamma):
+    """The dtype of what transformers hands to drop path, gamma * pwconv2(...): the autocast dtype where autocast
+    runs the linear (else x's), promoted with layer scale's. Drop path draws its random numbers in it."""
+    device_type = x.device.type
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type) if autocast and x.dtype != torch.float64 else x.dtype
+    return dtype if gamma is None else torch.promote_types(dtype, gamma.dtype)
 
 
 class ConvNextLayer(nn.Module):

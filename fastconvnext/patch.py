@@ -65,8 +65,8 @@ def _build_fused_layer(original):
     def fused_act(act):
         return activation_names.get(type(act))
 
-    def draw_scale(drop_path, x):
-        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x)
+    def draw_scale(drop_path, x, dtype):
+        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
 
     class ConvNextLayer(original):
         """transformers' ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops.

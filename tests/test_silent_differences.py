@@ -247,3 +247,34 @@ def test_checkpointed_stages_recompute_under_the_scope_of_the_forward():
     assert not errors, errors
     assert seen == ["eager"] * 8, "each stage ran twice (forward, recomputation), both under the forward's scope"
     assert all(p.grad is not None for p in ours.parameters())
+
+
+# ------------------------------------------------------------------------------ drop path under autocast
+
+
+@pytest.mark.parametrize("layer_scale", [0.5, 0.0])
+def test_drop_path_under_bf16_autocast_draws_as_transformers(layer_scale, monkeypatch):
+    """transformers draws drop path's numbers in the dtype of gamma * pwconv2(...) (fp32 with layer scale, bf16
+    without, under bf16 autocast); drawn in another dtype, the same seed can drop other samples."""
+    config = dict(TINY, drop_path_rate=0.5, layer_scale_init_value=layer_scale, num_labels=3)
+    hf, ours = twin_models("ConvNextForImageClassification", **config)
+    hf.train()
+    ours.train()
+    x = torch.randn(16, 3, 32, 32)
+    draws, rand = [], torch.rand
+
+    def recording_rand(*args, **kwargs):
+        draws.append(kwargs.get("dtype"))
+        return rand(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", recording_rand)
+    results = []
+    for model in (hf, ours):
+        draws.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.manual_seed(7)
+            logits = model(x).logits.float()
+        results.append((list(draws), logits))
+    (their_draws, theirs), (our_draws, got) = results
+    assert our_draws == their_draws and len(their_draws) == sum(TINY["depths"]) - 1  # the first block: rate 0
+    torch.testing.assert_close(got, theirs, atol=5e-2, rtol=5e-2)  # the same drops, bf16 rounding apart
