@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import importlib
 import inspect
 import io
 import json
@@ -98,6 +99,8 @@ MIN_NEW_PARAMETERS_ALLOWED = 2**24
 # Blocks the config declares that the checkpoint has no tensor of (possible with strict=False only).
 MAX_ABSENT_BLOCKS = 64
 LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# model_type -> the module whose load_checked(...) matches and builds that family's checkpoints
+FAMILIES = {"dinov3_convnext": "fastconvnext.dinov3_convnext"}
 MODEL_CLASS_NAMES = ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone")
 MISMATCH_ADVICE = (
     "pass ignore_mismatched_sizes=True to re-initialize them (fastconvnext convert/classify: "
@@ -202,6 +205,16 @@ def load_pretrained(
         given, config_dict = _read_source(source, needs_config=config is None)
         if state_dict is not None:
             given = _checked_state_dict(state_dict, "the state_dict argument")
+    family = _family_module(cls, config, config_dict)
+    if family is not None:  # another model_type (DINOv3-ConvNeXt): read as above, matched and built by its module
+        model, info = family.load_checked(cls, source, given, config_dict, config, config_overrides, strict,
+                                          ignore_mismatched_sizes, dtype, device)
+        model.eval()
+        return (model, info) if output_loading_info else model
+    other_type = config_dict.get("model_type") if isinstance(config_dict, Mapping) else None
+    if config is None and isinstance(other_type, str) and other_type in FAMILIES:
+        raise ValueError(f"{source}: config.json has model_type {other_type!r}, not 'convnext'; load it with the "
+                         f"fastconvnext classes of that model ({FAMILIES[other_type]})")
     try:
         hf_state_dict, fmt, origins = _convert(given)
         canonical, origins = _to_canonical(hf_state_dict, origins)
@@ -234,7 +247,9 @@ def save_pretrained(model, directory, safe_serialization=True):
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
-    tensors = _plain_tensors(model.state_dict())
+    # a model whose checkpoint names differ from its module names (DINOv3-ConvNeXt) says what to write
+    saved = getattr(model, "_checkpoint_state_dict", None)
+    tensors = _plain_tensors(model.state_dict() if saved is None else saved())
     config_text = _config_json(model, tensors)
     directory.mkdir(parents=True, exist_ok=True)
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
@@ -394,6 +409,20 @@ def _public_classes():
     import fastconvnext
 
     return {name: getattr(fastconvnext, name) for name in MODEL_CLASS_NAMES}
+
+
+def _family_module(cls, config, config_dict):
+    """The module that matches and builds checkpoints of another model_type than "convnext" (FAMILIES), chosen by
+    the target class's config class, else the config argument's or config.json's model_type; None for ConvNeXt."""
+    classes = list(cls.values()) if isinstance(cls, Mapping) else [cls]
+    model_type = getattr(getattr(classes[0], "config_class", None), "model_type", None) if classes else None
+    if model_type is None and config is not None:
+        model_type = getattr(config, "model_type", None)
+    if model_type is None and isinstance(config_dict, Mapping):
+        model_type = config_dict.get("model_type")
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        return None
+    return importlib.import_module(FAMILIES[model_type])
 
 
 def _chosen_class(cls, canonical):
@@ -1206,7 +1235,7 @@ def _config_json(model, tensors):
     """config.json's text, built (and failing) before any file is touched."""
     config_dict = model.config.to_dict()
     floating = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    config_dict.update(architectures=[type(model).__name__], model_type="convnext")
+    config_dict.update(architectures=[type(model).__name__], model_type=getattr(model.config, "model_type", "convnext"))
     if floating:
         config_dict["dtype"] = str(floating[0]).removeprefix("torch.")
     try:

@@ -539,3 +539,90 @@ class ConvNextConfig:
 
     def __repr__(self):
         return f"ConvNextConfig {self.to_json_string()}"
+
+
+class DINOv3ConvNextConfig(ConvNextConfig):
+    """Configuration of DINOv3's ConvNeXt, field for field the same as transformers' DINOv3ConvNextConfig
+    (model_type "dinov3_convnext").
+
+    A subclass of ConvNextConfig so that it shares ConvNextConfig's field checks and architecture bounds
+    (a hostile config.json fails here, before anything is allocated), labels, generic flags, out_features /
+    out_indices alignment and the bounded config.json reader. What differs from ConvNeXt's: the stem is
+    fixed (a 4x4 conv with stride 4; there is no patch_size field), num_stages is len(hidden_sizes) (a
+    read-only property in transformers, so it is never written to config.json), layer_norm_eps defaults to
+    1e-6 and is also the eps of every block, stem and downsampling LayerNorm, and layer scale (gamma) is
+    always a parameter.
+    """
+
+    model_type = "dinov3_convnext"
+    STEM_PATCH_SIZE = 4
+
+    def __init__(
+        self,
+        num_channels=3,
+        hidden_sizes=None,
+        depths=None,
+        hidden_act="gelu",
+        initializer_range=0.02,
+        layer_norm_eps=1e-6,
+        layer_scale_init_value=1e-6,
+        drop_path_rate=0.0,
+        image_size=224,
+        out_features=None,
+        out_indices=None,
+        **kwargs,
+    ):
+        kwargs = {_ALIASES.get(k, k): v for k, v in kwargs.items()}
+        if hidden_sizes is None:
+            hidden_sizes = [96, 192, 384, 768]
+        stages = len(hidden_sizes) if isinstance(hidden_sizes, (list, tuple)) else None
+        declared = kwargs.pop("num_stages", stages)
+        if stages is not None and declared != stages:
+            raise ValueError(
+                f"num_stages is len(hidden_sizes)={stages} for DINOv3-ConvNeXt, got num_stages={declared!r}"
+            )
+        patch_size = kwargs.pop("patch_size", self.STEM_PATCH_SIZE)
+        if patch_size != self.STEM_PATCH_SIZE:
+            raise ValueError(
+                f"DINOv3-ConvNeXt's stem is a {self.STEM_PATCH_SIZE}x{self.STEM_PATCH_SIZE} conv with stride "
+                f"{self.STEM_PATCH_SIZE} (it has no patch_size field), got patch_size={patch_size!r}"
+            )
+        super().__init__(
+            num_channels=num_channels, patch_size=self.STEM_PATCH_SIZE, num_stages=stages or 1,
+            hidden_sizes=hidden_sizes, depths=depths, hidden_act=hidden_act, initializer_range=initializer_range,
+            layer_norm_eps=layer_norm_eps, layer_scale_init_value=layer_scale_init_value,
+            drop_path_rate=drop_path_rate, image_size=image_size, out_features=out_features,
+            out_indices=out_indices, **kwargs,
+        )
+
+    @property
+    def num_stages(self):
+        """len(hidden_sizes), as in transformers (not a stored field)."""
+        sizes = self.__dict__.get("hidden_sizes")
+        return len(sizes) if isinstance(sizes, (list, tuple)) else 1
+
+    @num_stages.setter
+    def num_stages(self, value):
+        """ConvNextConfig's constructor assigns it; the value is always derived from hidden_sizes."""
+
+    def to_dict(self):
+        """The dictionary transformers writes to config.json: ConvNextConfig's without patch_size and
+        num_stages, which transformers' DINOv3ConvNextConfig does not have (a stored num_stages would even
+        fail to load there: its num_stages is a read-only property)."""
+        data = super().to_dict()
+        del data["patch_size"], data["num_stages"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data, **overrides):
+        if not isinstance(data, Mapping):
+            raise TypeError(
+                f"a DINOv3ConvNextConfig is built from a JSON object of fields, got {_kind(data)} {data!r:.80}"
+            )
+        data = {**data, **overrides}
+        if data.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"expected a config with model_type {cls.model_type!r}, got {data['model_type']!r}")
+        return cls(**data)
+
+    def __repr__(self):
+        return f"DINOv3ConvNextConfig {self.to_json_string()}"

@@ -187,8 +187,17 @@ def block_forward(block, x, norm_class, fused_act, drop_path_classes, draw_scale
     call (hooks can come and go at any time).
     """
     # each sub-module read once (nn.Module.__getattr__ is the slow part of these checks)
-    dwconv, layernorm, pwconv1, act, pwconv2 = block.dwconv, block.layernorm, block.pwconv1, block.act, block.pwconv2
-    drop_path, gamma = block.drop_path, block.layer_scale_parameter
+    return block_parts_forward(
+        x, block.dwconv, block.layernorm, block.pwconv1, block.act, block.pwconv2, block.layer_scale_parameter,
+        block.drop_path, norm_class, fused_act, drop_path_classes, draw_scale,
+    )
+
+
+def block_parts_forward(x, dwconv, layernorm, pwconv1, act, pwconv2, gamma, drop_path, norm_class, fused_act,
+                        drop_path_classes, draw_scale):
+    """block_forward on a block's sub-modules passed one by one, for blocks that name them otherwise
+    (DINOv3-ConvNeXt's depthwise_conv, layer_norm, pointwise_conv1, activation_fn, pointwise_conv2, gamma):
+    the same arithmetic, dispatch and hook/adapter fallback. gamma may be None (no layer scale)."""
     global_hooks = _global_hooks_registered()
     residual = _nhwc(x)
     if not global_hooks and _plain(dwconv, nn.Conv2d) and _plain(layernorm, norm_class):

@@ -3,7 +3,8 @@
 `patch_transformers()` replaces the block class that transformers' ConvNeXt stages instantiate,
 `transformers.models.convnext.modeling_convnext.ConvNextLayer`, by `FusedConvNextLayer`: a subclass
 with the same sub-modules and parameters (state-dict keys unchanged) whose forward calls the two ops
-of `fastconvnext.backend`. Everything else stays transformers' code: config, from_pretrained, weight
+of `fastconvnext.backend`. DINOv3-ConvNeXt's block (`modeling_dinov3_convnext.DINOv3ConvNextLayer`, the
+same arithmetic under other names) is replaced likewise by `FusedDINOv3ConvNextLayer`, when transformers has it. Everything else stays transformers' code: config, from_pretrained, weight
 init, pipeline(), Trainer, backbones. Models built while patched get fused blocks; `patch_model(model)`
 converts a model built before. `unpatch_transformers()` puts the original class back.
 
@@ -18,10 +19,11 @@ import threading
 
 from torch import nn
 
-from fastconvnext.modeling import _channels_last, block_forward, drop_path_scale
+from fastconvnext.modeling import _channels_last, block_forward, block_parts_forward, drop_path_scale
 
 __all__ = [
     "FusedConvNextLayer",
+    "FusedDINOv3ConvNextLayer",
     "is_patched",
     "patch_model",
     "patch_transformers",
@@ -32,6 +34,7 @@ __all__ = [
 _lock = threading.RLock()
 _original_layer = None  # transformers' ConvNextLayer, remembered on first use
 _fused_layer = None  # the subclass built from it
+_dinov3_classes_built = None  # (transformers' DINOv3ConvNextLayer, its fused subclass), or () without that model
 
 
 def _convnext_module():
@@ -92,6 +95,63 @@ def _build_fused_layer(original):
     return ConvNextLayer
 
 
+def _dinov3_module():
+    """transformers' DINOv3-ConvNeXt modeling module, or None in a transformers without it."""
+    try:
+        from transformers.models.dinov3_convnext import modeling_dinov3_convnext
+    except ImportError:
+        return None
+    return modeling_dinov3_convnext
+
+
+def _build_fused_dinov3_layer(original, modeling):
+    activation_names = _activation_names()
+    layer_norm = modeling.DINOv3ConvNextLayerNorm
+    drop_paths = tuple(getattr(modeling, name) for name in ("Dinov3ConvnextDropPath",) if hasattr(modeling, name))
+    drop_paths += (nn.Identity,)
+
+    def fused_act(act):
+        return activation_names.get(type(act))
+
+    def draw_scale(drop_path, x, dtype):
+        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
+
+    class DINOv3ConvNextLayer(original):
+        """transformers' DINOv3-ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops (the
+        same arithmetic as ConvNeXt's block under other names), with the same fallback as FusedConvNextLayer."""
+
+        _fastconvnext_fused = True
+
+        def forward(self, features):
+            if type(self.activation_fn) not in activation_names:
+                return super().forward(features)
+            return block_parts_forward(
+                _channels_last(features), self.depthwise_conv, self.layer_norm, self.pointwise_conv1,
+                self.activation_fn, self.pointwise_conv2, self.gamma, self.drop_path, layer_norm, fused_act,
+                drop_paths, draw_scale,
+            )
+
+    DINOv3ConvNextLayer.__module__ = __name__
+    DINOv3ConvNextLayer.__qualname__ = "DINOv3ConvNextLayer"
+    globals()["DINOv3ConvNextLayer"] = DINOv3ConvNextLayer
+    return DINOv3ConvNextLayer
+
+
+def _dinov3_classes():
+    """(transformers' original DINOv3ConvNextLayer, the fused subclass), built once; () without that model."""
+    global _dinov3_classes_built
+    with _lock:
+        if _dinov3_classes_built is None:
+            modeling = _dinov3_module()
+            if modeling is None:
+                _dinov3_classes_built = ()
+            else:
+                current = modeling.DINOv3ConvNextLayer
+                original = current.__base__ if getattr(current, "_fastconvnext_fused", False) else current
+                _dinov3_classes_built = (original, _build_fused_dinov3_layer(original, modeling))
+        return _dinov3_classes_built
+
+
 def _classes():
     """(transformers' original ConvNextLayer, the fused subclass), built once."""
     global _original_layer, _fused_layer
@@ -106,6 +166,10 @@ def _classes():
 def __getattr__(name):
     if name == "FusedConvNextLayer":
         return _classes()[1]
+    if name == "FusedDINOv3ConvNextLayer":
+        classes = _dinov3_classes()
+        if classes:
+            return classes[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -143,6 +207,8 @@ def patch_transformers():
         was_patched = is_patched()
         _, fused = _classes()
         _convnext_module().ConvNextLayer = fused
+        if _dinov3_classes():
+            _dinov3_module().DINOv3ConvNextLayer = _dinov3_classes()[1]
         return _Patch(was_patched)
 
 
@@ -151,6 +217,8 @@ def unpatch_transformers():
     with _lock:
         if _original_layer is not None:
             _convnext_module().ConvNextLayer = _original_layer
+        if _dinov3_classes_built:
+            _dinov3_module().DINOv3ConvNextLayer = _dinov3_classes_built[0]
 
 
 def _swap_layers(model, source, target):
@@ -171,6 +239,8 @@ def patch_model(model):
     """
     original, fused = _classes()
     _swap_layers(model, original, fused)
+    for original, fused in [_dinov3_classes()] if _dinov3_classes() else []:
+        _swap_layers(model, original, fused)
     return model
 
 
@@ -178,4 +248,6 @@ def unpatch_model(model):
     """Turn the fused blocks of `model` back into transformers' own ConvNextLayer, in place."""
     original, fused = _classes()
     _swap_layers(model, fused, original)
+    for original, fused in [_dinov3_classes()] if _dinov3_classes() else []:
+        _swap_layers(model, fused, original)
     return model
