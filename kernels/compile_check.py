@@ -64,6 +64,12 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -109,9 +115,7 @@ def _launch_specialization(target) -> dict:
 
 def check_target(target, arch: int) -> CheckResult:
     """Compile one CompileTarget for sm_<arch> and judge it; never raises for a compile error."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from fastconvnext.kernels._triton_compat import compile_for_arch
 
     result = CheckResult(target.kernel, target.label, target.dtype, arch)
     if _interpreting():
@@ -119,14 +123,8 @@ def check_target(target, arch: int) -> CheckResult:
         return result
     start = _cpu_seconds()
     try:
-        source = ASTSource(
-            fn=target.fn, signature=target.signature, constexprs=target.constexprs, attrs=_launch_specialization(target)
-        )
-        compiled = triton.compile(
-            source,
-            target=GPUTarget("cuda", arch, 32),
-            options=compile_options(target),
-        )
+        compiled = compile_for_arch(target.fn, target.signature, target.constexprs, _launch_specialization(target),
+                                    arch, compile_options(target))
         result.seconds = _cpu_seconds() - start
         usage, sass = _resource_usage(compiled.asm["cubin"])
     except Exception as error:  # a compile error is a finding, reported in the table
@@ -376,7 +374,8 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
     failed = [r for r in results if not r.ok]
-    print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s, {len(failed)} failed"
+    print(f"\n{len(results)} compiles (triton {_triton_version()}) in {time.perf_counter() - start:.0f} s, "
+          f"{len(failed)} failed"
           + (f", {len(missing)} module(s) missing" if missing else ""))
     if not jobs and not missing:
         print("compile_check: no targets matched", file=sys.stderr)

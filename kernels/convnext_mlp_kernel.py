@@ -72,9 +72,12 @@ import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
+from ._triton_compat import approx_div, config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
 from .roofline import MACHINES
+
+require_supported()  # an older Triton: ImportError naming the installed and the required release
 
 # Rows per partial sum of the small vectors in the dx kernel (every config's BLOCK_M is a multiple).
 _PART_ROWS = 16
@@ -125,7 +128,7 @@ def _gelu_cdf(pre):
     # in base 2 (exp2 without a scaling multiply): u = z * sqrt(log2 e), so z^2 log2 e = u^2; P's coefficients
     # scaled by log2 e, Phi's 1/2 folded into the constant term
     u = tl.abs(pre) * _SQRT_HALF_LOG2E
-    t = tl.fdiv(1.0, 1.0 + _HALF_OVER_SQRT_LOG2E * u, approx=True)
+    t = approx_div(1.0, 1.0 + _HALF_OVER_SQRT_LOG2E * u)  # div.approx.f32 (_triton_compat: per Triton release)
     poly = _ERFC_P9 * t + _ERFC_P8
     poly = poly * t + _ERFC_P7
     poly = poly * t + _ERFC_P6
@@ -806,6 +809,17 @@ def _gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
     return [_cfg(256 if cp >= 128 else 128, max(64, min(cp, 128)), 64, 64, 8, 3)]
 
 
+def _fc2_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """fc2 of the two-GEMM forward: _gemm_configs' tiles, cut where a Triton release spills fc2's full epilogue
+    (y2 stored, gamma and drop path applied); _triton_compat.CONFIG_CHOICES, Triton 3.9 keeps _gemm_configs':
+    fp16/bf16 at most `mlp.fc2_rows` rows (before 3.9, 256x128 spilled 40 B on sm_80 at C = 384 and 768: 128x128),
+    fp32 K steps of `mlp.fc2_fp32_k_step` (before 3.9, 32-wide steps spilled 8-16 B on sm_90 with tf32 at C = 96; a
+    K step does not change the reduction order)."""
+    if dtype == "fp32":
+        return [dict(cfg, BLOCK_D=config_choice("mlp.fc2_fp32_k_step")) for cfg in _gemm_configs(C, D, dtype)]
+    return [dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], config_choice("mlp.fc2_rows"))) for cfg in _gemm_configs(C, D, dtype)]
+
+
 def _dx_gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
     """dx = dpre W1: 128x256 where one 256-wide tile covers C (C = 192: 0.91x the L2 operand bytes per output of
     256x128, whose second C tile is half empty); fc2's fuller epilogue spilled 40 B on sm_80 with that tile."""
@@ -901,7 +915,7 @@ def _to_triton_configs(configs: List[dict]) -> List[triton.Config]:
 _KERNEL_TABLE = {
     "fwd": (lambda: _mlp_fwd_kernel, _fwd_configs, _INTERPRETER_MN),
     "hidden": (lambda: _mlp_hidden_kernel, _hidden_configs, _INTERPRETER_HIDDEN),
-    "fc2": (lambda: _mlp_fwd_kernel, _gemm_configs, _INTERPRETER_MN),
+    "fc2": (lambda: _mlp_fwd_kernel, _fc2_configs, _INTERPRETER_MN),
     "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
     "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
     "hidden_bwd_pre": (lambda: _mlp_hidden_kernel, _hidden_bwd_pre_configs, _INTERPRETER_HIDDEN),

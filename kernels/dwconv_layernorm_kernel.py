@@ -54,11 +54,14 @@ import triton.language as tl
 
 from ._env import interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
+from ._triton_compat import require_supported
 from .compile_spec import FP_FUSION, CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
 from .reference import dwconv_layernorm_reference
 from .roofline import MACHINES
+
+require_supported()  # an older Triton: ImportError naming the installed and the required release
 
 # Forward tile kernel: a tile of FWD_TILE_H x FWD_TILE_W output pixels, all C = FWD_NCHUNK * CHUNK channels as
 # chunks of CHUNK (a power of two, one channel per thread, up to 16 warps): ConvNeXt-T/S/L's C = 96 * 2^k with no

@@ -394,14 +394,10 @@ def compile_sass(target, arch: int, plan=None, use_cache: bool = True) -> Compil
         return Compiled(data["sass"], data["registers"], data["shared"], data["spill"], data["seconds"], True)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("TRITON_INTERPRET is set: unset it to compile for a GPU target")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from fastconvnext.kernels._triton_compat import compile_for_arch
 
     start = time.perf_counter()
-    source = ASTSource(fn=target.fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=compile_options(target))
+    compiled = compile_for_arch(target.fn, signature, constexprs, attrs, arch, compile_options(target))
     seconds = time.perf_counter() - start
     usage, sass = _resource_usage(compiled.asm["cubin"])
     shared = max(usage["SHARED"], int(getattr(compiled.metadata, "shared", 0) or 0))

@@ -1,0 +1,215 @@
+"""kernels/_triton_compat.py: the Triton-version-gated pieces (supported floor, approx divide, the interpreter's
+runtime-integer shim, compiling without a GPU, per-release configs), checked for the running Triton and, where a
+choice depends on the release, for mocked releases."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fastconvnext.kernels import _triton_compat as compat
+from fastconvnext.kernels import compile_check
+
+ALL_RELEASES = [(3, 4, 0), (3, 5, 1), (3, 6, 0), (3, 7, 1), (3, 8, 0), (3, 9, 0), (3, 10, 0)]
+
+
+def compiler_env():
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def run_python(code: str, tmp_path):
+    """Run code as a script file (Triton reads a @jit function's source from its file) without TRITON_INTERPRET."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], env=compiler_env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+
+
+# ------------------------------------------------------------------------------------------- versions
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("3.6.0", (3, 6, 0)), ("3.4.0+git1a2b3c4", (3, 4, 0)), ("3.7.0rc1", (3, 7, 0)), ("3.10", (3, 10, 0)),
+])
+def test_version_parsing(text, parsed):
+    assert compat.parse_version(text) == parsed
+
+
+def test_version_parsing_refuses_junk():
+    with pytest.raises(ValueError, match="cannot read a Triton version"):
+        compat.parse_version("nightly")
+
+
+def test_installed_release_is_supported():
+    assert compat.TRITON_VERSION == compat.parse_version(triton.__version__)
+    assert compat.TRITON_VERSION[:2] >= compat.MIN_TRITON
+    assert compat.support_problem() is None
+    compat.require_supported()
+
+
+@pytest.mark.parametrize("old", [(3, 3, 1), (3, 2, 0), (2, 3, 1)])
+def test_an_older_release_is_refused_naming_both_releases(old):
+    with pytest.raises(ImportError) as error:
+        compat.require_supported(old)
+    message = str(error.value)
+    assert ".".join(map(str, old)) in message and "triton >= 3.4" in message.lower()
+
+
+def test_floor_release_is_accepted():
+    assert compat.support_problem((3, 4, 0)) is None and compat.MIN_TRITON == (3, 4)
+
+
+def test_kernel_modules_refuse_to_import_on_a_too_old_triton(tmp_path):
+    """A fresh process whose triton claims 3.3.1: importing either kernel module raises the compat ImportError."""
+    proc = run_python("""
+        import triton
+        triton.__version__ = "3.3.1"
+        for name in ("dwconv_layernorm_kernel", "convnext_mlp_kernel"):
+            try:
+                __import__("fastconvnext.kernels." + name)
+            except ImportError as error:
+                print(name, "REFUSED", error)
+            else:
+                print(name, "IMPORTED")
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2, proc.stdout
+    for line in lines:
+        assert " REFUSED " in line and "3.3.1" in line and ">= 3.4" in line, line
+
+
+# ------------------------------------------------------------------------------------- approx divide
+
+
+@pytest.mark.parametrize("version", ALL_RELEASES)
+@pytest.mark.parametrize("interpreter", [False, True])
+def test_approx_divide_helper_per_release_and_mode(version, interpreter):
+    helper = compat.approx_div_helper(version, interpreter)
+    if version[:2] >= (3, 9):
+        expected = compat._approx_div_fdiv  # tl.fdiv(approx=True): 3.9's own spelling, both modes
+    elif interpreter:
+        expected = compat._approx_div_plain  # no PTX in the interpreter
+    else:
+        expected = compat._approx_div_ptx  # inline div.approx.f32
+    assert helper is expected
+
+
+def test_bound_helper_is_the_running_releases():
+    assert compat.approx_div is compat.approx_div_helper(compat.TRITON_VERSION, compat.interpreting())
+    from fastconvnext.kernels import convnext_mlp_kernel
+
+    assert convnext_mlp_kernel.approx_div is compat.approx_div
+
+
+@triton.jit
+def _divide_kernel(x_ptr, y_ptr, out_ptr, HELPER: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    x = tl.load(x_ptr + offs)
+    y = tl.load(y_ptr + offs)
+    if HELPER == "bound":
+        out = compat.approx_div(x, y)
+    else:
+        out = compat._approx_div_plain(x, y)
+    tl.store(out_ptr + offs, out)
+
+
+@pytest.mark.skipif(not compat.interpreting(), reason="the interpreter path (CPU tensors)")
+@pytest.mark.parametrize("helper", ["bound", "plain"])
+def test_interpreter_approx_divide_is_fp32_division(helper):
+    y = torch.tensor([1.0, 3.0, 7.0, -0.1, 1e-30, 3e37, 1.2345678, -5.5] * 4, dtype=torch.float32)
+    x = torch.linspace(-3, 3, y.numel(), dtype=torch.float32)
+    x[0] = 1.0
+    out = torch.empty_like(y)
+    _divide_kernel[(1,)](x, y, out, HELPER=helper, N=y.numel())
+    assert torch.equal(out, x / y)
+    assert out[0].item() == np.float32(1.0) / np.float32(1.0)
+
+
+def test_compiled_approx_divide_is_div_approx_f32(tmp_path):
+    """Natively every release gets PTX div.approx.f32: the inline-asm helper (Triton < 3.9) and, where it exists,
+    tl.fdiv(approx=True) (3.9), compiled for sm_80 without a GPU."""
+    proc = run_python("""
+        import re
+        import triton, triton.language as tl
+        from fastconvnext.kernels import _triton_compat as compat
+
+        @triton.jit
+        def k(y_ptr, out_ptr, HELPER: tl.constexpr):
+            offs = tl.arange(0, 128)
+            y = tl.load(y_ptr + offs)
+            if HELPER == "ptx":
+                out = compat._approx_div_ptx(1.0, 1.0 + 0.5 * y)
+            else:
+                out = compat.approx_div(1.0, 1.0 + 0.5 * y)
+            tl.store(out_ptr + offs, out)
+
+        for helper in ("ptx", "bound"):
+            c = compat.compile_for_arch(k, {"y_ptr": "*fp32", "out_ptr": "*fp32", "HELPER": "constexpr"},
+                                        {"HELPER": helper}, {}, 80, {"num_warps": 4, "enable_fp_fusion": True})
+            divides = sorted(set(re.findall(r"\\b(div\\.[a-z0-9.]+|rcp\\.[a-z0-9.]+)", c.asm["ptx"])))
+            print(helper, divides)
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:2] == ["ptx ['div.approx.f32']", "bound ['div.approx.f32']"], proc.stdout
+
+
+# ------------------------------------------------------------------------- interpreter runtime integers
+
+
+@pytest.mark.parametrize("version, numpy_rejects, needed", [
+    ((3, 4, 0), True, True), ((3, 6, 0), True, True), ((3, 6, 0), False, False), ((3, 7, 0), True, False),
+    ((3, 9, 0), True, False),
+])
+def test_index_shim_needed_only_below_3_7_with_a_strict_numpy(version, numpy_rejects, needed):
+    assert compat.interpreter_index_patch_needed(version, numpy_rejects) is needed
+
+
+def test_index_shim_applied_exactly_where_needed():
+    assert compat.INTERPRETER_INDEX_PATCHED == compat.interpreter_index_patch_needed()
+    from triton.runtime import interpreter
+
+    assert getattr(interpreter._patch_lang_tensor, "_fastconvnext_index_patch", False) == \
+        compat.INTERPRETER_INDEX_PATCHED
+
+
+@triton.jit
+def _count_kernel(out_ptr, n, start, STEP: tl.constexpr):
+    total = 0
+    for i in range(start, n, STEP):  # runtime bounds: the interpreter turns them into Python ints
+        total += i
+    tl.store(out_ptr, total)
+
+
+@pytest.mark.skipif(not compat.interpreting(), reason="the interpreter path (CPU tensors)")
+def test_interpreter_loops_over_runtime_integers():
+    out = torch.zeros(1, dtype=torch.int32)
+    _count_kernel[(1,)](out, 11, 2, STEP=3)
+    assert out.item() == 2 + 5 + 8
+
+
+# ------------------------------------------------------------------------------ per-release configs
+
+
+def test_config_choice_rows_are_newest_first_and_cover_the_floor():
+    assert compat.CONFIG_CHOICES, "no per-release knobs: drop this test with the table"
+    for knob, rows in compat.CONFIG_CHOICES.items():
+        releases = [tuple(since) for since, _ in rows]
+        assert releases == sorted(releases, reverse=True), knob
+        assert releases[-1] <= compat.MIN_TRITON, f"{knob}: no value for the floor release"
+        for version in ALL_RELEASES:
+            compat.config_choice(knob, version)
+
+
+def test_config_choice_picks_by_release(monkeypatch):
+    monkeypatch.setitem(compat.CONFIG_CHOICES, "test.knob", (((3, 9), "new"), ((3, 4), "old")))
+    assert [compat.config_choice("test.knob", v) for v in ALL_RELEASES] == ["old"] * 5 + ["new"] * 2
+    with pytest.raises(ValueError, match="no value for triton 3.3"):
+        compat.config_choice("test.knob", (3, 3, 1))
