@@ -100,7 +100,7 @@ MIN_NEW_PARAMETERS_ALLOWED = 2**24
 MAX_ABSENT_BLOCKS = 64
 LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # model_type -> the module whose load_checked(...) matches and builds that family's checkpoints
-FAMILIES = {"dinov3_convnext": "fastconvnext.dinov3_convnext"}
+FAMILIES = {"dinov3_convnext": "fastconvnext.dinov3_convnext", "convnextv2": "fastconvnext.convnext_v2"}
 MODEL_CLASS_NAMES = ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone")
 MISMATCH_ADVICE = (
     "pass ignore_mismatched_sizes=True to re-initialize them (fastconvnext convert/classify: "

@@ -617,7 +617,7 @@ class DINOv3ConvNextConfig(ConvNextConfig):
     def from_dict(cls, data, **overrides):
         if not isinstance(data, Mapping):
             raise TypeError(
-                f"a DINOv3ConvNextConfig is built from a JSON object of fields, got {_kind(data)} {data!r:.80}"
+                f"a {cls.__name__} is built from a JSON object of fields, got {_kind(data)} {data!r:.80}"
             )
         data = {**data, **overrides}
         if data.get("model_type", cls.model_type) != cls.model_type:
@@ -626,3 +626,28 @@ class DINOv3ConvNextConfig(ConvNextConfig):
 
     def __repr__(self):
         return f"DINOv3ConvNextConfig {self.to_json_string()}"
+
+
+class ConvNextV2Config(ConvNextConfig):
+    """Configuration of ConvNeXt V2, field for field the same as transformers' ConvNextV2Config (model_type
+    "convnextv2"): ConvNextConfig's fields without layer_scale_init_value (V2 blocks have no layer scale; GRN
+    takes its place). A subclass for the same checks, bounds, labels, flags and config.json reader."""
+
+    model_type = "convnextv2"
+
+    def __init__(self, *args, **kwargs):
+        scale = kwargs.pop("layer_scale_init_value", 0.0)
+        if scale not in (0, 0.0, None):
+            raise ValueError(f"ConvNeXt V2 has no layer scale (GRN instead); got layer_scale_init_value={scale!r}")
+        super().__init__(*args, layer_scale_init_value=0.0, **kwargs)
+
+    def to_dict(self):
+        """ConvNextConfig's config.json without layer_scale_init_value, which transformers' ConvNextV2Config lacks."""
+        data = super().to_dict()
+        del data["layer_scale_init_value"]
+        return data
+
+    from_dict = DINOv3ConvNextConfig.__dict__["from_dict"]
+
+    def __repr__(self):
+        return f"ConvNextV2Config {self.to_json_string()}"

@@ -53,9 +53,9 @@ __all__ = [
 ]
 
 MODEL_CLASS_NAMES = ("DINOv3ConvNextModel", "DINOv3ConvNextBackbone")
-_BLOCK_KEY = re.compile(r"^model\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.")
+# a block's tensors, by their canonical names (the module names): groups are (stage, block)
+BLOCK_KEY = re.compile(r"^model\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.")
 ENCODER_PREFIX = "model."
-_HEAD_PREFIX = "layer_norm."  # the only part one class has and the other lacks (the model's final norm)
 
 
 def drop_path_rates(rate, count):
@@ -279,70 +279,181 @@ class DINOv3ConvNextBackbone(DINOv3ConvNextPreTrainedModel):
 # ---- loading (called by checkpoint.load_pretrained for model_type "dinov3_convnext") ---------------------
 
 
-def load_checked(cls, source, state_dict, config_dict, config, overrides, strict, ignore_mismatched_sizes, dtype,
-                 device):
-    """(model, loading info) of `cls` (or a {name: class} mapping to choose from) with `state_dict`, read by
-    checkpoint.load_pretrained from `source`. Every name and shape is matched against the layout of cls(config),
-    built on the meta device with at most one block per stage, before any parameter is allocated: the block
-    counts first (a config declaring huge depths is refused from the names alone), then the tensors."""
+class Layout:
+    """How one model family's checkpoints map onto its classes, for load_family_checked.
+
+    config_class: its config (with from_dict); classes: {name: class}; canonical(state_dict, source): the tensors
+    under canonical names (one key space for every class of the family); model_key(cls, canonical name): the
+    name in cls's state dict; block_key: a regex whose groups 1 and 2 are the stage and block of a canonical
+    name; head_part(canonical name): the head part it belongs to (None for the trunk), a part one class has and
+    another lacks; default_class(canonical names): the class name a checkpoint was saved from.
+    """
+
+    def __init__(self, config_class, classes, canonical, model_key, block_key, head_part, default_class):
+        self.config_class, self.classes, self.canonical, self.model_key = config_class, classes, canonical, model_key
+        self.block_key, self.head_part, self.default_class = block_key, head_part, default_class
+
+
+def load_family_checked(layout, cls, source, state_dict, config_dict, config, overrides, strict,
+                        ignore_mismatched_sizes, dtype, device):
+    """(model, loading info) of `cls` (a class, a {name: class} mapping to choose from, or None: any of the
+    family's) with `state_dict`, read by checkpoint.load_pretrained from `source` under its guarantees.
+
+    Every name and shape is matched against the layout of cls(config), read off a meta-device model with at
+    most one block per stage, before any parameter is allocated: block counts first, from the names alone (a
+    config declaring huge depths is refused there), then every tensor. As for ConvNeXt: a whole head part the
+    checkpoint lacks is initialized (with a warning) and one only the checkpoint has is dropped; anything else
+    missing or unexpected raises unless strict=False, a wrong shape unless ignore_mismatched_sizes=True.
+    """
     from fastconvnext import checkpoint
 
-    state_dict = _with_model_prefix(checkpoint._strip_ddp_prefix(state_dict), source)
-    checkpoint._check_tensors(state_dict, {}, source)
-    config = _build_config(config, config_dict, overrides, source)
+    canonical = layout.canonical(checkpoint._strip_ddp_prefix(state_dict), source)
+    checkpoint._check_tensors(canonical, {}, source)
+    config = _build_config(layout.config_class, config, config_dict, overrides, source)
     if cls is None:  # the functional API's "choose for me"
-        cls = {c.__name__: c for c in (DINOv3ConvNextModel, DINOv3ConvNextBackbone)}
+        cls = layout.classes
     if isinstance(cls, dict):
-        name = "DINOv3ConvNextModel" if any(k.startswith(_HEAD_PREFIX) for k in state_dict) else "DINOv3ConvNextBackbone"
+        name = layout.default_class(canonical)
         if name not in cls:
             raise TypeError(f"the checkpoint holds a {name}, which is not among the classes given: {sorted(cls)}")
         cls = cls[name]
-    _check_blocks(config, state_dict, source, strict)
-    expected = _expected_layout(cls, config)
-    wanted, given = set(expected), set(state_dict)
+    _check_blocks(layout, config, canonical, source, strict)
+    expected, model_keys = _expected_layout(layout, cls, config)
+    wanted, given = set(expected), set(canonical)
     missing, unexpected = sorted(wanted - given), sorted(given - wanted)
-    new_head = [k for k in missing if k.startswith(_HEAD_PREFIX) and not any(g.startswith(_HEAD_PREFIX) for g in given)]
-    dropped_head = [k for k in unexpected if k.startswith(_HEAD_PREFIX) and not any(w.startswith(_HEAD_PREFIX) for w in wanted)]
+    wanted_parts, given_parts = {layout.head_part(k) for k in wanted}, {layout.head_part(k) for k in given}
+    new_head = [k for k in missing if layout.head_part(k) not in given_parts | {None}]
+    dropped_head = [k for k in unexpected if layout.head_part(k) not in wanted_parts | {None}]
     missing = [k for k in missing if k not in new_head]
     unexpected = [k for k in unexpected if k not in dropped_head]
-    mismatched = sorted(k for k in wanted & given if tuple(state_dict[k].shape) != expected[k])
+    mismatched = sorted(k for k in wanted & given if tuple(canonical[k].shape) != expected[k])
     header = (f"checkpoint {source} does not match {cls.__name__}(hidden_sizes={config.hidden_sizes}, "
               f"depths={config.depths})")
-    problems = _describe(missing, unexpected, mismatched, expected, state_dict)
-    if mismatched and not ignore_mismatched_sizes:
-        raise ValueError(f"{header}:\n{problems}")
-    if strict and (missing or unexpected):
+    problems = _describe(missing, unexpected, mismatched, expected, canonical)
+    if (mismatched and not ignore_mismatched_sizes) or (strict and (missing or unexpected)):
         raise ValueError(f"{header}:\n{problems}")
     loadable = sorted(wanted & given - set(mismatched))
     initialized = sorted(wanted - set(loadable))
     new_parameters = sum(math.prod(expected[k]) for k in initialized)
-    allowed = max(checkpoint.MIN_NEW_PARAMETERS_ALLOWED, sum(state_dict[k].numel() for k in loadable))
+    allowed = max(checkpoint.MIN_NEW_PARAMETERS_ALLOWED, sum(canonical[k].numel() for k in loadable))
     if new_parameters > allowed:
         raise ValueError(f"{header}: loading would initialize {new_parameters:,} parameters the checkpoint does not "
                          f"provide (at most {allowed:,}); the config and the checkpoint describe different models")
     if missing or unexpected:
         warnings.warn(f"{header}; loaded anyway (strict=False):\n{problems}", stacklevel=4)
-    target_dtype = checkpoint._target_dtype(dtype, config, state_dict, source)
+    target_dtype = checkpoint._target_dtype(dtype, config, canonical, source)
     with torch.device("meta"), checkpoint.built_in(target_dtype):
         model = cls(config)
-    if set(model.state_dict()) != wanted:
+    if set(model.state_dict()) != set(model_keys.values()):
         raise RuntimeError(f"{cls.__name__} has other tensors than its one-block-per-stage layout predicted")
     model.to_empty(device=device)
-    _initialize(model, initialized)
-    model.load_state_dict({k: state_dict[k] for k in loadable}, strict=False)
+    _initialize(model, [model_keys[k] for k in initialized])
+    model.load_state_dict({model_keys[k]: canonical[k] for k in loadable}, strict=False)
     newly = new_head + (mismatched if ignore_mismatched_sizes else [])
     if newly:
         warnings.warn(f"{cls.__name__} from {source}: {len(newly)} tensors are not in the checkpoint (or have "
-                      f"another shape) and were newly initialized: {newly}", stacklevel=4)
+                      f"another shape) and were newly initialized: {[model_keys[k] for k in newly]}", stacklevel=4)
     model.config.dtype = target_dtype
     info = {
-        "missing_keys": set(missing + new_head), "unexpected_keys": set(unexpected + dropped_head),
-        "mismatched_keys": {(k, state_dict[k].shape, torch.Size(expected[k])) for k in mismatched}, "error_msgs": [],
+        "missing_keys": {model_keys[k] for k in missing + new_head},
+        "unexpected_keys": set(unexpected + dropped_head),
+        "mismatched_keys": {(model_keys[k], canonical[k].shape, torch.Size(expected[k])) for k in mismatched},
+        "error_msgs": [],
     }
     return model, info
 
 
-def _with_model_prefix(state_dict, source):
+def _build_config(config_class, config, config_dict, overrides, source):
+    from fastconvnext import checkpoint
+
+    name = config_class.__name__
+    if isinstance(config, config_class) and not overrides:
+        return config
+    if config is not None:  # also transformers' config of the same model
+        if not callable(getattr(config, "to_dict", None)):
+            raise TypeError(f"config must be a {name}, got {type(config).__name__}")
+        base, origin = config.to_dict(), "the config argument"
+    elif config_dict is not None:
+        base, origin = config_dict, f"{source}/config.json"
+    else:
+        raise ValueError(f"{source}: a checkpoint file of this model needs config={name}(...) (only transformers "
+                         f"directories, with their config.json, are read without one)")
+    try:
+        return config_class.from_dict(checkpoint._merge_overrides(base, overrides))
+    except (TypeError, ValueError) as err:
+        raise type(err)(f"{origin}: {err}") from None
+    except Exception as err:  # a field of the wrong kind failing deep in the constructor
+        raise ValueError(f"{origin}: invalid {name} fields ({type(err).__name__}: {err})") from None
+
+
+def _blocks_by_stage(layout, canonical):
+    blocks = {}
+    for key in canonical:
+        match = layout.block_key.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+    return blocks
+
+
+def _check_blocks(layout, config, canonical, source, strict):
+    """The config's blocks against the checkpoint's, from the names alone, before anything is built."""
+    from fastconvnext import checkpoint
+
+    blocks = _blocks_by_stage(layout, canonical)
+    absent = sum(depth - sum(1 for j in blocks.get(stage, ()) if j < depth) for stage, depth in enumerate(config.depths))
+    extra = sum(len({j for j in indices if stage >= len(config.depths) or j >= config.depths[stage]})
+                for stage, indices in blocks.items())
+    if not absent and not extra:
+        return
+    found = [len(blocks.get(i, ())) for i in range(min(max(blocks, default=-1) + 1, 64))]
+    described = (f"checkpoint {source} does not match the architecture: the config has depths {list(config.depths)} "
+                 f"but the checkpoint holds blocks per stage {found} ({absent} blocks absent, {extra} unexpected)")
+    if strict or absent > checkpoint.MAX_ABSENT_BLOCKS:
+        raise ValueError(described)
+
+
+def _expected_layout(layout, cls, config):
+    """({canonical name: shape}, {canonical name: model key}) of cls(config), read off a meta-device model with at
+    most one block per stage (the block names repeated for every block)."""
+    small = copy.copy(config)
+    small.depths = [min(d, 1) for d in config.depths]
+    with torch.device("meta"):
+        template = cls(small).state_dict()
+    shapes, model_keys = {}, {}
+    for key, tensor in template.items():
+        name = layout.canonical({key: None}, "the model").popitem()[0]
+        match = layout.block_key.match(name)
+        names = [name]
+        if match is not None:
+            stage, start, end = int(match.group(1)), match.start(2), match.end(2)
+            names = [f"{name[:start]}{block}{name[end:]}" for block in range(config.depths[stage])]
+        for canonical_name in names:
+            shapes[canonical_name] = tuple(tensor.shape)
+            model_keys[canonical_name] = layout.model_key(cls, canonical_name)
+    return shapes, model_keys
+
+
+def _describe(missing, unexpected, mismatched, expected, canonical, limit=40):
+    lines = [f"  missing: {k} {list(expected[k])}" for k in missing]
+    lines += [f"  unexpected: {k} {list(canonical[k].shape)}" for k in unexpected]
+    lines += [f"  wrong shape: {k} expected {list(expected[k])}, given {list(canonical[k].shape)}" for k in mismatched]
+    return "\n".join(lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []))
+
+
+def _initialize(model, keys):
+    """transformers' initialization of the modules owning the named tensors (the model's _init_weights: LayerNorm
+    1/0, other weights N(0, initializer_range), biases 0, gamma its init value, GRN 0); the tensors the checkpoint
+    does provide are loaded over them afterwards."""
+    owners = {key.rpartition(".")[0] for key in keys}
+    with torch.no_grad():
+        for owner in sorted(owners):
+            model._init_weights(model.get_submodule(owner))
+
+
+# ---- DINOv3-ConvNeXt's layout --------------------------------------------------------------------------------
+
+
+def _dinov3_canonical(state_dict, source):
     """The state dict under the module names: transformers writes the encoder's tensors without the `model.`
     prefix of its attribute ("stages.0...."), and reads them with or without it."""
     renamed = {}
@@ -359,93 +470,21 @@ def saved_state_dict(model):
     return {key.removeprefix(ENCODER_PREFIX): tensor for key, tensor in model.state_dict().items()}
 
 
-def _build_config(config, config_dict, overrides, source):
-    from fastconvnext import checkpoint
-
-    if isinstance(config, DINOv3ConvNextConfig) and not overrides:
-        return config
-    if config is not None:  # also a transformers DINOv3ConvNextConfig
-        if not callable(getattr(config, "to_dict", None)):
-            raise TypeError(f"config must be a DINOv3ConvNextConfig, got {type(config).__name__}")
-        base, origin = config.to_dict(), "the config argument"
-    elif config_dict is not None:
-        base, origin = config_dict, f"{source}/config.json"
-    else:
-        raise ValueError(f"{source}: a DINOv3-ConvNeXt checkpoint file needs config=DINOv3ConvNextConfig(...) (only "
-                         f"transformers directories, with their config.json, are read without one)")
-    try:
-        return DINOv3ConvNextConfig.from_dict(checkpoint._merge_overrides(base, overrides))
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{origin}: {err}") from None
-    except Exception as err:  # a field of the wrong kind failing deep in the constructor
-        raise ValueError(f"{origin}: invalid DINOv3ConvNextConfig fields ({type(err).__name__}: {err})") from None
+LAYOUT = Layout(
+    config_class=DINOv3ConvNextConfig,
+    classes={c.__name__: c for c in (DINOv3ConvNextModel, DINOv3ConvNextBackbone)},
+    canonical=_dinov3_canonical,
+    model_key=lambda cls, name: name,
+    block_key=BLOCK_KEY,
+    head_part=lambda name: "layer_norm" if name.startswith("layer_norm.") else None,
+    default_class=lambda canonical: (
+        "DINOv3ConvNextModel" if any(k.startswith("layer_norm.") for k in canonical) else "DINOv3ConvNextBackbone"
+    ),
+)
 
 
-def _blocks_by_stage(state_dict):
-    blocks = {}
-    for key in state_dict:
-        match = _BLOCK_KEY.match(key)
-        if match:
-            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
-    return blocks
-
-
-def _check_blocks(config, state_dict, source, strict):
-    """The config's blocks against the checkpoint's, from the names alone, before anything is built."""
-    from fastconvnext import checkpoint
-
-    blocks = _blocks_by_stage(state_dict)
-    absent = sum(depth - sum(1 for j in blocks.get(stage, ()) if j < depth) for stage, depth in enumerate(config.depths))
-    extra = sum(len({j for j in indices if stage >= len(config.depths) or j >= config.depths[stage]})
-                for stage, indices in blocks.items())
-    if not absent and not extra:
-        return
-    found = [len(blocks.get(i, ())) for i in range(min(max(blocks, default=-1) + 1, 64))]
-    described = (f"checkpoint {source} does not match the architecture: the config has depths {list(config.depths)} "
-                 f"but the checkpoint holds blocks per stage {found} ({absent} blocks absent, {extra} unexpected)")
-    if strict or absent > checkpoint.MAX_ABSENT_BLOCKS:
-        raise ValueError(described)
-
-
-def _expected_layout(cls, config):
-    """{key: shape} of cls(config), read off a meta-device model with at most one block per stage."""
-    small = copy.copy(config)
-    small.depths = [min(d, 1) for d in config.depths]
-    with torch.device("meta"):
-        template = cls(small).state_dict()
-    shapes = {}
-    for key, tensor in template.items():
-        match = _BLOCK_KEY.match(key)
-        if match is None:
-            shapes[key] = tuple(tensor.shape)
-            continue
-        stage, rest = int(match.group(1)), key[match.end():]
-        for block in range(config.depths[stage]):
-            shapes[f"model.stages.{stage}.layers.{block}.{rest}"] = tuple(tensor.shape)
-    return shapes
-
-
-def _describe(missing, unexpected, mismatched, expected, state_dict, limit=40):
-    lines = [f"  missing: {k} {list(expected[k])}" for k in missing]
-    lines += [f"  unexpected: {k} {list(state_dict[k].shape)}" for k in unexpected]
-    lines += [f"  wrong shape: {k} expected {list(expected[k])}, given {list(state_dict[k].shape)}" for k in mismatched]
-    return "\n".join(lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []))
-
-
-def _initialize(model, keys):
-    """transformers' initialization of the named tensors: gamma its init value, LayerNorm 1/0, biases 0, other
-    weights N(0, initializer_range)."""
-    config = model.config
-    with torch.no_grad():
-        for key in keys:
-            owner_name, _, attribute = key.rpartition(".")
-            owner = model.get_submodule(owner_name)
-            tensor = getattr(owner, attribute)
-            if attribute == "gamma":
-                tensor.fill_(config.layer_scale_init_value)
-            elif isinstance(owner, nn.LayerNorm):
-                tensor.fill_(1.0 if attribute == "weight" else 0.0)
-            elif attribute == "bias":
-                tensor.zero_()
-            else:
-                tensor.normal_(0.0, config.initializer_range)
+def load_checked(cls, source, state_dict, config_dict, config, overrides, strict, ignore_mismatched_sizes, dtype,
+                 device):
+    """checkpoint.load_pretrained's entry for model_type "dinov3_convnext"."""
+    return load_family_checked(LAYOUT, cls, source, state_dict, config_dict, config, overrides, strict,
+                               ignore_mismatched_sizes, dtype, device)

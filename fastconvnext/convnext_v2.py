@@ -1,0 +1,272 @@
+"""ConvNeXt V2 with transformers' class names, module tree, parameter names, config.json and outputs.
+
+NOT FUSED YET: the fused GRN kernel is not written. Each block runs its first half (depthwise 7x7 conv +
+LayerNorm) through V1's backend op `dwconv_layernorm` (fused kernel or eager op, with V1's hook/adapter
+fallback), but its MLP runs EAGERLY, module by module, as transformers runs it:
+pwconv1 -> act -> grn -> pwconv2 -> drop path -> + residual, where
+GRN(h) = weight * (h * N) + bias + h, N = ||h||_2 over (H, W) per image and channel, divided by
+(its mean over channels + 1e-6). So V2 gets the fused first half only; speed claims for V1 do not apply to it.
+
+V2 differs from V1 only in the block (GRN after the activation, no layer scale) and in names (`convnextv2.`
+prefix of the classifier's trunk); embeddings, stages, drop path (float32 linspace rates), the final LayerNorm of
+the pooled mean and the backbone's per-stage LayerNorms (eps 1e-6) are V1's, and reused from modeling.py.
+Loading: from_pretrained reads through checkpoint.load_pretrained (dispatched by config model_type
+"convnextv2"); timm's and the original release's V2 files are not converted yet.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastconvnext import backend
+from fastconvnext.configuration import ConvNextV2Config
+from fastconvnext.modeling import (
+    ConvNextBackbone,
+    ConvNextDropPath,
+    ConvNextEmbeddings,
+    ConvNextEncoder,
+    ConvNextForImageClassification,
+    ConvNextLayerNorm,
+    ConvNextModel,
+    ConvNextPreTrainedModel,
+    _activation_module,
+    _channels_last,
+    _global_hooks_registered,
+    _nchw,
+    _nhwc,
+    _plain,
+    _returned,
+)
+from fastconvnext.outputs import ImageClassifierOutputWithNoAttention
+
+__all__ = [
+    "ConvNextV2Backbone",
+    "ConvNextV2Config",
+    "ConvNextV2ForImageClassification",
+    "ConvNextV2GRN",
+    "ConvNextV2Model",
+    "ConvNextV2PreTrainedModel",
+]
+
+GRN_EPS = 1e-6
+
+
+class ConvNextV2GRN(nn.Module):
+    """Global Response Normalization over [N, H, W, C]: weight * (h * N) + bias + h, N = the per-image, per-channel
+    L2 norm over (H, W) divided by (its mean over channels + 1e-6). weight and bias are [1, 1, 1, C] (transformers'
+    shapes), initialized to zero (GRN starts as the identity)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, h):
+        norms = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+        relative = norms / (norms.mean(dim=-1, keepdim=True) + GRN_EPS)
+        return self.weight * (h * relative) + self.bias + h
+
+
+class ConvNextV2Layer(nn.Module):
+    """dwconv7x7 -> LayerNorm (the V1 op) -> Linear(C, 4C) -> act -> GRN -> Linear(4C, C) -> drop path -> + input
+    (eager: no fused GRN kernel yet)."""
+
+    def __init__(self, config, dim, drop_path=0.0):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.layernorm = ConvNextLayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = _activation_module(config)
+        self.grn = ConvNextV2GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.drop_path = ConvNextDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x):
+        dwconv, layernorm = self.dwconv, self.layernorm
+        if not _global_hooks_registered() and _plain(dwconv, nn.Conv2d) and _plain(layernorm, ConvNextLayerNorm):
+            y = backend.dwconv_layernorm(_nhwc(x), dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
+                                         layernorm.eps)
+        else:  # hooks or a replaced module: called as transformers calls them
+            y = layernorm(_nhwc(dwconv(x)))
+        y = self.pwconv2(self.grn(self.act(self.pwconv1(y))))
+        return x + self.drop_path(_nchw(y))
+
+
+class ConvNextV2Stage(nn.Module):
+    """Optional downsampling (LayerNorm + 2x2/2 conv), then `depth` V2 blocks."""
+
+    def __init__(self, config, in_channels, out_channels, kernel_size=2, stride=2, depth=2, drop_path_rates=None):
+        super().__init__()
+        layers = []
+        if in_channels != out_channels or stride > 1:
+            layers = [
+                ConvNextLayerNorm(in_channels, data_format="channels_first"),
+                nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride),
+            ]
+        self.downsampling_layer = nn.ModuleList(layers)
+        rates = drop_path_rates or [0.0] * depth
+        self.layers = nn.ModuleList(ConvNextV2Layer(config, out_channels, rates[j]) for j in range(depth))
+
+    def forward(self, x):
+        for module in self.downsampling_layer:
+            x = module(x)
+        x = _channels_last(x)
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class ConvNextV2Encoder(ConvNextEncoder):
+    """V1's encoder (forward, gradient checkpointing, float32 drop-path rates) over V2 stages."""
+
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
+        self.stages = nn.ModuleList()
+        previous = config.hidden_sizes[0]
+        for i in range(config.num_stages):
+            self.stages.append(
+                ConvNextV2Stage(
+                    config, previous, config.hidden_sizes[i], stride=2 if i > 0 else 1, depth=config.depths[i],
+                    drop_path_rates=rates[i].tolist(),
+                )
+            )
+            previous = config.hidden_sizes[i]
+        self.gradient_checkpointing = False
+
+
+class ConvNextV2PreTrainedModel(ConvNextPreTrainedModel):
+    config_class = ConvNextV2Config
+    base_model_prefix = "convnextv2"
+
+    def __init__(self, config):
+        if not isinstance(config, ConvNextV2Config):
+            raise TypeError(f"config must be a fastconvnext.ConvNextV2Config, got {type(config).__name__}")
+        super().__init__(config)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ConvNextV2GRN):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, *, config=None, state_dict=None, **kwargs):
+        """Load a transformers ConvNeXt V2 directory (config.json model_type "convnextv2") or hub id; options as
+        checkpoint.load_pretrained. Called on ConvNextV2PreTrainedModel itself, the class is chosen by the tensors."""
+        from fastconvnext import checkpoint
+
+        target = cls
+        if cls is ConvNextV2PreTrainedModel:
+            target = {c.__name__: c for c in (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone)}
+        return checkpoint.load_pretrained(target, path, config=config, state_dict=state_dict, **kwargs)
+
+
+class ConvNextV2Model(ConvNextV2PreTrainedModel):
+    """`last_hidden_state` (stage-4 output) and `pooler_output` (LayerNorm of its spatial mean), as V1."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvNextEmbeddings(config)
+        self.encoder = ConvNextV2Encoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
+        self.post_init()
+
+    forward = ConvNextModel.forward
+
+
+class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
+    """ConvNeXt V2 with a linear classifier on the pooled features; loss by config.problem_type (V1's rule)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.convnextv2 = ConvNextV2Model(config)
+        self.classifier = (
+            nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
+        self.post_init()
+
+    def forward(
+        self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None
+    ):
+        _, return_dict = self._flags(output_hidden_states, return_dict)
+        outputs = self.convnextv2(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs["pooler_output"])
+        loss = None if labels is None else self.loss(logits, labels)
+        output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"))
+        return _returned(output, return_dict)
+
+    loss = ConvNextForImageClassification.loss
+
+
+class ConvNextV2Backbone(ConvNextV2PreTrainedModel):
+    """Feature maps of the stages in config.out_features, each through its own LayerNorm (eps 1e-6), as V1."""
+
+    has_attentions = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvNextEmbeddings(config)
+        self.encoder = ConvNextV2Encoder(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.hidden_states_norms = nn.ModuleDict(
+            {stage: ConvNextLayerNorm(c, data_format="channels_first") for stage, c in zip(self.out_features, self.channels)}
+        )
+        self.post_init()
+
+    stage_names = ConvNextBackbone.stage_names
+    out_features = ConvNextBackbone.out_features
+    out_indices = ConvNextBackbone.out_indices
+    out_feature_channels = ConvNextBackbone.out_feature_channels
+    channels = ConvNextBackbone.channels
+    forward_with_filtered_kwargs = ConvNextBackbone.forward_with_filtered_kwargs
+    forward = ConvNextBackbone.forward
+
+
+# ---- loading (called by checkpoint.load_pretrained for model_type "convnextv2") ----------------------------------
+
+BASE_PREFIX = "convnextv2."
+
+
+def _canonical(state_dict, source):
+    """Names without the `convnextv2.` prefix the classifier gives its trunk: one key space for the three classes."""
+    canonical = {}
+    for key, tensor in state_dict.items():
+        name = key.removeprefix(BASE_PREFIX)
+        if name in canonical:
+            raise ValueError(f"{source}: checkpoint holds {name!r} both with and without the {BASE_PREFIX!r} prefix")
+        canonical[name] = tensor
+    return canonical
+
+
+def _model_key(cls, name):
+    if issubclass(cls, ConvNextV2ForImageClassification) and not name.startswith("classifier."):
+        return BASE_PREFIX + name
+    return name
+
+
+def _layout():
+    import re
+
+    from fastconvnext import checkpoint
+    from fastconvnext.dinov3_convnext import Layout
+
+    return Layout(
+        config_class=ConvNextV2Config,
+        classes={c.__name__: c for c in (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone)},
+        canonical=_canonical,
+        model_key=_model_key,
+        block_key=re.compile(r"^encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\."),
+        head_part=checkpoint._head_part,  # layernorm, classifier, hidden_states_norms.<stage>: V1's head parts
+        default_class=lambda canonical: checkpoint._default_class_name(canonical).replace("ConvNext", "ConvNextV2", 1),
+    )
+
+
+def load_checked(cls, source, state_dict, config_dict, config, overrides, strict, ignore_mismatched_sizes, dtype,
+                 device):
+    """checkpoint.load_pretrained's entry for model_type "convnextv2" (transformers' key layout only)."""
+    from fastconvnext.dinov3_convnext import load_family_checked
+
+    return load_family_checked(_layout(), cls, source, state_dict, config_dict, config, overrides, strict,
+                               ignore_mismatched_sizes, dtype, device)
