@@ -165,10 +165,6 @@ class DINOv3ConvNextPreTrainedModel(ConvNextPreTrainedModel):
             raise TypeError(f"config must be a fastconvnext.DINOv3ConvNextConfig, got {type(config).__name__}")
         super().__init__(config)
 
-    @property
-    def base_model(self):
-        return self
-
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, DINOv3ConvNextLayer):

@@ -476,3 +476,40 @@ def test_eager_backend_matches_transformers(monkeypatch):
         got = ours(x).last_hidden_state
     with torch.no_grad():
         assert_close(got, hf(x).last_hidden_state, "eager backend output")
+
+
+def test_a_pickle_that_runs_code_in_a_dinov3_folder_is_refused_and_not_executed(tmp_path):
+    import os
+    import shlex
+
+    hf, _ = twins(**SMALL)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(str(marker))}",)
+
+    torch.save({**hf.state_dict(), "payload": Payload()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="refusing to load"):
+        fastconvnext.DINOv3ConvNextModel.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
+def test_from_pretrained_with_config_and_state_dict_takes_either_naming():
+    hf, ours = twins(**SMALL)
+    config = fastconvnext.DINOv3ConvNextConfig(**SMALL)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf(x).last_hidden_state
+    for state_dict in (hf.state_dict(), dinov3_convnext.saved_state_dict(ours)):
+        model = fastconvnext.DINOv3ConvNextModel.from_pretrained(None, config=config, state_dict=state_dict)
+        with torch.no_grad():
+            assert_close(model(x).last_hidden_state, expected, "loaded from a state dict")
+    both = {**hf.state_dict(), **dinov3_convnext.saved_state_dict(ours)}
+    with pytest.raises(ValueError, match="both with and without"):
+        fastconvnext.DINOv3ConvNextModel.from_pretrained(None, config=config, state_dict=both)
+    with pytest.raises(ValueError, match="needs config"):  # a single file without config.json
+        dinov3_convnext.load_checked(None, "a file", hf.state_dict(), None, None, {}, True, False, "auto",
+                                     torch.device("cpu"))
