@@ -119,8 +119,8 @@ def _record_drop_path_scales(monkeypatch, replay=None):
     """Record the per-sample scales the model draws; with `replay`, hand out those instead of drawing."""
     scales = []
 
-    def recording(self, x):
-        scale = _DRAW_SCALE(self, x) if replay is None else replay[len(scales)]
+    def recording(self, x, dtype=None):
+        scale = _DRAW_SCALE(self, x, dtype) if replay is None else replay[len(scales)]
         scales.append(scale if scale is None else scale.clone())
         return scale if scale is None else scale.to(x.dtype)
 
