@@ -350,6 +350,7 @@ class ConvNextPreTrainedModel(nn.Module):
     config_class = ConvNextConfig
     base_model_prefix = "convnext"
     main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
 
     def __init__(self, config):
         super().__init__()
@@ -415,17 +416,75 @@ class ConvNextPreTrainedModel(nn.Module):
     def is_gradient_checkpointing(self):
         return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, ConvNextEncoder))
 
+    # transformers 5.25 prefers these names to gradient_checkpointing_*; the same switch
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers=1, offload=False):
+        """Recompute each stage in backward (every stage: every_n_layers=1; offloading is not offered)."""
+        if every_n_layers != 1 or offload:
+            raise NotImplementedError(f"fastconvnext checkpoints every stage on the device; got every_n_layers="
+                                      f"{every_n_layers!r}, offload={offload!r}")
+        self._set_gradient_checkpointing(True)
+
+    def activation_checkpointing_disable(self):
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_activation_checkpointing(self):
+        return self.is_gradient_checkpointing
+
+    def enable_input_require_grads(self):
+        """Make the stem's output require grad (a forward hook), so gradients reach adapters under gradient
+        checkpointing with a frozen trunk, as transformers' method does for its input embeddings."""
+        stem = getattr(self.base_model, "embeddings", None)
+        if stem is None:
+            raise NotImplementedError(f"{type(self).__name__} has no stem (embeddings) module to hook")
+        self.disable_input_require_grads()
+        hook = stem.register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+        self._require_grads_hooks = [hook]
+
+    def disable_input_require_grads(self):
+        for hook in getattr(self, "_require_grads_hooks", []):
+            hook.remove()
+        self._require_grads_hooks = []
+
+    def get_memory_footprint(self, return_buffers=True):
+        """Bytes held by the parameters (and buffers), as transformers counts them."""
+        tensors = list(self.parameters()) + (list(self.buffers()) if return_buffers else [])
+        return sum(t.nelement() * t.element_size() for t in tensors)
+
+    def push_to_hub(self, repo_id, *, commit_message=None, commit_description=None, private=None, token=None,
+                    revision=None, create_pr=False, max_shard_size="50GB", tags=None):
+        """Upload what save_pretrained writes to the Hub repository `repo_id` (huggingface_hub; created if
+        needed) and return the commit's URL. fastconvnext writes one model.safetensors: a max_shard_size other than
+        the default is refused rather than ignored; tags are not written (no model card)."""
+        if max_shard_size != "50GB":
+            raise NotImplementedError(f"fastconvnext saves one model.safetensors; max_shard_size={max_shard_size!r}")
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            raise ImportError("push_to_hub needs huggingface_hub: pip install 'fastconvnext[hf]'") from None
+        import tempfile
+
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message or "Upload model",
+                                       commit_description=commit_description, create_pr=create_pr)
+        return str(getattr(commit, "commit_url", commit))
+
     @classmethod
-    def from_pretrained(cls, path, *, config=None, state_dict=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path=None, *, config=None, state_dict=None, **kwargs):
         """Load a transformers directory, a timm/original checkpoint file or (with huggingface_hub) a hub id;
-        `path=None` with config= and state_dict= builds from those. Options: see checkpoint.load_pretrained.
+        `pretrained_model_name_or_path=None` with config= and state_dict= builds from those (transformers' names). Options: see checkpoint.load_pretrained.
         Called on ConvNextPreTrainedModel itself, the class is chosen from the checkpoint's tensors."""
         from fastconvnext import checkpoint
 
         target = cls
         if cls is ConvNextPreTrainedModel:
             target = {c.__name__: c for c in (ConvNextModel, ConvNextForImageClassification, ConvNextBackbone)}
-        return checkpoint.load_pretrained(target, path, config=config, state_dict=state_dict, **kwargs)
+        return checkpoint.load_pretrained(target, pretrained_model_name_or_path, config=config, state_dict=state_dict,
+                                          **kwargs)
 
     def save_pretrained(self, directory, **kwargs):
         """Write config.json + model.safetensors that transformers' from_pretrained loads as is."""
