@@ -23,6 +23,7 @@ _EXPORTS = {
     "DINOv3ConvNextConfig": "fastconvnext.configuration",
     "DINOv3ConvNextModel": "fastconvnext.dinov3_convnext",
     "DINOv3ConvNextPreTrainedModel": "fastconvnext.dinov3_convnext",
+    "from_timm": "fastconvnext.checkpoint",
     "from_transformers": "fastconvnext.checkpoint",
     "get_backend": "fastconvnext.backend",
     "patch_transformers": "fastconvnext.patch",

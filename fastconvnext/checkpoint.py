@@ -1024,6 +1024,11 @@ def _convert(state_dict):
     fmt = detect_format(state_dict)
     if fmt == "transformers":
         return dict(state_dict), fmt, {}
+    grn = next((key for key in state_dict if ".grn." in key or key.endswith((".grn", "grn.weight", "grn.gamma"))), None)
+    if grn is not None:
+        raise ValueError(f"this is a ConvNeXt V2 checkpoint in {fmt}'s layout (GRN tensor {_brief(grn)}): timm and "
+                         "original-release ConvNeXt V2 files are not supported yet; transformers-format ConvNeXt V2 "
+                         "folders load with fastconvnext.ConvNextV2Model / ConvNextV2ForImageClassification")
     converted, origins = {}, {}
     for key, tensor in state_dict.items():
         new_key = _rename(key, _RULES[fmt])
@@ -1104,6 +1109,12 @@ def _build_config(config, config_dict, canonical, fmt, overrides, source):
         if not callable(getattr(config, "to_dict", None)):
             raise TypeError(f"config must be a ConvNextConfig, got {type(config).__name__}")
         base, origin = config.to_dict(), "the config argument"
+    elif config_dict is not None and is_timm_config(config_dict):
+        origin = f"{Path(str(source)) / CONFIG_NAME} (timm's)"
+        try:
+            base = timm_config_fields(config_dict, _inferred_fields(canonical, fmt))
+        except ValueError as err:
+            raise ValueError(f"{origin}: {err}") from None
     elif config_dict is not None:
         base, origin = config_dict, f"{Path(str(source)) / CONFIG_NAME}"
     else:
@@ -1118,6 +1129,81 @@ def _build_config(config, config_dict, canonical, fmt, overrides, source):
         raise type(err)(f"{origin}: {err}") from None
     except Exception as err:  # a field of the wrong kind failing deep in the config's constructor
         raise ValueError(f"{origin}: invalid ConvNextConfig fields ({type(err).__name__}: {err})") from None
+
+
+def is_timm_config(config_dict):
+    """Whether a config.json is timm's (`save_for_hf`, the timm/* hub repositories): an `architecture` name and no
+    transformers `model_type`."""
+    return isinstance(config_dict.get("architecture"), str) and "model_type" not in config_dict
+
+
+def timm_config_fields(config_dict, inferred):
+    """ConvNextConfig fields for a timm directory: the architecture read off the tensors (`inferred`, with timm's
+    eps 1e-6 on the final norm), labels from timm's `label_names` (a list, or a dict of index -> name), the head's
+    size checked against `num_classes`."""
+    architecture = config_dict["architecture"]
+    if architecture.startswith("convnextv2"):
+        raise ValueError(f"architecture {architecture!r} is ConvNeXt V2: timm ConvNeXt V2 weights are not supported "
+                         "yet (transformers-format ConvNeXt V2 folders load with fastconvnext.ConvNextV2*)")
+    if not architecture.startswith("convnext"):
+        raise ValueError(f"architecture {architecture!r} is not a timm ConvNeXt (convnext_*)")
+    fields = dict(inferred)
+    num_classes = config_dict.get("num_classes", fields.get("num_labels"))
+    head = fields.get("num_labels")
+    if head is not None and num_classes != head:
+        raise ValueError(f"num_classes is {num_classes!r} but the weights' head has {head} outputs")
+    labels = config_dict.get("label_names", (config_dict.get("pretrained_cfg") or {}).get("label_names"))
+    if labels:
+        if isinstance(labels, Mapping):
+            id2label = {_label_index(index): str(name) for index, name in labels.items()}
+        elif isinstance(labels, (list, tuple)):
+            id2label = {index: str(name) for index, name in enumerate(labels)}
+        else:
+            raise ValueError(f"label_names must be a list or an object, got {type(labels).__name__}")
+        if head is not None and sorted(id2label) != list(range(head)):
+            raise ValueError(f"label_names names {len(id2label)} classes, the head has {head}")
+        fields["id2label"] = id2label
+    return fields
+
+
+def _label_index(index):
+    try:
+        return int(index)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_names keys must be class indices, got {_brief(index)}") from None
+
+
+def from_timm(model_or_name_or_state_dict, classes=None):
+    """The fastconvnext model holding a timm ConvNeXt's weights: a timm model (its state dict, labels from its
+    pretrained_cfg, train/eval mode), a timm model name (timm.create_model(name, pretrained=True): needs timm and
+    its weights), or a timm-layout state dict. The architecture is read off the tensors (timm's eps 1e-6 on the
+    final norm); a head gives ConvNextForImageClassification, none ConvNextModel."""
+    source = model_or_name_or_state_dict
+    if isinstance(source, str):
+        try:
+            import timm
+        except ImportError:
+            raise ImportError("from_timm(name) needs timm (pip install timm); or pass a timm model or state dict") \
+                from None
+        source = timm.create_model(source, pretrained=True)
+    training, pretrained_cfg = False, {}
+    if isinstance(source, torch.nn.Module):
+        training, pretrained_cfg = source.training, dict(getattr(source, "pretrained_cfg", None) or {})
+        source = source.state_dict()
+    if not isinstance(source, Mapping):
+        raise TypeError(f"from_timm takes a timm model, a timm model name or a state dict, got {type(source).__name__}")
+    state_dict = _checked_state_dict(source, "the timm state dict")
+    if detect_format(state_dict) != "timm":
+        raise ValueError(f"not a timm ConvNeXt state dict (its stem is laid out as {detect_format(state_dict)}'s)")
+    hf_state_dict, fmt, origins = _convert(state_dict)
+    canonical, _ = _to_canonical(hf_state_dict, origins)
+    timm_config = {"architecture": pretrained_cfg.get("architecture", "convnext"), "label_names":
+                   pretrained_cfg.get("label_names")}
+    fields = timm_config_fields(timm_config, _inferred_fields(canonical, fmt))
+    classes = _public_classes() if classes is None else classes
+    head = "ConvNextForImageClassification" if fields.get("num_labels") else "ConvNextModel"
+    model = load_pretrained(classes[head], None, config=ConvNextConfig(**fields), state_dict=state_dict)
+    return model.train(training)
 
 
 def _merge_overrides(base, overrides):

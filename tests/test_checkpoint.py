@@ -427,10 +427,10 @@ def test_unexpected_tensor_is_listed_with_its_shape(tmp_path):
 
 def test_unexpected_timm_tensor_is_named_as_in_the_file(tmp_path):
     layout = timm_layout(hf_model())
-    layout["stages.1.blocks.0.mlp.grn.gamma"] = torch.ones(64)  # ConvNeXt-V2 has GRN; this model does not
-    torch.save(layout, tmp_path / "v2.pth")
-    with pytest.raises(ValueError, match=r"stages\.1\.blocks\.0\.mlp\.grn\.gamma given \[64\]"):
-        load_pretrained(None, tmp_path / "v2.pth")
+    layout["stages.1.blocks.0.mlp.extra.weight"] = torch.ones(64)  # (GRN tensors name the file ConvNeXt V2 instead)
+    torch.save(layout, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match=r"stages\.1\.blocks\.0\.mlp\.extra\.weight given \[64\]"):
+        load_pretrained(None, tmp_path / "extra.pth")
 
 
 def test_wrong_shape_is_listed_expected_vs_given(tmp_path):
