@@ -14,8 +14,11 @@ tuned there; what older releases need lives here and nowhere else:
 - `config_choice`: the launch-config choices that depend on the Triton release (its register allocation differs),
   so that no release gets a config that spills on it; compile_targets lists what the running release picks.
 
-Why 3.4 is the floor (`MIN_TRITON`): Triton 3.3's interpreter pads a tuple of masked loads wrongly... see
-`FLOOR_REASON`, which is also what the error says.
+Why 3.4 is the floor (`MIN_TRITON`, `FLOOR_REASON`): Triton 3.3's code generator refuses a chained boolean
+operator (`a and b and c`: "chained boolean operators (A or B or C) are not supported", UnsupportedLanguageConstruct),
+which `_mlp_bwd_dx_kernel` uses in a constexpr (TWO_PIECES); 3.4 accepts it. Triton 3.2 has no tuple values in
+its compiler (the dwconv kernels carry their sliding windows in tuples), spells ASTSource's constexprs `constants=`
+and takes an AttrsDescriptor for the attrs.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ MIN_TRITON = (3, 4)
 APPROX_FDIV_SINCE = (3, 9)
 # the interpreter's tensor.__index__ squeezes its one-element array (works with numpy >= 2.4) from this release on
 INTERPRETER_INDEX_FIXED_SINCE = (3, 7)
-FLOOR_REASON = "see fastconvnext/kernels/_triton_compat.py"
+FLOOR_REASON = ("Triton 3.3's code generator refuses chained boolean operators (`a and b and c`), which the MLP "
+                "backward kernel uses; 3.2 also has no tuple values in kernels, which the dwconv kernels use")
 
 
 def parse_version(text: str) -> tuple:
@@ -201,6 +205,16 @@ CONFIG_CHOICES = {
     "mlp.fc2_rows": (((3, 9), 256), ((3, 4), 128)),
     # convnext_mlp: K step (BLOCK_D) of the fp32 fc2 GEMM; 16 below 3.9
     "mlp.fc2_fp32_k_step": (((3, 9), 32), ((3, 4), 16)),
+    # convnext_mlp: the fused dx kernel keeps x and g rows resident in two pieces (C = 96: 64 + 32), None; below 3.6
+    # it streams them instead, (BLOCK_K, BLOCK_D)
+    "mlp.dx_two_pieces_streamed": (((3, 6), None), ((3, 4), (16, 32))),
+    # convnext_mlp: dW kernel's 32K-output tiles (256x128, 128x256) from C = 129 (fp16/bf16); 128x128 below 3.6
+    "mlp.dw_wide_tiles": (((3, 6), True), ((3, 4), False)),
+    # dwconv_layernorm: conv outputs a thread of the 1-warp tile forward (C = 96): 3 x 8 tiles, 2 x 8 below 3.9
+    "dwconv.fwd_accumulators_1_warp": (((3, 9), 72), ((3, 4), 48)),
+    # dwconv_layernorm: the tile LayerNorm backward with fp32 x keeps 2-row tiles up to this chunk width (wider
+    # chunks: 1 row); 128 (as 16-bit x), 32 below 3.9 (C = 96 only)
+    "dwconv.norm_tile_narrow_chunk_fp32_x": (((3, 9), 128), ((3, 4), 32)),
 }
 
 

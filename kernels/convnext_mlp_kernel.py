@@ -878,9 +878,15 @@ def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
     # x and g rows resident (loaded once, not once per hidden chunk) where they need no zero padding: C a power of two,
     # or cp / 2 plus a power of two >= 16 (C = 96: 64 + 32; the padded 128-wide tiles spilled 24-72 B on sm_80).
     # Else streamed in 16-wide K steps, one stage (64- or 32-wide steps spilled with drop path on)
+    # Where a Triton release spills the two resident pieces, `mlp.dx_two_pieces_streamed` (_triton_compat) gives the
+    # streamed (BLOCK_K, BLOCK_D) it takes instead (Triton 3.4/3.5 at C = 96 on sm_80: 72-192 B resident, 8-16 B streamed
+    # in 64-wide hidden chunks, none in 32-wide ones)
     rest = C - cp // 2
-    if C == cp or (rest >= 16 and rest & (rest - 1) == 0):
+    if C == cp:
         return [_cfg(128, block_n, cp, 64, 8, 1)]
+    if rest >= 16 and rest & (rest - 1) == 0:
+        streamed = config_choice("mlp.dx_two_pieces_streamed")
+        return [_cfg(128, block_n, cp, 64, 8, 1) if streamed is None else _cfg(128, block_n, *streamed, 8, 1)]
     return [_cfg(128, block_n, 16, 64, 8, 1)]
 
 
@@ -896,7 +902,8 @@ def _dw_configs(C: int, D: int, dtype: str) -> List[dict]:
     # tiles from C = 129: each row step reads BLOCK_C + BLOCK_D operand columns from L2 per BLOCK_C x BLOCK_D outputs,
     # so 128x256 costs 3/4 of 128x128's L2 bytes; 256x128 where one 256-wide C tile covers C (no half-empty second
     # tile at C = 192). C <= 128 keeps 128x128: it is HBM-bound there and a 256-wide tile pads more of the wgmma work
-    if cp <= 128:
+    # (`mlp.dw_wide_tiles`, _triton_compat: Triton 3.4/3.5 spilled 8-128 B on sm_80 with 32K-output tiles and keep 128x128)
+    if cp <= 128 or not config_choice("mlp.dw_wide_tiles"):
         return [_dw_cfg(32, 128, 128, 8, 1)]
     if cp == 256:
         return [_dw_cfg(32, 256, 128, 8, 1)]

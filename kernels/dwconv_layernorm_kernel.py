@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ._env import interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
-from ._triton_compat import require_supported
+from ._triton_compat import config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
 from .reference import DWCONV_MAX_KERNEL_SIZE as MAX_KERNEL_SIZE
@@ -712,6 +712,8 @@ def _forward_config(channels: int, x_bytes: int = 2) -> Optional[tuple[dict, int
     nchunk, warps = FWD_NCHUNK, chunk // 32
     budget = FWD_ACCUMULATORS_16_WARPS if warps > 8 else \
         FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) and x_bytes == 2 else FWD_ACCUMULATORS
+    if warps == 1:  # _triton_compat: before Triton 3.9, 72 at C = 96 spilled 8 B (sm_80 fp32 x, sm_90 16-bit x)
+        budget = min(budget, config_choice("dwconv.fwd_accumulators_1_warp"))
     tile_w = FWD_TILE_W if budget // (FWD_TILE_W * nchunk) >= 2 else FWD_TILE_W // 2
     tile_h = max(2, min(FWD_TILE_H, budget // (tile_w * nchunk)))
     return dict(STRIDE_C=channels, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps
@@ -748,7 +750,9 @@ def _norm_bwd_tile_config(channels: int, x_bytes: int) -> Optional[tuple[dict, i
     if config is None:
         return None
     consts, warps = config
-    budget = NORM_TILE_ACCUMULATORS if consts["CHUNK"] <= NORM_TILE_NARROW_CHUNK else NORM_TILE_WIDE_ACCUMULATORS
+    # _triton_compat: before Triton 3.9, fp32 x spilled 8 B on sm_90 with 2-row tiles at C = 192 and 384
+    narrow = NORM_TILE_NARROW_CHUNK if x_bytes == 2 else config_choice("dwconv.norm_tile_narrow_chunk_fp32_x")
+    budget = NORM_TILE_ACCUMULATORS if consts["CHUNK"] <= narrow else NORM_TILE_WIDE_ACCUMULATORS
     rows = max(1, min(consts["TILE_H"], budget // (consts["TILE_W"] * consts["NCHUNK"])))
     return dict(consts, TILE_H=rows), warps
 

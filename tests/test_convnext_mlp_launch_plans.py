@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastconvnext.kernels import convnext_mlp_kernel as mlp
+from fastconvnext.kernels._triton_compat import config_choice
 from fastconvnext.kernels.compile_spec import LaunchPlan, compile_options
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -128,9 +129,11 @@ def test_dw_segment_rereads_reach_hbm_only_beyond_l2():
     segments = mlp._num_segments(M96)
     assert narrow.hbm_bytes == (2 * 96 + 2 * 384) * M96 * 2 + segments * 2 * 384 * 96 * 4
     # C = 768: a segment's x, dy, h, dpre (about 98 MB) exceed L2; 2 x 12 x 6 programs (128x256 tiles) per segment
-    # run in 2 waves of 132
+    # run in 2 waves of 132 (Triton < 3.6 takes 128x128 tiles, _triton_compat "mlp.dw_wide_tiles": 2 x 24 x 6, 3 waves)
     streamed = (2 * 768 + 2 * 3072) * M768 * 2
-    assert wide.grid[0] * wide.grid[1] == 144
+    cfg = mlp._dw_configs(768, 3072, "bf16")[0]
+    assert (cfg["BLOCK_C"], cfg["BLOCK_D"]) == ((128, 256) if config_choice("mlp.dw_wide_tiles") else (128, 128))
+    assert wide.grid[0] * wide.grid[1] == 2 * (3072 // cfg["BLOCK_D"]) * (768 // cfg["BLOCK_C"])
     assert wide.hbm_bytes > 2 * streamed
 
 

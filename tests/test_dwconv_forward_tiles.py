@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastconvnext.kernels import dwconv_layernorm_kernel as kernel_module
+from fastconvnext.kernels._triton_compat import config_choice
 from fastconvnext.kernels.dwconv_layernorm_kernel import dwconv_layernorm_fwd
 from fastconvnext.kernels.reference import dwconv_layernorm_reference
 from tolerance import assert_within_rule
@@ -93,7 +94,10 @@ CASES = [
 def test_a_program_runs_several_row_tiles_and_skips_the_one_past_the_image():
     consts, _ = kernel_module._forward_config(96, 4)
     (programs,), tiles = kernel_module._forward_grid(2, 13, 3, consts)
-    assert consts["TILE_H"] == 3 and tiles == 3 and programs == 2 * 2  # 2 images x 2 groups x 1 strip
+    # 3-row tiles: 5 row tiles, 2 groups of 3; Triton < 3.9 takes 2-row tiles at C = 96 (_triton_compat,
+    # "dwconv.fwd_accumulators_1_warp"): 7 row tiles, 2 groups of 4. Either way the last group has one tile past the image
+    assert (consts["TILE_H"], tiles) == ((3, 3) if config_choice("dwconv.fwd_accumulators_1_warp") >= 72 else (2, 4))
+    assert programs == 2 * 2  # 2 images x 2 groups x 1 strip
 
 
 @pytest.mark.parametrize("n,h,w,c,k,dtype", CASES)

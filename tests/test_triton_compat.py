@@ -213,3 +213,110 @@ def test_config_choice_picks_by_release(monkeypatch):
     assert [compat.config_choice("test.knob", v) for v in ALL_RELEASES] == ["old"] * 5 + ["new"] * 2
     with pytest.raises(ValueError, match="no value for triton 3.3"):
         compat.config_choice("test.knob", (3, 3, 1))
+
+
+@pytest.fixture
+def mocked_release(monkeypatch):
+    """Pretend another Triton release for the config rules (and drop the MLP path caches that remember configs)."""
+    from fastconvnext.kernels import convnext_mlp_kernel as mlp
+
+    caches = (mlp._two_gemm_forward_costed, mlp._two_pass_hidden_backward)
+
+    def use(version):
+        monkeypatch.setattr(compat, "TRITON_VERSION", version)
+        for cache in caches:
+            cache.cache_clear()
+
+    yield use
+    for cache in caches:
+        cache.cache_clear()
+
+
+@pytest.mark.parametrize("version", [(3, 4, 0), (3, 6, 0), (3, 9, 0)])
+def test_mlp_configs_follow_the_release(mocked_release, version):
+    from fastconvnext.kernels import convnext_mlp_kernel as mlp
+
+    mocked_release(version)
+    old, before_3_6 = version[:2] < (3, 9), version[:2] < (3, 6)
+    assert mlp._fc2_configs(384, 1536, "bf16")[0]["BLOCK_M"] == (128 if old else 256)
+    assert mlp._fc2_configs(96, 384, "fp32")[0]["BLOCK_D"] == (16 if old else 32)
+    assert mlp._gemm_configs(384, 1536, "bf16")[0]["BLOCK_M"] == 256  # the dx GEMM keeps 3.9's tile
+    dx = mlp._dx_configs(96, 384, "fp16")[0]
+    assert (dx["BLOCK_K"], dx["BLOCK_D"]) == ((16, 32) if before_3_6 else (128, 64))
+    dw = mlp._dw_configs(768, 3072, "bf16")[0]
+    assert (dw["BLOCK_C"], dw["BLOCK_D"]) == ((128, 128) if before_3_6 else (128, 256))
+
+
+@pytest.mark.parametrize("version", [(3, 4, 0), (3, 6, 0), (3, 9, 0)])
+def test_compile_targets_list_what_each_release_launches(mocked_release, version):
+    """compile_check checks the configs the running release picks: every launch a stage shape makes is a target."""
+    from fastconvnext.kernels import convnext_mlp_kernel as mlp
+
+    mocked_release(version)
+
+    def key(target):
+        blocks = tuple(sorted((k, v) for k, v in target.constexprs.items() if k.startswith("BLOCK_")))
+        return target.kernel, target.dtype, target.constexprs["C"], blocks, target.num_warps, target.num_stages
+
+    compiled = {key(t) for t in mlp.compile_targets()}
+    for dtype in ("bf16", "fp16", "fp32"):
+        for C, size in ((96, 56), (192, 28), (384, 14), (768, 7)):
+            for plan in mlp.launch_plans(256, size, size, C, dtype, True):
+                if plan.target is not None:
+                    assert key(plan.target) in compiled, (version, plan.target.label)
+
+
+# The MLP targets whose config a per-release knob decides, each at the arch where an older release spilled it:
+# (kernel, dtype, label fragments, arch)
+KNOB_TARGETS = [
+    ("convnext_mlp_fc2", "bf16", ("C=384 ", "HAS_SCALE SAVE_Y2"), 80),
+    ("convnext_mlp_fc2", "fp32", ("C=96 ", "tf32", "HAS_SCALE SAVE_Y2"), 90),
+    ("convnext_mlp_bwd_dx", "fp16", ("C=96 ", "act=gelu ", "HAS_SCALE"), 80),
+    ("convnext_mlp_bwd_dw", "bf16", ("C=384 ", "HAS_SCALE"), 80),
+]
+
+
+def test_per_release_mlp_configs_compile_without_spills(tmp_path):
+    """The knob-decided configs, as compile_targets lists them for the running Triton, compile for a GPU with no
+    spill (as the launcher specializes them; compile_check runs every target, both specializations). The dwconv
+    tile kernels' knobs are left to compile_check: one compile takes 15-20 s."""
+    proc = run_python(f"""
+        import json
+        from fastconvnext.kernels import compile_check, convnext_mlp_kernel as mlp
+
+        rows = []
+        for kernel, dtype, parts, arch in {KNOB_TARGETS!r}:
+            target = next(t for t in mlp.compile_targets()
+                          if t.kernel == kernel and t.dtype == dtype and all(p in t.label + " " for p in parts))
+            for variant in compile_check.int_specializations(target, "launcher"):
+                r = compile_check.check_target(variant, arch)
+                rows.append([variant.kernel, variant.label, arch, r.registers, r.stack_bytes + r.local_bytes,
+                             r.failures])
+        print(json.dumps(rows))
+    """, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == len(KNOB_TARGETS)
+    for kernel, label, arch, registers, spill, failures in rows:
+        assert registers > 0 and spill == 0 and not failures, (kernel, label, arch, registers, spill, failures)
+
+
+@pytest.mark.parametrize("version", [(3, 4, 0), (3, 6, 0), (3, 9, 0)])
+def test_dwconv_tile_configs_follow_the_release(mocked_release, version):
+    from fastconvnext.kernels import dwconv_layernorm_kernel as dw
+
+    mocked_release(version)
+    old = version[:2] < (3, 9)
+    for x_bytes in (2, 4):  # C = 96 forward: one warp, 3 x 8 tiles on 3.9, 2 x 8 before
+        consts, warps = dw._forward_config(96, x_bytes)
+        assert warps == 1 and (consts["TILE_H"], consts["TILE_W"]) == ((2, 8) if old else (3, 8))
+    assert dw._forward_config(768, 4)[0]["TILE_H"] == 3  # other widths keep 3.9's tiles
+    for c in (192, 384):  # the LayerNorm backward tile with fp32 x: 1 row before 3.9
+        assert dw._norm_bwd_tile_config(c, 4)[0]["TILE_H"] == (1 if old else 2)
+        assert dw._norm_bwd_tile_config(c, 2)[0]["TILE_H"] == 2
+    assert dw._norm_bwd_tile_config(96, 4)[0]["TILE_H"] == 2
+    labels = {t.label for t in dw.compile_targets()}
+    for c in (96, 192, 384, 768, 1536):
+        for x_dtype, x_bytes in (("fp32", 4), ("bf16", 2)):
+            assert dw._forward_target(x_dtype, x_dtype, 7, *dw._forward_config(c, x_bytes)).label in labels
+            assert dw._norm_bwd_tile_target(x_dtype, x_dtype, 7, *dw._norm_bwd_tile_config(c, x_bytes)).label in labels
