@@ -112,3 +112,19 @@ def transformers_composites_alpha_on_white() -> bool:
     import numpy as np
 
     return bool(np.asarray(converted).reshape(-1)[0] == 255)
+
+
+_SELECTS = []
+
+
+def transformers_selects_hidden_states() -> bool:
+    """Whether the installed transformers selects hidden states by index as 5.25 does (output_hidden_states=[1, 3]
+    gives the stem and four stages with None at 0, 2 and 4); 5.17 selects otherwise."""
+    if not _SELECTS:
+        import transformers
+
+        hf = transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 12, 20, 24], depths=[1, 1, 1, 1]))
+        with torch.no_grad():
+            states = hf(torch.randn(1, 3, 32, 32), output_hidden_states=[1, 3]).hidden_states
+        _SELECTS.append([s is None for s in states] == [True, False, True, False, True])
+    return _SELECTS[0]

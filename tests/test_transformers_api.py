@@ -16,6 +16,8 @@ METHODS = ("activation_checkpointing_enable", "activation_checkpointing_disable"
 
 @pytest.mark.parametrize("name", METHODS)
 def test_methods_take_transformers_parameter_names(name):
+    if not hasattr(transformers.ConvNextForImageClassification, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name} (newer releases do)")
     ours = inspect.signature(getattr(fastconvnext.ConvNextForImageClassification, name)).parameters
     theirs = inspect.signature(getattr(transformers.ConvNextForImageClassification, name)).parameters
     positional = [p.name for p in theirs.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
