@@ -210,8 +210,16 @@ CONFIG_CHOICES = {
     "mlp.dx_two_pieces_streamed": (((3, 6), None), ((3, 4), (16, 32))),
     # convnext_mlp: dW kernel's 32K-output tiles (256x128, 128x256) from C = 129 (fp16/bf16); 128x128 below 3.6
     "mlp.dw_wide_tiles": (((3, 6), True), ((3, 4), False)),
+    # convnext_mlp: 128x256 tiles of the hidden backward with pre saved (C < 1024 or not a power of two); 128x128
+    # below 3.9
+    "mlp.hidden_bwd_pre_wide": (((3, 9), True), ((3, 4), False)),
+    # convnext_mlp: 128x256 tiles of fc1_pre (the first pass of the two-pass hidden backward, C >= 192); 128x128 below 3.9
+    "mlp.fc1_pre_wide": (((3, 9), True), ((3, 4), False)),
     # dwconv_layernorm: conv outputs a thread of the 1-warp tile forward (C = 96): 3 x 8 tiles, 2 x 8 below 3.9
     "dwconv.fwd_accumulators_1_warp": (((3, 9), 72), ((3, 4), 48)),
+    # dwconv_layernorm: conv outputs a thread of the 16-warp tile forward (C = 1536) with fp32 x: 3 x 4 tiles, 2 x 4
+    # below 3.6
+    "dwconv.fwd_accumulators_16_warps_fp32_x": (((3, 6), 40), ((3, 4), 24)),
     # dwconv_layernorm: the tile LayerNorm backward with fp32 x keeps 2-row tiles up to this chunk width (wider
     # chunks: 1 row); 128 (as 16-bit x), 32 below 3.9 (C = 96 only)
     "dwconv.norm_tile_narrow_chunk_fp32_x": (((3, 9), 128), ((3, 4), 32)),

@@ -72,12 +72,15 @@ import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
-from ._triton_compat import approx_div, config_choice, require_supported
+from ._triton_compat import approx_div_helper, config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
 from .roofline import MACHINES
 
 require_supported()  # an older Triton: ImportError naming the installed and the required release
+# div.approx.f32 as the installed Triton spells it, chosen now: in the mode (TRITON_INTERPRET) this module's
+# @triton.jit functions are made in
+approx_div = approx_div_helper()
 
 # Rows per partial sum of the small vectors in the dx kernel (every config's BLOCK_M is a multiple).
 _PART_ROWS = 16
@@ -863,10 +866,19 @@ def _hidden_bwd_pre_configs(C: int, D: int, dtype: str) -> List[dict]:
     """dh = g W2 -> dpre, h with pre read back from the forward's copy: one fp32 [BLOCK_M, BLOCK_D] accumulator."""
     if dtype == "fp32":
         return _hidden_bwd_configs(C, D, dtype)
-    if C & (C - 1) == 0 and C >= 1024:
+    # before Triton 3.9 (_triton_compat "mlp.hidden_bwd_pre_wide"), 128x256 spilled 8-264 B (sm_80 and sm_90, C = 192-768)
+    if (C & (C - 1) == 0 and C >= 1024) or not config_choice("mlp.hidden_bwd_pre_wide"):
         # ConvNeXt-B's last stage: launches without C masks spilled 136-160 B at 128x256 (sm_90, 64- and 32-wide K steps)
         return [_hidden_cfg(128, 128, 64, 8, 3)]
     return [_hidden_cfg(128, 256, 64, 8, 3)]
+
+
+def _fc1_pre_configs(C: int, D: int, dtype: str) -> List[dict]:
+    """fc1 + b1 -> pre for the hidden backward: fc1 + act's tiles, except where a Triton release spills its 128x256 tile
+    (_triton_compat "mlp.fc1_pre_wide": before 3.9, 16 B on sm_80 at C = 768), which then takes 128x128."""
+    if dtype == "fp32" or C < 192 or config_choice("mlp.fc1_pre_wide"):
+        return _hidden_configs(C, D, dtype)
+    return [_hidden_cfg(128, 128, 64, 8, 3)]
 
 
 def _dx_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -926,7 +938,7 @@ _KERNEL_TABLE = {
     "dx": (lambda: _mlp_bwd_dx_kernel, _dx_configs, _INTERPRETER_MN),
     "hidden_bwd": (lambda: _mlp_hidden_kernel, _hidden_bwd_configs, _INTERPRETER_HIDDEN),
     "hidden_bwd_pre": (lambda: _mlp_hidden_kernel, _hidden_bwd_pre_configs, _INTERPRETER_HIDDEN),
-    "fc1_pre": (lambda: _mlp_hidden_kernel, _hidden_configs, _INTERPRETER_HIDDEN),
+    "fc1_pre": (lambda: _mlp_hidden_kernel, _fc1_pre_configs, _INTERPRETER_HIDDEN),
     "dx_gemm": (lambda: _mlp_fwd_kernel, _dx_gemm_configs, _INTERPRETER_MN),
     "dw": (lambda: _mlp_bwd_dw_kernel, _dw_configs, _INTERPRETER_DW),
 }

@@ -714,6 +714,8 @@ def _forward_config(channels: int, x_bytes: int = 2) -> Optional[tuple[dict, int
         FWD_ACCUMULATORS_2_4_WARPS if warps in (2, 4) and x_bytes == 2 else FWD_ACCUMULATORS
     if warps == 1:  # _triton_compat: before Triton 3.9, 72 at C = 96 spilled 8 B (sm_80 fp32 x, sm_90 16-bit x)
         budget = min(budget, config_choice("dwconv.fwd_accumulators_1_warp"))
+    if warps > 8 and x_bytes == 4:  # _triton_compat: Triton 3.4/3.5, 40 at C = 1536 with fp32 x spilled 24 B on sm_80
+        budget = min(budget, config_choice("dwconv.fwd_accumulators_16_warps_fp32_x"))
     tile_w = FWD_TILE_W if budget // (FWD_TILE_W * nchunk) >= 2 else FWD_TILE_W // 2
     tile_h = max(2, min(FWD_TILE_H, budget // (tile_w * nchunk)))
     return dict(STRIDE_C=channels, TILE_H=tile_h, TILE_W=tile_w, CHUNK=chunk, NCHUNK=nchunk), warps

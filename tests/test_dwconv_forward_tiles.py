@@ -30,7 +30,9 @@ def test_the_tile_kernel_runs_exactly_three_power_of_two_chunks():
         assert (consts["CHUNK"], consts["NCHUNK"], consts["STRIDE_C"]) == (chunk, 3, c) and warps == chunk // 32, c
         accumulators = consts["TILE_H"] * consts["TILE_W"] * 3  # registers a thread, spill-free up to these
         assert consts["TILE_H"] >= 2 and accumulators <= (40 if warps > 8 else 48 if warps in (2, 4) else 72), c
-        assert kernel_module._forward_config(c, 4)[0]["TILE_H"] >= consts["TILE_H"], c  # fp32 x: up to 72
+        # fp32 x: up to 72 (except at 16 warps on Triton 3.4/3.5: _triton_compat cuts its budget to 24)
+        if not (warps > 8 and config_choice("dwconv.fwd_accumulators_16_warps_fp32_x") < 40):
+            assert kernel_module._forward_config(c, 4)[0]["TILE_H"] >= consts["TILE_H"], c
 
 
 @pytest.mark.parametrize("c", TILE_WIDTHS + STRIP_WIDTHS)
