@@ -215,6 +215,13 @@ CONFIG_CHOICES = {
     "mlp.hidden_bwd_pre_wide": (((3, 9), True), ((3, 4), False)),
     # convnext_mlp: 128x256 tiles of fc1_pre (the first pass of the two-pass hidden backward, C >= 192); 128x128 below 3.9
     "mlp.fc1_pre_wide": (((3, 9), True), ((3, 4), False)),
+    # convnext_mlp: rows of the dx GEMM tile (fp16/bf16, C >= 128 but not 129-256); 128 below 3.9
+    "mlp.dx_gemm_rows": (((3, 9), 256), ((3, 4), 128)),
+    # convnext_mlp: fc1 + act takes 128x256 tiles from this C (fp16/bf16; 128x128 below it); 384 below 3.9
+    "mlp.fc1_wide_from": (((3, 9), 192), ((3, 4), 384)),
+    # convnext_mlp: the two-accumulator hidden backward takes 64-wide K steps (3 stages) from C = 768; below 3.9 it keeps
+    # the 32-wide, 2-stage steps of C >= 384
+    "mlp.hidden_bwd_k64_from_768": (((3, 9), True), ((3, 4), False)),
     # dwconv_layernorm: conv outputs a thread of the 1-warp tile forward (C = 96): 3 x 8 tiles, 2 x 8 below 3.9
     "dwconv.fwd_accumulators_1_warp": (((3, 9), 72), ((3, 4), 48)),
     # dwconv_layernorm: conv outputs a thread of the 16-warp tile forward (C = 1536) with fp32 x: 3 x 4 tiles, 2 x 4

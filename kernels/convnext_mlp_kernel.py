@@ -828,7 +828,9 @@ def _dx_gemm_configs(C: int, D: int, dtype: str) -> List[dict]:
     256x128, whose second C tile is half empty); fc2's fuller epilogue spilled 40 B on sm_80 with that tile."""
     if dtype != "fp32" and _pow2(C) == 256:
         return [_cfg(128, 256, 64, 64, 8, 3)]
-    return _gemm_configs(C, D, dtype)
+    # before Triton 3.9 (_triton_compat "mlp.dx_gemm_rows"), 256x128 spilled 8 B on sm_80 at C = 384 and 768: 128 rows
+    rows = config_choice("mlp.dx_gemm_rows") if dtype != "fp32" else 256
+    return [dict(cfg, BLOCK_M=min(cfg["BLOCK_M"], rows)) for cfg in _gemm_configs(C, D, dtype)]
 
 
 def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
@@ -837,7 +839,9 @@ def _hidden_configs(C: int, D: int, dtype: str) -> List[dict]:
         return [_hidden_cfg(32, 64, 32, 4, 2)]
     # 32K outputs per program (see _gemm_configs), wgmma n256, from C = 192 (at C = 192 it spilled until the activation
     # ran by column quarters)
-    if C >= 192:
+    # (from C = `mlp.fc1_wide_from`, _triton_compat: before Triton 3.9 128x256 spilled 8 B on sm_80 at C = 192 with pre
+    # stored, in 3 stages or 4, so those releases start at 384)
+    if C >= config_choice("mlp.fc1_wide_from"):
         return [_hidden_cfg(128, 256, 64, 8, 4)]
     return [_hidden_cfg(128, 128, 64, 8, 3)]
 
@@ -853,7 +857,8 @@ def _hidden_bwd_configs(C: int, D: int, dtype: str) -> List[dict]:
         # power-of-two C (ConvNeXt-B's 256..1024): a launch drops the C masks, and the 128x128 tiles then spilled 64 B
         # on sm_90 at every K step tried (launch-specialized compiles, gamma with and without drop path)
         return [_hidden_cfg(128, 64, 64, 8, 3)]
-    if C >= 768:
+    # before Triton 3.9 (_triton_compat "mlp.hidden_bwd_k64_from_768"), 64-wide steps spilled 8 B on sm_90 at C = 768
+    if C >= 768 and config_choice("mlp.hidden_bwd_k64_from_768"):
         return [_hidden_cfg(128, 128, 64, 8, 3)]
     if C >= 384:
         return [_hidden_cfg(128, 128, 32, 8, 2)]
