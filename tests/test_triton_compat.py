@@ -240,14 +240,18 @@ def test_mlp_configs_follow_the_release(mocked_release, version):
     old, before_3_6 = version[:2] < (3, 9), version[:2] < (3, 6)
     assert mlp._fc2_configs(384, 1536, "bf16")[0]["BLOCK_M"] == (128 if old else 256)
     assert mlp._fc2_configs(96, 384, "fp32")[0]["BLOCK_D"] == (16 if old else 32)
-    assert mlp._gemm_configs(384, 1536, "bf16")[0]["BLOCK_M"] == 256  # the dx GEMM keeps 3.9's tile
+    assert mlp._gemm_configs(384, 1536, "bf16")[0]["BLOCK_M"] == 256  # the shared GEMM rule itself is 3.9's
     dx = mlp._dx_configs(96, 384, "fp16")[0]
     assert (dx["BLOCK_K"], dx["BLOCK_D"]) == ((16, 32) if before_3_6 else (128, 64))
     dw = mlp._dw_configs(768, 3072, "bf16")[0]
     assert (dw["BLOCK_C"], dw["BLOCK_D"]) == ((128, 128) if before_3_6 else (128, 256))
     assert mlp._hidden_bwd_pre_configs(384, 1536, "bf16")[0]["BLOCK_D"] == (128 if old else 256)
     assert mlp._fc1_pre_configs(768, 3072, "bf16")[0]["BLOCK_D"] == (128 if old else 256)
-    assert mlp._hidden_configs(768, 3072, "bf16")[0]["BLOCK_D"] == 256  # fc1 + act keeps 3.9's tile
+    assert mlp._hidden_configs(768, 3072, "bf16")[0]["BLOCK_D"] == 256  # fc1 + act keeps 3.9's tile from C = 384
+    assert mlp._hidden_configs(192, 768, "bf16")[0]["BLOCK_D"] == (128 if old else 256)
+    assert mlp._dx_gemm_configs(768, 3072, "bf16")[0]["BLOCK_M"] == (128 if old else 256)
+    assert mlp._dx_gemm_configs(192, 768, "bf16")[0]["BLOCK_M"] == 128  # one 256-wide C tile: 128x256 on every release
+    assert mlp._hidden_bwd_configs(768, 3072, "bf16")[0]["BLOCK_K"] == (32 if old else 64)
 
 
 @pytest.mark.parametrize("version", [(3, 4, 0), (3, 6, 0), (3, 9, 0)])
