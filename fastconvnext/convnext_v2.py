@@ -29,8 +29,8 @@ from fastconvnext.modeling import (
     ConvNextLayerNorm,
     ConvNextModel,
     ConvNextPreTrainedModel,
+    ConvNextStage,
     _activation_module,
-    _channels_last,
     _global_hooks_registered,
     _nchw,
     _nhwc,
@@ -92,28 +92,10 @@ class ConvNextV2Layer(nn.Module):
         return x + self.drop_path(_nchw(y))
 
 
-class ConvNextV2Stage(nn.Module):
+class ConvNextV2Stage(ConvNextStage):
     """Optional downsampling (LayerNorm + 2x2/2 conv), then `depth` V2 blocks."""
 
-    def __init__(self, config, in_channels, out_channels, kernel_size=2, stride=2, depth=2, drop_path_rates=None):
-        super().__init__()
-        layers = []
-        if in_channels != out_channels or stride > 1:
-            layers = [
-                ConvNextLayerNorm(in_channels, data_format="channels_first"),
-                nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride),
-            ]
-        self.downsampling_layer = nn.ModuleList(layers)
-        rates = drop_path_rates or [0.0] * depth
-        self.layers = nn.ModuleList(ConvNextV2Layer(config, out_channels, rates[j]) for j in range(depth))
-
-    def forward(self, x):
-        for module in self.downsampling_layer:
-            x = module(x)
-        x = _channels_last(x)
-        for layer in self.layers:
-            x = layer(x)
-        return x
+    layer_class = ConvNextV2Layer
 
 
 class ConvNextV2Encoder(ConvNextEncoder):

@@ -258,7 +258,9 @@ class ConvNextLayer(nn.Module):
 
 
 class ConvNextStage(nn.Module):
-    """Optional downsampling (LayerNorm + 2x2/2 conv), then `depth` blocks."""
+    """Optional downsampling (LayerNorm + 2x2/2 conv), then `depth` blocks of `layer_class`."""
+
+    layer_class = ConvNextLayer  # a family's stage (ConvNeXt V2) names its own block
 
     def __init__(self, config, in_channels, out_channels, kernel_size=2, stride=2, depth=2, drop_path_rates=None):
         super().__init__()
@@ -270,7 +272,7 @@ class ConvNextStage(nn.Module):
             ]
         self.downsampling_layer = nn.ModuleList(layers)
         rates = drop_path_rates or [0.0] * depth
-        self.layers = nn.ModuleList(ConvNextLayer(config, out_channels, rates[j]) for j in range(depth))
+        self.layers = nn.ModuleList(self.layer_class(config, out_channels, rates[j]) for j in range(depth))
 
     def forward(self, x):
         for module in self.downsampling_layer:
