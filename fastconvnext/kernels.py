@@ -35,6 +35,7 @@ if __spec__ is not None:
 _OPS = {
     "dwconv_layernorm": ".dwconv_layernorm_kernel",
     "convnext_mlp": ".convnext_mlp_kernel",
+    "convnext_v2_mlp": ".convnext_v2_mlp_kernel",
 }
 
 __all__ = list(_OPS)

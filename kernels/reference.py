@@ -212,3 +212,21 @@ class _DepthwiseConv(torch.autograd.Function):
         )
         grad_bias = grad.sum((0, 2, 3)) if need_bias and ctx.has_bias else None
         return grad_x, grad_weight, grad_bias
+
+
+# ConvNeXt V2's MLP ------------------------------------------------------------------------------------------------
+GRN_EPS = 1e-6  # transformers' ConvNextV2GRN: N = G / (mean_c G + 1e-6)
+
+
+def convnext_v2_mlp_reference(
+    x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act="gelu", sample_scale=None
+):
+    """residual + sample_scale[n] * (GRN(act(x W1^T + b1)) W2^T + b2); x, residual are [N, H, W, C].
+
+    transformers' ConvNextV2 block arithmetic: GRN(h) = w * (h * Nx) + b + h, G = ||h||_2 over (H, W) per image and
+    channel, Nx = G / (mean over channels of G + 1e-6); grn_weight/grn_bias [D] or [1, 1, 1, D]."""
+    h = ACTIVATIONS[act](F.linear(x, fc1_weight, fc1_bias))
+    norms = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+    relative = norms / (norms.mean(dim=-1, keepdim=True) + GRN_EPS)
+    h = grn_weight * (h * relative) + grn_bias + h
+    return _scale_and_add(F.linear(h, fc2_weight, fc2_bias), residual, None, sample_scale)
