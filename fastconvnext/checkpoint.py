@@ -232,30 +232,55 @@ def load_pretrained(
     return (model, info) if output_loading_info else model
 
 
-def save_pretrained(model, directory, safe_serialization=True):
+def save_pretrained(model, save_directory, is_main_process=True, state_dict=None, push_to_hub=False,
+                    max_shard_size="50GB", variant=None, token=None, save_peft_format=True,
+                    save_original_format=True, distributed_checkpoint=False, safe_serialization=True, **kwargs):
     """Write config.json and model.safetensors (or pytorch_model.bin) in transformers' form, so that
     transformers' `from_pretrained` of the same class loads it with no missing or unexpected keys.
 
-    Atomic: both files are written under temporary names beside their targets and fsynced; then, holding
+    Takes transformers' arguments. max_shard_size (bytes, or "500MB", "5GB": decimal KB/MB/GB/TB as
+    transformers reads them): weights larger than it are split into model-00001-of-0000N.safetensors files
+    and model.safetensors.index.json, as transformers writes them. is_main_process=False writes nothing.
+    state_dict: the tensors to write instead of the model's (named as the model's state_dict names them).
+    token, save_peft_format and save_original_format change nothing here (ConvNeXt has no converted or adapter
+    weights to write differently); other keyword arguments only matter to transformers with push_to_hub, and
+    are ignored with a warning. push_to_hub=True (use model.push_to_hub), a variant (fastconvnext's
+    from_pretrained reads no variant files) and distributed_checkpoint=True are refused before anything is
+    written. safe_serialization=False (fastconvnext only; transformers 5 always writes safetensors) writes
+    pytorch_model.bin.
+
+    Atomic: every file is written under a temporary name beside its target and fsynced; then, holding
     the folder's exclusive lock (so concurrent saves into one folder take turns and loads wait), they
-    replace the old ones and weight files of other formats that would shadow them (pytorch_model.bin beside
-    a new model.safetensors, shards and indexes) are removed, as one journaled transaction: a failure or a
-    kill at any point leaves the previous checkpoint whole (rolled back at once, or by the next load or save
-    of the folder) or the new one. A config.json whose text does not change is left alone. A failed write
-    raises OSError naming the file.
+    replace the old ones and weight files that would shadow them or be read instead of them (pytorch_model.bin
+    beside a new model.safetensors, shards and indexes of another save) are removed, as one journaled
+    transaction: a failure or a kill at any point leaves the previous checkpoint whole (rolled back at once,
+    or by the next load or save of the folder) or the new one. A config.json whose text does not change is left
+    alone. A failed write raises OSError naming the file.
     """
-    directory = Path(directory)
+    _refuse_unsupported_save_options(push_to_hub, variant, distributed_checkpoint)
+    shard_limit = _shard_size_bytes(max_shard_size)
+    if kwargs:
+        logger.warning("save_pretrained ignores %s (transformers uses them only with push_to_hub)", sorted(kwargs))
+    directory = Path(save_directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
-    # a model whose checkpoint names differ from its module names (DINOv3-ConvNeXt) says what to write
-    saved = getattr(model, "_checkpoint_state_dict", None)
-    tensors = _plain_tensors(model.state_dict() if saved is None else saved())
+    if not is_main_process:
+        return directory
+    tensors = _plain_tensors(_tensors_to_save(model, state_dict))
     config_text = _config_json(model, tensors)
-    directory.mkdir(parents=True, exist_ok=True)
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    files = _weight_files(tensors, weights_name, shard_limit)
+    index_text = None
+    if len(files) > 1:
+        weights_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+        index_text = _shard_index_json(model, files)
+    directory.mkdir(parents=True, exist_ok=True)
     stale = [name for name in DIRECTORY_WEIGHTS if name != weights_name] + list(SHARD_PATTERNS)
     with StagedFiles(directory) as staged:
-        _write_staged(staged, weights_name, lambda path: _write_weights(tensors, path, safe_serialization))
+        for name, part in files.items():
+            _write_staged(staged, name, lambda path, part=part: _write_weights(part, path, safe_serialization))
+        if index_text is not None:
+            _write_staged(staged, weights_name, lambda path: path.write_text(index_text, encoding="utf-8"))
         _write_staged(staged, CONFIG_NAME, lambda path: path.write_text(config_text, encoding="utf-8"),
                       skip_if_unchanged=True)
         staged.commit(remove=stale)
@@ -1531,6 +1556,84 @@ def _initialize(model, keys):
 
 
 # ---- saving --------------------------------------------------------------------------------
+
+# max_shard_size units, as transformers (huggingface_hub) reads them: decimal
+SHARD_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+def _refuse_unsupported_save_options(push_to_hub, variant, distributed_checkpoint):
+    if push_to_hub:
+        raise NotImplementedError("save_pretrained(push_to_hub=True) is not supported: save, then call "
+                                  "model.push_to_hub(repo_id) (needs huggingface_hub and the network)")
+    if variant is not None:
+        raise NotImplementedError(f"save_pretrained(variant={variant!r}) is not supported: fastconvnext's "
+                                  f"from_pretrained reads no variant files (model.<variant>.safetensors)")
+    if distributed_checkpoint:
+        raise NotImplementedError("save_pretrained(distributed_checkpoint=True) is not supported: fastconvnext "
+                                  "models are not FSDP/TP-sharded; save without it")
+
+
+def _shard_size_bytes(max_shard_size):
+    """max_shard_size as bytes: a positive int, or a number with a decimal unit ("5GB", "500 MB")."""
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    elif isinstance(max_shard_size, str) and max_shard_size.strip()[-2:].upper() in SHARD_SIZE_UNITS:
+        text = max_shard_size.strip()
+        try:
+            size = int(float(text[:-2].strip()) * SHARD_SIZE_UNITS[text[-2:].upper()])
+        except ValueError:
+            size = None
+    else:
+        size = None
+    if size is None or size <= 0:
+        raise ValueError(f"max_shard_size must be a positive number of bytes or a size such as '5GB' "
+                         f"(units {', '.join(SHARD_SIZE_UNITS)}), got {max_shard_size!r}")
+    return size
+
+
+def _tensors_to_save(model, state_dict):
+    """The model's tensors (or the given state_dict), named as the checkpoint names them: a model whose checkpoint
+    names differ from its module names (DINOv3-ConvNeXt) renames them through its `_checkpoint_state_dict`."""
+    saved = getattr(model, "_checkpoint_state_dict", None)
+    if state_dict is None:
+        return model.state_dict() if saved is None else saved()
+    if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise TypeError(f"save_pretrained's state_dict must map names to tensors, got {type(state_dict).__name__}")
+    if saved is None:
+        return dict(state_dict)
+    renamed = dict(zip(model.state_dict(), saved()))  # both list the model's tensors in the same order
+    return {renamed.get(name, name): tensor for name, tensor in state_dict.items()}
+
+
+def _weight_files(tensors, weights_name, shard_limit):
+    """{file name: tensors}: one file when everything fits in shard_limit bytes, else shards filled in order as
+    transformers fills them (a tensor larger than the limit alone in its shard), named model-00001-of-0000N."""
+    shards, current, current_size = [], {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if size > shard_limit:
+            shards.append({name: tensor})
+            continue
+        if current and current_size + size > shard_limit:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = tensor
+        current_size += size
+    if current or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        return {weights_name: shards[0]}
+    stem, dot, extension = weights_name.rpartition(".")
+    return {f"{stem}-{i:05d}-of-{len(shards):05d}{dot}{extension}": shard for i, shard in enumerate(shards, 1)}
+
+
+def _shard_index_json(model, files):
+    """model.safetensors.index.json's text, with the metadata transformers writes."""
+    weight_map = {name: file for file, part in files.items() for name in part}
+    total_size = sum(t.numel() * t.element_size() for part in files.values() for t in part.values())
+    total_parameters = sum(p.numel() for p in model.parameters())
+    index = {"metadata": {"total_parameters": total_parameters, "total_size": total_size}, "weight_map": weight_map}
+    return json.dumps(index, indent=2, sort_keys=True) + "\n"
 
 
 def _plain_tensors(state_dict):

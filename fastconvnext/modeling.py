@@ -488,11 +488,12 @@ class ConvNextPreTrainedModel(nn.Module):
         return checkpoint.load_pretrained(target, pretrained_model_name_or_path, config=config, state_dict=state_dict,
                                           **kwargs)
 
-    def save_pretrained(self, directory, **kwargs):
-        """Write config.json + model.safetensors that transformers' from_pretrained loads as is."""
+    def save_pretrained(self, save_directory, **kwargs):
+        """Write config.json + model.safetensors that transformers' from_pretrained loads as is; transformers'
+        arguments (max_shard_size, state_dict, is_main_process, ...): see checkpoint.save_pretrained."""
         from fastconvnext import checkpoint
 
-        return checkpoint.save_pretrained(self, directory, **kwargs)
+        return checkpoint.save_pretrained(self, save_directory, **kwargs)
 
     # ---- input checks --------------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values):
