@@ -52,7 +52,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastconvnext.configuration import CONFIG_NAME, ConvNextConfig
+from fastconvnext.configuration import CONFIG_NAME, ConvNextConfig, ConvNextV2Config
 from fastconvnext import safe_io
 from fastconvnext.safe_io import StagedFiles
 
@@ -78,6 +78,7 @@ FORMATS = ("transformers", "timm", "original")
 # timm and the original code put eps 1e-6 on the final norm; transformers' default is 1e-12.
 FINAL_NORM_EPS = {"timm": 1e-6, "original": 1e-6}
 BASE_PREFIX = "convnext."
+V2_BASE_PREFIX = "convnextv2."  # ConvNextV2ForImageClassification's trunk
 WRAPPER_KEYS = ("model", "state_dict")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_LISTED = 40
@@ -102,6 +103,8 @@ LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # model_type -> the module whose load_checked(...) matches and builds that family's checkpoints
 FAMILIES = {"dinov3_convnext": "fastconvnext.dinov3_convnext", "convnextv2": "fastconvnext.convnext_v2"}
 MODEL_CLASS_NAMES = ("ConvNextModel", "ConvNextForImageClassification", "ConvNextBackbone")
+V2_CLASS_NAMES = ("ConvNextV2Model", "ConvNextV2ForImageClassification", "ConvNextV2Backbone")
+DINOV3_CLASS_NAMES = ("DINOv3ConvNextModel", "DINOv3ConvNextBackbone")
 MISMATCH_ADVICE = (
     "pass ignore_mismatched_sizes=True to re-initialize them (fastconvnext convert/classify: "
     "--ignore-mismatched-sizes)"
@@ -142,7 +145,16 @@ _STAGE_WIDTH_KEY = re.compile(
     r"^encoder\.stages\.(\d{1,9})\.(?:layers\.(\d{1,9})\.dwconv\.weight|downsampling_layer\.1\.weight)$"
 )
 _BLOCK_KEY = re.compile(r"^encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\.")
+# ConvNeXt V2: V1's names plus GRN. timm names it mlp.grn.weight/bias, shape [4C]; the original release
+# grn.gamma/beta, shape [1, 1, 1, 4C], which is transformers' shape.
+_V2_TIMM_RULES = ((r"^stages\.(\d+)\.blocks\.(\d+)\.mlp\.grn\.", _BLOCK + "grn."),) + _TIMM_RULES
+_V2_ORIGINAL_RULES = (
+    (r"^stages\.(\d+)\.(\d+)\.grn\.gamma$", _BLOCK + "grn.weight"),
+    (r"^stages\.(\d+)\.(\d+)\.grn\.beta$", _BLOCK + "grn.bias"),
+) + _ORIGINAL_RULES
+_GRN_KEY = re.compile(r"(?:^|\.)grn\.(?:weight|bias|gamma|beta)$")
 _RULES = {"timm": _TIMM_RULES, "original": _ORIGINAL_RULES}
+_V2_RULES = {"timm": _V2_TIMM_RULES, "original": _V2_ORIGINAL_RULES}
 _FORMAT_MARKERS = (
     ("transformers", "embeddings.patch_embeddings.weight"),
     ("timm", "stem.0.weight"),
@@ -202,10 +214,10 @@ def load_pretrained(
         source, given, config_dict = _source_from_arguments(config, state_dict)
     else:
         source = _resolve_source(path, hub_options, subfolder)
-        given, config_dict = _read_source(source, needs_config=config is None)
+        given, config_dict = _read_source(source, needs_config=config is None, config_name=_config_name(cls))
         if state_dict is not None:
             given = _checked_state_dict(state_dict, "the state_dict argument")
-    family = _family_module(cls, config, config_dict)
+    family = _family_module(cls, config, config_dict, given)
     if family is not None:  # another model_type (DINOv3-ConvNeXt): read as above, matched and built by its module
         model, info = family.load_checked(cls, source, given, config_dict, config, config_overrides, strict,
                                           ignore_mismatched_sizes, dtype, device)
@@ -291,17 +303,18 @@ def convert_state_dict(state_dict):
     """timm / original facebookresearch keys -> transformers keys; returns (state_dict, detected_format).
 
     The result has ConvNextForImageClassification's names (trunk under `convnext.`) when the checkpoint
-    has a classifier head, else ConvNextModel's. A transformers state dict comes back unchanged (copied).
+    has a classifier head, else ConvNextModel's; ConvNeXt V2 weights (GRN tensors) get ConvNextV2's names
+    (`convnextv2.`) and GRN's [1, 1, 1, 4C] shape. A transformers state dict comes back unchanged (copied).
     timm's 4-D [out, in, 1, 1] MLP weights (conv_mlp variants) become Linear [out, in] weights.
     Keys no rule knows keep their name, so loading reports them as unexpected.
     """
-    converted, fmt, _ = _convert(state_dict)
+    converted, fmt, _ = _convert(state_dict, allow_v2=True)
     return converted, fmt
 
 
 def detect_format(state_dict):
     """'transformers', 'timm' or 'original', from the name of the stem convolution's weight."""
-    keys = {_strip_prefix(k, BASE_PREFIX) for k in state_dict}
+    keys = {_strip_prefix(_strip_prefix(k, BASE_PREFIX), V2_BASE_PREFIX) for k in state_dict}
     for fmt, marker in _FORMAT_MARKERS:
         if marker in keys:
             return fmt
@@ -319,17 +332,20 @@ def infer_config(state_dict, fmt=None):
     `state_dict` may be in any supported layout (converted first when it is not transformers').
     `fmt` names the layout the weights came from ("transformers", "timm", "original"; None: detected);
     timm and the original code use eps 1e-6 on the final norm, so those give layer_norm_eps=1e-6.
+    ConvNeXt V2 weights (GRN tensors) give a ConvNextV2Config.
     """
     detected = detect_format(state_dict)
+    v2 = _grn_key(state_dict) is not None
     if detected != "transformers":
-        state_dict, _, _ = _convert(state_dict)
-    canonical, _ = _to_canonical(state_dict, {})
-    return ConvNextConfig(**_inferred_fields(canonical, fmt or detected))
+        state_dict, _, _ = _convert(state_dict, allow_v2=v2)
+    canonical, _ = _to_canonical(state_dict, {}, V2_BASE_PREFIX if v2 else BASE_PREFIX)
+    fields = _inferred_fields(canonical, fmt or detected)
+    return ConvNextV2Config(**_v2_fields(fields)) if v2 else ConvNextConfig(**fields)
 
 
 def from_transformers(hf_model, classes=None):
-    """The fastconvnext twin of a transformers ConvNext model: same class, config, weights, train/eval
-    mode, device and dtype.
+    """The fastconvnext twin of a transformers ConvNext, ConvNextV2 or DINOv3ConvNext model: same class, config,
+    weights, train/eval mode, device and dtype.
 
     classes: {class name: fastconvnext class}; by default fastconvnext's public classes, looked up
     through the package's exports (this module never imports fastconvnext.modeling itself).
@@ -338,10 +354,11 @@ def from_transformers(hf_model, classes=None):
     name = type(hf_model).__name__
     if name not in classes:
         raise TypeError(f"from_transformers takes one of transformers' {sorted(classes)}, got {name}")
-    config = ConvNextConfig.from_dict(hf_model.config.to_dict())
+    target = classes[name]
+    config = getattr(target, "config_class", ConvNextConfig).from_dict(hf_model.config.to_dict())
     reference = next(hf_model.parameters())
     with built_in(reference.dtype):
-        model = classes[name](config).to(device=reference.device)
+        model = target(config).to(device=reference.device)
     model.load_state_dict(hf_model.state_dict(), strict=True)
     _copy_training_flags(hf_model, model)
     return model
@@ -430,21 +447,24 @@ def _checked_state_dict(state_dict, where):
 
 
 def _public_classes():
-    """fastconvnext's model classes by name, through the package's lazy exports."""
+    """fastconvnext's model classes by name (ConvNeXt, V2, DINOv3), through the package's lazy exports."""
     import fastconvnext
 
-    return {name: getattr(fastconvnext, name) for name in MODEL_CLASS_NAMES}
+    return {name: getattr(fastconvnext, name) for name in MODEL_CLASS_NAMES + V2_CLASS_NAMES + DINOV3_CLASS_NAMES}
 
 
-def _family_module(cls, config, config_dict):
+def _family_module(cls, config, config_dict, state_dict=None):
     """The module that matches and builds checkpoints of another model_type than "convnext" (FAMILIES), chosen by
-    the target class's config class, else the config argument's or config.json's model_type; None for ConvNeXt."""
+    the target class's config class, else the config argument's or config.json's model_type, else (no class
+    asked for) GRN tensors in the checkpoint (ConvNeXt V2 in timm's or the original layout); None for ConvNeXt."""
     classes = list(cls.values()) if isinstance(cls, Mapping) else [cls]
     model_type = getattr(getattr(classes[0], "config_class", None), "model_type", None) if classes else None
     if model_type is None and config is not None:
         model_type = getattr(config, "model_type", None)
     if model_type is None and isinstance(config_dict, Mapping):
         model_type = config_dict.get("model_type")
+    if model_type is None and cls is None and state_dict is not None and _holds_convnext_v2(state_dict):
+        model_type = ConvNextV2Config.model_type
     if not isinstance(model_type, str) or model_type not in FAMILIES:
         return None
     return importlib.import_module(FAMILIES[model_type])
@@ -554,10 +574,17 @@ def _require_inside(root, path, what):
     return path
 
 
-def _read_source(source, needs_config=True):
+def _config_name(cls):
+    """The name of the config class `cls` (a class or a {name: class} mapping) is built from, for messages."""
+    classes = list(cls.values()) if isinstance(cls, Mapping) else [cls]
+    config_class = getattr(classes[0], "config_class", None) if classes else None
+    return getattr(config_class, "__name__", ConvNextConfig.__name__)
+
+
+def _read_source(source, needs_config=True, config_name=ConvNextConfig.__name__):
     """(state dict, config.json contents or None) of a directory or a single checkpoint file."""
     if source.path.is_dir():
-        return _read_directory(source, needs_config)
+        return _read_directory(source, needs_config, config_name)
     return _read_file(source.path, _Reader(source.root)), None
 
 
@@ -590,7 +617,7 @@ def _identity(info):
     return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
-def _read_directory(source, needs_config):
+def _read_directory(source, needs_config, config_name=ConvNextConfig.__name__):
     """Read under the folder's shared lock (a fastconvnext save commits under the exclusive one); if another
     program changed a file read meanwhile, read it all again, READ_ATTEMPTS times at most."""
     directory, changed = source.path, []
@@ -603,7 +630,7 @@ def _read_directory(source, needs_config):
                     state_dict = _read_shards(weights, reader)
                 else:
                     state_dict = _read_file(weights, reader)
-                config_dict = _read_config_json(directory, reader) if needs_config else None
+                config_dict = _read_config_json(directory, reader, config_name) if needs_config else None
             except (ValueError, OSError):
                 changed = reader.changed()
                 if changed:  # a file was being written: the error is about a half-written file
@@ -630,14 +657,14 @@ def _directory_weights(source):
     )
 
 
-def _read_config_json(directory, reader):
+def _read_config_json(directory, reader, config_name=ConvNextConfig.__name__):
     """config.json of a transformers directory, which must be there: guessing the architecture of a
-    transformers directory would silently pick transformers' defaults (gelu, eps 1e-12)."""
+    transformers directory would silently pick transformers' defaults (gelu, eps 1e-12). DINOv3-ConvNeXt's
+    architecture cannot be read off its tensors at all (transformers' from_pretrained refuses such a folder too)."""
     config_file = directory / CONFIG_NAME
-    advice = (
-        "pass config=ConvNextConfig(...) to say which architecture the weights belong to, or load the "
-        "weights file itself to have the architecture inferred from its tensors"
-    )
+    advice = f"pass config={config_name}(...) to say which architecture the weights belong to"
+    if config_name != "DINOv3ConvNextConfig":
+        advice += ", or load the weights file itself to have the architecture inferred from its tensors"
     if not config_file.exists():
         raise FileNotFoundError(f"{directory} has weights but no {CONFIG_NAME}; {advice}")
     if not config_file.is_file():
@@ -1043,30 +1070,50 @@ def _check_tensors(canonical, origins, source):
 # ---- key layouts ----------------------------------------------------------------------------
 
 
-def _convert(state_dict):
-    """(transformers-keyed state dict, format, {new key: original key} for renamed keys)."""
+def _holds_convnext_v2(state_dict):
+    """Whether a state dict is ConvNeXt V2's by its names alone: ConvNextV2ForImageClassification's `convnextv2.`
+    prefix, or a GRN weight in every block (one per depthwise conv weight), in any layout."""
+    names = list(state_dict)
+    if any(name.startswith(V2_BASE_PREFIX) for name in names):
+        return True
+    grn = sum(1 for name in names if name.endswith(("grn.weight", "grn.gamma")) and _GRN_KEY.search(name))
+    dwconv = sum(1 for name in names if name.endswith(("dwconv.weight", "conv_dw.weight")))
+    return grn > 0 and grn == dwconv
+
+
+def _grn_key(state_dict):
+    """The first GRN tensor's name (ConvNeXt V2, in any layout), or None."""
+    return next((key for key in state_dict if _GRN_KEY.search(key)), None)
+
+
+def _convert(state_dict, allow_v2=False):
+    """(transformers-keyed state dict, format, {new key: original key} for renamed keys). ConvNeXt V2 weights
+    (GRN tensors) are refused unless allow_v2, and then get ConvNextV2's names and GRN's [1, 1, 1, 4C] shape."""
     state_dict = _strip_ddp_prefix(state_dict)
     fmt = detect_format(state_dict)
-    if fmt == "transformers":
+    if fmt == "transformers":  # a stray GRN tensor here is listed as unexpected by the V1 loader
         return dict(state_dict), fmt, {}
-    grn = next((key for key in state_dict if ".grn." in key or key.endswith((".grn", "grn.weight", "grn.gamma"))), None)
-    if grn is not None:
-        raise ValueError(f"this is a ConvNeXt V2 checkpoint in {fmt}'s layout (GRN tensor {_brief(grn)}): timm and "
-                         "original-release ConvNeXt V2 files are not supported yet; transformers-format ConvNeXt V2 "
-                         "folders load with fastconvnext.ConvNextV2Model / ConvNextV2ForImageClassification")
+    grn = _grn_key(state_dict)
+    if grn is not None and not allow_v2:
+        raise ValueError(f"this is a ConvNeXt V2 checkpoint in {fmt}'s layout (GRN tensor {_brief(grn)}), not a "
+                         "ConvNeXt (V1) one: load it with fastconvnext.ConvNextV2ForImageClassification / "
+                         "ConvNextV2Model / ConvNextV2Backbone (or fastconvnext.from_timm)")
+    rules, prefix = (_V2_RULES, V2_BASE_PREFIX) if grn is not None else (_RULES, BASE_PREFIX)
     converted, origins = {}, {}
     for key, tensor in state_dict.items():
-        new_key = _rename(key, _RULES[fmt])
+        new_key = _rename(key, rules[fmt])
         if new_key.endswith(("pwconv1.weight", "pwconv2.weight")) and tensor.dim() == 4:
             tensor = _squeeze_1x1(key, tensor)
+        if new_key.endswith((".grn.weight", ".grn.bias")) and tensor.dim() == 1:
+            tensor = tensor.reshape(1, 1, 1, tensor.shape[0])  # timm's [4C] -> transformers' [1, 1, 1, 4C]
         if new_key in converted:
             first = origins.get(new_key, new_key)
             raise ValueError(f"checkpoint keys {first!r} and {key!r} both map to {new_key!r}")
         converted[new_key] = tensor
         origins[new_key] = key
     if any(k.startswith("classifier.") for k in converted):
-        converted = {_with_base_prefix(k): v for k, v in converted.items()}
-        origins = {_with_base_prefix(k): v for k, v in origins.items()}
+        converted = {_with_base_prefix(k, prefix): v for k, v in converted.items()}
+        origins = {_with_base_prefix(k, prefix): v for k, v in origins.items()}
     return converted, fmt, origins
 
 
@@ -1088,17 +1135,17 @@ def _strip_prefix(key, prefix):
     return key[len(prefix):] if key.startswith(prefix) else key
 
 
-def _with_base_prefix(key):
-    """ForImageClassification's name for a canonical key (the trunk lives under `convnext.`)."""
-    return key if key.startswith(("classifier.", BASE_PREFIX)) else BASE_PREFIX + key
+def _with_base_prefix(key, prefix=BASE_PREFIX):
+    """ForImageClassification's name for a canonical key (the trunk lives under `convnext.`, V2's `convnextv2.`)."""
+    return key if key.startswith(("classifier.", prefix)) else prefix + key
 
 
-def _to_canonical(state_dict, origins):
+def _to_canonical(state_dict, origins, prefix=BASE_PREFIX):
     canonical, canonical_origins = {}, {}
     for key, tensor in state_dict.items():
-        name = _strip_prefix(key, BASE_PREFIX)
+        name = _strip_prefix(key, prefix)
         if name in canonical:
-            raise ValueError(f"checkpoint holds {name!r} both with and without the {BASE_PREFIX!r} prefix")
+            raise ValueError(f"checkpoint holds {name!r} both with and without the {prefix!r} prefix")
         canonical[name] = tensor
         canonical_origins[name] = origins.get(key, key)
     return canonical, canonical_origins
@@ -1162,14 +1209,16 @@ def is_timm_config(config_dict):
     return isinstance(config_dict.get("architecture"), str) and "model_type" not in config_dict
 
 
-def timm_config_fields(config_dict, inferred):
-    """ConvNextConfig fields for a timm directory: the architecture read off the tensors (`inferred`, with timm's
-    eps 1e-6 on the final norm), labels from timm's `label_names` (a list, or a dict of index -> name), the head's
-    size checked against `num_classes`."""
+def timm_config_fields(config_dict, inferred, v2=False):
+    """ConvNextConfig (v2: ConvNextV2Config) fields for a timm directory: the architecture read off the tensors
+    (`inferred`, with timm's eps 1e-6 on the final norm), labels from timm's `label_names` (a list, or a dict of
+    index -> name), the head's size checked against `num_classes`."""
     architecture = config_dict["architecture"]
-    if architecture.startswith("convnextv2"):
-        raise ValueError(f"architecture {architecture!r} is ConvNeXt V2: timm ConvNeXt V2 weights are not supported "
-                         "yet (transformers-format ConvNeXt V2 folders load with fastconvnext.ConvNextV2*)")
+    if architecture.startswith("convnextv2") and not v2:
+        raise ValueError(f"architecture {architecture!r} is ConvNeXt V2: load it with "
+                         "fastconvnext.ConvNextV2ForImageClassification / ConvNextV2Model / ConvNextV2Backbone")
+    if v2 and not architecture.startswith("convnextv2"):
+        raise ValueError(f"architecture {architecture!r} is not a timm ConvNeXt V2 (convnextv2_*)")
     if not architecture.startswith("convnext"):
         raise ValueError(f"architecture {architecture!r} is not a timm ConvNeXt (convnext_*)")
     fields = dict(inferred)
@@ -1202,7 +1251,8 @@ def from_timm(model_or_name_or_state_dict, classes=None):
     """The fastconvnext model holding a timm ConvNeXt's weights: a timm model (its state dict, labels from its
     pretrained_cfg, train/eval mode), a timm model name (timm.create_model(name, pretrained=True): needs timm and
     its weights), or a timm-layout state dict. The architecture is read off the tensors (timm's eps 1e-6 on the
-    final norm); a head gives ConvNextForImageClassification, none ConvNextModel."""
+    final norm); a head gives ConvNextForImageClassification, none ConvNextModel; ConvNeXt V2 weights (timm's
+    convnextv2_*: GRN tensors) give ConvNextV2ForImageClassification / ConvNextV2Model."""
     source = model_or_name_or_state_dict
     if isinstance(source, str):
         try:
@@ -1220,15 +1270,52 @@ def from_timm(model_or_name_or_state_dict, classes=None):
     state_dict = _checked_state_dict(source, "the timm state dict")
     if detect_format(state_dict) != "timm":
         raise ValueError(f"not a timm ConvNeXt state dict (its stem is laid out as {detect_format(state_dict)}'s)")
-    hf_state_dict, fmt, origins = _convert(state_dict)
-    canonical, _ = _to_canonical(hf_state_dict, origins)
-    timm_config = {"architecture": pretrained_cfg.get("architecture", "convnext"), "label_names":
+    v2 = _grn_key(state_dict) is not None
+    hf_state_dict, fmt, origins = _convert(state_dict, allow_v2=v2)
+    canonical, _ = _to_canonical(hf_state_dict, origins, V2_BASE_PREFIX if v2 else BASE_PREFIX)
+    family = "convnextv2" if v2 else "convnext"
+    timm_config = {"architecture": pretrained_cfg.get("architecture", family), "label_names":
                    pretrained_cfg.get("label_names")}
-    fields = timm_config_fields(timm_config, _inferred_fields(canonical, fmt))
+    fields = timm_config_fields(timm_config, _inferred_fields(canonical, fmt), v2)
     classes = _public_classes() if classes is None else classes
     head = "ConvNextForImageClassification" if fields.get("num_labels") else "ConvNextModel"
-    model = load_pretrained(classes[head], None, config=ConvNextConfig(**fields), state_dict=state_dict)
+    if v2:
+        head, config = head.replace("ConvNext", "ConvNextV2", 1), ConvNextV2Config(**_v2_fields(fields))
+    else:
+        config = ConvNextConfig(**fields)
+    model = load_pretrained(classes[head], None, config=config, state_dict=state_dict)
     return model.train(training)
+
+
+def _v2_fields(fields):
+    """ConvNextV2Config's fields from those inferred for ConvNextConfig (V2 has no layer scale)."""
+    return {k: v for k, v in fields.items() if k != "layer_scale_init_value"}
+
+
+def v2_weights_and_config(state_dict, config_dict, config, source):
+    """ConvNeXt V2 tensors under transformers' names, and the config fields to build with: the given config or
+    config.json when there is one (None / config_dict unchanged), timm's config.json read as timm_config_fields
+    does, else the architecture read off the tensors (timm's and the original release's eps 1e-6 on the final
+    norm). timm's (mlp.grn.weight/bias [4C]) and the original release's (grn.gamma/beta [1, 1, 1, 4C]) files are
+    renamed; a ConvNeXt V1 file in those layouts is refused, naming the V1 classes."""
+    try:
+        converted, fmt, origins = _convert(state_dict, allow_v2=True)
+        if fmt != "transformers" and _grn_key(state_dict) is None:
+            raise ValueError(f"this is a ConvNeXt (V1) checkpoint in {fmt}'s layout (no GRN tensors), not a "
+                             "ConvNeXt V2 one: load it with fastconvnext.ConvNextForImageClassification / "
+                             "ConvNextModel")
+        if config is not None or (config_dict is not None and not is_timm_config(config_dict)):
+            return converted, config_dict
+        canonical, _ = _to_canonical(converted, origins, V2_BASE_PREFIX)
+        fields = _v2_fields(_inferred_fields(canonical, fmt))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    if config_dict is not None:
+        try:
+            fields = timm_config_fields(config_dict, fields, v2=True)
+        except ValueError as err:
+            raise ValueError(f"{Path(str(source)) / CONFIG_NAME} (timm's): {err}") from None
+    return converted, fields
 
 
 def _merge_overrides(base, overrides):

@@ -11,7 +11,8 @@ V2 differs from V1 only in the block (GRN after the activation, no layer scale) 
 prefix of the classifier's trunk); embeddings, stages, drop path (float32 linspace rates), the final LayerNorm of
 the pooled mean and the backbone's per-stage LayerNorms (eps 1e-6) are V1's, and reused from modeling.py.
 Loading: from_pretrained reads through checkpoint.load_pretrained (dispatched by config model_type
-"convnextv2"); timm's and the original release's V2 files are not converted yet.
+"convnextv2"): transformers directories, timm's convnextv2_* files and directories and the original release's
+files, with the same guarantees as V1's.
 """
 from __future__ import annotations
 
@@ -90,6 +91,20 @@ class ConvNextV2Layer(nn.Module):
             y = layernorm(_nhwc(dwconv(x)))
         y = self.pwconv2(self.grn(self.act(self.pwconv1(y))))
         return x + self.drop_path(_nchw(y))
+
+
+def grn_block_parts_forward(x, dwconv, layernorm, pwconv1, act, grn, pwconv2, drop_path, norm_class):
+    """A V2 block on its sub-modules passed one by one (for transformers' own ConvNextV2Layer under
+    patch_transformers): dwconv + LayerNorm as V1's backend op when both are plain (`layernorm` exactly
+    `norm_class`, no hooks, no global module hooks), else called; then the MLP with GRN module by module, as
+    transformers calls it. x is channels-last NCHW."""
+    if not _global_hooks_registered() and _plain(dwconv, nn.Conv2d) and _plain(layernorm, norm_class):
+        y = backend.dwconv_layernorm(_nhwc(x), dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
+                                     layernorm.eps)
+    else:
+        y = layernorm(_nhwc(dwconv(x)))
+    y = pwconv2(grn(act(pwconv1(y))))
+    return x + drop_path(_nchw(y))
 
 
 class ConvNextV2Stage(ConvNextStage):
@@ -247,8 +262,12 @@ def _layout():
 
 def load_checked(cls, source, state_dict, config_dict, config, overrides, strict, ignore_mismatched_sizes, dtype,
                  device):
-    """checkpoint.load_pretrained's entry for model_type "convnextv2" (transformers' key layout only)."""
+    """checkpoint.load_pretrained's entry for model_type "convnextv2": transformers' key layout, timm's
+    convnextv2_* and the original release's files (renamed by checkpoint.v2_weights_and_config, which also reads
+    the architecture off a lone file's tensors and timm's config.json)."""
+    from fastconvnext import checkpoint
     from fastconvnext.dinov3_convnext import load_family_checked
 
+    state_dict, config_dict = checkpoint.v2_weights_and_config(state_dict, config_dict, config, source)
     return load_family_checked(_layout(), cls, source, state_dict, config_dict, config, overrides, strict,
                                ignore_mismatched_sizes, dtype, device)

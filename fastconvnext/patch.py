@@ -4,7 +4,10 @@
 `transformers.models.convnext.modeling_convnext.ConvNextLayer`, by `FusedConvNextLayer`: a subclass
 with the same sub-modules and parameters (state-dict keys unchanged) whose forward calls the two ops
 of `fastconvnext.backend`. DINOv3-ConvNeXt's block (`modeling_dinov3_convnext.DINOv3ConvNextLayer`, the
-same arithmetic under other names) is replaced likewise by `FusedDINOv3ConvNextLayer`, when transformers has it. Everything else stays transformers' code: config, from_pretrained, weight
+same arithmetic under other names) is replaced likewise by `FusedDINOv3ConvNextLayer`, and ConvNeXt V2's
+(`modeling_convnextv2.ConvNextV2Layer`) by `FusedConvNextV2Layer`, whose dwconv + LayerNorm half runs as V1's
+op and whose MLP with GRN runs as transformers runs it (convnext_v2.grn_block_parts_forward), each when
+transformers has that model. Everything else stays transformers' code: config, from_pretrained, weight
 init, pipeline(), Trainer, backbones. Models built while patched get fused blocks; `patch_model(model)`
 converts a model built before. `unpatch_transformers()` puts the original class back.
 
@@ -23,6 +26,7 @@ from fastconvnext.modeling import _channels_last, block_forward, block_parts_for
 
 __all__ = [
     "FusedConvNextLayer",
+    "FusedConvNextV2Layer",
     "FusedDINOv3ConvNextLayer",
     "is_patched",
     "patch_model",
@@ -35,6 +39,7 @@ _lock = threading.RLock()
 _original_layer = None  # transformers' ConvNextLayer, remembered on first use
 _fused_layer = None  # the subclass built from it
 _dinov3_classes_built = None  # (transformers' DINOv3ConvNextLayer, its fused subclass), or () without that model
+_v2_classes_built = None  # (transformers' ConvNextV2Layer, its fused subclass), or () without that model
 
 
 def _convnext_module():
@@ -137,6 +142,61 @@ def _build_fused_dinov3_layer(original, modeling):
     return DINOv3ConvNextLayer
 
 
+def _convnextv2_module():
+    """transformers' ConvNeXt V2 modeling module, or None in a transformers without it."""
+    try:
+        from transformers.models.convnextv2 import modeling_convnextv2
+    except ImportError:
+        return None
+    return modeling_convnextv2
+
+
+def _build_fused_v2_layer(original, modeling):
+    from fastconvnext.convnext_v2 import grn_block_parts_forward
+
+    layer_norm = modeling.ConvNextV2LayerNorm
+
+    class ConvNextV2Layer(original):
+        """transformers' ConvNeXt V2 block with its dwconv + LayerNorm half run as fastconvnext's dwconv_layernorm
+        op (called as transformers calls it when hooked or replaced) and its MLP with GRN as transformers runs it."""
+
+        _fastconvnext_fused = True
+
+        def forward(self, features):
+            return grn_block_parts_forward(_channels_last(features), self.dwconv, self.layernorm, self.pwconv1,
+                                           self.act, self.grn, self.pwconv2, self.drop_path, layer_norm)
+
+    ConvNextV2Layer.__module__ = __name__
+    ConvNextV2Layer.__qualname__ = "ConvNextV2Layer"
+    globals()["ConvNextV2Layer"] = ConvNextV2Layer
+    return ConvNextV2Layer
+
+
+def _v2_classes():
+    """(transformers' original ConvNextV2Layer, the fused subclass), built once; () without that model."""
+    global _v2_classes_built
+    with _lock:
+        if _v2_classes_built is None:
+            modeling = _convnextv2_module()
+            if modeling is None:
+                _v2_classes_built = ()
+            else:
+                current = modeling.ConvNextV2Layer
+                original = current.__base__ if getattr(current, "_fastconvnext_fused", False) else current
+                _v2_classes_built = (original, _build_fused_v2_layer(original, modeling))
+        return _v2_classes_built
+
+
+def _family_classes():
+    """[(module, attribute, original class, fused class)] of the other families transformers has (V2, DINOv3)."""
+    found = []
+    if _v2_classes():
+        found.append((_convnextv2_module(), "ConvNextV2Layer") + _v2_classes())
+    if _dinov3_classes():
+        found.append((_dinov3_module(), "DINOv3ConvNextLayer") + _dinov3_classes())
+    return found
+
+
 def _dinov3_classes():
     """(transformers' original DINOv3ConvNextLayer, the fused subclass), built once; () without that model."""
     global _dinov3_classes_built
@@ -168,6 +228,10 @@ def __getattr__(name):
         return _classes()[1]
     if name == "FusedDINOv3ConvNextLayer":
         classes = _dinov3_classes()
+        if classes:
+            return classes[1]
+    if name == "FusedConvNextV2Layer":
+        classes = _v2_classes()
         if classes:
             return classes[1]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -207,8 +271,8 @@ def patch_transformers():
         was_patched = is_patched()
         _, fused = _classes()
         _convnext_module().ConvNextLayer = fused
-        if _dinov3_classes():
-            _dinov3_module().DINOv3ConvNextLayer = _dinov3_classes()[1]
+        for module, attribute, _, family_fused in _family_classes():
+            setattr(module, attribute, family_fused)
         return _Patch(was_patched)
 
 
@@ -217,8 +281,8 @@ def unpatch_transformers():
     with _lock:
         if _original_layer is not None:
             _convnext_module().ConvNextLayer = _original_layer
-        if _dinov3_classes_built:
-            _dinov3_module().DINOv3ConvNextLayer = _dinov3_classes_built[0]
+        for module, attribute, family_original, _ in _family_classes():
+            setattr(module, attribute, family_original)
 
 
 def _swap_layers(model, source, target):
@@ -239,7 +303,7 @@ def patch_model(model):
     """
     original, fused = _classes()
     _swap_layers(model, original, fused)
-    for original, fused in [_dinov3_classes()] if _dinov3_classes() else []:
+    for _, _, original, fused in _family_classes():
         _swap_layers(model, original, fused)
     return model
 
@@ -248,6 +312,6 @@ def unpatch_model(model):
     """Turn the fused blocks of `model` back into transformers' own ConvNextLayer, in place."""
     original, fused = _classes()
     _swap_layers(model, fused, original)
-    for original, fused in [_dinov3_classes()] if _dinov3_classes() else []:
+    for _, _, original, fused in _family_classes():
         _swap_layers(model, fused, original)
     return model

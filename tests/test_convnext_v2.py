@@ -281,3 +281,87 @@ def test_wrong_family_and_a_tiny_folder_declaring_a_huge_model_are_refused(tmp_p
     with pytest.raises(ValueError, match="blocks absent"):
         fastconvnext.ConvNextV2Model.from_pretrained(tmp_path)
     assert time.perf_counter() - start < 5
+
+
+# ------------------------------------------------------------------------------------------ patch_transformers, twins
+
+
+@pytest.fixture
+def unpatched():
+    from fastconvnext import patch
+
+    patch.unpatch_transformers()
+    yield patch
+    patch.unpatch_transformers()
+
+
+def test_patch_transformers_runs_v2_blocks_on_the_first_half_op(unpatched, monkeypatch):
+    patch = unpatched
+    hf, _ = twins("ConvNextV2ForImageClassification", num_labels=4, **SMALL)
+    with fastconvnext.patch_transformers():
+        assert modeling_convnextv2.ConvNextV2Layer is patch.FusedConvNextV2Layer
+        patched = transformers.ConvNextV2ForImageClassification(hf.config)
+    assert modeling_convnextv2.ConvNextV2Layer is not patch.FusedConvNextV2Layer  # restored on exit
+    patched.load_state_dict(hf.state_dict(), strict=True)
+    patched.eval()
+    layers = [m for m in patched.modules() if isinstance(m, modeling_convnextv2.ConvNextV2Layer)]
+    assert len(layers) == BLOCKS and all(type(m) is patch.FusedConvNextV2Layer for m in layers)
+    calls = _count_backend_calls(monkeypatch)
+    x = torch.randn(2, 3, 45, 67, requires_grad=True)
+    labels = torch.tensor([1, 3])
+    expected, got = hf(x, labels=labels, output_hidden_states=True), patched(x, labels=labels,
+                                                                           output_hidden_states=True)
+    assert calls.count("dwconv_layernorm") == BLOCKS
+    assert_close(got.logits, expected.logits, "patched logits")
+    for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
+        assert_close(a, b, f"patched hidden_states[{i}]")
+    got_grads = torch.autograd.grad(got.loss, [x] + list(patched.parameters()))
+    expected_grads = torch.autograd.grad(expected.loss, [x] + list(hf.parameters()))
+    for (name, _), a, b in zip([("pixel_values", None)] + list(hf.named_parameters()), got_grads, expected_grads):
+        assert_close(a, b, f"grad {name}", atol=GRAD_ATOL)
+    patch.unpatch_model(patched)
+    assert all(type(m) is modeling_convnextv2.ConvNextV2Layer for m in layers)
+    patch.patch_model(patched)
+    assert all(type(m) is patch.FusedConvNextV2Layer for m in layers)
+
+
+def test_a_hooked_patched_v2_block_calls_its_modules(unpatched, monkeypatch):
+    hf, _ = twins(**SMALL)
+    patched = unpatched.patch_model(copy.deepcopy(hf))
+    seen = []
+    patched.encoder.stages[1].layers[0].layernorm.register_forward_hook(lambda *a: seen.append("layernorm"))
+    calls = _count_backend_calls(monkeypatch)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(patched(x).pooler_output, hf(x).pooler_output, "hooked patched model")
+    assert seen == ["layernorm"] and calls.count("dwconv_layernorm") == BLOCKS - 1
+
+
+@pytest.mark.parametrize("kind", ["ConvNextV2Model", "ConvNextV2ForImageClassification", "ConvNextV2Backbone"])
+def test_from_transformers_gives_the_v2_twin(kind):
+    config = dict(SMALL, out_features=["stage1", "stage3"]) if kind == "ConvNextV2Backbone" else dict(SMALL)
+    hf, _ = twins(kind, **config)
+    hf.train()
+    ours = fastconvnext.from_transformers(hf)
+    assert type(ours) is getattr(fastconvnext, kind) and ours.training
+    assert ours.config.to_dict() == fastconvnext.ConvNextV2Config.from_dict(hf.config.to_dict()).to_dict()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected, got = hf.eval()(x), ours.eval()(x)
+    for field in ("logits", "pooler_output", "feature_maps"):
+        if field in expected:
+            for a, b in zip(torch.atleast_1d(got[field]) if field != "feature_maps" else got[field],
+                            torch.atleast_1d(expected[field]) if field != "feature_maps" else expected[field]):
+                assert_close(a, b, field)
+
+
+def test_a_v2_folder_without_config_json_names_the_v2_config(tmp_path):
+    hf, _ = twins(**SMALL)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config.json; pass config=ConvNextV2Config\(...\)"):
+        fastconvnext.ConvNextV2Model.from_pretrained(tmp_path)
+    model = fastconvnext.ConvNextV2Model.from_pretrained(tmp_path, config=fastconvnext.ConvNextV2Config(**SMALL))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x).pooler_output, hf(x).pooler_output, "loaded with config=")

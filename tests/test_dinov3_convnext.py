@@ -516,3 +516,35 @@ def test_from_pretrained_with_config_and_state_dict_takes_either_naming():
     with pytest.raises(ValueError, match="needs config"):  # a single file without config.json
         dinov3_convnext.load_checked(None, "a file", hf.state_dict(), None, None, {}, True, False, "auto",
                                      torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["DINOv3ConvNextModel", "DINOv3ConvNextBackbone"])
+def test_from_transformers_gives_the_dinov3_twin(kind):
+    config = dict(SMALL, out_features=["stem", "stage2", "stage4"]) if kind == "DINOv3ConvNextBackbone" else SMALL
+    hf, _ = twins(kind, **config)
+    ours = fastconvnext.from_transformers(hf.train())
+    assert type(ours) is getattr(fastconvnext, kind) and ours.training
+    x = torch.randn(2, 3, 37, 41)
+    with torch.no_grad():
+        expected, got = hf.eval()(x), ours.eval()(x)
+    if kind == "DINOv3ConvNextModel":
+        assert_close(got.last_hidden_state, expected.last_hidden_state, "last_hidden_state")
+    else:
+        for i, (a, b) in enumerate(zip(got.feature_maps, expected.feature_maps, strict=True)):
+            assert_close(a, b, f"feature_maps[{i}]")
+
+
+def test_a_folder_without_config_json_is_a_clear_error_naming_the_config_class(tmp_path):
+    """transformers' DINOv3ConvNextModel.from_pretrained builds its DEFAULT config there (hidden_sizes 96..768) and
+    then fails on every shape of a smaller model, or loads a default-sized one; fastconvnext never guesses the
+    architecture of a folder (as for ConvNeXt) and DINOv3's cannot be read off its tensors: it asks for config=."""
+    hf, _ = twins(**SMALL)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no config.json; pass config=DINOv3ConvNextConfig\(...\) to say "
+                                                r"which architecture the weights belong to$"):
+        fastconvnext.DINOv3ConvNextModel.from_pretrained(tmp_path)
+    model = fastconvnext.DINOv3ConvNextModel.from_pretrained(tmp_path, config=fastconvnext.DINOv3ConvNextConfig(**SMALL))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(model(x).last_hidden_state, hf(x).last_hidden_state, "loaded with config=")
