@@ -15,7 +15,12 @@ Unlike transformers, the output is always float32, even with rescaling and norma
 and non-RGB images (RGBA, L, P, 16-bit, CMYK, ...) are converted instead of failing.
 
 Image files are opened as transformers' `load_image` does: the EXIF orientation tag is applied
-(`ImageOps.exif_transpose`) before anything else, so a rotated phone photo gives the same pixels.
+(`ImageOps.exif_transpose`) before anything else, so a rotated phone photo gives the same pixels, and
+transparency (RGBA, LA, P with a transparent colour) is dropped by Pillow's `convert("RGB")`: the colour
+channels are kept as stored, whatever their alpha. In-memory images (PIL images, arrays) with transparency
+are composited onto white, as transformers' `convert_to_rgb` (`do_convert_rgb=True`) does. To composite
+files onto white too, pass `composite_files_on_white=True` to the processor (a choice of this process, never
+saved to preprocessor_config.json, as `max_pixels`).
 
 Bounded memory: an image whose decoded size (width x height, read from the file header before decoding)
 or whose resized size exceeds `max_pixels` is refused with `ImageTooLargeError` naming the image and the
@@ -237,7 +242,7 @@ def convert_to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow image to 8-bit RGB.
 
     - Transparency (RGBA, LA, PA, P with a transparent colour, ...) is composited onto white, as
-      transformers' own `convert_to_rgb` does.
+      transformers' own `convert_to_rgb` does (image files are read by `_path_to_rgb`, which drops it).
     - 16-bit greyscale (I;16*) and 32-bit integer (I) images are read as 0..65535 and scaled by 1/257 (rounded).
     - Float images (F) are read as 0..255: clipped, rounded half up (NaN -> 0).
     - Everything else (L, 1, P, CMYK, YCbCr, ...) uses Pillow's own `convert("RGB")`.
@@ -337,28 +342,34 @@ def _as_numpy(image: Any) -> np.ndarray | None:
 
 
 def to_rgb_images(
-    images: Any, input_data_format: str | None = None, max_pixels: int | None = None
+    images: Any, input_data_format: str | None = None, max_pixels: int | None = None,
+    composite_files_on_white: bool = False,
 ) -> list[Image.Image]:
     """Flatten any accepted input (see module docstring) into a list of 8-bit RGB Pillow images."""
-    return [image for _, image in named_rgb_images(images, input_data_format, max_image_pixels(max_pixels))]
+    named = named_rgb_images(images, input_data_format, max_image_pixels(max_pixels), composite_files_on_white)
+    return [image for _, image in named]
 
 
-def named_rgb_images(images: Any, input_data_format: str | None, limit: int) -> list[tuple[str, Image.Image]]:
+def named_rgb_images(
+    images: Any, input_data_format: str | None, limit: int, composite_files_on_white: bool = False
+) -> list[tuple[str, Image.Image]]:
     """Like `to_rgb_images`, each image paired with the name errors use: its file path, else "image <index>"."""
-    named = _flatten(images, input_data_format, limit)
+    named = _flatten(images, input_data_format, limit, _flag(composite_files_on_white, "composite_files_on_white"))
     return [(name or f"image {index}", image) for index, (name, image) in enumerate(named)]
 
 
-def _flatten(images: Any, input_data_format: str | None, limit: int) -> list[tuple[str | None, Image.Image]]:
+def _flatten(
+    images: Any, input_data_format: str | None, limit: int, files_on_white: bool
+) -> list[tuple[str | None, Image.Image]]:
     if isinstance(images, (list, tuple)):
         if not images:
             raise ValueError("got an empty list of images")
-        return [named for image in images for named in _flatten(image, input_data_format, limit)]
+        return [named for image in images for named in _flatten(image, input_data_format, limit, files_on_white)]
     if isinstance(images, Image.Image):
         _check_pixels(images.width, images.height, limit, "an input image")
         return [(None, convert_to_rgb(images))]
     if isinstance(images, (str, os.PathLike)):
-        return [(str(images), _path_to_rgb(images, limit))]
+        return [(str(images), _path_to_rgb(images, limit, files_on_white))]
     array = _as_numpy(images)
     if array is None:
         raise TypeError(
@@ -370,9 +381,13 @@ def _flatten(images: Any, input_data_format: str | None, limit: int) -> list[tup
     return [(None, _array_to_pil(array, input_data_format, limit))]
 
 
-def _path_to_rgb(path: str | os.PathLike, limit: int) -> Image.Image:
+def _path_to_rgb(path: str | os.PathLike, limit: int, on_white: bool = False) -> Image.Image:
+    """An image file as 8-bit RGB; transparency dropped as transformers' `load_image` drops it (`convert("RGB")`),
+    or composited onto white with `on_white`."""
     image = load_image(path, max_pixels=limit)
     try:
+        if _has_transparency(image) and not on_white and image.mode not in _SIXTEEN_BIT_MODES + ("F",):
+            return image.convert("RGB")
         return convert_to_rgb(image)
     except ValueError as error:
         raise ImageDecodeError(f"{path}: {error}") from None
@@ -583,6 +598,8 @@ def _crop_resize_edge(settings: _Settings) -> int:
 
 
 _SETTING_NAMES = tuple(_Settings.__dataclass_fields__)
+# Constructor arguments that are choices of this process, never saved to preprocessor_config.json.
+_PROCESS_OPTIONS = ("max_pixels", "composite_files_on_white")
 # Keys transformers may write that carry no preprocessing setting.
 _BOOKKEEPING_KEYS = {"image_processor_type", "feature_extractor_type", "processor_class", "auto_map"}
 
@@ -606,18 +623,24 @@ class ConvNextImageProcessor:
         do_convert_rgb: accepted and saved for compatibility; images are always converted to RGB here.
         max_pixels: the most pixels an image may have decoded or resized (see the module docstring); default
             $FASTCONVNEXT_MAX_IMAGE_PIXELS or 178,956,970. A safety limit of this process, never saved.
+        composite_files_on_white: composite the transparency of image files (paths) onto white, as for
+            in-memory images, instead of dropping it as transformers' `load_image` does. Default False (pixels
+            as transformers gives them). A choice of this process, never saved.
     """
 
     model_input_names = ["pixel_values"]
 
-    def __init__(self, *, max_pixels: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, max_pixels: int | None = None, composite_files_on_white: bool = False, **kwargs: Any
+    ) -> None:
         unknown = sorted(set(kwargs) - set(_SETTING_NAMES))
         if unknown:
             raise TypeError(
                 f"unknown ConvNextImageProcessor argument(s) {unknown}; expected some of "
-                f"{list(_SETTING_NAMES) + ['max_pixels']}"
+                f"{list(_SETTING_NAMES) + list(_PROCESS_OPTIONS)}"
             )
         object.__setattr__(self, "max_pixels", max_image_pixels(max_pixels))
+        object.__setattr__(self, "composite_files_on_white", _flag(composite_files_on_white, "composite_files_on_white"))
         self._settings = _make_settings(self.max_pixels, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -633,6 +656,8 @@ class ConvNextImageProcessor:
         elif name == "max_pixels":
             value = max_image_pixels(value)
             _check_output_size(self._settings, value)
+        elif name == "composite_files_on_white":
+            value = _flag(value, name)
         object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
@@ -671,8 +696,9 @@ class ConvNextImageProcessor:
         if return_tensors not in _RETURN_TENSORS:
             raise ValueError(f"return_tensors must be one of {_RETURN_TENSORS}, got {return_tensors!r}")
         limit = max_image_pixels(overrides.pop("max_pixels", self.max_pixels))
+        on_white = overrides.pop("composite_files_on_white", self.composite_files_on_white)
         settings = self._with_overrides(overrides, limit)
-        named_images = named_rgb_images(images, input_data_format, limit)
+        named_images = named_rgb_images(images, input_data_format, limit, on_white)
         pixels = [_process(image, settings, name, limit) for name, image in named_images]
         return BatchFeature({"pixel_values": _collate(pixels, return_tensors)})
 

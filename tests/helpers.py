@@ -99,8 +99,9 @@ def dot_with_exact_bf16(a, b, d, input_precision, max_num_imprecise_acc):
 # older transformers, the tests of a behaviour it lacks skip, each naming the behaviour; detected from the
 # installed transformers itself, never from a version number.
 def transformers_composites_alpha_on_white() -> bool:
-    """Whether the installed transformers' RGB conversion composites transparency onto white (newer releases)
-    or drops the alpha channel (older ones)."""
+    """Whether the installed transformers' `convert_to_rgb` (in-memory images, `do_convert_rgb=True`) composites
+    transparency onto white (5.25) or drops the alpha channel (5.17). Image files are another path: `load_image`
+    drops the alpha (convert("RGB")) in both, and tests compare files with it directly."""
     from PIL import Image
     from transformers.image_transforms import convert_to_rgb
 

@@ -109,16 +109,99 @@ MODE_IMAGES = {
 }
 
 
+MODE_IMAGES["PA"] = lambda: paletted_with_transparency().convert("PA")
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "P_transparent")
+
+
 @pytest.mark.parametrize("mode", MODE_IMAGES)
 def test_non_rgb_modes_match_transformers_rgb_conversion(mode):
     # transformers fails on these without do_convert_rgb; with it, it converts (alpha onto white) like we do.
     image = MODE_IMAGES[mode]()
-    if "A" in image.getbands() and not transformers_composites_alpha_on_white():
-        pytest.skip(f"transformers {transformers.__version__} drops alpha in its RGB conversion; fastconvnext "
-                    "composites onto white as newer transformers do")
+    if mode in TRANSPARENT_MODES and not transformers_composites_alpha_on_white():
+        pytest.skip(f"transformers {transformers.__version__}'s convert_to_rgb drops alpha; fastconvnext "
+                    "composites in-memory images onto white as newer transformers do")
     got = ours(image, size=224)
     assert got.shape == (1, 3, 224, 224)
     assert_close(got, reference(image, size=224, do_convert_rgb=True))
+
+
+def transparent_files(directory):
+    """Image files whose transparency changes the pixels when composited: {name: path}."""
+    rng = np.random.default_rng(11)
+    rgba = Image.fromarray(rng.integers(0, 256, (53, 67, 4), dtype=np.uint8))
+    indexed = rgba.convert("RGB").quantize(colors=16)
+    palette_alpha = bytes(rng.integers(0, 256, 16, dtype=np.uint8))
+    files = {
+        "rgba.png": (rgba, {}),
+        "la.png": (rgba.convert("LA"), {}),
+        "p_one_transparent_index.png": (indexed, {"transparency": int(np.asarray(indexed)[0, 0])}),
+        "p_alpha_table.png": (indexed, {"transparency": palette_alpha}),
+        "p_transparent.gif": (indexed, {"transparency": int(np.asarray(indexed)[0, 0])}),
+        "rgba.webp": (rgba, {"lossless": True}),
+        "rgba.tiff": (rgba, {}),
+    }
+    paths = {}
+    for name, (image, options) in files.items():
+        paths[name] = directory / name
+        image.save(paths[name], **options)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def transparent_paths(tmp_path_factory):
+    return transparent_files(tmp_path_factory.mktemp("transparent"))
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png", "p_one_transparent_index.png", "p_alpha_table.png",
+                                  "p_transparent.gif", "rgba.webp", "rgba.tiff"])
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_transparent_files_give_transformers_pixels(transparent_paths, name):
+    """transformers reads a file with `load_image`, whose convert("RGB") drops the alpha: the same pixels by
+    default, through a path given to the processor and through transformers' own path handling."""
+    from transformers.image_utils import load_image as transformers_load_image
+
+    path = transparent_paths[name]
+    with Image.open(path) as opened:
+        opened.load()
+        composited = Image.alpha_composite(Image.new("RGBA", opened.size, (255,) * 4), opened.convert("RGBA"))
+        dropped = opened.convert("RGB")
+    assert np.asarray(composited.convert("RGB")).tolist() != np.asarray(dropped).tolist(), "alpha matters here"
+    expected = reference(transformers_load_image(str(path)), size=64)
+    assert_close(ours(str(path), size=64), expected)
+    assert_close(ours(path, size=64), expected)
+    assert_close(ours(str(path), size=64), reference(str(path), size=64))
+
+
+@pytest.mark.parametrize("name", ["rgba.png", "la.png", "p_alpha_table.png", "p_transparent.gif"])
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")
+def test_composite_files_on_white_is_an_opt_in(transparent_paths, name, tmp_path):
+    """With composite_files_on_white=True a file gives the pixels of the same image in memory (alpha onto white,
+    as transformers' convert_to_rgb); the option is never saved and survives per-call overrides."""
+    path = transparent_paths[name]
+    with Image.open(path) as opened:
+        image = opened.copy()
+    in_memory = ours(image, size=64)
+    processor = ConvNextImageProcessor(size=64, composite_files_on_white=True)
+    on_white = processor(str(path), return_tensors="pt")["pixel_values"]
+    assert_close(on_white, in_memory)
+    assert not torch.equal(on_white, ours(str(path), size=64))
+    assert_close(ConvNextImageProcessor(size=64)(str(path), return_tensors="pt", composite_files_on_white=True)
+                 ["pixel_values"], in_memory)
+    assert_close(processor(str(path), return_tensors="pt", do_normalize=False)["pixel_values"],
+                 ours(image, size=64, do_normalize=False))
+    processor.save_pretrained(tmp_path)
+    assert "composite_files_on_white" not in json.loads((tmp_path / PREPROCESSOR_CONFIG_NAME).read_text())
+    if transformers_composites_alpha_on_white():
+        assert_close(on_white, reference(image, size=64, do_convert_rgb=True))
+
+
+def test_composite_files_on_white_must_be_a_flag():
+    with pytest.raises(TypeError, match="composite_files_on_white must be true or false, got str 'yes'"):
+        ConvNextImageProcessor(composite_files_on_white="yes")
+    processor = ConvNextImageProcessor()
+    with pytest.raises(TypeError, match="composite_files_on_white must be true or false"):
+        processor.composite_files_on_white = 2
+    assert processor.composite_files_on_white is False
 
 
 def sixteen_bit_values():
