@@ -376,6 +376,20 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
     )
 
 
+def convnext_v2_mlp(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act="gelu",
+                    sample_scale=None):
+    """residual + sample_scale[n] * (GRN(act(x W1^T + b1)) W2^T + b2): ConvNeXt V2's MLP, x and residual [N, H, W, C].
+
+    `auto` decides without measuring this op: no prior models it and the tuning cache does not take it yet, so on
+    CUDA auto runs it eagerly (backend 'triton' runs the fused kernels)."""
+    call = (x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act, sample_scale)
+    if _choose("convnext_v2_mlp", x, fc1_weight.shape[1], call[1:8], _mlp_unsupported(act)):
+        from fastconvnext.kernels import convnext_v2_mlp as fused
+
+        return fused(*call)
+    return reference.convnext_v2_mlp_reference(*call)
+
+
 def describe():
     """Which implementation each op would use now, for CUDA and for CPU tensors, the environment flags, whether
     shapes are measured on first use, where this GPU's tuning cache is and the decisions measured in it, and
