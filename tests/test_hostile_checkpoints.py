@@ -163,6 +163,36 @@ def deep_tuple_key(path, depth=1_000_000):
     return with_data_pickle(path, pickle_bytes)
 
 
+def v2_timm_huge_block_index(path):
+    """ConvNeXt V2 in timm's layout (GRN tensors route it to ConvNextV2*) declaring block 1e6 of stage 0."""
+    tensors = {"stem.0.weight": torch.zeros(8, 3, 4, 4), "stem.0.bias": torch.zeros(8)}
+    for name in ("conv_dw.weight", "mlp.fc1.weight", "mlp.grn.weight", "mlp.grn.bias", "mlp.fc2.weight"):
+        tensors[f"stages.0.blocks.1000000.{name}"] = torch.zeros(8)
+    save_file(tensors, str(path))
+    return path
+
+
+def v2_original_zero_width_blocks(path):
+    """The original ConvNeXt-V2 release's layout, 512 blocks of width 768 declared by zero-element tensors."""
+    tensors = {"downsample_layers.0.0.weight": torch.zeros(768, 3, 4, 4, dtype=torch.float16)}
+    for block in range(512):
+        tensors[f"stages.0.{block}.dwconv.weight"] = torch.zeros(768, 0, 7, 7)
+        tensors[f"stages.0.{block}.grn.gamma"] = torch.zeros(1, 1, 1, 0)
+    save_file(tensors, str(path))
+    return path
+
+
+def v2_directory(path, **config_changes):
+    """A transformers ConvNeXt V2 directory of a small classifier, with config.json fields changed."""
+    torch.manual_seed(0)
+    transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(**SMALL, num_labels=5)).save_pretrained(
+        path)
+    config = json.loads((path / "config.json").read_text())
+    config.update(config_changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 def hostile_cases(root):
     """[(id, path, load_pretrained kwargs)] of small files that used to allocate without bound."""
     def directory(name, **changes):
@@ -183,6 +213,10 @@ def hostile_cases(root):
         ("views of one storage", views_of_one_storage(root / "aliased.pth"), {}),
         ("1,500 nested wrappers", nested_wrappers(root / "nested.pth"), {}),
         ("tuple nested 1e6 deep", deep_tuple_key(root / "deep_tuple.pth"), {}),
+        ("V2 timm block index 1e6", v2_timm_huge_block_index(root / "v2_timm_block.safetensors"), {}),
+        ("V2 original zero-width blocks", v2_original_zero_width_blocks(root / "v2_zero_width.safetensors"), {}),
+        ("V2 depths 1e6", v2_directory(root / "v2_depths", depths=[1_000_000, 1, 2, 1]), {}),
+        ("V2 hidden_sizes 1e9", v2_directory(root / "v2_hidden", hidden_sizes=[10**9, 16, 24, 32]), {}),
     ]
 
 
