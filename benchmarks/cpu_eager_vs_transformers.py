@@ -20,7 +20,7 @@ import sys
 import torch
 
 from fastconvnext.backend import use_backend
-from fastconvnext.bench import cases, environment, timing
+from fastconvnext.tooling.bench import cases, environment, timing
 
 
 def parse_args(argv=None):

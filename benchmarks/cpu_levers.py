@@ -26,7 +26,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fastconvnext.bench import environment, timing
+from fastconvnext.tooling.bench import environment, timing
 from fastconvnext.kernels import reference
 
 STAGES = {"s1": (56, 96), "s2": (28, 192), "s3": (14, 384), "s4": (7, 768)}  # ConvNeXt-T: (H = W, C)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fastconvnext.backend import use_backend
-from fastconvnext.bench import cases, environment, timing
+from fastconvnext.tooling.bench import cases, environment, timing
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ time in all including its start-up, at most 10 minutes a command. So:
 
   preflight  (limit 50 s, expected ~15 s) versions, GPU, `fastconvnext.kernels` from this tree, CUDA; fails fast
              naming what is missing (expected vs found). Every stage runs these checks first.
-  1          (limit 240 s, expected ~150 s) calibration constants (calibrate_machine.py --quick) and fused vs eager
+  1          (limit 240 s, expected ~150 s) calibration constants (fastconvnext.tooling.calibrate --quick) and fused vs eager
              MEASURED per op at ConvNeXt-T's stage shapes, batch 64 then 256, bf16, forward and forward+backward,
              medians with spreads and the fused/eager ratio; the static model's figure only as a MODEL column
   2          (limit 170 s, expected ~120 s) native correctness of both ops at full stage shapes (batch 64) against
@@ -34,6 +34,7 @@ measured; <output>/gpu_acceptance.md and .json gather every stage run so far.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -178,7 +179,7 @@ def planned_variants(setup=REAL):
     of Triton's cache keys, not a count of compiles: the real count is in each stage's status (new cubins)."""
     import torch
 
-    from fastconvnext.kernels import sass_report
+    from fastconvnext.tooling import sass_report
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -724,7 +725,7 @@ def run_stage_in_process(args):
 
 
 def _script_module(path: Path):
-    """A sibling script (tests/tolerance.py, benchmarks/calibrate_machine.py) by its path: no sys.path entry."""
+    """A sibling script (tests/tolerance.py) by its path: no sys.path entry."""
     import importlib.util
 
     name = f"_gpu_acceptance_{path.stem}"
@@ -793,7 +794,7 @@ def prewarm_task(task):
         device = "cuda" if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
         kind = task[0]
         if kind == "calibrate":
-            calibrate_machine = _script_module(ROOT / "benchmarks" / "calibrate_machine.py")
+            calibrate_machine = importlib.import_module("fastconvnext.tooling.calibrate")
             calibrate_machine.run_all(dry_run=device == "cpu", repeats=1, dot_shapes=calibrate_machine.QUICK_DOT_SHAPES)
         else:
             if kind == "op":
@@ -922,7 +923,7 @@ def op_cases(setup):
 def _predicted(op, shape, dtype, mode, arch):
     """The static model's {"fused_us", "eager_us"} (a MODEL), or None when it has no such point."""
     try:
-        from fastconvnext.bench.ops_report import predicted_us
+        from fastconvnext.tooling.bench.ops_report import predicted_us
 
         return predicted_us(op, shape, dtype, mode, arch)
     except Exception as error:  # noqa: BLE001 (a model that cannot answer must not stop the measurement)
@@ -946,10 +947,10 @@ def stage_1(ctx):
 
 
 def calibrate_part(ctx):
-    calibrate_machine = _script_module(ROOT / "benchmarks" / "calibrate_machine.py")
+    calibrate_machine = importlib.import_module("fastconvnext.tooling.calibrate")
     dry_run = ctx.setup.device != "cuda"
     label = "DRY RUN (interpreter; NOT a measurement)" if dry_run else "MEASURED"
-    ctx.log.section("calibrate", "Machine calibration (benchmarks/calibrate_machine.py --quick)",
+    ctx.log.section("calibrate", "Machine calibration (fastconvnext.tooling.calibrate --quick)",
                     "The static model's ASSUMED constants beside a measurement of each (on the GPU: CUDA events, "
                     "median of 10 repeats, min..max; a dry run: 2 interpreter runs); dot tiles: one per width N.",
                     ("figure", f"{label} median", "min .. max", "model (ASSUMED or datasheet)", "measured/assumed",
@@ -979,7 +980,7 @@ OPS_COLUMNS = ("op", "N x H x W x C", "pass", "fused µs", "fused IQR µs", "eag
 
 def ops_part(ctx, torch, cases):
     from fastconvnext import backend, tuning
-    from fastconvnext.bench import timing
+    from fastconvnext.tooling.bench import timing
 
     setup = ctx.setup
     arch = backend.device_arch() if setup.device == "cuda" else 90

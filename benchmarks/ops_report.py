@@ -8,7 +8,7 @@ See fastconvnext/bench/ops_report.py for what is printed.
 """
 import sys
 
-from fastconvnext.bench.ops_report import main
+from fastconvnext.tooling.bench.ops_report import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

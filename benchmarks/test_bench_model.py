@@ -8,8 +8,8 @@ reason). Sizes: FASTCONVNEXT_BENCH_MODEL, _MODEL_BATCH, _RESOLUTION, _DTYPE (fas
 """
 import pytest
 
-from fastconvnext.bench import cases
-from fastconvnext.bench.suite import case_id, run_benchmark, suite_settings
+from fastconvnext.tooling.bench import cases
+from fastconvnext.tooling.bench.suite import case_id, run_benchmark, suite_settings
 
 SETTINGS = suite_settings()
 CASES = [

@@ -3,14 +3,14 @@ torch.compile of the eager op, forward and forward+backward, at ConvNeXt-T/-B st
 
     pytest benchmarks/test_bench_ops.py --benchmark-only
 
-Cases come from fastconvnext.bench (the same ones `fastconvnext bench` measures); sizes and device are
+Cases come from fastconvnext.tooling.bench (the same ones `fastconvnext bench` measures); sizes and device are
 set by the FASTCONVNEXT_BENCH_* variables documented in fastconvnext/bench/suite.py. Without CUDA the
 fused and torch.compile cases are skipped, each with the reason.
 """
 import pytest
 
-from fastconvnext.bench import cases
-from fastconvnext.bench.suite import case_id, run_benchmark, suite_settings
+from fastconvnext.tooling.bench import cases
+from fastconvnext.tooling.bench.suite import case_id, run_benchmark, suite_settings
 
 SETTINGS = suite_settings()
 CASES = cases.op_cases(cases.OPS, SETTINGS.stages, SETTINGS.batch, SETTINGS.dtype, SETTINGS.device)

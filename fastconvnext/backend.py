@@ -4,9 +4,9 @@
   arch), whichever of fused and eager is faster HERE: the first time a shape is met it is timed both ways on
   the call's own inputs and the faster is kept and cached per GPU, driver and versions (fastconvnext.tuning;
   FASTCONVNEXT_TUNE=0 opts out). Where it cannot be timed (CUDA-graph capture, torch.compile tracing,
-  torch.distributed, too little free memory) the cached decision applies, else the prior: the static
-  performance model (kernels/perf_table.py, a MODEL), else the analytic roofline (kernels/roofline.py).
-  Eager ops on every other device.
+  torch.distributed, too little free memory) the cached decision applies, else the prior: the performance
+  model's predictions shipped as data (fastconvnext/prior.json, a MODEL: fused against the eager estimate), else
+  eager. Eager ops on every other device.
 `triton`: always the kernels; on CPU tensors that needs TRITON_INTERPRET=1 (Triton's interpreter).
 `eager`: always the eager references from `fastconvnext.kernels.reference`.
 Set with `set_backend(...)` or the environment variable FASTCONVNEXT_BACKEND (read at import; a bad value
@@ -16,8 +16,11 @@ the process-wide default. `with use_backend(...)` overrides it in the current th
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -30,9 +33,11 @@ from fastconvnext.policy import (  # noqa: F401  (the public names are also fast
 
 TUNE_ENV_VAR = _env.TUNE_ENV
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-# Both the static model and the roofline leave out effects (launch gaps, cache behaviour) worth a few
-# percent: a modelled win smaller than that is no win, and the policy keeps eager.
+# The model leaves out effects (launch gaps, cache behaviour) worth a few percent: a modelled win smaller than
+# that is no win, and the policy keeps eager.
 MODEL_WIN_FACTOR = 0.95
+PRIOR_PATH = Path(__file__).with_name("prior.json")
+PRIOR_KEY_COLUMNS = ("op", "arch", "dtype", "channels", "hw", "batch", "mode")
 _triton_importable = importlib.util.find_spec("triton") is not None
 _tuned, _decisions = policy._tuned, policy._decisions  # the same dicts: PolicyKey -> Decision
 _UNSET = object()
@@ -138,7 +143,8 @@ def device_arch(index=None):
 
 @contextlib.contextmanager
 def use_predicted_table(table):
-    """Decide from this PREDICTED-format dict (None: no static model) instead of kernels/perf_table.py."""
+    """Decide from this dict {(op, arch, dtype, channels, hw, batch, mode): {"fused_us", "eager_us"}} (None: no
+    prior) instead of the shipped prior (fastconvnext/prior.json)."""
     global _predicted_override
     previous = _predicted_override
     _predicted_override = table
@@ -153,14 +159,41 @@ def use_predicted_table(table):
 def _predicted_table():
     if _predicted_override is not _UNSET:
         return _predicted_override
+    return _shipped_prior()
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_prior():
+    """fastconvnext/prior.json as {key: {"fused_us", "eager_us"}}; None (with one warning) when absent or malformed:
+    a damaged data file must not stop dispatch."""
     try:
-        from fastconvnext.kernels import perf_table
-    except ImportError:
+        return read_prior(PRIOR_PATH)
+    except FileNotFoundError:
         return None
-    except Exception as error:  # a generated file that does not load must not stop dispatch
-        policy.warn_once(f"kernels/perf_table.py does not load ({type(error).__name__}: {error}); using the roofline")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        policy.warn_once(f"{PRIOR_PATH} does not load ({type(error).__name__}: {error}); auto falls back to eager "
+                         f"where it cannot measure")
         return None
-    return getattr(perf_table, "PREDICTED", None)
+
+
+def read_prior(path):
+    """The prior's rows keyed as PolicyKey fields; raises ValueError naming what is wrong in a malformed file."""
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    columns = document["columns"]
+    missing = [c for c in (*PRIOR_KEY_COLUMNS, "fused_us", "eager_us") if c not in columns]
+    if missing:
+        raise ValueError(f"prior columns lack {missing}; has {columns}")
+    where = {name: columns.index(name) for name in (*PRIOR_KEY_COLUMNS, "fused_us", "eager_us")}
+    table = {}
+    for row in document["rows"]:
+        if len(row) != len(columns):
+            raise ValueError(f"a prior row has {len(row)} values for {len(columns)} columns: {row!r}")
+        key = tuple(row[where[c]] for c in PRIOR_KEY_COLUMNS)
+        fused, eager = float(row[where["fused_us"]]), float(row[where["eager_us"]])
+        if not (fused > 0 and eager > 0 and math.isfinite(fused) and math.isfinite(eager)):
+            raise ValueError(f"prior times must be positive and finite, got {row!r}")
+        table[key] = {"fused_us": fused, "eager_us": eager}
+    return table
 
 
 def _nearest(values, target):
@@ -198,48 +231,26 @@ def model_decision(key, table):
     points = [k for k in points if k[4] == near_hw]
     n = _nearest({k[5] for k in points}, batch)
     entry = table[(op, near_arch, dtype, c, near_hw, n, mode)]
-    where = f"static model at sm_{near_arch} C={c} H*W={near_hw} N={n}"
+    where = f"prior (MODEL) at sm_{near_arch} C={c} H*W={near_hw} N={n}, fused vs the eager estimate"
     return _compare(float(entry["fused_us"]), float(entry["eager_us"]), "model", where)
 
 
-ROOFLINE_ARCHS = (80, 90)
-
-
-def roofline_decision(key):
-    """The analytic roofline's decision (H100 SXM for sm_9x, A100 SXM for sm_8x); None for other archs."""
-    from fastconvnext.kernels import roofline
-
-    near_arch = _nearest_arch(key.arch, ROOFLINE_ARCHS)
-    if near_arch is None or key.dtype not in roofline.DTYPE_BYTES:
-        return None
-    gpu = roofline.MACHINES[near_arch].gpu
-    shape = roofline.StageShape("policy", 0, key.batch, max(1, round(math.sqrt(key.hw))), key.channels)
-    pass_ = "fwd" if key.mode == "forward" else "fwd+bwd"
-    fused, eager = (roofline.traffic(key.op, impl, pass_, shape, key.dtype).seconds(gpu) * 1e6
-                    for impl in ("fused", "eager"))
-    return _compare(fused, eager, "roofline", f"roofline bound on {gpu.name}")
-
-
 def static_decision(key):
-    """The default policy: the static model's table, else the roofline, else eager with the reason."""
+    """The default policy: the prior's prediction at the nearest point, else eager with the reason."""
     if key.dtype not in DTYPE_NAMES.values():
         return Decision(False, "none", f"no fused kernel for {key.dtype}")
     table = _predicted_table()
     if table:
         try:
             decision = model_decision(key, table)
-        except (KeyError, TypeError, ValueError, IndexError) as error:  # a malformed generated table
-            policy.warn_once(f"kernels/perf_table.py has a malformed entry ({type(error).__name__}: {error}); "
-                       f"using the roofline")
+        except (KeyError, TypeError, ValueError, IndexError) as error:  # a malformed override
+            policy.warn_once(f"the prior has a malformed entry ({type(error).__name__}: {error}); using eager")
             decision = None
         if decision is not None:
             return decision
-    decision = roofline_decision(key)
-    if decision is not None:
-        return decision
     arch = "CPU" if key.arch == CPU_ARCH else f"sm_{key.arch}"
-    return Decision(False, "none", f"no performance model for {arch} (modelled: sm_80, sm_90); "
-                                   f"fastconvnext.tune() measures this GPU")
+    return Decision(False, "none", f"no prior for {arch} (modelled: sm_80, sm_90); fastconvnext.tune() measures "
+                                   f"this GPU")
 
 
 def decide(key):
@@ -269,7 +280,7 @@ def _load_tuned_cache(index=None):
 def _prefers_fused(op, device_index, dtype, channels, hw, batch, mode):
     """decide(...).fused for a call on CUDA device `device_index` (-1: the current one); under torch.compile
     evaluated once per trace, outside the graph (all arguments are constants), so reading the device's
-    arch, the static table or the tuning cache never breaks the graph."""
+    arch, the prior or the tuning cache never breaks the graph."""
     index = None if device_index < 0 else device_index
     key = PolicyKey(op, device_arch(index), dtype, channels, hw, batch, mode)
     if key not in _decisions:
@@ -296,7 +307,7 @@ POLICY_HEADERS = ("shape", "choice", "source", "fused µs", "eager µs", "why")
 
 def format_policy_table(keys=None):
     """policy_table() as aligned text, for the bench report (keys default to default_report_keys()).
-    µs from "tuned" rows are measurements on this GPU; from "model" and "roofline" rows, MODELLED."""
+    µs from "tuned" rows are measurements on this GPU; from "model" rows, the prior's MODEL predictions."""
     rows = [tuple("" if v is None else str(v) for v in row)
             for row in policy_table(default_report_keys() if keys is None else keys)]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(POLICY_HEADERS)]
@@ -444,10 +455,10 @@ def _tuning_report():
                             "(median of CUDA-event runs, forward or forward+backward as called), keeps the faster "
                             "and caches it; inside CUDA-graph capture or torch.compile tracing, under "
                             "torch.distributed (call fastconvnext.tune() on every rank) or short of memory, the "
-                            "cached decision, else the static model (MODEL), decides. FASTCONVNEXT_TUNE=0 turns "
-                            "it off")
+                            "cached decision, else the prior (MODEL, fastconvnext/prior.json), decides. "
+                            "FASTCONVNEXT_TUNE=0 turns it off")
     else:
-        report["tuning"] = (f"off ({TUNE_ENV_VAR}=0): the static model (MODEL) decides, unless fastconvnext.tune() "
+        report["tuning"] = (f"off ({TUNE_ENV_VAR}=0): the prior (MODEL) decides, unless fastconvnext.tune() "
                             f"measured the shape in this process; the cache is not read")
     try:
         report.update(tuning.cache_report())

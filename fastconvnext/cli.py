@@ -176,7 +176,7 @@ def _add_bench(commands, load_options: bool) -> None:
     if not load_options:
         return  # the other commands need no benchmark imports
     try:
-        from fastconvnext.bench.cli import add_arguments
+        from fastconvnext.tooling.bench.cli import add_arguments
     except ImportError as error:
         parser.set_defaults(bench_unavailable=str(error))
         parser.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -567,7 +567,7 @@ def run_bench(args: argparse.Namespace) -> int:
     unavailable = getattr(args, "bench_unavailable", None)
     if unavailable is not None:
         raise CommandError(f"the benchmark harness is not available in this install ({unavailable})")
-    from fastconvnext.bench.cli import run
+    from fastconvnext.tooling.bench.cli import run
 
     return run(args)
 

@@ -111,7 +111,7 @@ def warn_once(message, stacklevel=3):
 
 
 class PolicyKey(NamedTuple):
-    """What a decision depends on, in the order of the static model's PREDICTED keys; hw = H*W and
+    """What a decision depends on, in the order of the prior's key columns; hw = H*W and
     batch = N rounded up to a power of two, arch the compute capability (90 for sm_90, 0 for CPU).
     A tuple, so torch.compile traces it as constants."""
 
@@ -131,10 +131,9 @@ class PolicyKey(NamedTuple):
 
 @dataclass(frozen=True)
 class Decision:
-    """fused or eager, where the choice came from ("tuned": measured here; "model": kernels/perf_table.py;
-    "roofline": fastconvnext.kernels.roofline; "none": nothing to go on; "failed": timing the shape on first use
-    failed, so it runs eagerly in this process), why, and the times behind it (µs; measured for "tuned", a MODEL
-    for "model" and "roofline")."""
+    """fused or eager, where the choice came from ("tuned": measured here; "model": the prior, fastconvnext/prior.json;
+    "none": nothing to go on; "failed": timing the shape on first use failed, so it runs eagerly in this process),
+    why, and the times behind it (µs; measured for "tuned", the MODEL's prediction for "model")."""
 
     fused: bool
     source: str

@@ -6,9 +6,9 @@ call both ways: the same inputs for both, warm-up (which also lets Triton compil
 median of CUDA-event timings, forward only or forward and backward as the grad mode says. The faster is
 installed into the dispatch policy and merged into the cache file of this GPU; later processes read the file
 instead of timing again. FASTCONVNEXT_TUNE=0 opts out: no timing on first use and no cache read at dispatch,
-the static model (kernels/perf_table.py, a MODEL) decides, unless `tune()` is called explicitly.
+the prior (fastconvnext/prior.json, a MODEL) decides, unless `tune()` is called explicitly.
 
-Where timing is impossible or unsafe the call takes the cached decision, else the static model (the prior):
+Where timing is impossible or unsafe the call takes the cached decision, else the prior (a MODEL):
   - inside CUDA-graph capture (`_env.capturing()`): timing would record the runs into the graph;
   - inside torch.compile tracing: the decision is made once per trace, outside the graph (backend.py);
   - short of memory: the runs need room for a second copy of the op's intermediates. Before timing, the free
@@ -24,7 +24,7 @@ Under torch.distributed nothing is timed on first use, and the cache file is not
 decides, through `tune`. A first-use measurement could only be made the same on every rank with a collective
 at the first use of each key, and ranks are not guaranteed to meet the same keys in the same order (the last
 batch of an epoch, a rank-dependent branch, evaluation on rank 0 only), so such a collective could deadlock;
-and cache files of different nodes may differ. So on first use every rank takes the static model (the same
+and cache files of different nodes may differ. So on first use every rank takes the prior (the same
 table on every rank, so the same choice), and a one-time warning says to call `fastconvnext.tune(model,
 inputs)` on every rank: that call is collective by contract, rank 0 alone times (and writes its cache), and
 its table is broadcast, so every rank installs the same choices.
@@ -662,12 +662,12 @@ def _release_memory():
 
 def tune_on_first_use(op, key, call, timer=None):
     """Measure a shape not yet decided here, now, where that is safe; else the cached decision or the prior
-    (the static model) decides. See the module docstring for where it does not time."""
+    (the prior) decides. See the module docstring for where it does not time."""
     if _busy or _env.capturing() or torch.compiler.is_compiling() or key in _declined:
         return
     if distributed():
         policy.warn_once("shapes are not measured on first use under torch.distributed (ranks may meet different "
-                         "shapes, and each must make the same choice): they use the static model (MODEL) until "
+                         "shapes, and each must make the same choice): they use the prior (MODEL) until "
                          "fastconvnext.tune(model, inputs) is called on every rank (rank 0 measures and broadcasts); "
                          "FASTCONVNEXT_TUNE=0 silences this")
         return
@@ -682,7 +682,7 @@ def tune_on_first_use(op, key, call, timer=None):
             _declined[key] = "not enough free memory"
             _warn_kind_once("memory", f"not enough free GPU memory to time {key.label} (about {needed / 2**20:,.0f} "
                                       f"MiB wanted, a MODEL estimate; {free / 2**20:,.0f} MiB free): shapes that do "
-                                      f"not fit use the cached decision, else the static model (MODEL); "
+                                      f"not fit use the cached decision, else the prior (MODEL); "
                                       f"fastconvnext.tune() measures them when memory allows")
             return
     if not _measuring.acquire(blocking=False):
@@ -710,7 +710,7 @@ def _measure(op, key, call, device, timer):
         _declined[key] = message
         if kind == "oom":
             _warn_kind_once("oom", f"{message}: released what timing held; shapes that cannot be timed use the "
-                                   f"cached decision, else the static model (MODEL)")
+                                   f"cached decision, else the prior (MODEL)")
         else:
             policy.install_tuned({key: Decision(False, "failed", f"{message}; runs eagerly in this process")})
             policy.warn_once(f"{message}; that shape runs eagerly in this process", stacklevel=4)

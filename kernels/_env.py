@@ -71,7 +71,7 @@ FLAGS = {flag.name: flag for flag in (
     Flag(MAX_PIXELS_ENV, "count", 178_956_970, ("a positive integer (pixels)",),
          "the largest image, decoded or resized, in pixels (default: Pillow's bomb threshold)"),
     Flag(SASS_CACHE_ENV, "dir", None, ("a directory",),
-         "where kernels/sass_report.py caches compiled SASS (default ~/.cache/fastconvnext/sass)"),
+         "where fastconvnext/tooling/sass_report.py caches compiled SASS (default ~/.cache/fastconvnext/sass)"),
 )}
 
 _COUNT = re.compile(r"[0-9]{1,18}")

@@ -4,8 +4,8 @@ x and residual are [N, H, W, C] contiguous (NHWC); the kernels see them as [M, C
 D is the hidden width (4C in ConvNeXt, any D works). Work is counted in units of one M x C x D matmul
 (eager: 2 forward, 4 backward).
 
-Forward, one of two plans (`_two_gemm_forward` costs both with launch_plans' HBM and L2 byte figures: fused while
-C fits one output tile, two GEMMs from C = 192 for fp16/bf16):
+Forward, one of two plans (`_two_gemm_forward`: fused while C fits one output tile, two GEMMs from C = 192 for
+fp16/bf16; fastconvnext.tooling.mlp_paths costs both on the model):
 - fused, `_mlp_fwd_kernel`: per program (row tile, C-out tile) and per BLOCK_D chunk of the hidden,
   pre = x W1[chunk]^T + b1, h = act(pre) cast to the input dtype, acc += h W2[n-tile, chunk]^T; epilogue
   y2 = acc + b2, out = residual + scale * gamma * y2. h never reaches global memory; fc1 is recomputed
@@ -29,9 +29,9 @@ Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 u
   (2 units), or with pre at hand (LOAD_PRE) computes only dh = dy (diag(gamma) W2) (the launcher folds gamma into W2,
   so dy goes to the tensor cores as it is; the drop-path scale multiplies dh rows) in one 128x256 accumulator and
   reads pre back per column quarter (1 unit). pre is at hand when the forward saved it, or from a first backward pass
-  (`fc1_pre`: fc1 + b1 -> pre [M, D] stored for this backward only, 1 unit) where the cost model finds the two
-  passes' wider tiles cheaper in L2 bytes than the two-accumulator kernel (`_two_pass_hidden_backward`: ConvNeXt-T
-  from C = 384 in fp16/bf16); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel
+  (`fc1_pre`: fc1 + b1 -> pre [M, D] stored for this backward only, 1 unit) where the two passes' wider tiles cost
+  fewer L2 bytes than the two-accumulator kernel (`_two_pass_hidden_backward`: from C = 512 in fp16/bf16, 256 in
+  fp32 with TF32, on Triton 3.9); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel
   reads h and dpre (2 units) and sums db2, dgamma.
 The dW kernel's grid is (2 x D chunks: dW1 programs then dW2 programs, one accumulator each; C tiles; M
 segments); each program walks its segment's row tiles in order; the segment count depends only on M, so results
@@ -49,7 +49,7 @@ in one order (`_same_reduction_order`), so autotuning cannot change bits. One sm
 interpreter.
 
 `launch_plans(batch, height, width, channels, dtype, training)` lists the launches a call makes at a shape
-(config, grid, modelled bytes) for kernels/sass_report.py; the launchers and it share `_grid`, `_kinds`
+(config, grid, modelled bytes) for fastconvnext/tooling/sass_report.py; the launchers and it share `_grid`, `_kinds`
 and the configs.
 
 Precision: fp16/bf16 operands go to tensor cores via tl.dot with fp32 accumulation; fp32 operands use
@@ -75,7 +75,6 @@ from ._op_support import autocast_key, device_guard as _device_guard, forward_mo
 from ._triton_compat import approx_div_helper, config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
-from .roofline import MACHINES
 
 require_supported()  # an older Triton: ImportError naming the installed and the required release
 # div.approx.f32 as the installed Triton spells it, chosen now: in the mode (TRITON_INTERPRET) this module's
@@ -956,43 +955,14 @@ def _config(kind: str, C: int, D: int, dtype: str, gpu: bool = False) -> dict:
     return interpreter_cfg if interpreting() and not gpu else configs(C, D, dtype)[0]
 
 
-# Roofline constants of the path choice: kernels/roofline.py's H100 SXM (dense; a model, not a measurement).
-_MODEL_MACHINE = MACHINES[90]
-_MODEL_PEAK_FLOPS = {"ieee": _MODEL_MACHINE.gpu.vector_flops, **_MODEL_MACHINE.gpu.tensor_flops}
-_MODEL_HBM_BYTES_PER_S = _MODEL_MACHINE.hbm_bytes_per_s
-_MODEL_L2_BYTES_PER_S = _MODEL_MACHINE.l2_bytes_per_s  # L2 -> SMs: ASSUMED, as sass_report charges it
-_MODEL_ROWS = 256 * 28 * 28  # the row count the path choice is costed at (ConvNeXt-T stage 2, batch 256)
-
-
 def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
-    """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel: see
-    `_two_gemm_forward_costed`, cached per shape because every forward call asks (costing takes ~50 µs)."""
-    return _two_gemm_forward_costed(C, D, dtype, precision, gpu or not interpreting())
-
-
-@functools.lru_cache(maxsize=None)
-def _two_gemm_forward_costed(C: int, D: int, dtype: str, precision: str, gpu: bool) -> bool:
     """Whether the forward runs as two GEMM kernels (h stored once) rather than the fused kernel.
 
-    The fused kernel recomputes fc1 once per C tile beyond the first and re-reads each row tile from L2 per hidden
-    chunk once x is streamed; the split pays 2 * M * D bytes of h (written, read back). Each kernel costs the
-    largest of its tensor work / peak, its HBM bytes / bandwidth and its L2->SM bytes / L2 bandwidth, with the
-    byte figures launch_plans gives kernels/sass_report.py (`_plan_figures`, at a nominal row count); the cheaper
-    plan wins. This picks the fused kernel while C fits one output tile (C <= 128 for fp16/bf16) and the split from
-    C = 192, and the split whenever fp32 would recompute (FMA-bound)."""
-    if triton.cdiv(C, _config("fwd", C, D, dtype, gpu)["BLOCK_N"]) == 1:
-        return False
-    s, M = _DTYPE_BYTES[dtype], _MODEL_ROWS
-    unit = 2 * M * C * D / _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
-
-    def seconds(kinds):
-        total = 0.0
-        for kind in kinds:
-            _, hbm, l2, _, _, units = _plan_figures(kind, _config(kind, C, D, dtype, gpu), M, C, D, s, _flags(kind))
-            total += max(units * unit, hbm / _MODEL_HBM_BYTES_PER_S, l2 / _MODEL_L2_BYTES_PER_S)
-        return total
-
-    return seconds(["hidden", "fc2"]) < seconds(["fwd"])
+    Rule: the fused kernel while C fits one output tile of its config, two GEMMs beyond. Why: the fused kernel
+    recomputes fc1 once per C-out tile beyond the first, which costs a whole M x C x D matmul per extra tile, while
+    the split pays 2 * M * D bytes of h (written, read back), a fraction of that time at every ConvNeXt width
+    (fastconvnext.tooling.mlp_paths costs both on the performance model; tests check that it agrees)."""
+    return triton.cdiv(C, _config("fwd", C, D, dtype, gpu or not interpreting())["BLOCK_N"]) > 1
 
 
 def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
@@ -1019,28 +989,22 @@ def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool
     return kinds
 
 
-def _modelled_seconds(kinds, C: int, D: int, dtype: str, precision: str, gpu: bool, saved_pre: bool = False) -> float:
-    """The path choices' cost model: per kernel the largest of its tensor work at peak, its HBM bytes / bandwidth and
-    its L2->SM bytes / L2 bandwidth (launch_plans' figures, `_plan_figures`, at a nominal row count)."""
-    s, M = _DTYPE_BYTES[dtype], _MODEL_ROWS
-    unit = 2 * M * C * D / _MODEL_PEAK_FLOPS[dtype if dtype != "fp32" else precision]
-    total = 0.0
-    for kind in kinds:
-        flags = _flags(kind, saved_pre=saved_pre)
-        _, hbm, l2, _, _, units = _plan_figures(kind, _config(kind, C, D, dtype, gpu), M, C, D, s, flags)
-        total += max(units * unit, hbm / _MODEL_HBM_BYTES_PER_S, l2 / _MODEL_L2_BYTES_PER_S)
-    return total
+# Rule of the hidden backward where pre is not at hand: two passes (fc1_pre, then the one-accumulator kernel) from
+# this C on, by dot precision, where that kernel's 128x256 tiles exist (Triton 3.9: "mlp.hidden_bwd_pre_wide" and
+# "mlp.fc1_pre_wide" in _triton_compat); None: never. Why: the wide tiles halve the L2 operand bytes per output, which
+# outweighs pre's extra HBM round trip once C fills 256-wide tiles well (16-bit: from C = 512; at C = 320-384 the
+# half-empty last tile loses); fp32 without TF32 is FMA-bound either way. tests/test_tooling_wall.py checks this
+# against the performance model (fastconvnext.tooling.mlp_paths) at every ConvNeXt width.
+_TWO_PASS_FROM_C = {"bf16": 512, "fp16": 512, "tf32": 256, "ieee": None}
 
 
-@functools.lru_cache(maxsize=None)
-def _two_pass_hidden_backward(C: int, D: int, dtype: str, precision: str, gpu: bool) -> bool:
-    """Whether backward (pre not saved) recomputes pre in a GEMM of its own (`fc1_pre`: 32K-output tiles, pre stored
-    [M, D] for this backward only) and then runs the one-accumulator hidden backward on it, rather than the kernel
-    that recomputes pre and dh side by side in two 128x128 accumulators: the cheaper on the cost model
-    (`_modelled_seconds`). The second pass's wider tiles save more L2 operand bytes than the pre round trip costs where
-    C is wide (ConvNeXt-T from C = 384 in fp16/bf16)."""
-    split = _modelled_seconds(["fc1_pre", "hidden_bwd_pre"], C, D, dtype, precision, gpu)
-    return split < _modelled_seconds(["hidden_bwd"], C, D, dtype, precision, gpu)
+def _two_pass_hidden_backward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
+    """Whether backward (pre not saved) recomputes pre in a GEMM of its own (`fc1_pre`: pre stored [M, D] for this
+    backward only) and then runs the one-accumulator hidden backward on it, rather than the kernel that recomputes
+    pre and dh side by side in two 128x128 accumulators: see _TWO_PASS_FROM_C."""
+    start = _TWO_PASS_FROM_C[precision if dtype == "fp32" else dtype]
+    wide = config_choice("mlp.hidden_bwd_pre_wide") and config_choice("mlp.fc1_pre_wide")
+    return wide and start is not None and C >= start
 
 
 # The forward keeps pre = x W1^T + b1 ([M, D], activation dtype) for backward while H * W * D per image is at most
@@ -1548,7 +1512,7 @@ def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=
 
 
 # ---------------------------------------------------------------------------------------------
-# Compile targets (for kernels/compile_check.py)
+# Compile targets (for fastconvnext/tooling/compile_check.py)
 # ---------------------------------------------------------------------------------------------
 # Representative (C, D) buckets: a small odd one, then the four ConvNeXt stage widths.
 _BUCKETS = ((40, 72), (96, 384), (192, 768), (384, 1536), (768, 3072))
@@ -1672,10 +1636,10 @@ def compile_targets() -> List[CompileTarget]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch plans (for kernels/sass_report.py): every figure below is a model, not a measurement
+# Launch plans (for fastconvnext/tooling/sass_report.py): every figure below is a model, not a measurement
 # ---------------------------------------------------------------------------------------------
-_MODEL_L2_BYTES = 50e6  # H100: data whose footprint exceeds this is re-read from HBM
-_MODEL_SMS = 132  # H100 SXM
+_MODEL_L2_BYTES = 50e6  # H100 SXM (tooling roofline.MACHINES[90], tested equal): larger footprints are re-read from HBM
+_MODEL_SMS = 132  # H100 SXM (likewise)
 
 
 def _plan_figures(kind, cfg, M, C, D, s, flags):

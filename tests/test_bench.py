@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from fastconvnext.bench import cli, runner, timing
-from fastconvnext.kernels import roofline
-from fastconvnext.bench.memory import count_saved, measure
+from fastconvnext.tooling.bench import cli, runner, timing
+from fastconvnext.tooling import roofline
+from fastconvnext.tooling.bench.memory import count_saved, measure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +104,7 @@ def test_a_reader_closing_the_pipe_ends_the_run_quietly():
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        done = subprocess.run([sys.executable, "-m", "fastconvnext.bench", "--roofline"], stdout=write_end,
+        done = subprocess.run([sys.executable, "-m", "fastconvnext.tooling.bench", "--roofline"], stdout=write_end,
                               stderr=subprocess.PIPE, text=True, timeout=300)
     finally:
         os.close(write_end)
@@ -120,7 +120,7 @@ def test_cpu_quick_defaults_are_convnext_t_224_batch_8_inference(monkeypatch):
 
 
 def test_cpu_quick_run_takes_one_thread_on_a_busy_machine_unless_told(monkeypatch):
-    from fastconvnext.bench import environment
+    from fastconvnext.tooling.bench import environment
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
@@ -157,7 +157,7 @@ def _model_row(impl, median, q1, q3, ci=("", "")):
 
 
 def test_verdict_says_too_noisy_and_no_ratio_is_drawn_from_a_baseline_whose_spread_exceeds_the_difference():
-    from fastconvnext.bench import report
+    from fastconvnext.tooling.bench import report
 
     base = _model_row("transformers", 100, 60, 160)  # IQR 100 ms
     close = _model_row("fastconvnext-eager", 80, 75, 85, ci=(0.7, 1.6))  # 20 ms faster: inside the noise
@@ -174,7 +174,7 @@ def test_verdict_says_too_noisy_and_no_ratio_is_drawn_from_a_baseline_whose_spre
 
 
 def test_plot_footnote_explains_only_the_panels_drawn():
-    from fastconvnext.bench import report
+    from fastconvnext.tooling.bench import report
 
     model_only = report.plot_footnote({"img/s"})
     assert "Model panel" in model_only and "Op " not in model_only and "within noise" in model_only
@@ -277,7 +277,7 @@ def test_count_saved_counts_a_storage_once_and_excludes_inputs():
 
 
 def test_load_text_does_not_count_the_benchmark_itself_as_competition():
-    from fastconvnext.bench import environment
+    from fastconvnext.tooling.bench import environment
 
     assert "busy" not in environment.load_text(2.1, cores=2, own_threads=2)
     assert "this run's 2 thread(s) included" in environment.load_text(2.1, cores=2, own_threads=2)

@@ -1,6 +1,6 @@
-"""benchmarks/calibrate_machine.py on CPU: each microbenchmark kernel computes what it claims (in Triton's
+"""fastconvnext.tooling.calibrate (benchmarks/calibrate_machine.py runs it) on CPU: each microbenchmark kernel computes what it claims (in Triton's
 interpreter, TRITON_INTERPRET=1 from conftest), the rate arithmetic, the refusal without CUDA."""
-import importlib.util
+import importlib
 import json
 import subprocess
 import sys
@@ -14,9 +14,7 @@ from helpers import dot_with_exact_bf16
 from tolerance import assert_within_rule
 
 ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("calibrate_machine", ROOT / "benchmarks" / "calibrate_machine.py")
-calib = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(calib)
+calib = importlib.import_module("fastconvnext.tooling.calibrate")
 BLOCK = calib.READ_BLOCK
 
 
@@ -71,7 +69,8 @@ def test_rate_arithmetic_on_known_times():
     r = calib.rate(2e9, [1.0, 2.0, 4.0])  # 2 GB in 1 / 2 / 4 ms
     assert r == {"median": 1e12, "max": 2e12, "min": 5e11}
     assert calib.ffma_issue_per_clock(32 * 100 * 2e9 * 4, sms=100, clock_hz=2e9) == 4.0
-    assert calib.assumed_dot_efficiency(90, 128) == 128 / 144 and calib.assumed_dot_efficiency(80, 128) == 0.85
+    # the public pointer-load figure (roofline.MACHINE_SOURCES), on both archs
+    assert calib.assumed_dot_efficiency(90, 128) == 0.6 and calib.assumed_dot_efficiency(80, 128) == 0.6
     with pytest.raises(ValueError, match="positive times"):
         calib.rate(1.0, [0.0])
 

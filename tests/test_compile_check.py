@@ -13,12 +13,12 @@ import time
 
 import pytest
 
-from fastconvnext.kernels import compile_check
+from fastconvnext.tooling import compile_check
 from fastconvnext.kernels.compile_spec import CompileTarget
 
 PRESENT = [m for m in compile_check.KERNEL_MODULES if compile_check.module_present(m)]
 # The suite compiles a handful of each module's targets, spread over its list (dtypes, widths, kernels):
-# under a minute on an idle 2-core machine. The full run (`python -m fastconvnext.kernels.compile_check
+# under a minute on an idle 2-core machine. The full run (`python -m fastconvnext.tooling.compile_check
 # --arch 80 90`) is required whenever kernels/ changes (CONTRIBUTING.md).
 SPREAD = 3
 # No test-level time limit below what a loaded machine needs: a compile is never flaky, only slow.
@@ -42,7 +42,7 @@ def run_python(args, tmp_path, timeout=GENEROUS_TIMEOUT):
 def test_a_spread_of_targets_compiles_without_spills(module, tmp_path):
     report = tmp_path / "report.json"
     proc = run_python(
-        ["-m", "fastconvnext.kernels.compile_check", "--arch", "80", "90", "--kernel", module, "--strict",
+        ["-m", "fastconvnext.tooling.compile_check", "--arch", "80", "90", "--kernel", module, "--strict",
          "--spread", str(SPREAD), "--json", str(report)],
         tmp_path,
     )
@@ -84,12 +84,12 @@ def _alive(pid):
     return state != "Z"
 
 
-# `python -m fastconvnext.kernels.compile_check ...` with SIGINT at its default disposition, as an interactive shell
+# `python -m fastconvnext.tooling.compile_check ...` with SIGINT at its default disposition, as an interactive shell
 # starts it. A job started with `&` from a script inherits SIGINT ignored, and Python then never raises
 # KeyboardInterrupt: a test suite launched that way would see Ctrl-C ignored, not the checker's handling of it.
 CHECKER_AS_A_SHELL_STARTS_IT = (
     "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-    "runpy.run_module('fastconvnext.kernels.compile_check', run_name='__main__', alter_sys=True)"
+    "runpy.run_module('fastconvnext.tooling.compile_check', run_name='__main__', alter_sys=True)"
 )
 
 
@@ -159,7 +159,7 @@ CHECK_SPILLING = '''
 import json, sys
 sys.path.insert(0, ".")
 from spilling import keep_everything_live
-from fastconvnext.kernels.compile_check import check_target
+from fastconvnext.tooling.compile_check import check_target
 from fastconvnext.kernels.compile_spec import CompileTarget
 
 target = CompileTarget(

@@ -1,9 +1,8 @@
 """The `auto` policy: per (op, C, H*W bucket, batch bucket, dtype, grad mode, arch), fused or eager.
 
-The prior: decisions from a fake static-model table (the format of kernels/perf_table.py), so every expected
-choice below follows from numbers written here; the roofline fallback is checked against
-fastconvnext.kernels.roofline computed independently in the test. On a (mocked) CUDA device `auto` measures
-first: a fake timer decides there, and the tests count its calls.
+The prior: decisions from a fake table (what backend.read_prior makes of fastconvnext/prior.json), so every expected
+choice below follows from numbers written here; without a prior point, eager with the reason (no analytic fallback).
+On a (mocked) CUDA device `auto` measures first: a fake timer decides there, and the tests count its calls.
 """
 import json
 import logging
@@ -82,7 +81,7 @@ def test_arch_maps_to_the_same_generation_or_falls_back():
     assert "sm_80" in backend.decide(key(arch=86)).reason  # Ampere consumer part -> the sm_80 point
     assert not backend.decide(key(arch=86)).fused
     assert backend.decide(key(arch=90)).fused
-    for arch in (75, 100):  # no modelled GPU of that generation, in the table or the roofline
+    for arch in (75, 100):  # no modelled GPU of that generation, in the table
         decision = backend.decide(key(arch=arch))
         assert not decision.fused and decision.source == "none"
         assert f"sm_{arch}" in decision.reason and "tune()" in decision.reason
@@ -93,24 +92,51 @@ def test_unknown_dtype_runs_eagerly_with_a_reason():
     assert decision == Decision(False, "none", "no fused kernel for fp64")
 
 
-def test_without_a_table_entry_the_roofline_decides():
-    from fastconvnext.kernels import roofline
-
-    shape = roofline.StageShape("t", 0, 64, 64, 192)  # H*W bucket 4096 -> 64x64
-    fused = roofline.traffic(DW, "fused", "fwd+bwd", shape, "fp16").seconds(roofline.H100_SXM) * 1e6
-    eager = roofline.traffic(DW, "eager", "fwd+bwd", shape, "fp16").seconds(roofline.H100_SXM) * 1e6
+def test_without_a_prior_point_eager_decides_with_the_reason():
     decision = backend.decide(key(op=DW, dtype="fp16", channels=192, mode=TRAIN))  # fp16 not in the table
-    assert decision.source == "roofline"
-    assert decision.fused_us == pytest.approx(fused) and decision.eager_us == pytest.approx(eager)
-    assert decision.fused == (fused < backend.MODEL_WIN_FACTOR * eager)
-    with backend.use_predicted_table(None):  # no kernels/perf_table.py at all
-        assert backend.decide(key()).source == "roofline"
+    assert (decision.fused, decision.source) == (False, "none") and "tune()" in decision.reason
+    with backend.use_predicted_table(None):  # no prior at all
+        assert backend.decide(key()).source == "none"
 
 
-def test_a_malformed_table_falls_back_to_the_roofline_with_a_warning():
+def test_a_malformed_table_falls_back_to_eager_with_a_warning():
     broken = {(MLP, 90, "bf16", 96, 3136, 64, FWD): {"fused": 1.0}}
-    with backend.use_predicted_table(broken), pytest.warns(UserWarning, match="perf_table.py has a malformed entry"):
-        assert backend.decide(key()).source == "roofline"
+    with backend.use_predicted_table(broken), pytest.warns(UserWarning, match="the prior has a malformed entry"):
+        assert backend.decide(key()).source == "none"
+
+
+def _prior_file(path, columns, rows):
+    path.write_text(json.dumps({"columns": columns, "rows": rows}))
+    return path
+
+
+def test_the_shipped_prior_is_read_as_its_columns_say(tmp_path):
+    columns = ["op", "arch", "dtype", "channels", "hw", "batch", "mode", "fused_us", "fused_pessimistic_us",
+               "eager_us", "floor_us"]
+    prior = backend.read_prior(_prior_file(tmp_path / "prior.json", columns,
+                                           [[MLP, 90, "bf16", 96, 3136, 64, FWD, 50.0, 60.0, 100.0, 40.0]]))
+    assert prior == {(MLP, 90, "bf16", 96, 3136, 64, FWD): {"fused_us": 50.0, "eager_us": 100.0}}  # the estimate
+    with backend.use_predicted_table(prior):
+        assert backend.decide(key()).fused
+
+
+@pytest.mark.parametrize("columns, rows, match", [
+    (["op", "arch"], [], "prior columns lack"),
+    (["op", "arch", "dtype", "channels", "hw", "batch", "mode", "fused_us", "eager_us"],
+     [[MLP, 90, "bf16", 96, 3136, 64, FWD, 50.0]], "has 8 values for 9 columns"),
+    (["op", "arch", "dtype", "channels", "hw", "batch", "mode", "fused_us", "eager_us"],
+     [[MLP, 90, "bf16", 96, 3136, 64, FWD, -1.0, 100.0]], "positive and finite"),
+])
+def test_a_malformed_prior_file_is_refused_naming_the_fault(tmp_path, columns, rows, match):
+    with pytest.raises(ValueError, match=match):
+        backend.read_prior(_prior_file(tmp_path / "prior.json", columns, rows))
+
+
+def test_the_shipped_prior_covers_both_ops_archs_dtypes_and_modes():
+    prior = backend.read_prior(backend.PRIOR_PATH)
+    assert {(k[0], k[1], k[2], k[6]) for k in prior} == {
+        (op, arch, dtype, mode) for op in (MLP, DW) for arch in (80, 90) for dtype in ("bf16", "fp16", "fp32")
+        for mode in (FWD, TRAIN)}
 
 
 def test_a_tuned_measurement_wins_over_the_model():

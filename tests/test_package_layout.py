@@ -104,7 +104,7 @@ def test_kernel_tool_runs_as_a_module_from_a_plain_source_tree(tmp_path):
     code = _FORGET_INSTALL + textwrap.dedent("""
         import runpy, sys
         sys.argv = ["compile_check", "--help"]
-        runpy.run_module("fastconvnext.kernels.compile_check", run_name="__main__", alter_sys=True)
+        runpy.run_module("fastconvnext.tooling.compile_check", run_name="__main__", alter_sys=True)
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(tree)

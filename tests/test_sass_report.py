@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from fastconvnext.kernels import sass_report as sr
+from fastconvnext.tooling import sass_report as sr
 from fastconvnext.kernels.compile_spec import CompileTarget, LaunchPlan
 
 # Hand-written in cuobjdump's layout. Outer loop 0x20..0xe0, inner loop 0x30..0xc0, end-of-kernel trap at 0x100.
@@ -152,7 +152,7 @@ def test_perf_table_source_is_a_plain_dict(tmp_path):
     case = sr.Case("convnext_mlp", 90, "bf16", 96, 56, 64, "forward")
     est = sr.LaunchEstimate("k", "", "forward", "", (1,), 1, 4, terms={"hbm": 2e-6, "issue": 5e-6})
     result = sr.CaseResult(case, [est], "module", eager_s=10e-6, minimum_s=1e-6)
-    source = sr.perf_table_source([result], "python -m fastconvnext.kernels.sass_report")
+    source = sr.perf_table_source([result], "python -m fastconvnext.tooling.sass_report")
     namespace = {}
     exec(compile(source, "perf_table.py", "exec"), namespace)
     assert namespace["PREDICTED"] == {("convnext_mlp", 90, "bf16", 96, 3136, 64, "forward"):
@@ -189,7 +189,7 @@ COMPILE_TINY = '''
 import json, sys
 sys.path.insert(0, ".")
 from tiny_kernel import scaled_sum
-from fastconvnext.kernels import sass_report as sr
+from fastconvnext.tooling import sass_report as sr
 from fastconvnext.kernels.compile_spec import CompileTarget, LaunchPlan
 
 target = CompileTarget(kernel="scaled_sum", fn=scaled_sum, constexprs={"BLOCK": 512}, num_warps=4, num_stages=1,
@@ -237,8 +237,8 @@ class FakeTable:
 
 
 def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
-    from fastconvnext.bench import ops_report, roofline_report
-    from fastconvnext.kernels import roofline
+    from fastconvnext.tooling.bench import ops_report, roofline_report
+    from fastconvnext.tooling import roofline
 
     monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
     mlp = ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=90)
@@ -265,7 +265,7 @@ def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
 
 def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
     """The GPU path of benchmarks/ops_report.py on a canned `fastconvnext bench --ops` CSV."""
-    from fastconvnext.bench import ops_report, roofline_report
+    from fastconvnext.tooling.bench import ops_report, roofline_report
 
     monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
     path = tmp_path / "bench.csv"
@@ -284,7 +284,7 @@ def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
 
 def _stage_table(l2_us, issue_us, eager_us):
     """A perf_table with every ConvNeXt-T b256 bf16 H100 stage: each (op, mode) one launch, L2 vs issue terms."""
-    from fastconvnext.kernels import roofline
+    from fastconvnext.tooling import roofline
 
     class Table:
         __doc__ = FakeTable.__doc__
@@ -301,8 +301,8 @@ def _stage_table(l2_us, issue_us, eager_us):
 
 
 def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
-    from fastconvnext.bench import roofline_report
-    from fastconvnext.kernels.roofline import MACHINES
+    from fastconvnext.tooling.bench import roofline_report
+    from fastconvnext.tooling.roofline import MACHINES
 
     assumed = MACHINES[90].l2_bytes_per_s / 1e12
     # every launch L2-bound at the assumed constant (200 us) with 120 us of issue under it; eager 100 us
@@ -317,7 +317,7 @@ def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
 
 
 def test_l2_sensitivity_says_so_when_the_table_lacks_detail(monkeypatch):
-    from fastconvnext.bench import roofline_report
+    from fastconvnext.tooling.bench import roofline_report
 
     monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
     assert roofline_report.l2_sensitivity_markdown().startswith("(no per-launch detail")

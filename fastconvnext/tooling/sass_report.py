@@ -1,6 +1,6 @@
 """Static performance model read off the SASS: what each kernel launch executes, and how long that takes on paper.
 
-    python -m fastconvnext.kernels.sass_report [--arch 90 80] [--dtype bf16 fp16 fp32] [--batch 64 256]
+    python -m fastconvnext.tooling.sass_report [--arch 90 80] [--dtype bf16 fp16 fp32] [--batch 64 256]
         [--models tiny base] [--jobs N] [--table PATH] [--markdown PATH] [--loops]
 
 Run it in a shell WITHOUT TRITON_INTERPRET (it compiles for sm_80/sm_90; no GPU needed).
@@ -25,7 +25,7 @@ latency not hidden by too few warps, bank conflicts and the instruction cache ar
 work is assumed to overlap the other instructions fully (max, not sum: optimistic for a loop that drains its
 wgmma before using the result with one CTA per SM). Launches run one
 after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
-Eager PyTorch is fastconvnext.kernels.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
+Eager PyTorch is fastconvnext.tooling.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
 fused-vs-eager ratio from this model is conservative for the kernels.
 """
 from __future__ import annotations
@@ -41,34 +41,41 @@ import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fastconvnext.kernels import roofline
+from fastconvnext.tooling import roofline
+from fastconvnext.tooling.model_tables import LAUNCHES_PATH, PRIOR_PATH
+from fastconvnext.kernels import _env
 from fastconvnext.kernels.compile_spec import compile_options
 
-_PACKAGE = __package__ or "fastconvnext.kernels"
+_KERNELS = "fastconvnext.kernels"  # where the kernel modules live
 KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
 MODES = ("forward", "forward_backward")
 DTYPES = ("bf16", "fp16", "fp32")
 STAGE_SIZES = (56, 28, 14, 7)
 STAGE_CHANNELS = {"tiny": (96, 192, 384, 768), "base": (128, 256, 512, 1024)}
 CACHE_ENV = "FASTCONVNEXT_SASS_CACHE"
-DEFAULT_TABLE = Path(__file__).parent / "perf_table.py"
 
 
 # ------------------------------------------------------------------------------------------ machines
 
 
-# The machines' figures live with the byte/FLOP floor's, in kernels/roofline.py (one place for H100/A100 constants).
+# The machines' figures live with the byte/FLOP floor's, in fastconvnext/tooling/roofline.py (one place for H100/A100 constants).
 Machine, MACHINES, MACHINE_SOURCES = roofline.Machine, roofline.MACHINES, roofline.MACHINE_SOURCES
 H100_SXM, A100_SXM = MACHINES[90], MACHINES[80]
 
 
-def tensor_efficiency(arch: int, opcode: str, n: int) -> float:
-    if opcode.endswith("GMMA"):
-        return n / (n + 16)
-    return 0.5 if arch >= 90 else 0.85
+# Fraction of the dense tensor peak a GEMM loop reaches, by how its operands arrive (roofline.MACHINE_SOURCES).
+LOAD_PATH_EFFICIENCY = {"pointer": 0.6, "tma": 0.7}
+HMMA_ON_SM90 = 0.5  # mma.sync on Hopper: half of the wgmma rate
+
+
+def tensor_efficiency(arch: int, opcode: str, n: int, load_path: str = "pointer") -> float:
+    """The modelled fraction of the dense peak for a tensor instruction of width n (n is kept for the callers'
+    sake: the public figures do not resolve it)."""
+    fraction = LOAD_PATH_EFFICIENCY[load_path]
+    return fraction * HMMA_ON_SM90 if arch >= 90 and not opcode.endswith("GMMA") else fraction
 
 
 # ------------------------------------------------------------------------------------- SASS parsing
@@ -287,6 +294,7 @@ class ProgramWork:
     mufu: float = 0.0  # per warp
     tensor_macs: float = 0.0  # per program (all warps / warpgroups)
     tensor_seconds_per_sm_clock: float = 0.0  # MACs / (efficiency-weighted rate), in SM clocks
+    outside_loops: float = 0.0  # per warp: instructions outside every loop (prologue and epilogue)
     tensor_ops: Counter = field(default_factory=Counter)
 
 
@@ -295,11 +303,14 @@ def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Mac
     weights = loop_weights(instrs, loops, loop_trips, outer_trips, shares)
     work = ProgramWork()
     rate = machine.macs_per_clock["tf32" if dtype == "fp32" else "16bit"]
+    load_path = "tma" if any(instr.base == "UTMALDG" for instr in instrs) else "pointer"
     for instr in instrs:
         if instr.base in ("NOP",) or (instr.base == "BRA" and _branch_target(instr) == instr.address):
             continue
         times = multiplicity(instr.address, loops, weights, outer_trips)
         work.warp_instructions += times
+        if not any(loop.holds(instr.address) for loop in loops):
+            work.outside_loops += 1
         cls, detail = classify(instr)
         if cls == "mufu":
             work.mufu += times
@@ -309,7 +320,7 @@ def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Mac
             issuers = num_warps / 4 if instr.base.endswith("GMMA") else num_warps
             macs = times * issuers * m * n * k
             work.tensor_macs += macs
-            work.tensor_seconds_per_sm_clock += macs / (rate * tensor_efficiency(machine.arch, instr.base, n))
+            work.tensor_seconds_per_sm_clock += macs / (rate * tensor_efficiency(machine.arch, instr.base, n, load_path))
             work.tensor_ops[detail] += times
     return work
 
@@ -345,7 +356,7 @@ def specialization(target, plan) -> tuple[dict, dict, dict]:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastconvnext", "sass")
+    root = _env.read(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "fastconvnext", "sass")
     return Path(root)
 
 
@@ -392,7 +403,7 @@ def compile_sass(target, arch: int, plan=None, use_cache: bool = True) -> Compil
     if use_cache and path.is_file():
         data = json.loads(zlib.decompress(path.read_bytes()))
         return Compiled(data["sass"], data["registers"], data["shared"], data["spill"], data["seconds"], True)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _env.interpreting():
         raise RuntimeError("TRITON_INTERPRET is set: unset it to compile for a GPU target")
     from fastconvnext.kernels._triton_compat import compile_for_arch
 
@@ -501,6 +512,8 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     est.tensor_ops = dict(work.tensor_ops)
     est.warp_instructions = work.warp_instructions * target.num_warps * programs
     est.terms["tensor"] = busiest * work.tensor_seconds_per_sm_clock / clock
+    if est.terms["tensor"] and est.ctas_per_sm == 1:  # no other CTA's matmul runs under this one's epilogue
+        est.terms["tensor"] += busiest * work.outside_loops * target.num_warps / (machine.issue_per_clock * clock)
     est.terms["issue"] = busiest * work.warp_instructions * target.num_warps / (machine.issue_per_clock * clock)
     est.terms["mufu"] = busiest * work.mufu * target.num_warps * 32 / (machine.mufu_per_clock * clock)
     return est
@@ -509,7 +522,7 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
 def launch_plans(op, batch, height, width, channels, dtype, training, machine=H100_SXM):
     """(the kernel module's launch_plans at this shape, "module"); `machine` is accepted for the callers'
     symmetry with the estimates (the plans do not depend on it)."""
-    module = importlib.import_module(f"{_PACKAGE}.{KERNEL_OPS[op]}")
+    module = importlib.import_module(f"{_KERNELS}.{KERNEL_OPS[op]}")
     if not hasattr(module, "launch_plans"):
         raise AttributeError(f"{module.__name__} has no launch_plans(batch, height, width, channels, dtype, training)")
     return list(module.launch_plans(batch, height, width, channels, dtype, training)), "module"
@@ -518,22 +531,29 @@ def launch_plans(op, batch, height, width, channels, dtype, training, machine=H1
 # ------------------------------------------------------------------------------------------ eager
 
 
-def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
-    """The optimistic eager floor of fastconvnext.kernels.roofline on the same machine's peaks."""
-
-    gpu = machine.gpu
+def _eager_traffic(op, batch, size, channels, dtype, mode, impl="eager"):
     shape = roofline.StageShape("-", 0, batch, size, channels)
-    pass_ = "fwd" if mode == "forward" else "fwd+bwd"
-    return roofline.traffic(op, "eager", pass_, shape, dtype).seconds(gpu)
+    return roofline.traffic(op, impl, "fwd" if mode == "forward" else "fwd+bwd", shape, dtype)
+
+
+def eager_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
+    """The eager estimate of fastconvnext.tooling.roofline (public efficiencies of eager PyTorch's kernels)."""
+    return _eager_traffic(op, batch, size, channels, dtype, mode).estimate_seconds(machine.gpu)
+
+
+def floor_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
+    """The eager floor of fastconvnext.tooling.roofline: every eager op at peak (a torch.compile-class bound)."""
+    return _eager_traffic(op, batch, size, channels, dtype, mode).seconds(machine.gpu)
 
 
 def minimum_seconds(op, batch, size, channels, dtype, mode, machine: Machine) -> float:
-    """The fusion floor ("minimum") of fastconvnext.kernels.roofline."""
+    """The fusion floor ("minimum") of fastconvnext.tooling.roofline."""
+    return _eager_traffic(op, batch, size, channels, dtype, mode, "fused_min").seconds(machine.gpu)
 
-    gpu = machine.gpu
-    shape = roofline.StageShape("-", 0, batch, size, channels)
-    pass_ = "fwd" if mode == "forward" else "fwd+bwd"
-    return roofline.traffic(op, "fused_min", pass_, shape, dtype).seconds(gpu)
+
+def pessimistic(machine: Machine) -> Machine:
+    """The machine at the low edge of its public L2 -> SM figures."""
+    return replace(machine, l2_bytes_per_s=machine.l2_bytes_per_s_low)
 
 
 # ------------------------------------------------------------------------------------------- driver
@@ -572,9 +592,11 @@ class CaseResult:
     case: Case
     launches: list  # [LaunchEstimate]
     source: str  # where the plans came from: "module"
-    eager_s: float
+    eager_s: float  # the eager estimate
     minimum_s: float
     error: str = ""
+    floor_s: float = 0.0  # the eager floor
+    fused_low_s: float = 0.0  # the fused launches at the pessimistic L2 -> SM edge
 
     @property
     def fused_s(self) -> float:
@@ -640,7 +662,7 @@ def run_model(case_list, workers=1, progress=None) -> list[CaseResult]:
     results = []
     for case, plans, source, error in planned:
         machine = MACHINES[case.arch]
-        launches = []
+        launches, fused_low_s = [], 0.0
         for plan in plans:
             built = None
             if plan.target is not None:
@@ -649,12 +671,10 @@ def run_model(case_list, workers=1, progress=None) -> list[CaseResult]:
                     error = error or f"compile failed for {plan.target.kernel} {plan.target.label}: {built}"
                     continue
             launches.append(estimate_launch(plan, machine, built, case.dtype))
-        results.append(CaseResult(
-            case, launches, source,
-            eager_seconds(case.op, case.batch, case.size, case.channels, case.dtype, case.mode, machine),
-            minimum_seconds(case.op, case.batch, case.size, case.channels, case.dtype, case.mode, machine),
-            error,
-        ))
+            fused_low_s += estimate_launch(plan, pessimistic(machine), built, case.dtype).seconds
+        shape = (case.op, case.batch, case.size, case.channels, case.dtype, case.mode, machine)
+        results.append(CaseResult(case, launches, source, eager_seconds(*shape), minimum_seconds(*shape), error,
+                                  floor_seconds(*shape), fused_low_s))
     return results
 
 
@@ -673,48 +693,55 @@ def _versions() -> str:
     return f"triton {triton.__version__}, torch {torch_version}"
 
 
-def perf_table_source(results: list[CaseResult], command: str, note: str = "") -> str:
-    """kernels/perf_table.py: PREDICTED[(op, arch, dtype, channels, hw, batch, mode)] -> fused/eager µs."""
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    lines = [
-        '"""Predicted kernel times from the static SASS model (kernels/sass_report.py). MODEL, not measurement.',
-        "",
-        f"Generated {stamp} by `{command}` ({_versions()}),",
-        "compiling each launch's config for sm_80/sm_90 without a GPU. Keys: (op, arch, dtype, channels, hw, batch,",
-        'mode) with op in {"dwconv_layernorm", "convnext_mlp"}, arch 80 (A100 SXM) or 90 (H100 SXM), hw = H*W,',
-        'mode "forward" (inference) or "forward_backward" (training forward + backward). fused_us: sum over the',
-        "fused launches of max(HBM, L2, tensor, issue, MUFU) time; eager_us: eager PyTorch's optimistic floor",
-        "(fastconvnext.kernels.roofline, every op at peak). Regenerate after a kernel change:",
-        "    python -m fastconvnext.kernels.sass_report",
-        *([note] if note else []),
-        '"""',
-        "",
-        "PREDICTED = {",
-    ]
+PRIOR_COLUMNS = ("op", "arch", "dtype", "channels", "hw", "batch", "mode",
+                 "fused_us", "fused_pessimistic_us", "eager_us", "floor_us")
+
+
+def prior_document(results: list[CaseResult], command: str) -> dict:
+    """fastconvnext/prior.json: the MODEL's predictions the auto policy falls back on where it cannot measure."""
+    rows = []
     for result in sorted(results, key=lambda r: r.case.key):
         if result.error or not result.launches:
             continue
-        lines.append(f"    {result.case.key!r}: {{\"fused_us\": {result.fused_s * 1e6:.3f}, "
-                     f"\"eager_us\": {result.eager_s * 1e6:.3f}}},")
-    lines.append("}")
-    lines += ["", f"# Per-launch detail for {DETAIL_DTYPE}, batch {DETAIL_BATCH} (what the PREDICTED sums are made of).",
-              "LAUNCHES = {"]
+        rows.append([*result.case.key, *(round(t * 1e6, 3) for t in
+                                         (result.fused_s, result.fused_low_s, result.eager_s, result.floor_s))])
+    return {
+        "what": "MODEL predictions, not measurements: fused_us from the static SASS model of each fused launch "
+                "(max of HBM, L2, tensor, issue and MUFU time), fused_pessimistic_us the same at the low edge of the "
+                "public L2 -> SM bandwidth, eager_us the eager estimate (eager PyTorch at public efficiencies), "
+                "floor_us the eager floor (every eager op at peak: a torch.compile-class bound). The auto policy "
+                "compares fused_us with eager_us only where it cannot time the shape on the GPU at hand.",
+        "keys": "op; arch 80 = A100 SXM, 90 = H100 SXM; dtype; channels; hw = H*W; batch; mode forward (inference) "
+                "or forward_backward (training forward + backward)",
+        "generated_by": command,
+        "versions": _versions(),
+        "machine_sources": list(roofline.MACHINE_SOURCES) + list(roofline.EAGER_SOURCES),
+        "columns": list(PRIOR_COLUMNS),
+        "rows": rows,
+    }
+
+
+def launches_document(results: list[CaseResult]) -> dict:
+    """fastconvnext/tooling/launches.json: per-launch detail (bf16, batch 256) that the prior's sums are made of,
+    for benchmarks/ROOFLINE.md and the L2 what-if."""
+    cases = []
     for result in sorted(results, key=lambda r: r.case.key):
         c = result.case
         if result.error or not result.launches or c.dtype != DETAIL_DTYPE or c.batch != DETAIL_BATCH:
             continue
-        lines.append(f"    {c.key!r}: [")
-        lines += [f"        {launch_record(launch)!r}," for launch in result.launches]
-        lines.append("    ],")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+        cases.append({"key": list(c.key), "launches": [launch_record(launch) for launch in result.launches]})
+    return {"what": "MODEL: per-launch estimates of the static SASS model", "versions": _versions(), "cases": cases}
+
+
+def write_json(path: Path, document: dict) -> None:
+    path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
 
 
 DETAIL_DTYPE, DETAIL_BATCH = "bf16", 256
 
 
 def launch_record(launch: LaunchEstimate) -> dict:
-    """One launch as plain data for perf_table.LAUNCHES (rendered in benchmarks/ROOFLINE.md)."""
+    """One launch as plain data for launches.json (rendered in benchmarks/ROOFLINE.md)."""
     loops = []
     for counts in launch.loops:
         keep = {k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS}
@@ -776,7 +803,7 @@ def text_report(results: list[CaseResult], loops: bool = False) -> str:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog=f"python -m {_PACKAGE}.sass_report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastconvnext.tooling.sass_report", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(MACHINES))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
@@ -784,11 +811,11 @@ def _parse_args(argv):
     parser.add_argument("--op", nargs="+", default=list(KERNEL_OPS), choices=list(KERNEL_OPS))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--table", type=Path, default=None,
-                        help=f"write the PREDICTED table here (default with the full grid: {DEFAULT_TABLE})")
-    parser.add_argument("--no-table", action="store_true", help="do not write the PREDICTED table")
+                        help=f"write the prior here (default with the full grid: {PRIOR_PATH}; the per-launch "
+                             f"detail goes to {LAUNCHES_PATH.name} beside it)")
+    parser.add_argument("--no-table", action="store_true", help="do not write the prior")
     parser.add_argument("--loops", action="store_true", help="print per-iteration instruction classes of hot loops")
     parser.add_argument("--json", type=Path, help="also write every launch estimate as JSON")
-    parser.add_argument("--note", default="", help="one line for the table's header (e.g. the kernels' commits)")
     return parser.parse_args(argv)
 
 
@@ -821,16 +848,16 @@ def _grid_command(argv) -> str:
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ("--table", "--json", "--jobs", "--note"):
+        elif arg in ("--table", "--json", "--jobs"):
             skip = True
-        elif not arg.startswith(("--table=", "--json=", "--jobs=", "--note=")) and arg not in ("--loops", "--no-table"):
+        elif not arg.startswith(("--table=", "--json=", "--jobs=")) and arg not in ("--loops", "--no-table"):
             kept.append(arg)
-    return " ".join(["python -m fastconvnext.kernels.sass_report", *kept])
+    return " ".join(["python -m fastconvnext.tooling.sass_report", *kept])
 
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if _env.interpreting():
         print("sass_report: TRITON_INTERPRET is set; unset it (compiling for a GPU target is impossible in "
               "interpreter mode)", file=sys.stderr)
         return 2
@@ -838,11 +865,12 @@ def main(argv=None) -> int:
     case_list = cases(tuple(args.arch), tuple(args.dtype), tuple(args.batch), tuple(args.models), tuple(args.op))
     results = run_model(case_list, args.jobs, progress=lambda msg: print(msg, file=sys.stderr))
     print(text_report(results, loops=args.loops))
-    table = args.table or (DEFAULT_TABLE if _full_grid(args) else None)
+    table = args.table or (PRIOR_PATH if _full_grid(args) else None)
     if table is not None and not args.no_table:
-        table.write_text(perf_table_source(results, _grid_command(argv if argv is not None else sys.argv[1:]),
-                                           args.note))
-        print(f"\nwrote {table}")
+        write_json(table, prior_document(results, _grid_command(argv if argv is not None else sys.argv[1:])))
+        launches = LAUNCHES_PATH if table == PRIOR_PATH else table.with_name(f"{table.stem}.launches.json")
+        write_json(launches, launches_document(results))
+        print(f"\nwrote {table} and {launches}")
     if args.json:
         args.json.write_text(json.dumps(_as_json(results), indent=1))
     failed = [r for r in results if r.error]

@@ -7,5 +7,5 @@ Modules, in the order data flows:
 - `memory`: bytes saved for backward, counted under FakeTensorMode.
 - `roofline`: the byte and FLOP model of every implementation, and the H100 / A100 bounds it implies.
 - `runner`: runs the plan and makes one CSV row per measurement; `report`: tables, CSV, PNG.
-- `cli`: the `fastconvnext bench` options (`add_arguments`, `run`) and `main` for `python -m fastconvnext.bench`.
+- `cli`: the `fastconvnext bench` options (`add_arguments`, `run`) and `main` for `python -m fastconvnext.tooling.bench`.
 """

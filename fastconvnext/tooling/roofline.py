@@ -78,7 +78,7 @@ ROOFLINE_GPUS = (H100_SXM, A100_SXM)
 
 @dataclass(frozen=True)
 class Machine:
-    """What the static SASS model (kernels/sass_report.py) needs beyond a Gpu's peaks: per-SM rates and chip
+    """What the static SASS model (fastconvnext/tooling/sass_report.py) needs beyond a Gpu's peaks: per-SM rates and chip
     totals. The clock is the one the Gpu's dense 16-bit tensor peak implies, so the two never disagree. Sources
     are in MACHINE_SOURCES; "assumed" figures await a GPU to calibrate."""
 
@@ -87,6 +87,7 @@ class Machine:
     gpu: Gpu
     sms: int
     l2_bytes_per_s: float  # L2 -> SMs
+    l2_bytes_per_s_low: float  # the pessimistic edge of the public L2 -> SM figures
     l2_size: float
     macs_per_clock: dict  # dense tensor-core MACs per SM per clock: "16bit" (fp16/bf16) and "tf32"
     smem_per_sm: int
@@ -106,24 +107,29 @@ class Machine:
 
 
 MACHINES = {
-    90: Machine("H100 SXM", 90, H100_SXM, 132, 5.5e12, 50e6, {"16bit": 2048, "tf32": 1024}, 228 * 1024),
-    80: Machine("A100 SXM", 80, A100_SXM, 108, 4.5e12, 40e6, {"16bit": 1024, "tf32": 512}, 164 * 1024),
+    90: Machine("H100 SXM", 90, H100_SXM, 132, 9.5e12, 8.0e12, 50e6, {"16bit": 2048, "tf32": 1024}, 228 * 1024),
+    80: Machine("A100 SXM", 80, A100_SXM, 108, 5.4e12, 5.35e12, 40e6, {"16bit": 1024, "tf32": 512}, 164 * 1024),
 }
 
 MACHINE_SOURCES = (
     "H100 SXM: 132 SMs; 3.35 TB/s HBM3 and 989 TFLOP/s dense bf16 (NVIDIA H100 datasheet); 1.83 GHz is the "
-    "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide). "
-    "L2->SM 5.5 TB/s is ASSUMED (public microbenchmarks of H100 PCIe L2, e.g. chipsandcheese.com "
-    "2023-07-02 'Nvidia's H100: Funny L2, and Tons of Bandwidth', are of that order; uncalibrated for SXM, and "
-    "most MLP launches are L2-bound in this model, so this constant moves them most).",
+    "clock that peak implies at 4096 FLOP/clk/SM; 50 MB L2, 228 KB shared memory per SM (Hopper tuning guide).",
+    "H100 SXM L2->SM 9.5 TB/s, 8.0 TB/s as the pessimistic edge: not measured by this project. CUDA L2 read "
+    "benchmarks on 132-SM parts of the same die (RRZE-HPC gpu-benches, gpu-l2-cache: H200 9.7-10.2 TB/s, H100 "
+    "PCIe 6.9-7.0 TB/s on its lower clock) and a published Triton persistent matmul with a 128x256 tile (tritonbench "
+    "PR 894: 689 TFLOP/s at 8192x8192x16384, which needs >= 8.1 TB/s from L2) put it at about 9-9.5 TB/s.",
     "A100 SXM: 108 SMs, 1.41 GHz, 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16 = 1024 MAC/clk/SM (NVIDIA A100 "
-    "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 4.5 TB/s is ASSUMED (the whitepaper's "
-    "5120 B/clk x 1.41 GHz = 7.2 TB/s is a raw peak).",
+    "datasheet/whitepaper); 40 MB L2; 164 KB shared memory per SM. L2->SM 5.4 TB/s (5.35 as the low edge): "
+    "RRZE-HPC gpu-benches gpu-l2-cache on A100-80 measured 5.35-5.45 TB/s; not measured by this project.",
     "Both: 4 warp-instructions issued per SM per clock (4 schedulers), 16 MUFU results per SM per clock, "
     "65536 registers, 64 warps and 32 CTAs per SM (CUDA programming guide, compute capability 8.0/9.0).",
-    "Tensor-instruction efficiency (ASSUMED, to calibrate on a GPU): wgmma m64nNk: N / (N + 16) of peak "
-    "(a fixed cost per instruction that a wide N amortizes); mma.sync (HMMA) on sm_90: 0.5 of the wgmma peak "
-    "(Hopper's full rate needs wgmma); HMMA on sm_80: 0.85.",
+    "Tensor-core efficiency by load path (fastconvnext.tooling.sass_report.tensor_efficiency): a GEMM whose "
+    "operands come through plain pointer loads reaches about 0.6 of the dense peak in public Triton H100 results, "
+    "about 0.7 with TMA descriptor loads (Triton PR 5461's persistent matmul); mma.sync (HMMA) on sm_90 runs at "
+    "half of the wgmma rate. Not measured by this project: fastconvnext.tooling.calibrate measures the tl.dot "
+    "loop's fraction on a GPU.",
+    "Launches with one CTA per SM: the epilogue (the instructions outside the hot loops) runs after the matmul, "
+    "not under it, so its issue time is added to the tensor term.",
 )
 
 # Other parts a measurement may run on, matched by name to put achieved bandwidth against the peak.
@@ -189,21 +195,47 @@ def stage_shapes(models=("tiny", "base"), batch=64):
 
 @dataclass(frozen=True)
 class Step:
-    """One kernel: HBM bytes read and written, FLOPs, and which unit does the FLOPs."""
+    """One kernel: HBM bytes read and written, FLOPs, and which unit does the FLOPs: "vector" (CUDA cores, fp32),
+    "matmul" (tensor cores), "dwconv" / "dwconv_bwd" (CUDA cores; PyTorch's depthwise conv forward / backward,
+    whose eager estimate has its own efficiency)."""
 
     name: str
     read: float
     written: float
     flops: float = 0.0
-    unit: str = "vector"  # "vector" (CUDA cores, fp32) or "matmul" (tensor cores)
+    unit: str = "vector"
 
     @property
     def bytes(self):
         return self.read + self.written
 
+    def _peak(self, gpu, dtype, allow_tf32):
+        return gpu.matmul_peak(dtype, allow_tf32) if self.unit == "matmul" else gpu.vector_flops
+
     def seconds(self, gpu, dtype, allow_tf32=False):
-        peak = gpu.matmul_peak(dtype, allow_tf32) if self.unit == "matmul" else gpu.vector_flops
-        return max(self.bytes / gpu.hbm_bytes_per_s, self.flops / peak)
+        """The floor: every byte at the HBM peak, every FLOP at its unit's peak."""
+        return max(self.bytes / gpu.hbm_bytes_per_s, self.flops / self._peak(gpu, dtype, allow_tf32))
+
+    def estimate_seconds(self, gpu, dtype, allow_tf32=False):
+        """What eager PyTorch is estimated to take: the floor's terms at the public efficiencies of EAGER_EFFICIENCY."""
+        compute = EAGER_EFFICIENCY.get(self.unit, 1.0)
+        return max(self.bytes / (gpu.hbm_bytes_per_s * EAGER_EFFICIENCY["hbm"]),
+                   self.flops / (self._peak(gpu, dtype, allow_tf32) * compute))
+
+
+# Eager PyTorch's achieved fraction of the peaks, from public measurements (EAGER_SOURCES), for the eager estimate.
+EAGER_EFFICIENCY = {"hbm": 0.8, "matmul": 0.78, "dwconv": 0.15, "dwconv_bwd": 0.05}
+EAGER_SOURCES = (
+    "Eager floor: every eager kernel at the HBM peak and its unit's FLOP peak. Public timm results put torch.compile "
+    "ConvNeXt-T at 1.06-1.18x this kind of bound and eager at 1.47-1.90x (RTX 4090/5090), so the floor is a "
+    "torch.compile-class bound, not eager PyTorch.",
+    "Eager estimate: cuBLAS GEMMs at 0.78 of the dense tensor peak (published cuBLAS bf16 GEMM throughput on H100 SXM "
+    "is about 0.78-0.80 of peak at large sizes); LayerNorm, GELU and element-wise passes at 0.8 of the HBM peak "
+    "(what bandwidth-bound PyTorch kernels typically reach); PyTorch's 7x7 depthwise conv at 0.15 of the FP32 peak "
+    "forward and 0.05 backward (implied by InceptionNeXt's A100 throughput table, Yu et al. 2023). These are other "
+    "projects' measurements on other code, not measurements of fastconvnext; a GPU run replaces them "
+    "(fastconvnext bench, fastconvnext.tooling.calibrate).",
+)
 
 
 @dataclass
@@ -228,6 +260,9 @@ class Traffic:
     def seconds(self, gpu, allow_tf32=False):
         return sum(step.seconds(gpu, self.dtype, allow_tf32) for step in self.steps)
 
+    def estimate_seconds(self, gpu, allow_tf32=False):
+        return sum(step.estimate_seconds(gpu, self.dtype, allow_tf32) for step in self.steps)
+
     def limited_by(self, gpu, allow_tf32=False):
         """"memory" or "compute": what bounds the steps that take most of the time."""
         memory = sum(s.seconds(gpu, self.dtype, allow_tf32) for s in self.steps
@@ -246,7 +281,7 @@ class DwconvFusedLayout:
     g = d(conv output) in fp32 plus per-program partial sums of the LN weight/bias and conv bias grads;
     (2) from one read of g and x: dx = conv of g with flipped taps, and per-program partial sums of the
     tap gradients; then the partials are summed. Programs: at most `partial_programs`, each over whole
-    tiles of `*_block_p` pixels. (An approximation of the launches kernels/sass_report.py models exactly.)
+    tiles of `*_block_p` pixels. (An approximation of the launches fastconvnext/tooling/sass_report.py models exactly.)
     """
 
     g_bytes: int = 4
@@ -297,7 +332,7 @@ def dwconv_layernorm_steps(shape, dtype, impl, pass_, k=KERNEL_SIZE):
     steps = []
     training = pass_ == "fwd+bwd"
     if impl in ("eager", "eager_nchw"):
-        steps.append(Step("depthwise conv", act + (taps + c) * s, act, conv_flops + p * c))
+        steps.append(Step("depthwise conv", act + (taps + c) * s, act, conv_flops + p * c, "dwconv"))
         if impl == "eager_nchw":
             steps.append(Step("permute copy (LayerNorm input made contiguous)", act, act))
         steps.append(Step("layer_norm", act + ln_params, act + stats, LN_FWD_FLOPS * p * c))
@@ -307,8 +342,8 @@ def dwconv_layernorm_steps(shape, dtype, impl, pass_, k=KERNEL_SIZE):
             if impl == "eager_nchw":
                 steps.append(Step("grad copy NHWC -> NCHW for the conv backward", act, act))
             steps.append(Step("conv bwd: bias grad (sum of dy)", act, c * s, p * c))
-            steps.append(Step("conv bwd: input grad", act + taps * s, act, conv_flops))
-            steps.append(Step("conv bwd: weight grad", 2 * act, taps * s, conv_flops))
+            steps.append(Step("conv bwd: input grad", act + taps * s, act, conv_flops, "dwconv_bwd"))
+            steps.append(Step("conv bwd: weight grad", 2 * act, taps * s, conv_flops, "dwconv_bwd"))
         return steps
     if impl not in ("fused", "fused_min"):
         raise ValueError(f"dwconv_layernorm impl must be eager, eager_nchw, fused or fused_min, got {impl!r}")

@@ -7,16 +7,16 @@ with saved_tensors_hooks under FakeTensorMode, see fastconvnext/bench/memory.py)
 On CUDA (or on CPU with --measure, eager only): the measurement of `fastconvnext bench --ops
 dwconv_layernorm,convnext_mlp` per batch: median ms, achieved GB/s and % of the HBM peak, TFLOP/s,
 peak memory, fused vs eager vs torch.compile; then each measured fused/eager call beside the static SASS
-model's prediction (`predicted_us`, kernels/perf_table.py), so the model can be calibrated.
+model's prediction (`predicted_us`, the prior fastconvnext/prior.json), so the model can be calibrated.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from fastconvnext.bench import cases, memory
-from fastconvnext.kernels import roofline
-from fastconvnext.bench.table import format_table
+from fastconvnext.tooling.bench import cases, memory
+from fastconvnext.tooling import model_tables, roofline
+from fastconvnext.tooling.bench.table import format_table
 
 MB = 1e6
 
@@ -59,30 +59,29 @@ ANALYTIC_HEADERS = ("op", "stage", "batch", "pass", "eager MB", "NCHW eager MB",
 
 
 def print_analytic(batches, dtype, models):
-    print(f"Per call, analytic ({dtype}): HBM bytes and FLOPs by the byte model of kernels/roofline.py; "
+    print(f"Per call, analytic ({dtype}): HBM bytes and FLOPs by the byte model of fastconvnext/tooling/roofline.py; "
           f"H100 SXM bound = sum over kernels of max(bytes / 3.35 TB/s, FLOPs / peak); 'saved' = bytes kept for "
           f"backward beyond inputs and parameters (saved_tensors_hooks, FakeTensorMode: exact shapes, nothing run).")
     print(format_table(ANALYTIC_HEADERS, analytic_rows(batches, dtype, models)))
 
 
 def predicted_us(op, shape, dtype, mode, arch=None):
-    """The static SASS model's {"fused_us", "eager_us"} (kernels/perf_table.py) for one op call, or None.
+    """The prior's row (fastconvnext/prior.json: "fused_us", "eager_us" = the eager estimate, "floor_us", ...) for
+    one op call, or None.
 
     op: "dwconv_layernorm" or "convnext_mlp"; shape: (N, H, W, C) or a roofline.StageShape; dtype: "bf16",
     "fp16" or "fp32"; mode: "forward" or "forward_backward" (also "fwd" / "fwd+bwd"); arch: 90 or 80, default
     that of the current CUDA device (90 without one). A MODEL figure, never a measurement."""
-    from fastconvnext.bench import roofline_report
-
     n, h, w, c = shape.dims if hasattr(shape, "dims") else shape
     mode = {"fwd": "forward", "fwd+bwd": "forward_backward"}.get(mode, mode)
     if mode not in ("forward", "forward_backward"):
         raise ValueError(f"mode must be 'forward' or 'forward_backward', got {mode!r}")
     if arch is None:
         arch = _device_arch()
-    table = roofline_report.perf_table()
+    table = model_tables.prior()
     if table is None:
         return None
-    return table.PREDICTED.get((op, arch, dtype, c, h * w, n, mode))
+    return table.get((op, arch, dtype, c, h * w, n, mode))
 
 
 def _device_arch():
@@ -140,7 +139,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from fastconvnext.bench import cli, environment
+    from fastconvnext.tooling.bench import cli, environment
 
     models = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     device = environment.resolve_device(args.device)
@@ -165,7 +164,7 @@ def main(argv=None):
         csv_path = args.output / f"batch{batch}" / "bench.csv"
         if csv_path.is_file():
             rows = measured_vs_predicted(csv_path)
-            print(f"\nMeasured beside the static SASS model (kernels/perf_table.py; eager predicted = its "
-                  f"optimistic floor), batch {batch}:")
+            print(f"\nMeasured beside the prior (fastconvnext/prior.json, MODEL; eager predicted = the eager "
+                  f"estimate), batch {batch}:")
             print(format_table(MEASURED_HEADERS, rows) if rows else "(no modelled shape among the measured rows)")
     return status

@@ -1,4 +1,4 @@
-"""`fastconvnext bench` (and `python -m fastconvnext.bench`): options, defaults, what gets written."""
+"""`fastconvnext bench` (and `python -m fastconvnext.tooling.bench`): options, defaults, what gets written."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from fastconvnext.bench import cases, runner
+from fastconvnext.tooling.bench import cases, runner
 
 DEFAULT_OUTPUT = "bench-results"
 SECTION_NAMES = ("dwconv_layernorm", "convnext_mlp", "model")
@@ -79,7 +79,7 @@ def add_arguments(parser):
                              "transformers interleaved, the ratio with a 95%% interval and the machine load, with 1 "
                              "thread when the machine is busy (unless --threads is given); plus the roofline")
     parser.add_argument("--roofline", action="store_true",
-                        help="print the static SASS model (kernels/perf_table.py) beside the analytic byte/FLOP floor, "
+                        help="print the performance model's prior (fastconvnext/prior.json, MODEL) per stage and op, "
                              "for H100/A100, and exit; measures nothing")
     parser.add_argument("--markdown", action="store_true", help="with --roofline: print it as markdown "
                                                                "(benchmarks/ROOFLINE.md)")
@@ -100,7 +100,7 @@ def add_arguments(parser):
 
 def settings_from_args(args):
     """Resolve every option against the per-device defaults."""
-    from fastconvnext.bench.environment import resolve_device
+    from fastconvnext.tooling.bench.environment import resolve_device
 
     device = resolve_device(args.device)
     defaults = DEFAULTS[(device.type, bool(args.quick))]
@@ -126,7 +126,7 @@ def settings_from_args(args):
 
 
 def _roofline_only(args):
-    from fastconvnext.bench import roofline_report
+    from fastconvnext.tooling.bench import roofline_report
 
     batch, dtype = args.batch or ROOFLINE_BATCH, args.dtype or "bf16"
     text = (roofline_report.markdown_report(batch, dtype, args.tf32) if args.markdown
@@ -140,7 +140,7 @@ def _roofline_only(args):
 def _write_roofline(directory, batch, dtype, allow_tf32):
     import csv
 
-    from fastconvnext.bench import roofline_report
+    from fastconvnext.tooling.bench import roofline_report
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def quick_threads(args, settings):
         return args.threads, None
     if not settings.quick or settings.device.type != "cpu":
         return None, None
-    from fastconvnext.bench import environment
+    from fastconvnext.tooling.bench import environment
 
     load, cores = environment.load_average(), os.cpu_count() or 1
     if load is None or cores == 1 or load <= 0.5 * cores:
@@ -205,7 +205,7 @@ def _run(args):
     except ValueError as error:
         print(f"fastconvnext bench: error: {error}", file=sys.stderr)
         return 2
-    from fastconvnext.bench import report
+    from fastconvnext.tooling.bench import report
 
     import torch
 
@@ -243,7 +243,7 @@ def _run(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m fastconvnext.bench",
+        prog="python -m fastconvnext.tooling.bench",
         description="Benchmark the fused ops and the model against eager PyTorch, torch.compile and transformers.",
     )
     return add_arguments(parser)

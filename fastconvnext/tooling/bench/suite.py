@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from fastconvnext.bench import cases, environment
-from fastconvnext.kernels import roofline
-from fastconvnext.bench.timing import Clock
+from fastconvnext.tooling.bench import cases, environment
+from fastconvnext.tooling import roofline
+from fastconvnext.tooling.bench.timing import Clock
 
 
 @dataclass(frozen=True)

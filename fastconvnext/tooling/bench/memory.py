@@ -4,7 +4,7 @@ The forward runs under FakeTensorMode: shapes, dtypes and the saved-tensor graph
 computed or allocated, so real stage shapes (batch 64, 56x56) cost nothing on a CPU. The fused ops are
 represented by their registered fake implementations, with the same autograd setup_context as on a GPU.
 The kernels accept CPU tensors only when TRITON_INTERPRET=1 was set before they were imported, so the
-count runs in a child process with that variable set (`python -m fastconvnext.bench.memory`); no
+count runs in a child process with that variable set (`python -m fastconvnext.tooling.bench.memory`); no
 kernel is launched there, fake or otherwise.
 
 Two numbers per implementation: `saved` = every distinct storage kept for backward (a tensor saved
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastconvnext.kernels.roofline import StageShape
+from fastconvnext.tooling.roofline import StageShape
 
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,7 +53,7 @@ def count_saved(fn, inputs):
 
 
 def _input_shapes(op, impl, shape):
-    from fastconvnext.kernels.roofline import KERNEL_SIZE, MLP_RATIO
+    from fastconvnext.tooling.roofline import KERNEL_SIZE, MLP_RATIO
 
     n, h, w, c = shape.dims
     if op == "dwconv_layernorm":
@@ -68,7 +68,7 @@ def measure_in_this_process(requests):
     """requests: [(op, impl, StageShape, dtype)] -> [SavedBytes]; needs TRITON_INTERPRET=1 for fused ones."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fastconvnext.bench.cases import op_function
+    from fastconvnext.tooling.bench.cases import op_function
 
     out = []
     for op, impl, shape, dtype in requests:
@@ -90,7 +90,7 @@ def measure(requests, timeout=300):
     ]
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     done = subprocess.run(
-        [sys.executable, "-m", "fastconvnext.bench.memory"], input=json.dumps(payload), capture_output=True,
+        [sys.executable, "-m", "fastconvnext.tooling.bench.memory"], input=json.dumps(payload), capture_output=True,
         text=True, env=env, timeout=timeout,
     )
     if done.returncode != 0:

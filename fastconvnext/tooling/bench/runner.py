@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fastconvnext.bench import cases, environment, memory, timing
-from fastconvnext.kernels import roofline
+from fastconvnext.tooling.bench import cases, environment, memory, timing
+from fastconvnext.tooling import roofline
 
 SECTIONS = ("dwconv_layernorm", "convnext_mlp", "model")
 

@@ -7,10 +7,10 @@ import importlib.util
 import textwrap
 from pathlib import Path
 
-from fastconvnext.bench import cases, environment, timing
-from fastconvnext.kernels import roofline
-from fastconvnext.bench.runner import CSV_COLUMNS
-from fastconvnext.bench.table import format_table, markdown_table
+from fastconvnext.tooling.bench import cases, environment, timing
+from fastconvnext.tooling import roofline
+from fastconvnext.tooling.bench.runner import CSV_COLUMNS
+from fastconvnext.tooling.bench.table import format_table, markdown_table
 
 SECTION_TITLES = {
     "dwconv_layernorm": "dwconv 7x7 + LayerNorm (per call)",
@@ -87,7 +87,7 @@ def _analytic_cells(outcome):
 ANALYTIC_HEADERS = ("case", "shape", "pass", "eager MB moved", "fused MB moved", "fused vs eager",
                     "eager saved MB", "fused saved MB")
 ANALYTIC_NOTE = (
-    "MB moved: the byte model of kernels/roofline.py (HBM traffic on a GPU). Saved MB: bytes kept "
+    "MB moved: the byte model of fastconvnext/tooling/roofline.py (HBM traffic on a GPU). Saved MB: bytes kept "
     "for backward beyond the op's inputs and parameters, counted with saved_tensors_hooks under FakeTensorMode "
     "(exact shapes, nothing computed)."
 )

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fastconvnext.kernels.roofline import KERNEL_SIZE, MLP_RATIO, StageShape, stage_shapes
+from fastconvnext.tooling.roofline import KERNEL_SIZE, MLP_RATIO, StageShape, stage_shapes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_PRESETS = {  # transformers / timm ConvNeXt sizes: (hidden_sizes, depths)

@@ -1,6 +1,6 @@
 """Compile every kernel config the launchers can pick for real GPU targets, without a GPU.
 
-    python -m fastconvnext.kernels.compile_check --arch 80 90 [--kernel NAME] [--jobs N] [--strict]
+    python -m fastconvnext.tooling.compile_check --arch 80 90 [--kernel NAME] [--jobs N] [--strict]
 
 Each module in KERNEL_MODULES exposes `compile_targets() -> list[CompileTarget]`. Every target is
 built with triton.compile for each arch; the cubin's resource usage (cuobjdump) and SASS are
@@ -32,13 +32,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from fastconvnext.kernels import _env
 from fastconvnext.kernels.compile_spec import compile_options
 
 KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA",)}
 MAX_COMPILE_SECONDS = 60.0
-_PACKAGE = __package__ or "fastconvnext.kernels"
+_KERNELS = "fastconvnext.kernels"  # where the kernel modules live
 
 
 @dataclass
@@ -58,10 +59,6 @@ class CheckResult:
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _triton_version() -> str:
@@ -118,7 +115,7 @@ def check_target(target, arch: int) -> CheckResult:
     from fastconvnext.kernels._triton_compat import compile_for_arch
 
     result = CheckResult(target.kernel, target.label, target.dtype, arch)
-    if _interpreting():
+    if _env.interpreting():
         result.failures.append("TRITON_INTERPRET is set: cannot compile")
         return result
     start = _cpu_seconds()
@@ -182,7 +179,7 @@ def load_targets(module_names=KERNEL_MODULES) -> tuple[list, list[str]]:
         if not module_present(name):
             missing.append(name)
             continue
-        module = importlib.import_module(f"{_PACKAGE}.{name}")
+        module = importlib.import_module(f"{_KERNELS}.{name}")
         targets += [(name, target) for target in module.compile_targets()]
     return targets, missing
 
@@ -296,7 +293,7 @@ def format_table(results: list[CheckResult]) -> str:
 
 
 def _parse_args(argv):
-    parser = argparse.ArgumentParser(prog=f"python -m {_PACKAGE}.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastconvnext.tooling.compile_check", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     parser.add_argument("--kernel", action="append", default=[],
                         help="only modules or kernels whose name contains NAME (repeatable)")
@@ -352,7 +349,7 @@ def spread_targets(targets: list, count: int) -> list:
 
 def main(argv=None) -> int:
     args = _parse_args(argv)
-    if _interpreting():
+    if _env.interpreting():
         print("compile_check: TRITON_INTERPRET is set; unset it (compiling for a GPU target is impossible "
               "in interpreter mode)", file=sys.stderr)
         return 2

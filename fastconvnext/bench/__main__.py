@@ -1,5 +1,0 @@
-import sys
-
-from fastconvnext.bench.cli import main
-
-sys.exit(main())
