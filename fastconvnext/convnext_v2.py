@@ -1,11 +1,12 @@
 """ConvNeXt V2 with transformers' class names, module tree, parameter names, config.json and outputs.
 
-NOT FUSED YET: the fused GRN kernel is not written. Each block runs its first half (depthwise 7x7 conv +
-LayerNorm) through V1's backend op `dwconv_layernorm` (fused kernel or eager op, with V1's hook/adapter
-fallback), but its MLP runs EAGERLY, module by module, as transformers runs it:
-pwconv1 -> act -> grn -> pwconv2 -> drop path -> + residual, where
-GRN(h) = weight * (h * N) + bias + h, N = ||h||_2 over (H, W) per image and channel, divided by
-(its mean over channels + 1e-6). So V2 gets the fused first half only; speed claims for V1 do not apply to it.
+Each block runs as two backend ops: its first half (depthwise 7x7 conv + LayerNorm) as V1's `dwconv_layernorm`, its
+MLP pwconv1 -> act -> GRN -> pwconv2 -> drop path -> + residual as `convnext_v2_mlp` (fused Triton kernels or the eager
+reference, as backend.py decides; GRN(h) = weight * (h * N) + bias + h, N = ||h||_2 over (H, W) per image and channel,
+divided by (its mean over channels + 1e-6)). With hooks on a sub-module, global module hooks, a replaced module
+(LoRA, quantized linears) or an activation with parameters, that half calls its modules as transformers does. The
+auto backend has no prior for the V2 MLP and does not measure it yet, so on CUDA it runs that op eagerly unless the
+backend is 'triton'; V1's speed figures do not apply to V2.
 
 V2 differs from V1 only in the block (GRN after the activation, no layer scale) and in names (`convnextv2.`
 prefix of the classifier's trunk); embeddings, stages, drop path (float32 linspace rates), the final LayerNorm of
@@ -31,8 +32,13 @@ from fastconvnext.modeling import (
     ConvNextModel,
     ConvNextPreTrainedModel,
     ConvNextStage,
+    _DROP_PATHS,
     _activation_module,
+    _branch_dtype,
+    _draw_scale,
+    _fused_act_name,
     _global_hooks_registered,
+    _hooked,
     _nchw,
     _nhwc,
     _plain,
@@ -69,8 +75,8 @@ class ConvNextV2GRN(nn.Module):
 
 
 class ConvNextV2Layer(nn.Module):
-    """dwconv7x7 -> LayerNorm (the V1 op) -> Linear(C, 4C) -> act -> GRN -> Linear(4C, C) -> drop path -> + input
-    (eager: no fused GRN kernel yet)."""
+    """dwconv7x7 -> LayerNorm (V1's op) -> Linear(C, 4C) -> act -> GRN -> Linear(4C, C) -> drop path -> + input (the
+    convnext_v2_mlp op)."""
 
     def __init__(self, config, dim, drop_path=0.0):
         super().__init__()
@@ -83,14 +89,29 @@ class ConvNextV2Layer(nn.Module):
         self.drop_path = ConvNextDropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x):
+        """Each half as one backend op where its sub-modules are the plain ones the op reproduces (exact classes, no
+        hooks of their own, no global module hooks; the MLP also needs an activation without parameters and
+        fastconvnext's drop path or none), else its modules called in transformers' order (V1's rule, see
+        modeling.block_forward)."""
+        global_hooks = _global_hooks_registered()
         dwconv, layernorm = self.dwconv, self.layernorm
-        if not _global_hooks_registered() and _plain(dwconv, nn.Conv2d) and _plain(layernorm, ConvNextLayerNorm):
-            y = backend.dwconv_layernorm(_nhwc(x), dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
+        residual = _nhwc(x)
+        if not global_hooks and _plain(dwconv, nn.Conv2d) and _plain(layernorm, ConvNextLayerNorm):
+            y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
                                          layernorm.eps)
         else:  # hooks or a replaced module: called as transformers calls them
             y = layernorm(_nhwc(dwconv(x)))
-        y = self.pwconv2(self.grn(self.act(self.pwconv1(y))))
-        return x + self.drop_path(_nchw(y))
+        pwconv1, act, grn, pwconv2, drop_path = self.pwconv1, self.act, self.grn, self.pwconv2, self.drop_path
+        act_name = _fused_act_name(act)
+        if (act_name is not None and not global_hooks and _plain(pwconv1, nn.Linear) and _plain(grn, ConvNextV2GRN)
+                and _plain(pwconv2, nn.Linear) and not _hooked(act) and type(drop_path) in _DROP_PATHS
+                and not _hooked(drop_path)):
+            out = backend.convnext_v2_mlp(y, residual, pwconv1.weight, pwconv1.bias, grn.weight, grn.bias,
+                                          pwconv2.weight, pwconv2.bias, act_name,
+                                          _draw_scale(drop_path, x, _branch_dtype(x, None)))
+            return _nchw(out)
+        y = pwconv2(grn(act(pwconv1(y))))
+        return x + drop_path(_nchw(y))
 
 
 def grn_block_parts_forward(x, dwconv, layernorm, pwconv1, act, grn, pwconv2, drop_path, norm_class):
