@@ -114,16 +114,28 @@ class ConvNextV2Layer(nn.Module):
         return x + drop_path(_nchw(y))
 
 
-def grn_block_parts_forward(x, dwconv, layernorm, pwconv1, act, grn, pwconv2, drop_path, norm_class):
-    """A V2 block on its sub-modules passed one by one (for transformers' own ConvNextV2Layer under
-    patch_transformers): dwconv + LayerNorm as V1's backend op when both are plain (`layernorm` exactly
-    `norm_class`, no hooks, no global module hooks), else called; then the MLP with GRN module by module, as
-    transformers calls it. x is channels-last NCHW."""
-    if not _global_hooks_registered() and _plain(dwconv, nn.Conv2d) and _plain(layernorm, norm_class):
-        y = backend.dwconv_layernorm(_nhwc(x), dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
+def grn_block_parts_forward(x, dwconv, layernorm, pwconv1, act, grn, pwconv2, drop_path, norm_class, grn_class,
+                            fused_act, drop_path_classes, draw_scale):
+    """A V2 block on its sub-modules passed one by one, for transformers' own ConvNextV2Layer under
+    patch_transformers: ConvNextV2Layer.forward's dispatch with the classes the ops reproduce given as arguments
+    (`norm_class` for the LayerNorm, `grn_class` for GRN, `fused_act(act)` the fused activation's name or None,
+    `drop_path_classes`, and `draw_scale(drop_path, x, dtype)` for the drop-path scale), as
+    modeling.block_parts_forward does for V1's blocks. x is channels-last NCHW."""
+    global_hooks = _global_hooks_registered()
+    residual = _nhwc(x)
+    if not global_hooks and _plain(dwconv, nn.Conv2d) and _plain(layernorm, norm_class):
+        y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
                                      layernorm.eps)
     else:
         y = layernorm(_nhwc(dwconv(x)))
+    act_name = fused_act(act)
+    if (act_name is not None and not global_hooks and _plain(pwconv1, nn.Linear) and _plain(grn, grn_class)
+            and _plain(pwconv2, nn.Linear) and not _hooked(act) and type(drop_path) in drop_path_classes
+            and not _hooked(drop_path)):
+        out = backend.convnext_v2_mlp(y, residual, pwconv1.weight, pwconv1.bias, grn.weight, grn.bias,
+                                      pwconv2.weight, pwconv2.bias, act_name,
+                                      draw_scale(drop_path, x, _branch_dtype(x, None)))
+        return _nchw(out)
     y = pwconv2(grn(act(pwconv1(y))))
     return x + drop_path(_nchw(y))
 

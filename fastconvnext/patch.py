@@ -5,9 +5,8 @@
 with the same sub-modules and parameters (state-dict keys unchanged) whose forward calls the two ops
 of `fastconvnext.backend`. DINOv3-ConvNeXt's block (`modeling_dinov3_convnext.DINOv3ConvNextLayer`, the
 same arithmetic under other names) is replaced likewise by `FusedDINOv3ConvNextLayer`, and ConvNeXt V2's
-(`modeling_convnextv2.ConvNextV2Layer`) by `FusedConvNextV2Layer`, whose dwconv + LayerNorm half runs as V1's
-op and whose MLP with GRN runs as transformers runs it (convnext_v2.grn_block_parts_forward), each when
-transformers has that model. Everything else stays transformers' code: config, from_pretrained, weight
+(`modeling_convnextv2.ConvNextV2Layer`) by `FusedConvNextV2Layer`, which runs the dwconv + LayerNorm op and
+the MLP-with-GRN op (convnext_v2.grn_block_parts_forward), each when transformers has that model. Everything else stays transformers' code: config, from_pretrained, weight
 init, pipeline(), Trainer, backbones. Models built while patched get fused blocks; `patch_model(model)`
 converts a model built before. `unpatch_transformers()` puts the original class back.
 
@@ -154,17 +153,27 @@ def _convnextv2_module():
 def _build_fused_v2_layer(original, modeling):
     from fastconvnext.convnext_v2 import grn_block_parts_forward
 
-    layer_norm = modeling.ConvNextV2LayerNorm
+    activation_names = _activation_names()
+    layer_norm, grn = modeling.ConvNextV2LayerNorm, modeling.ConvNextV2GRN
+    drop_paths = (modeling.ConvNextV2DropPath, nn.Identity)
+
+    def fused_act(act):
+        return activation_names.get(type(act))
+
+    def draw_scale(drop_path, x, dtype):
+        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
 
     class ConvNextV2Layer(original):
-        """transformers' ConvNeXt V2 block with its dwconv + LayerNorm half run as fastconvnext's dwconv_layernorm
-        op (called as transformers calls it when hooked or replaced) and its MLP with GRN as transformers runs it."""
+        """transformers' ConvNeXt V2 block run as fastconvnext's dwconv_layernorm + convnext_v2_mlp ops (GRN inside
+        the MLP op), with the same fallback as FusedConvNextLayer (convnext_v2.grn_block_parts_forward)."""
 
         _fastconvnext_fused = True
 
         def forward(self, features):
-            return grn_block_parts_forward(_channels_last(features), self.dwconv, self.layernorm, self.pwconv1,
-                                           self.act, self.grn, self.pwconv2, self.drop_path, layer_norm)
+            return grn_block_parts_forward(
+                _channels_last(features), self.dwconv, self.layernorm, self.pwconv1, self.act, self.grn,
+                self.pwconv2, self.drop_path, layer_norm, grn, fused_act, drop_paths, draw_scale,
+            )
 
     ConvNextV2Layer.__module__ = __name__
     ConvNextV2Layer.__qualname__ = "ConvNextV2Layer"

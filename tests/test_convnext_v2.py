@@ -46,7 +46,7 @@ def assert_close(got, expected, what, atol=ATOL):
 
 def _count_backend_calls(monkeypatch):
     calls = []
-    for op in ("dwconv_layernorm", "convnext_mlp"):
+    for op in ("dwconv_layernorm", "convnext_mlp", "convnext_v2_mlp"):
         original = getattr(backend, op)
         monkeypatch.setattr(backend, op, lambda *a, _f=original, _op=op: calls.append(_op) or _f(*a))
     return calls
@@ -295,7 +295,7 @@ def unpatched():
     patch.unpatch_transformers()
 
 
-def test_patch_transformers_runs_v2_blocks_on_the_first_half_op(unpatched, monkeypatch):
+def test_patch_transformers_runs_v2_blocks_on_the_backend_ops(unpatched, monkeypatch):
     patch = unpatched
     hf, _ = twins("ConvNextV2ForImageClassification", num_labels=4, **SMALL)
     with fastconvnext.patch_transformers():
@@ -311,7 +311,7 @@ def test_patch_transformers_runs_v2_blocks_on_the_first_half_op(unpatched, monke
     labels = torch.tensor([1, 3])
     expected, got = hf(x, labels=labels, output_hidden_states=True), patched(x, labels=labels,
                                                                            output_hidden_states=True)
-    assert calls.count("dwconv_layernorm") == BLOCKS
+    assert calls.count("dwconv_layernorm") == calls.count("convnext_v2_mlp") == BLOCKS
     assert_close(got.logits, expected.logits, "patched logits")
     for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
         assert_close(a, b, f"patched hidden_states[{i}]")
@@ -335,6 +335,26 @@ def test_a_hooked_patched_v2_block_calls_its_modules(unpatched, monkeypatch):
     with torch.no_grad():
         assert_close(patched(x).pooler_output, hf(x).pooler_output, "hooked patched model")
     assert seen == ["layernorm"] and calls.count("dwconv_layernorm") == BLOCKS - 1
+    assert calls.count("convnext_v2_mlp") == BLOCKS
+
+
+def test_a_patched_v2_training_step_with_drop_path_matches_transformers(unpatched, monkeypatch):
+    """Same weights, same seed, drop path 0.4 in training: same loss, gradients and dropped samples."""
+    original, _ = twins("ConvNextV2ForImageClassification", num_labels=3, drop_path_rate=0.4, **SMALL)
+    patched = unpatched.patch_model(copy.deepcopy(original)).train()
+    original.train()
+    calls = _count_backend_calls(monkeypatch)
+    x, labels = torch.randn(4, 3, 37, 45), torch.tensor([0, 2, 1, 2])
+    results = []
+    for model in (original, patched):
+        torch.manual_seed(7)
+        loss = model(x, labels=labels).loss
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    assert calls.count("convnext_v2_mlp") == BLOCKS
+    (expected_loss, expected_grads), (loss, grads) = results
+    assert_close(loss, expected_loss, "loss")
+    for (name, _), a, b in zip(original.named_parameters(), grads, expected_grads):
+        assert_close(a, b, f"grad {name}", atol=GRAD_ATOL)
 
 
 @pytest.mark.parametrize("kind", ["ConvNextV2Model", "ConvNextV2ForImageClassification", "ConvNextV2Backbone"])
