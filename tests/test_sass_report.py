@@ -98,14 +98,29 @@ def test_time_formula_on_the_canned_kernel():
     assert est.terms["issue"] == pytest.approx(2 * per_warp * 4 / (4 * clock))
     assert est.terms["mufu"] == pytest.approx(2 * 64 * 4 * 32 / (16 * clock))
     macs = 64 * 64 * 128 * 16  # one wgmma per inner iteration for the warpgroup
-    assert est.terms["tensor"] == pytest.approx(2 * macs / (2048 * 128 / 144) / clock)
+    # pointer loads (no UTMALDG in the SASS): 0.6 of the dense 2048 MACs per clock
+    assert est.terms["tensor"] == pytest.approx(2 * macs / (2048 * 0.6) / clock)
     assert est.terms["hbm"] == pytest.approx(6.7e6 / 3.35e12)
-    assert est.terms["l2"] == pytest.approx(11e6 / 5.5e12)
-    # 2 x 8.4M MACs at 2048 x 128/144 per clock: 9,216 clocks, above the 1,310 issue clocks
+    assert est.terms["l2"] == pytest.approx(11e6 / 9.5e12)
+    # 2 x 8.4M MACs at 2048 x 0.6 per clock: 13,653 clocks, above the 1,310 issue clocks
     assert est.seconds == max(est.terms.values()) and est.bound == "tensor"
     # 64 registers x 128 threads = 8192 per CTA -> 8 CTAs; 16 KB + 1 KB reserved shared -> 13; warps 16: 8
     assert est.ctas_per_sm == 8
     assert est.waves == pytest.approx(264 / (132 * 8))
+    # one CTA per SM (200 KB of shared memory): nothing overlaps the 3 instructions outside the loops, per program
+    alone = sr.estimate_launch(plan, machine, sr.Compiled(CANNED, registers=64, shared_bytes=200_000, spill_bytes=0),
+                               "bf16")
+    assert alone.ctas_per_sm == 1
+    assert alone.terms["tensor"] == pytest.approx(est.terms["tensor"] + 2 * 3 * 4 / (4 * clock))
+    # the pessimistic machine changes the L2 term only
+    low = sr.estimate_launch(plan, sr.pessimistic(machine), compiled, "bf16")
+    assert low.terms["l2"] == pytest.approx(11e6 / 8.0e12) and low.terms["tensor"] == est.terms["tensor"]
+
+
+def test_tensor_efficiency_by_load_path():
+    assert sr.tensor_efficiency(90, "HGMMA", 128) == 0.6 and sr.tensor_efficiency(90, "HGMMA", 64, "tma") == 0.7
+    assert sr.tensor_efficiency(90, "HMMA", 128) == pytest.approx(0.3)  # mma.sync on Hopper: half the wgmma rate
+    assert sr.tensor_efficiency(80, "HMMA", 128) == 0.6
 
 
 def test_loop_shares_weight_branch_loops_by_the_programs_that_take_them():
@@ -148,27 +163,33 @@ def test_specialization_follows_tritons_launcher():
     assert sr.specialization(target, by_name)[2] == {(0,): [["tt.divisibility", 16]], (3,): [["tt.divisibility", 16]]}
 
 
-def test_perf_table_source_is_a_plain_dict(tmp_path):
+def test_the_prior_document_has_every_column_per_case(tmp_path):
     case = sr.Case("convnext_mlp", 90, "bf16", 96, 56, 64, "forward")
     est = sr.LaunchEstimate("k", "", "forward", "", (1,), 1, 4, terms={"hbm": 2e-6, "issue": 5e-6})
-    result = sr.CaseResult(case, [est], "module", eager_s=10e-6, minimum_s=1e-6)
-    source = sr.perf_table_source([result], "python -m fastconvnext.tooling.sass_report")
-    namespace = {}
-    exec(compile(source, "perf_table.py", "exec"), namespace)
-    assert namespace["PREDICTED"] == {("convnext_mlp", 90, "bf16", 96, 3136, 64, "forward"):
-                                      {"fused_us": 5.0, "eager_us": 10.0}}
+    result = sr.CaseResult(case, [est], "module", eager_s=10e-6, minimum_s=1e-6, floor_s=4e-6, fused_low_s=6e-6)
+    document = sr.prior_document([result], "python -m fastconvnext.tooling.sass_report")
+    assert document["rows"] == [["convnext_mlp", 90, "bf16", 96, 3136, 64, "forward", 5.0, 6.0, 10.0, 4.0]]
+    assert document["columns"][-4:] == ["fused_us", "fused_pessimistic_us", "eager_us", "floor_us"]
+    assert "MODEL" in document["what"] and document["machine_sources"]
+    sr.write_json(tmp_path / "prior.json", document)
+    from fastconvnext import backend
+
+    assert backend.read_prior(tmp_path / "prior.json") == {
+        ("convnext_mlp", 90, "bf16", 96, 3136, 64, "forward"): {"fused_us": 5.0, "eager_us": 10.0}}
 
 
-def test_committed_perf_table_covers_the_grid():
-    from fastconvnext.kernels import perf_table
+def test_committed_prior_covers_the_grid():
+    from fastconvnext.tooling import model_tables
 
-    keys = set(perf_table.PREDICTED)
+    prior = model_tables.prior()
     for op in sr.KERNEL_OPS:
         for arch in (80, 90):
             for channels, size in ((96, 56), (768, 7), (1024, 7)):
                 for mode in sr.MODES:
-                    assert (op, arch, "bf16", channels, size * size, 256, mode) in keys
-    assert all(v["fused_us"] > 0 and v["eager_us"] > 0 for v in perf_table.PREDICTED.values())
+                    assert (op, arch, "bf16", channels, size * size, 256, mode) in prior
+    for row in prior.values():
+        assert 0 < row["fused_us"] <= row["fused_pessimistic_us"] and 0 < row["floor_us"] <= row["eager_us"], row
+    assert "commit" not in json.dumps(model_tables.prior_document())  # predictions only
 
 
 TINY_KERNEL = '''
@@ -226,34 +247,43 @@ def test_one_real_compile_finds_the_loop_and_caches_it(tmp_path):
     assert out["1"]["loops"] == [] and out["1"]["issue"] < looped["issue"]
 
 
-class FakeTable:
-    """A perf_table with two ops at one ConvNeXt-T stage shape: what the report code reads."""
-    __doc__ = "Predicted...\n\nGenerated 2000-01-01 00:00 UTC by `test`\n"
-    PREDICTED = {
-        ("dwconv_layernorm", 90, "bf16", 96, 3136, 256, "forward"): {"fused_us": 100.0, "eager_us": 300.0},
-        ("convnext_mlp", 90, "bf16", 96, 3136, 256, "forward"): {"fused_us": 300.0, "eager_us": 500.0},
-    }
-    LAUNCHES = {}
+def _row(fused, eager, low=None, floor=None):
+    return {"fused_us": fused, "fused_pessimistic_us": low or fused, "eager_us": eager, "floor_us": floor or eager}
 
 
-def test_predicted_us_and_the_model_tables_read_the_perf_table(monkeypatch):
+FAKE_PRIOR = {  # two ops at one ConvNeXt-T stage shape: what the report code reads
+    ("dwconv_layernorm", 90, "bf16", 96, 3136, 256, "forward"): _row(100.0, 300.0, 110.0, 150.0),
+    ("convnext_mlp", 90, "bf16", 96, 3136, 256, "forward"): _row(300.0, 500.0, 330.0, 250.0),
+}
+
+
+def _use_tables(monkeypatch, prior, launches=None):
+    from fastconvnext.tooling import model_tables
+
+    monkeypatch.setattr(model_tables, "prior", lambda: prior)
+    monkeypatch.setattr(model_tables, "launches", lambda: launches or {})
+
+
+def test_predicted_us_and_the_model_tables_read_the_prior(monkeypatch):
     from fastconvnext.tooling.bench import ops_report, roofline_report
     from fastconvnext.tooling import roofline
 
-    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    _use_tables(monkeypatch, FAKE_PRIOR)
     mlp = ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=90)
-    assert mlp == {"fused_us": 300.0, "eager_us": 500.0}
+    assert mlp == _row(300.0, 500.0, 330.0, 250.0)
     assert ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "fwd", arch=80) is None
     with pytest.raises(ValueError, match="mode"):
         ops_report.predicted_us("convnext_mlp", (256, 56, 56, 96), "bf16", "backward", arch=90)
     rows = roofline_report.model_stage_rows(256, "bf16", ("tiny",), 90)
-    assert [r[:6] for r in rows] == [["T-s1 C=96@56²", "dwconv+LN", "fwd", "100.0", "300.0", "3.00×"],
-                                     ["T-s1 C=96@56²", "MLP", "fwd", "300.0", "500.0", "1.67×"]]
+    assert [r[:9] for r in rows] == [
+        ["T-s1 C=96@56²", "dwconv+LN", "fwd", "100.0", "110.0", "300.0", "150.0", "3.00×", "1.50×"],
+        ["T-s1 C=96@56²", "MLP", "fwd", "300.0", "330.0", "500.0", "250.0", "1.67×", "0.83×"]]
     floor = roofline.traffic("convnext_mlp", "fused_min", "fwd", roofline.stage_shapes(("tiny",), 256)[0], "bf16")
-    assert rows[1][6] == f"{floor.seconds(roofline.H100_SXM) * 1e6:,.1f}"
-    # the block at T-s1 is (300 + 500) / (100 + 300); other stages and the A100 are not tabulated
+    assert rows[1][9] == f"{floor.seconds(roofline.H100_SXM) * 1e6:,.1f}"
+    # the block at T-s1: estimate (300 + 500) / (100 + 300), floor (150 + 250) / 400, estimate at the low edge
+    # 800 / (110 + 330); other stages and the A100 are not tabulated
     summary = roofline_report.model_summary_markdown(256, "bf16", ("tiny",))
-    assert "| T-s1 C=96@56² | 2.00× | - | - | - |" in summary
+    assert "| T-s1 C=96@56² | 2.00× / 1.00× / 1.82× | - | - | - |" in summary
     assert roofline_report.blocks_ratio(256, "bf16", "tiny", 90, "forward") is None  # stages 2-4 missing
     targets = roofline_report.targets_markdown(256, "bf16", "tiny", 90)
     dw_fwd = next(line for line in targets.splitlines() if line.startswith("| T-s1 C=96@56² | dwconv+LN | fwd |"))
@@ -267,7 +297,7 @@ def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
     """The GPU path of benchmarks/ops_report.py on a canned `fastconvnext bench --ops` CSV."""
     from fastconvnext.tooling.bench import ops_report, roofline_report
 
-    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    _use_tables(monkeypatch, FAKE_PRIOR)
     path = tmp_path / "bench.csv"
     path.write_text(
         "section,implementation,pass,dtype,shape,median_ms\n"
@@ -282,22 +312,19 @@ def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
                     ["convnext_mlp", "256x56x56x96", "fwd", "eager", "1,000.0", "500.0", "2.00"]]
 
 
-def _stage_table(l2_us, issue_us, eager_us):
-    """A perf_table with every ConvNeXt-T b256 bf16 H100 stage: each (op, mode) one launch, L2 vs issue terms."""
+def _stage_tables(l2_us, issue_us, eager_us):
+    """Prior and launches with every ConvNeXt-T b256 bf16 H100 stage: each (op, mode) one launch, L2 vs issue."""
     from fastconvnext.tooling import roofline
 
-    class Table:
-        __doc__ = FakeTable.__doc__
-        PREDICTED, LAUNCHES = {}, {}
-
+    prior, launches = {}, {}
     for shape in roofline.stage_shapes(("tiny",), 256):
         for op in roofline.OPS:
             for mode in ("forward", "forward_backward"):
                 key = (op, 90, "bf16", shape.channels, shape.size * shape.size, 256, mode)
                 us = max(l2_us, issue_us)
-                Table.PREDICTED[key] = {"fused_us": us, "eager_us": eager_us}
-                Table.LAUNCHES[key] = [{"kernel": "k", "us": us, "terms_us": {"l2": l2_us, "issue": issue_us}}]
-    return Table
+                prior[key] = _row(us, eager_us)
+                launches[key] = [{"kernel": "k", "us": us, "terms_us": {"l2": l2_us, "issue": issue_us}}]
+    return prior, launches
 
 
 def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
@@ -306,12 +333,12 @@ def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
 
     assumed = MACHINES[90].l2_bytes_per_s / 1e12
     # every launch L2-bound at the assumed constant (200 us) with 120 us of issue under it; eager 100 us
-    monkeypatch.setattr(roofline_report, "perf_table", lambda: _stage_table(200.0, 120.0, 100.0))
+    _use_tables(monkeypatch, *_stage_tables(200.0, 120.0, 100.0))
     text = roofline_report.l2_sensitivity_markdown(what_if=(2 * assumed, 4 * assumed))
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines()[2:]}
     assert len(rows) == 3
     # at the assumed constant: 200 us; at twice it: the L2 term halves to 100, so issue (120) binds; at 4x too
-    assert "| 0.50× | 0.50× | 2.00 / 2.00 / 2.00 / 2.00 |" in rows[f"{assumed:g} (the model's, ASSUMED)"]
+    assert "| 0.50× | 0.50× | 2.00 / 2.00 / 2.00 / 2.00 |" in rows[f"{assumed:g} (the model's, public figures)"]
     for scale in (2, 4):
         assert "| 0.83× | 0.83× | 1.20 / 1.20 / 1.20 / 1.20 |" in rows[f"{scale * assumed:g}"]
 
@@ -319,18 +346,19 @@ def test_l2_sensitivity_rescales_only_the_l2_term(monkeypatch):
 def test_l2_sensitivity_says_so_when_the_table_lacks_detail(monkeypatch):
     from fastconvnext.tooling.bench import roofline_report
 
-    monkeypatch.setattr(roofline_report, "perf_table", lambda: FakeTable)
+    _use_tables(monkeypatch, FAKE_PRIOR)
     assert roofline_report.l2_sensitivity_markdown().startswith("(no per-launch detail")
 
 
 def test_the_per_launch_detail_sums_to_the_predicted_times():
-    """perf_table.LAUNCHES (what the L2 what-if re-maxes) and PREDICTED come from one run: each op's launches
-    add up to its predicted time, so the what-if starts from the table's own figures."""
-    from fastconvnext.kernels import perf_table
+    """launches.json (what the L2 what-if re-maxes) and the prior come from one run: each op's launches add up to its
+    predicted time, so the what-if starts from the prior's own figures."""
+    from fastconvnext.tooling import model_tables
 
-    assert perf_table.LAUNCHES
-    for key, launches in perf_table.LAUNCHES.items():
-        total = sum(launch["us"] for launch in launches)
-        assert total == pytest.approx(perf_table.PREDICTED[key]["fused_us"], rel=1e-3, abs=0.05), key
-        for launch in launches:
+    prior, launches = model_tables.prior(), model_tables.launches()
+    assert launches
+    for key, records in launches.items():
+        total = sum(launch["us"] for launch in records)
+        assert total == pytest.approx(prior[key]["fused_us"], rel=1e-3, abs=0.05), key
+        for launch in records:
             assert launch["us"] == pytest.approx(max(launch["terms_us"].values()), rel=1e-3, abs=0.02), key

@@ -38,10 +38,17 @@ def _throughput(row):
     parts = []
     if row["gb_per_s"] != "":
         parts.append(f"{row['gb_per_s']:,.1f} GB/s")
-    parts.append(f"{row['tflop_per_s']:.2f} TFLOP/s")
+    parts.append(_flop_rate(row["tflop_per_s"]))
     if row["pct_of_hbm_peak"] != "":
         parts.append(f"{row['pct_of_hbm_peak']}% HBM")
     return ", ".join(parts)
+
+
+def _flop_rate(tflop_per_s):
+    """TFLOP/s, or GFLOP/s where that would print as 0.00 (CPU rates)."""
+    if tflop_per_s == "":
+        return ""
+    return f"{tflop_per_s:.2f} TFLOP/s" if tflop_per_s >= 0.1 else f"{tflop_per_s * 1e3:,.1f} GFLOP/s"
 
 
 def _speedup(row):
@@ -93,6 +100,43 @@ ANALYTIC_NOTE = (
 )
 
 
+PRIOR_HEADERS = ("op", "shape", "pass", "measured fused µs", "measured eager µs", "measured eager/fused",
+                 "prior fused µs (MODEL)", "prior eager µs (MODEL)", "prior eager/fused", "auto's choice")
+PRIOR_NOTE = ("measured: this run, medians on this GPU; prior: fastconvnext/prior.json, the performance model's "
+              "prediction (fused vs the eager estimate) at the nearest modelled point, MODEL; auto's choice: what the "
+              "auto backend runs for that shape now, and where the decision came from (tuned = timed on this GPU "
+              "at first use, model = the prior). Where measured and prior disagree, the measurement is right.")
+
+
+def prior_rows(outcome, arch=None):
+    """Per measured op case with fused and eager rows: measured times, the prior's prediction, auto's choice."""
+    from fastconvnext import backend
+
+    by = {(r["section"], r["case"], r["pass"], r["implementation"]): r for r in outcome.rows}
+    body = []
+    for group in outcome.groups:
+        if group.section == "model":
+            continue
+        case = group.case
+        fused, eager = (by.get((group.section, case.label, case.pass_, impl)) for impl in ("fused", "eager"))
+        if fused is None or eager is None:
+            continue
+        n, h, w, c = case.shape.dims
+        mode = "forward" if case.pass_ == "fwd" else "forward_backward"
+        key = backend.PolicyKey(case.op, backend.device_arch() if arch is None else arch, case.dtype, c,
+                                backend.bucket(h * w), backend.bucket(n), mode)
+        decision = backend.decide(key)
+        cells = [case.op, case.shape_text, case.pass_, _fmt(fused["median_ms"] * 1e3, 1),
+                 _fmt(eager["median_ms"] * 1e3, 1), f"{eager['median_ms'] / fused['median_ms']:.2f}"]
+        if decision.source == "model":
+            cells += [_fmt(decision.fused_us, 1), _fmt(decision.eager_us, 1),
+                      f"{decision.eager_us / decision.fused_us:.2f}"]
+        else:
+            cells += ["-", "-", "-"]
+        body.append(cells + [f"{decision.choice} ({decision.source})"])
+    return body
+
+
 NOISE_LIMIT = 0.10  # a ratio whose 95 % interval is wider than +-10 % is reported as too noisy to read
 
 
@@ -135,6 +179,10 @@ def terminal_report(outcome):
             continue
         lines += [f"== {SECTION_TITLES[section]} — {rows[0]['device_type'].upper()} {rows[0]['device_name']}, "
                   f"{rows[0]['dtype']}", format_table(TABLE_HEADERS, [_table_cells(r) for r in rows]), ""]
+    prior = prior_rows(outcome) if outcome.env.get("device_type") == "cuda" else []
+    if prior:
+        lines += ["== Measured beside the prior (MODEL) and auto's choice", format_table(PRIOR_HEADERS, prior),
+                  PRIOR_NOTE, ""]
     analytic = _analytic_cells(outcome)
     if analytic:
         lines += ["== Per-call bytes, eager vs fused (analytic; valid whatever the device)",
@@ -154,6 +202,10 @@ def markdown_report(outcome):
         if rows:
             lines += [f"## {SECTION_TITLES[section]} — {rows[0]['device_type'].upper()} {rows[0]['device_name']}, "
                       f"{rows[0]['dtype']}", "", markdown_table(TABLE_HEADERS, [_table_cells(r) for r in rows]), ""]
+    prior = prior_rows(outcome) if outcome.env.get("device_type") == "cuda" else []
+    if prior:
+        lines += ["## Measured beside the prior (MODEL) and auto's choice", "", markdown_table(PRIOR_HEADERS, prior),
+                  "", PRIOR_NOTE, ""]
     analytic = _analytic_cells(outcome)
     if analytic:
         lines += ["## Per-call bytes, eager vs fused (analytic)", "", markdown_table(ANALYTIC_HEADERS, analytic), "",
@@ -183,103 +235,40 @@ def matplotlib_available():
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _panel_mode(rows, section):
-    """"img/s" for the model; "speed-up" for an op with contenders beside its baseline; else "ms"."""
-    if section == "model":
-        return "img/s"
-    if any(r["implementation"] != r["baseline"] and r["speedup_vs_baseline"] != "" for r in rows):
-        return "speed-up"
-    return "ms"
+YLABEL = "speed-up of fastconvnext over it\n(×; > 1 = fastconvnext faster)"
+NOISY = "too noisy\nto read"
 
 
-def resolved(row, base_row):
-    """Whether a contender's difference from its baseline exceeds the baseline's own spread (IQR).
-    When it does not, no speed-up bar or label is drawn from it: the difference is noise."""
-    spread = base_row["q3_ms"] - base_row["q1_ms"]
-    return abs(base_row["median_ms"] - row["median_ms"]) > spread
-
-
-def _value_and_spread(row, mode, by):
-    """The bar height and its (down, up) whisker: IQR of the row, carried through to img/s or speed-up."""
-    if mode == "img/s":
-        v = row["img_per_s"]
-        low, high = row["batch"] / (row["q3_ms"] / 1e3), row["batch"] / (row["q1_ms"] / 1e3)
-    elif mode == "speed-up":
-        base = by[(row["case"], row["pass"], row["baseline"])]["median_ms"]
-        v = base / row["median_ms"]
-        low, high = base / row["q3_ms"], base / row["q1_ms"]
-    else:
-        v, low, high = row["median_ms"], row["q1_ms"], row["q3_ms"]
-    return v, (max(0.0, v - low), max(0.0, high - v))
-
-
-YLABELS = {
-    "img/s": "images / s (higher is better)",
-    "speed-up": "speed-up vs eager PyTorch (channels-last)\n(median ratio; higher is better)",
-    "ms": "median ms per call (lower is better)",
-}
-
-
-def _section_axes_data(rows, section):
-    """Bars of one panel: group keys and labels, implementations, heights and whiskers per implementation."""
-    mode = _panel_mode(rows, section)
-    keys, impls = [], []
+def _section_bars(rows):
+    """fastconvnext's implementation and, per (case, pass) and other implementation, its row (None if not run)."""
+    mine = next((r["fastconvnext_impl"] for r in rows if r["fastconvnext_impl"]), "")
+    keys, others = [], []
     for row in rows:
         if (row["case"], row["pass"]) not in keys:
             keys.append((row["case"], row["pass"]))
-        if row["implementation"] not in impls and not (mode == "speed-up" and row["implementation"] == row["baseline"]):
-            impls.append(row["implementation"])
+        if row["fastconvnext_speedup"] != "" and row["implementation"] not in others:
+            others.append(row["implementation"])
     by = {(r["case"], r["pass"], r["implementation"]): r for r in rows}
-    values, spreads = {}, {}
-    for impl in impls:
-        values[impl], spreads[impl] = [], []
-        for case, pass_ in keys:
-            row = by.get((case, pass_, impl))
-            v, spread = _value_and_spread(row, mode, by) if row is not None else (None, (0.0, 0.0))
-            values[impl].append(v)
-            spreads[impl].append(spread)
-
-    def label(case, pass_):
-        text = case if section == "model" else case.split(" ", 1)[-1].replace(" ", "\n")
-        return f"{text}\n{pass_}"
-
-    return mode, [label(c, p) for c, p in keys], impls, values, spreads, keys, by
+    return mine, keys, others, by
 
 
-def _row_resolved(by, key, impl):
-    row = by.get((*key, impl))
-    base = by.get((*key, row["baseline"])) if row is not None and row["baseline"] else None
-    return base is not None and resolved(row, base)
+def _interval(row):
+    return timing.Ratio(row["fastconvnext_speedup"], row["fastconvnext_ci_low"], row["fastconvnext_ci_high"], 0.95)
 
 
-def _label_model_ratios(ax, impl, xs, values, spreads, keys, by):
-    """Above each non-baseline model bar: its speed-up vs transformers with the 95 % interval, or 'within noise'."""
-    for x, v, s, key in zip(xs, values, spreads, keys):
-        row = by.get((*key, impl))
-        if v is None or row is None or row["speedup_vs_baseline"] == "" or impl == row["baseline"]:
-            continue
-        if _row_resolved(by, key, impl) and row["speedup_ci_low"] != "":
-            text = f"{row['speedup_vs_baseline']:.2f}×\n({row['speedup_ci_low']:.2f}–{row['speedup_ci_high']:.2f})"
-        else:
-            text = "within\nnoise"
-        ax.annotate(text, (x, v + s[1]), textcoords="offset points", xytext=(0, 2), ha="center", va="bottom",
-                    fontsize=7)
+def _bar_label(row):
+    """The ratio with its 95 % interval, or the text's wording where the interval is too wide to read."""
+    ratio = _interval(row)
+    if not ratio.readable(NOISE_LIMIT):
+        return NOISY
+    return f"{ratio.value:.2f}×\n({ratio.low:.2f}–{ratio.high:.2f})"
 
 
-def plot_footnote(modes):
-    """What the whiskers, bars and labels of the panels present mean (only the panel kinds drawn)."""
-    parts = ["Whiskers: interquartile range of the timed calls."]
-    if "speed-up" in modes:
-        parts.append("Op speed-up panels: median time of eager PyTorch (channels-last) / median time of each "
-                     "contender, dashed line = eager; where the difference of medians is smaller than eager's IQR, "
-                     "no bar is drawn (hollow marker at 1, 'noise').")
-    if "ms" in modes:
-        parts.append("Op ms panels: median time per call.")
-    if "img/s" in modes:
-        parts.append("Model panel: images per second; label: speed-up vs transformers (ratio of medians) and its "
-                     "95% bootstrap interval, or 'within noise' where the difference of medians is smaller than "
-                     "transformers' IQR.")
-    return " ".join(parts) + " Times per case are in bench.csv."
+def plot_footnote():
+    return ("Each bar: how much faster fastconvnext (the implementation named in the panel title) runs than the "
+            "implementation in the legend, as the ratio of median times (> 1 = fastconvnext faster; dashed line = "
+            f"equal); whiskers: 95% bootstrap interval of that ratio; '{NOISY.replace(chr(10), ' ')}' where the "
+            f"interval is wider than +-{NOISE_LIMIT:.0%} (as in the text report). Times per case are in bench.csv.")
 
 
 def _load_footnote(outcome):
@@ -288,20 +277,18 @@ def _load_footnote(outcome):
 
 
 def write_plot(outcome, path):
-    """One panel per section: ops as speed-up over eager, the model as images/s; IQR whiskers."""
+    """One metric in every panel: the speed-up of fastconvnext over each other implementation, with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    present = {r["section"] for r in outcome.rows}
+    present = {r["section"] for r in outcome.rows if r["fastconvnext_speedup"] != ""}
     sections = [s for s in ("dwconv_layernorm", "convnext_mlp", "model") if s in present]
     if not sections:
         return None
-    widths = []
-    for s in sections:
-        n = len({(r["case"], r["pass"]) for r in outcome.rows if r["section"] == s})
-        widths.append(max(6.0, 1.1 * n))
+    widths = [max(6.0, 1.1 * len({(r["case"], r["pass"]) for r in outcome.rows if r["section"] == s}))
+              for s in sections]
     fig, axes = plt.subplots(len(sections), 1, figsize=(max(widths) + 3, 4.2 * len(sections)), squeeze=False)
     env = outcome.env
     palette = plt.get_cmap("tab10")
@@ -309,46 +296,42 @@ def write_plot(outcome, path):
     impl_colors = {impl: palette(i) for i, impl in enumerate(every_impl)}
     for ax, section in zip(axes[:, 0], sections):
         rows = [r for r in outcome.rows if r["section"] == section]
-        mode, labels, impls, values, spreads, keys, by = _section_axes_data(rows, section)
-        bar_w = 0.8 / max(1, len(impls))
-        for i, impl in enumerate(impls):
-            xs = [g + (i - (len(impls) - 1) / 2) * bar_w for g in range(len(keys))]
-            present = [(x, v, s) for x, v, s in zip(xs, values[impl], spreads[impl]) if v is not None]
-            if not present:
+        mine, keys, others, by = _section_bars(rows)
+        bar_w = 0.8 / max(1, len(others))
+        for i, impl in enumerate(others):
+            bars = []
+            for g, key in enumerate(keys):
+                row = by.get((*key, impl))
+                if row is not None and row["fastconvnext_speedup"] != "":
+                    bars.append((g + (i - (len(others) - 1) / 2) * bar_w, row))
+            if not bars:
                 continue
-            if mode == "speed-up":  # a bar only where the difference from the baseline is not noise
-                noisy = [p for p, key in zip(present, keys) if not _row_resolved(by, key, impl)]
-                present = [p for p, key in zip(present, keys) if _row_resolved(by, key, impl)]
-                for x, _, _ in noisy:
-                    ax.plot([x], [1.0], marker="o", markerfacecolor="none", color=impl_colors[impl])
-                    ax.annotate("noise", (x, 1.0), textcoords="offset points", xytext=(0, 4), ha="center",
-                                va="bottom", fontsize=7, rotation=90 if len(impls) > 2 else 0)
-            if present:
-                px, pv, ps = zip(*present)
-                ax.bar(px, pv, bar_w, label=cases.IMPL_LABELS[impl], color=impl_colors[impl],
-                       yerr=[[s[0] for s in ps], [s[1] for s in ps]], capsize=2, error_kw={"linewidth": 0.8})
-            if mode == "img/s":
-                _label_model_ratios(ax, impl, xs, values[impl], spreads[impl], keys, by)
-        if mode == "speed-up":
-            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-        if mode != "ms":
-            ax.margins(y=0.15)
+            xs = [x for x, _ in bars]
+            values = [row["fastconvnext_speedup"] for _, row in bars]
+            whiskers = [[max(0.0, v - row["fastconvnext_ci_low"]) for v, (_, row) in zip(values, bars)],
+                        [max(0.0, row["fastconvnext_ci_high"] - v) for v, (_, row) in zip(values, bars)]]
+            ax.bar(xs, values, bar_w, label=f"vs {cases.IMPL_LABELS[impl]}", color=impl_colors[impl], yerr=whiskers,
+                   capsize=2, error_kw={"linewidth": 0.8})
+            for x, row in bars:
+                ax.annotate(_bar_label(row), (x, row["fastconvnext_ci_high"]), textcoords="offset points",
+                            xytext=(0, 2), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.margins(y=0.2)
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels(labels, fontsize=8)
-        ax.set_ylabel(YLABELS[mode], fontsize=9)
+        ax.set_xticklabels([(c if section == "model" else c.split(" ", 1)[-1].replace(" ", "\n")) + f"\n{p}"
+                            for c, p in keys], fontsize=8)
+        ax.set_ylabel(YLABEL, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         device = f"{env['device_type'].upper()}: {env['device_name']}"
-        batch = f", batch {rows[0]['batch']}"
-        ax.set_title(f"{SECTION_TITLES[section]} — {device}, {rows[0]['dtype']}{batch}", fontsize=10)
+        ax.set_title(f"{SECTION_TITLES[section]}: {cases.IMPL_LABELS[mine]} vs the others — {device}, "
+                     f"{rows[0]['dtype']}, batch {rows[0]['batch']}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    modes = {_panel_mode([r for r in outcome.rows if r["section"] == s], s) for s in sections}
     caption = (f"torch {env['torch_version']}, triton {env['triton_version']}, transformers "
                f"{env['transformers_version']}, fastconvnext {env['fastconvnext_version']}"
                + (f", CUDA {env['cuda_version']}, driver {env['driver_version']}" if env["device_type"] == "cuda"
-                  else f", {env['threads']} CPU thread(s) — CPU figures, not GPU") + ". " + plot_footnote(modes)
+                  else f", {env['threads']} CPU thread(s) — CPU figures, not GPU") + ". " + plot_footnote()
                + " " + _load_footnote(outcome))
-    width_chars = int(fig.get_figwidth() * 15)
-    caption_lines = textwrap.wrap(caption, width_chars)
+    caption_lines = textwrap.wrap(caption, int(fig.get_figwidth() * 15))
     fig.text(0.01, 0.005, "\n".join(caption_lines), fontsize=7, va="bottom")
     caption_inches = (len(caption_lines) + 1) * 7 * 1.25 / 72  # 7 pt text, 1.25 line spacing
     fig.tight_layout(rect=(0, caption_inches / fig.get_figheight(), 1, 1))

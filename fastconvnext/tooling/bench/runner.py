@@ -217,7 +217,8 @@ CSV_COLUMNS = (
     "shape", "batch", "median_ms", "q1_ms", "q3_ms", "min_ms", "max_ms", "repeats", "warmup",
     "img_per_s", "gb_per_s", "effective_gb_per_s", "tflop_per_s", "pct_of_hbm_peak", "modelled_bytes",
     "modelled_flops", "peak_mem_mb", "saved_for_backward_mb", "saved_extra_mb", "baseline", "speedup_vs_baseline",
-    "speedup_ci_low", "speedup_ci_high", "load_average",
+    "speedup_ci_low", "speedup_ci_high", "fastconvnext_impl", "fastconvnext_speedup", "fastconvnext_ci_low",
+    "fastconvnext_ci_high", "load_average",
     "torch_version", "triton_version", "transformers_version", "fastconvnext_version", "python_version",
     "cuda_version", "driver_version", "cudnn_version", "cpu_model", "threads", "timestamp",
 )
@@ -227,9 +228,16 @@ def _roofline_impl(impl):
     return {"eager": "eager", "eager_nchw": "eager_nchw", "fused": "fused", "compile": "eager"}.get(impl)
 
 
+def fastconvnext_impl(section, impls):
+    """The implementation that is fastconvnext's in a section: the fused one where it ran, else its eager path."""
+    fused, eager = ("fastconvnext-fused", "fastconvnext-eager") if section == "model" else ("fused", "eager")
+    return fused if fused in impls else (eager if eager in impls else "")
+
+
 def _rows(group, results, saved, env, settings, stamp, loads=()):
     baseline = cases.MODEL_BASELINE if group.section == "model" else cases.OP_BASELINE
     base = results.get(baseline)
+    mine = fastconvnext_impl(group.section, results)
     known = [x for x in loads if x is not None]
     rows = []
     for impl, (t, peak) in results.items():
@@ -250,6 +258,10 @@ def _rows(group, results, saved, env, settings, stamp, loads=()):
         if base is not None and impl != baseline:
             ratio = timing.ratio_of_medians(base[0], t)
             row.update(speedup_ci_low=round(ratio.low, 3), speedup_ci_high=round(ratio.high, 3))
+        if mine and impl != mine:  # how much faster fastconvnext is than this implementation (> 1: faster)
+            ratio = timing.ratio_of_medians(t, results[mine][0])
+            row.update(fastconvnext_impl=mine, fastconvnext_speedup=round(ratio.value, 3),
+                       fastconvnext_ci_low=round(ratio.low, 3), fastconvnext_ci_high=round(ratio.high, 3))
         seconds = t.median_ms / 1e3
         if group.section == "model":
             row["img_per_s"] = round(group.case.batch / seconds, 2)
