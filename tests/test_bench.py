@@ -322,3 +322,27 @@ def test_bench_puts_measured_times_beside_the_prior_and_autos_choice():
         backend.clear_policy()
     assert row == ["convnext_mlp", "64x56x56x96", "fwd", "200.0", "500.0", "2.50", "250.0", "400.0", "1.60",
                    "fused (model)"]
+
+
+def test_the_eager_estimate_charges_each_step_at_its_public_efficiency():
+    """Worked by hand at ConvNeXt-T stage 1, batch 64, bf16, H100: the floor at peaks, the estimate at the public
+    fractions (roofline.EAGER_EFFICIENCY, sources in EAGER_SOURCES)."""
+    gpu = roofline.H100_SXM
+    shape = roofline.StageShape("t", 1, 64, 56, 96)
+    pixels, c = 64 * 56 * 56, 96
+    conv = roofline.traffic("dwconv_layernorm", "eager", "fwd", shape, "bf16").steps[0]
+    assert conv.unit == "dwconv" and conv.flops == 2 * 49 * pixels * c + pixels * c
+    floor = max(conv.bytes / 3.35e12, conv.flops / 67e12)
+    estimate = max(conv.bytes / (0.8 * 3.35e12), conv.flops / (0.15 * 67e12))
+    assert conv.seconds(gpu, "bf16") == pytest.approx(floor)
+    assert conv.estimate_seconds(gpu, "bf16") == pytest.approx(estimate)
+    assert estimate > 4 * floor  # the conv is compute-bound at 15 % of the FP32 peak
+    fc1 = roofline.traffic("convnext_mlp", "eager", "fwd", shape, "bf16").steps[0]
+    assert fc1.unit == "matmul"
+    assert fc1.estimate_seconds(gpu, "bf16") == pytest.approx(
+        max(fc1.bytes / (0.8 * 3.35e12), 2 * pixels * c * 4 * c / (0.78 * 989e12)))
+    backward = roofline.traffic("dwconv_layernorm", "eager", "fwd+bwd", shape, "bf16").steps
+    assert [s.unit for s in backward if s.unit.startswith("dwconv")] == ["dwconv", "dwconv_bwd", "dwconv_bwd"]
+    whole = roofline.traffic("block", "eager", "fwd+bwd", shape, "bf16")
+    assert whole.estimate_seconds(gpu) == pytest.approx(sum(s.estimate_seconds(gpu, "bf16") for s in whole.steps))
+    assert whole.estimate_seconds(gpu) > whole.seconds(gpu)
