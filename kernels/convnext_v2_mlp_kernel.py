@@ -631,3 +631,213 @@ def convnext_v2_mlp(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2
     out, _ = _v2_mlp_fwd_op(x, residual, fc1_weight, fc1_bias, grn_weight.reshape(D), grn_bias.reshape(D),
                             fc2_weight, fc2_bias, sample_scale, act)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Compile targets (for compile_check)
+# ---------------------------------------------------------------------------------------------
+# ConvNeXt-V2 widths: Atto's first stage (C = 40), then Tiny's four stages.
+_BUCKETS = ((40, 160), (96, 384), (192, 768), (384, 1536), (768, 3072))
+_DTYPES = ("fp32", "fp16", "bf16")
+_SMALL = ("b1_ptr", "part_ptr", "coef_ptr", "grn_b_ptr", "b2_ptr", "scale_ptr", "out_sums_ptr", "k_ptr")
+# kind -> (display name, jit function, pointer args, integer args)
+_KERNELS = {
+    "fc1": ("convnext_v2_mlp_fc1_sumsq", lambda: _v2_fc1_kernel, ["x_ptr", "w1_ptr", "b1_ptr", "h_ptr", "part_ptr"],
+            ["M", "HW", "SPAN"]),
+    "fc2": ("convnext_v2_mlp_grn_fc2", lambda: _v2_fc2_kernel,
+            ["x_ptr", "h_ptr", "w1_ptr", "b1_ptr", "coef_ptr", "grn_b_ptr", "w2_ptr", "b2_ptr", "scale_ptr", "res_ptr",
+             "out_ptr"], ["M", "HW"]),
+    "image_sums": ("convnext_v2_mlp_image_sums", lambda: _image_sums_kernel, ["part_ptr", "out_sums_ptr"],
+                   ["HW", "SPAN"]),
+    "bwd_sums": ("convnext_v2_mlp_bwd_sums", lambda: _v2_bwd_sums_kernel,
+                 ["pre_ptr", "da_ptr", "coef_ptr", "grn_b_ptr", "a_ptr", "part_ptr"], ["M", "HW", "SPAN"]),
+    "bwd_dpre": ("convnext_v2_mlp_bwd_dpre", lambda: _v2_bwd_dpre_kernel,
+                 ["pre_ptr", "da_ptr", "coef_ptr", "k_ptr", "dpre_ptr"], ["M", "HW"]),
+}
+
+
+def _flags(kind: str, C: int, D: int, dtype: str, act: str = "gelu", has_scale: bool = True,
+           precision: str = "ieee", tile_rows: int = 0, width: int = 0) -> dict:
+    """The constexpr arguments a launch of `kind` passes besides its BLOCK_* sizes."""
+    if kind == "fc1":
+        return dict(C=C, D=D, ACT=act, STORE_H=not _recomputes_hidden(C, dtype), DOT_PRECISION=precision)
+    if kind == "fc2":
+        return dict(C=C, D=D, ACT=act, RECOMPUTE=_recomputes_hidden(C, dtype), HAS_SCALE=has_scale,
+                    DOT_PRECISION=precision)
+    if kind == "image_sums":
+        return dict(WIDTH=width, TILE_ROWS=tile_rows)
+    return dict(D=D, ACT=act)
+
+
+def _pointer_types(kind: str, flags: dict, dtype: str) -> dict:
+    """Pointer argument -> Triton type as the launcher passes them (absent tensors get an fp32 stand-in)."""
+    _, _, pointers, _ = _KERNELS[kind]
+    types = {name: "*fp32" if name in _SMALL else f"*{dtype}" for name in pointers}
+    if kind == "fc1" and not flags["STORE_H"]:
+        types["h_ptr"] = "*fp32"  # b1 stands in
+    return types
+
+
+def _target(kind: str, C: int, D: int, dtype: str, flags: dict) -> CompileTarget:
+    name, fn, _, ints = _KERNELS[kind]
+    cfg = _gpu_config({"fc2": "fc2_recompute" if flags.get("RECOMPUTE") else "fc2"}.get(kind, kind), C, dtype)
+    meta = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
+    constexprs = dict(flags, **meta)
+    signature = dict(_pointer_types(kind, flags, dtype), **{n: "i32" for n in ints}, **{n: "constexpr" for n in constexprs})
+    on = " ".join(k for k, v in flags.items() if v is True)
+    values = " ".join(f"{k}={v}" for k, v in constexprs.items() if v is not True and v is not False)
+    return CompileTarget(
+        kernel=name, fn=fn(), signature=signature, constexprs=constexprs, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"], dtype=dtype, label=f"{values} w{cfg['num_warps']} s{cfg['num_stages']} {on}".strip(),
+        expects_tensor_cores=kind in ("fc1", "fc2") and (dtype != "fp32" or flags["DOT_PRECISION"] == "tf32"),
+    )
+
+
+def compile_targets() -> List[CompileTarget]:
+    """Every config the launchers can pick, per dtype and (C, D) bucket: the GEMM kernels under each fp32 precision
+    ("ieee", "tf32"), pass 2 with and without drop path, the elementwise backward kernels, the per-image sums at both
+    widths (D forward, 2D backward); the other activations once per dtype at C = 96."""
+    targets = []
+    for dtype in _DTYPES:
+        precisions = ("ieee", "tf32") if dtype == "fp32" else ("ieee",)
+        for C, D in _BUCKETS:
+            for precision in precisions:
+                targets.append(_target("fc1", C, D, dtype, _flags("fc1", C, D, dtype, precision=precision)))
+                for has_scale in (True, False):
+                    targets.append(_target("fc2", C, D, dtype, _flags("fc2", C, D, dtype, has_scale=has_scale,
+                                                                      precision=precision)))
+            for kind in ("bwd_sums", "bwd_dpre"):
+                targets.append(_target(kind, C, D, dtype, _flags(kind, C, D, dtype)))
+        for act in ("gelu_tanh", "relu"):
+            for kind in ("fc1", "fc2", "bwd_sums", "bwd_dpre"):
+                targets.append(_target(kind, 96, 384, dtype, _flags(kind, 96, 384, dtype, act)))
+    for C, D in _BUCKETS:  # fp32 partials whatever the activation dtype; tile rows of the fp32 and 16-bit configs
+        for tile_rows in sorted({_gpu_config(k, C, d)["BLOCK_M"] for k in ("fc1", "bwd_sums") for d in _DTYPES}):
+            for width in (D, 2 * D):
+                targets.append(_target("image_sums", C, D, "fp32",
+                                       _flags("image_sums", C, D, "fp32", tile_rows=tile_rows, width=width)))
+    unique = {(t.kernel, t.label, t.dtype): t for t in reversed(targets)}
+    return [t for t in targets if unique[(t.kernel, t.label, t.dtype)] is t]
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans (for sass_report): every figure below is a model, not a measurement
+# ---------------------------------------------------------------------------------------------
+_PLAN_NOTES = {
+    "fc1": "pass 1: fc1 + b1 + act, h^2 summed per (row tile, image slot){store}",
+    "image_sums": "per-image sums of the {what} partials over the image's row tiles, in tile order",
+    "fc2": "pass 2: A = h x coef[image] + b (GRN){h}, A W2^T + b2, x sample_scale, + residual",
+    "bwd_sums": "A = GRN(act(pre)) stored for dW2; dA * h and dA summed per (row tile, image slot)",
+    "bwd_dpre": "dpre = (dA x coef + k x h) x act'(pre)",
+}
+
+
+def _plan_figures(kind: str, cfg: dict, M: int, N: int, HW: int, C: int, D: int, s: int, flags: dict):
+    """(grid, HBM bytes, L2 bytes, hot-loop trips, outer trips, executed M*C*D units) of one launch (a model: each
+    tensor once from HBM; weights, coef and partials stay in L2; L2 bytes what the programs request)."""
+    act, hidden, w = M * C * s, M * D * s, D * C * s
+    if kind == "image_sums":
+        width, tile_rows = flags["WIDTH"], flags["TILE_ROWS"]
+        tiles = triton.cdiv(HW, tile_rows) + 1  # row tiles an image touches, at most
+        grid = (N, triton.cdiv(width, cfg["BLOCK_D"]))
+        nbytes = N * (tiles + 1) * width * 4
+        return grid, nbytes, nbytes, tiles, 1, 0
+    bm = cfg["BLOCK_M"]
+    tiles, span = triton.cdiv(M, bm), _span(bm, HW)
+    if kind == "fc1":
+        bd = cfg["BLOCK_D"]
+        grid = (tiles * triton.cdiv(D, bd),)
+        parts = tiles * span * D * 4
+        stored = hidden * flags["STORE_H"]
+        hbm = act + w + D * 4 + stored + parts
+        l2 = grid[0] * (bm + bd) * C * s + stored + parts
+        return grid, hbm, l2, _inner_trips(cfg["BLOCK_K"], C), 1, 1
+    if kind == "fc2":
+        bn, bd = cfg["BLOCK_N"], cfg["BLOCK_D"]
+        c_tiles, chunks = triton.cdiv(C, bn), triton.cdiv(D, bd)
+        grid = (tiles * c_tiles,)
+        recompute = flags["RECOMPUTE"]
+        hbm = (act + w if recompute else hidden) + w + N * D * 4 + 2 * act + (D + 2 * C) * 4
+        per_chunk = (bn * s + bm * 4) * bd + (bm + bd) * C * s * recompute + bm * bd * s * (not recompute)
+        l2 = grid[0] * chunks * per_chunk + 2 * act
+        inner = _inner_trips(cfg["BLOCK_K"], C) if recompute else 1
+        return grid, hbm, l2, chunks * inner, chunks if recompute else 1, 1 + c_tiles * recompute
+    grid = (tiles * triton.cdiv(D, cfg["BLOCK_D"]),)
+    if kind == "bwd_sums":  # pre, dA in; A out; partials
+        nbytes = 3 * hidden + N * D * 4 + tiles * span * 2 * D * 4
+        return grid, nbytes, nbytes, span, 1, 0
+    nbytes = 3 * hidden + 2 * N * D * 4  # bwd_dpre: pre, dA in; dpre out
+    return grid, nbytes, nbytes, 1, 1, 0
+
+
+def _inner_trips(block_k: int, K: int) -> int:
+    return triton.cdiv(K, block_k) if block_k < K else 1
+
+
+def _torch_plan(phase: str, nbytes: float, note: str, flops: float = 0.0):
+    from .compile_spec import LaunchPlan
+
+    return LaunchPlan(target=None, grid=(), phase=phase, hbm_bytes=float(nbytes), l2_bytes=float(nbytes),
+                      loop_trips=0, flops=float(flops), note=note)
+
+
+def launch_plans(batch: int, height: int, width: int, channels: int, dtype, training: bool, act: str = "gelu",
+                 has_scale: bool = False, hidden: Optional[int] = None) -> list:
+    """The launches one `convnext_v2_mlp` call makes at this shape on a GPU, forward then (when `training`) backward,
+    with modelled bytes; torch steps (casts, the [N, D] GRN epilogue, the backward GEMMs and sums) are plans with
+    target None. Defaults are ConvNeXt V2's block: GELU, hidden = 4C, no drop path. Byte figures are a model:
+    hbm_bytes counts each tensor once, l2_bytes what the programs request."""
+    from .compile_spec import LaunchPlan
+
+    dtype = _TRITON_DTYPE.get(dtype, dtype)
+    _check(dtype in _DTYPE_BYTES, ValueError, f"launch_plans: dtype must be fp32, fp16 or bf16, got {dtype!r}")
+    C, D, s = channels, hidden or 4 * channels, _DTYPE_BYTES[dtype]
+    N, HW = batch, height * width
+    M = N * HW
+    precision = "tf32" if dtype == "fp32" and _tf32_allowed() else "ieee"
+    recompute = _recomputes_hidden(C, dtype)
+    fc1_rows, bwd_rows = _gpu_config("fc1", C, dtype)["BLOCK_M"], _gpu_config("bwd_sums", C, dtype)["BLOCK_M"]
+    steps = [("forward", "fc1", _flags("fc1", C, D, dtype, act, precision=precision)),
+             ("forward", "image_sums", _flags("image_sums", C, D, dtype, tile_rows=fc1_rows, width=D)),
+             ("forward", "grn", None),
+             ("forward", "fc2", _flags("fc2", C, D, dtype, act, has_scale, precision))]
+    if training:
+        steps += [("backward", "gemms_in", None),
+                  ("backward", "bwd_sums", _flags("bwd_sums", C, D, dtype, act)),
+                  ("backward", "image_sums", _flags("image_sums", C, D, dtype, tile_rows=bwd_rows, width=2 * D)),
+                  ("backward", "grn", None),
+                  ("backward", "bwd_dpre", _flags("bwd_dpre", C, D, dtype, act)),
+                  ("backward", "gemms_out", None)]
+    plans = []
+    if dtype != "fp32":
+        plans.append(_torch_plan("forward", (2 * D + C) * (s + 4), "torch: b1, GRN bias, b2 cast to fp32"))
+    for phase, kind, flags in steps:
+        if kind == "grn":
+            plans.append(_torch_plan(phase, 8 * N * D * 4, "torch: [N, D] GRN terms (G, mean, Nx, coef; backward: dG, k)"))
+            continue
+        if kind == "gemms_in":
+            plans.append(_torch_plan(phase, 2 * M * C * s + (M * C + D * C + M * D) * s, "torch: g = dy x scale, "
+                                     "pre = x W1^T + b1 recomputed", 2 * M * C * D))
+            plans.append(_torch_plan(phase, (M * C + C * D + M * D) * s, "torch: dA = g W2", 2 * M * C * D))
+            continue
+        if kind == "gemms_out":
+            plans.append(_torch_plan(phase, 3 * (M * C + M * D + C * D) * s, "torch: dx = dpre W1, dW1 = dpre^T x, "
+                                     "dW2 = g^T A", 6 * M * C * D))
+            plans.append(_torch_plan(phase, (M * D + M * C) * s, "torch: db1, db2 column sums"))
+            continue
+        target = _target(kind, C, D, dtype if kind != "image_sums" else "fp32", flags)
+        cfg = {k: target.constexprs[k] for k in target.constexprs if k.startswith("BLOCK_")}
+        grid, hbm, l2, trips, outer, units = _plan_figures(kind, cfg, M, N, HW, C, D, s, flags)
+        int_args = dict(M=M, HW=HW, SPAN=_span(fc1_rows if kind == "fc1" else bwd_rows, HW))
+        if kind == "image_sums":
+            int_args = dict(HW=HW, SPAN=_span(flags["TILE_ROWS"], HW))
+        int_args = {k: v for k, v in int_args.items() if k in _KERNELS[kind][3]}
+        what = {"fc1": dict(store=", h stored [M, D]" if flags.get("STORE_H") else ""),
+                "fc2": dict(h=", h recomputed from x" if flags.get("RECOMPUTE") else ", h read back"),
+                "image_sums": dict(what="h^2" if phase == "forward" else "dA * h and dA")}.get(kind, {})
+        plans.append(LaunchPlan(
+            target=target, grid=grid, phase=phase, hbm_bytes=float(hbm), l2_bytes=float(l2), loop_trips=trips,
+            outer_trips=outer, flops=float(2 * M * C * D if kind in ("fc1", "fc2") else 0),
+            note=f"{_PLAN_NOTES[kind].format(**what)}; executes {units} M*C*D matmul units",
+            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args))
+    return plans

@@ -217,3 +217,33 @@ def test_opcheck_registration():
             inputs["fc2_bias"], inputs["sample_scale"], "gelu")
     torch.library.opcheck(v2._v2_mlp_fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                                "test_autograd_registration"))
+
+
+SHAPES = [(40, 56), (96, 56), (192, 28), (384, 14), (768, 7)]  # ConvNeXt-V2 Atto stage 1, Tiny's four stages
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_launch_plans_are_compiled_targets_with_the_launchers_configs(dtype):
+    # every kernel launch_plans lists is a compile target (so compile_check covered it), with the config and the
+    # pass-2 path the launchers take on a GPU
+    targets = {(t.kernel, t.label, t.dtype) for t in v2.compile_targets()}
+    for C, size in SHAPES:
+        for training in (False, True):
+            plans = v2.launch_plans(8, size, size, C, dtype, training)
+            kernels = [p.target for p in plans if p.target is not None]
+            assert [t.kernel.removeprefix("convnext_v2_mlp_") for t in kernels] == (
+                ["fc1_sumsq", "image_sums", "grn_fc2"] + ["bwd_sums", "image_sums", "bwd_dpre"] * training)
+            for target in kernels:
+                assert (target.kernel, target.label, target.dtype) in targets, target.label
+            fc2 = kernels[2]
+            assert fc2.constexprs["RECOMPUTE"] == v2._recomputes_hidden(C, dtype)
+            expected = v2._gpu_config("fc2_recompute" if fc2.constexprs["RECOMPUTE"] else "fc2", C, dtype)
+            assert all(fc2.constexprs[k] == expected[k] for k in expected if k.startswith("BLOCK_"))
+            assert (fc2.num_warps, fc2.num_stages) == (expected["num_warps"], expected["num_stages"])
+
+
+def test_store_or_recompute_rule():
+    # the module docstring's model: recompute while C fits one 128-wide tile in fp16/bf16, store beyond and in fp32
+    assert [v2._recomputes_hidden(C, "bf16") for C, _ in SHAPES] == [True, True, False, False, False]
+    assert [v2._recomputes_hidden(C, "fp16") for C in (128, 129)] == [True, False]
+    assert not any(v2._recomputes_hidden(C, "fp32") for C, _ in SHAPES)
