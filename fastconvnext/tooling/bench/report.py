@@ -323,7 +323,7 @@ def write_plot(outcome, path):
         ax.set_ylabel(YLABEL, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
         device = f"{env['device_type'].upper()}: {env['device_name']}"
-        ax.set_title(f"{SECTION_TITLES[section]}: {cases.IMPL_LABELS[mine]} vs the others — {device}, "
+        ax.set_title(f"{SECTION_TITLES[section]}: {cases.IMPL_LABELS[mine]} vs the others\n{device}, "
                      f"{rows[0]['dtype']}, batch {rows[0]['batch']}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     caption = (f"torch {env['torch_version']}, triton {env['triton_version']}, transformers "
