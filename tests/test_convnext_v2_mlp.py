@@ -18,7 +18,7 @@ from fastconvnext.kernels import convnext_v2_mlp
 from fastconvnext.kernels import convnext_v2_mlp_kernel as v2
 from fastconvnext.kernels.reference import convnext_v2_mlp_reference
 from helpers import dot_with_exact_bf16
-from tolerance import assert_within_rule
+from tolerance import assert_within_rule, max_abs_diff
 
 GRAD_NAMES = ("x", "residual", "fc1_weight", "fc1_bias", "grn_weight", "grn_bias", "fc2_weight", "fc2_bias")
 
@@ -247,3 +247,20 @@ def test_store_or_recompute_rule():
     assert [v2._recomputes_hidden(C, "bf16") for C, _ in SHAPES] == [True, True, False, False, False]
     assert [v2._recomputes_hidden(C, "fp16") for C in (128, 129)] == [True, False]
     assert not any(v2._recomputes_hidden(C, "fp32") for C, _ in SHAPES)
+
+
+def test_fp16_autocast_runs_the_kernels_in_fp16_with_eagers_output_dtype():
+    # fp32 model under CPU autocast(float16): eager runs the Linears in fp16 and GRN's affine in fp32 (its fp32
+    # weight promotes), and residual + branch is fp32; the op runs its dots in fp16 and returns fp32 likewise
+    inputs = make_inputs((2, 5, 3, 24), 40, torch.float32, [1.0, 0.5])
+    dy = torch.randn(inputs["x"].shape)
+    with torch.autocast("cpu", dtype=torch.float16):
+        fused, fused_grads = run_with_grads(convnext_v2_mlp, inputs, dy)
+        eager, eager_grads = run_with_grads(convnext_v2_mlp_reference, inputs, dy)
+    ref, ref_grads = run_with_grads(convnext_v2_mlp_reference, inputs, dy, cast=torch.float64)
+    assert fused.dtype == eager.dtype == torch.float32
+    assert max_abs_diff(fused, convnext_v2_mlp(**inputs)) > 1e-4  # not the fp32 computation
+    assert_within_rule(fused, eager, ref, torch.float16, "out under autocast")
+    for name, grad in fused_grads.items():
+        assert grad.dtype == torch.float32, name
+        assert_within_rule(grad, eager_grads[name], ref_grads[name], torch.float16, f"d{name} under autocast")
