@@ -346,3 +346,19 @@ def test_the_eager_estimate_charges_each_step_at_its_public_efficiency():
     whole = roofline.traffic("block", "eager", "fwd+bwd", shape, "bf16")
     assert whole.estimate_seconds(gpu) == pytest.approx(sum(s.estimate_seconds(gpu, "bf16") for s in whole.steps))
     assert whole.estimate_seconds(gpu) > whole.seconds(gpu)
+
+
+@pytest.mark.parametrize("family", ["convnextv2", "dinov3"])
+def test_model_cases_of_the_other_families_run_both_sides_with_the_same_weights(family):
+    """bench --family: fastconvnext's and transformers' model of that family, same weights, same output."""
+    case = cases.ModelCase("atto", 2, 32, "fp32", "cpu", "infer", family)
+    assert case.label.startswith(cases.FAMILIES[family][2])
+    ours, theirs = cases.build_models("atto", seed=0, family=family)
+    assert type(ours).__name__ == type(theirs).__name__ == cases.FAMILIES[family][1]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(cases._pooled(ours(pixels)), cases._pooled(theirs(pixels)), rtol=0, atol=1e-5)
+    for impl in ("transformers", "fastconvnext-eager"):
+        cases.prepare_model(case, impl).run()
+    parsed = cli.build_parser().parse_args(["--family", family, "--device", "cpu"])
+    assert cli.settings_from_args(parsed).family == family

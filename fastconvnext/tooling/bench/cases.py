@@ -195,6 +195,14 @@ def prepare_op(case, impl, seed=0):
 # --------------------------------------------------------------------------------------- model cases
 
 
+# Model families: (config, model class name) in fastconvnext and in transformers, and the label prefix.
+FAMILIES = {
+    "convnext": ("ConvNextConfig", "ConvNextModel", "ConvNeXt"),
+    "convnextv2": ("ConvNextV2Config", "ConvNextV2Model", "ConvNeXt-V2"),
+    "dinov3": ("DINOv3ConvNextConfig", "DINOv3ConvNextModel", "DINOv3-ConvNeXt"),
+}
+
+
 @dataclass(frozen=True)
 class ModelCase:
     preset: str
@@ -203,10 +211,11 @@ class ModelCase:
     dtype: str
     device: str
     pass_: str  # "infer" or "train"
+    family: str = "convnext"
 
     @property
     def label(self):
-        return f"ConvNeXt-{self.preset} {self.resolution}²"
+        return f"{FAMILIES[self.family][2]}-{self.preset} {self.resolution}²"
 
     @property
     def shape_text(self):
@@ -220,26 +229,30 @@ def model_config_kwargs(preset):
     return {"hidden_sizes": list(hidden_sizes), "depths": list(depths)}
 
 
-def build_models(preset, seed=0, with_transformers=True):
-    """fastconvnext's ConvNextModel and (when asked) transformers' with the same random weights; CPU, fp32, eval."""
+def build_models(preset, seed=0, with_transformers=True, family="convnext"):
+    """fastconvnext's model of `family` and (when asked) transformers' with the same random weights; CPU, fp32,
+    eval."""
     import fastconvnext
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
+    config_name, model_name, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    ours = fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig(**model_config_kwargs(preset))).eval()
+    ours = getattr(fastconvnext, model_name)(getattr(fastconvnext, config_name)(**model_config_kwargs(preset))).eval()
     if not with_transformers:
         return ours, None
     import transformers
 
-    theirs = transformers.ConvNextModel(transformers.ConvNextConfig(**model_config_kwargs(preset)))
+    theirs = getattr(transformers, model_name)(getattr(transformers, config_name)(**model_config_kwargs(preset)))
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs.eval()
 
 
-def _model_for(impl, preset, seed):
+def _model_for(impl, preset, seed, family="convnext"):
     """(model, fastconvnext backend to run it under, or None for transformers)."""
     if impl not in MODEL_IMPLS:
         raise ValueError(f"model implementation must be one of {MODEL_IMPLS}, got {impl!r}")
-    ours, theirs = build_models(preset, seed, with_transformers=impl.startswith("transformers"))
+    ours, theirs = build_models(preset, seed, with_transformers=impl.startswith("transformers"), family=family)
     if theirs is not None:
         return theirs, None
     return ours, ("eager" if impl == "fastconvnext-eager" else "triton")
@@ -254,7 +267,7 @@ def prepare_model(case, impl, seed=0):
     pooled features, backward, SGD step (gradients set to None before each step, untimed)."""
     from fastconvnext.backend import use_backend
 
-    model, backend_name = _model_for(impl, case.preset, seed)
+    model, backend_name = _model_for(impl, case.preset, seed, case.family)
     device, dtype = torch.device(case.device), DTYPES[case.dtype]
     model = model.to(device=device, dtype=dtype)
     model.train(case.pass_ == "train")

@@ -57,6 +57,9 @@ def add_arguments(parser):
     """Add the bench options to `parser` (the `fastconvnext bench` subparser, or a standalone one)."""
     parser.add_argument("--model", choices=tuple(cases.MODEL_PRESETS),
                         help="model size for the end-to-end case (default: tiny)")
+    parser.add_argument("--family", choices=tuple(cases.FAMILIES), default="convnext",
+                        help="model family of the end-to-end case: convnext (V1), convnextv2 (ConvNeXt V2) or dinov3 "
+                             "(DINOv3-ConvNeXt); each against transformers' class of that family (default convnext)")
     parser.add_argument("--batch", type=_positive_int,
                         help="batch size of the model and op cases (default: 64 on CUDA, 8 on CPU; --quick: 32 / 8); "
                              f"with --roofline the analytic batch (default {ROOFLINE_BATCH}; 128 is the other "
@@ -110,6 +113,7 @@ def settings_from_args(args):
         dtype=args.dtype or defaults["dtype"],
         sections=args.ops or defaults["sections"],
         model=args.model or defaults["model"],
+        family=getattr(args, "family", "convnext"),
         batch=batch,
         op_batch=args.batch or (defaults["batch"] if device.type == "cpu" or args.quick else 64),
         resolution=args.resolution or defaults["resolution"],

@@ -32,6 +32,7 @@ class Settings:
     allow_tf32: bool = False
     compile: bool = True
     model_passes: tuple = cases.MODEL_PASSES
+    family: str = "convnext"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def build_plan(settings):
         impls = [i for i in cases.MODEL_IMPLS if settings.compile or not i.endswith("-compile")]
         for pass_ in settings.model_passes:
             case = cases.ModelCase(settings.model, settings.batch, settings.resolution, settings.dtype,
-                                   str(settings.device), pass_)
+                                   str(settings.device), pass_, settings.family)
             groups.append(_group("model", case, impls, settings.device))
     return groups
 
