@@ -1,10 +1,10 @@
-"""Measure the static SASS model's ASSUMED machine constants on the GPU at hand (issue 9, item 1).
+"""Measure the performance model's machine constants on the GPU at hand, replacing its public figures.
 
-fastconvnext/tooling/roofline.py's `Machine` carries two unmeasured figures that move the model most: the L2->SM read
-bandwidth (`l2_bytes_per_s`) and the tensor-instruction efficiency (fastconvnext/tooling/sass_report.py's
-`tensor_efficiency`: wgmma m64nNk at N/(N+16) of the dense peak on sm_90, HMMA at 0.85 on sm_80). Four Triton
-microbenchmarks, each timed with CUDA events (warm-up, then repeats; median and min/max), put a MEASURED figure
-beside each ASSUMED one:
+fastconvnext/tooling/roofline.py's `Machine` carries figures taken from other projects' public measurements, not
+measured by this project (MACHINE_SOURCES), that move the model most: the L2->SM read bandwidth (`l2_bytes_per_s`)
+and the tensor-core efficiency (fastconvnext/tooling/sass_report.py's `tensor_efficiency`: 0.6 of the dense peak
+with pointer loads, 0.7 with TMA). Four Triton microbenchmarks, each timed with CUDA events (warm-up, then repeats;
+median and min/max), put a MEASURED figure beside each of the model's:
   hbm     read bandwidth of a buffer 4x the L2 (128-bit loads, every program a contiguous share)
   l2      read bandwidth of a buffer 1/4 of the L2, swept repeatedly by every program from a different start
   dot     tl.dot throughput on operands loaded once (no global traffic in the loop), bf16 in / fp32 accumulate,
@@ -251,7 +251,7 @@ def run_all(dry_run=False, repeats=10, dot_shapes=DOT_SHAPES, on_row=None):
     sms = facts["sms"]
     l2 = facts.get("l2_bytes") or machine.l2_size
     clock = facts.get("clock_hz") or machine.clock_hz
-    facts["clock_source"] = "torch" if "clock_hz" in facts else "model (ASSUMED: the clock the bf16 peak implies)"
+    facts["clock_source"] = "torch" if "clock_hz" in facts else "model (the clock the bf16 peak implies)"
 
     def timed(run, inner):
         return time_ms(run, warmup=1 if dry_run else 3, repeats=2 if dry_run else repeats,
@@ -306,7 +306,7 @@ def run_all(dry_run=False, repeats=10, dot_shapes=DOT_SHAPES, on_row=None):
 
 def table(rows, dry_run=False):
     label = "DRY RUN (interpreter; NOT a measurement)" if dry_run else "MEASURED"
-    lines = [f"| figure | {label} median | min .. max | model (ASSUMED or datasheet) | measured/assumed | unit |",
+    lines = [f"| figure | {label} median | min .. max | model (public figure or datasheet) | measured/model | unit |",
              "|---|---|---|---|---|---|"]
     for figure, median, (low, high), assumed, ratio, unit in rows:
         lines.append(f"| {figure} | {median:.3g} | {low:.3g} .. {high:.3g} | {assumed:.3g} | {ratio:.2f} | {unit} |")
@@ -319,8 +319,9 @@ def report(rows, suggest, facts, dry_run=False):
            "measurement" if dry_run else "Each figure is MEASURED on this device (CUDA events, median of the repeats)")
     label = "DRY RUN, meaningless" if dry_run else "MEASURED medians"
     return (f"Machine calibration ({head}). {how}, beside the static model's constant from fastconvnext/tooling/roofline.py / "
-            "sass_report.py: the L2->SM bandwidth, the tensor-instruction efficiencies and the issue rate there are "
-            "ASSUMED, HBM bandwidth and the bf16 peak are the datasheet's.\n\n"
+            "sass_report.py: the L2->SM bandwidth and the tensor-core efficiency there are other projects' public "
+            "figures (roofline.MACHINE_SOURCES), the issue rate the CUDA guide's, HBM bandwidth and the bf16 peak the "
+            "datasheet's.\n\n"
             + table(rows, dry_run) + f"\n\nSuggested constants ({label}):\n\n```\n" + json.dumps(suggest, indent=1)
             + "\n```")
 
