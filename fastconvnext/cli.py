@@ -27,9 +27,10 @@ PROG = "fastconvnext"
 DESCRIPTION = """\
 ConvNeXt on fused Triton kernels: a drop-in for transformers' ConvNeXt models.
 
-Models are read from a transformers directory (config.json + model.safetensors or
-pytorch_model.bin), a single checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt in transformers',
-timm's or the original facebookresearch layout) or, with huggingface_hub, a Hub id."""
+Models (ConvNeXt, ConvNeXt V2, DINOv3-ConvNeXt) are read from a transformers directory (config.json +
+model.safetensors or pytorch_model.bin), a single checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt in
+transformers', timm's or the original facebookresearch layout; DINOv3 needs its directory) or, with
+huggingface_hub, a Hub id."""
 
 EPILOG = """\
 examples:
@@ -144,7 +145,7 @@ def _add_convert(commands) -> None:
         "file, Hub id) into a transformers directory: config.json, model.safetensors and\n"
         "preprocessor_config.json, loadable by transformers' from_pretrained and by fastconvnext.\n"
         "The model class follows the checkpoint: with a classifier head ConvNextForImageClassification,\n"
-        "else ConvNextModel (or ConvNextBackbone).",
+        "else ConvNextModel (or ConvNextBackbone); ConvNeXt V2 and DINOv3-ConvNeXt likewise.",
         "example:\n  fastconvnext convert convnext_tiny_1k_224_ema.pth ./convnext-tiny-224",
     )
     parser.add_argument("source", metavar="SRC", help="checkpoint file, transformers directory or Hub id")
@@ -379,13 +380,14 @@ def _foreign_load_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_classifier(path: str, device, dtype, ignore_mismatched_sizes: bool = False):
+    from fastconvnext.convnext_v2 import ConvNextV2ForImageClassification
     from fastconvnext.modeling import ConvNextForImageClassification
 
     model = _load_model(path, map_location=device, dtype=dtype, ignore_mismatched_sizes=ignore_mismatched_sizes)
-    if not isinstance(model, ConvNextForImageClassification):
+    if not isinstance(model, (ConvNextForImageClassification, ConvNextV2ForImageClassification)):
         raise CommandError(
             f"{path} has no classification head (it loads as {type(model).__name__}); classify needs a "
-            "ConvNextForImageClassification checkpoint"
+            "ConvNextForImageClassification or ConvNextV2ForImageClassification checkpoint"
         )
     return model
 

@@ -641,3 +641,65 @@ def test_convert_prints_its_destination_escaped(capsys, model_dir, tmp_path):
     code, out, err = run(capsys, "convert", model_dir, destination)
     assert code == 0, err
     assert "\x1b" not in out and "out\\x1b[31mred" in out
+
+
+# ---- ConvNeXt V2 and DINOv3-ConvNeXt --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def v2_model():
+    torch.manual_seed(2)
+    model = transformers.ConvNextV2ForImageClassification(transformers.ConvNextV2Config(**TINY)).eval()
+    with torch.no_grad():  # a confident head and a GRN that matters
+        model.classifier.weight.normal_(0, 3.0)
+        for module in model.modules():
+            if isinstance(module, transformers.models.convnextv2.modeling_convnextv2.ConvNextV2GRN):
+                module.weight.normal_(0, 0.5)
+                module.bias.normal_(0, 0.5)
+    return model
+
+
+def test_classify_a_convnext_v2_directory_matches_transformers(capsys, v2_model, images, tmp_path):
+    v2_model.save_pretrained(tmp_path)
+    ConvNextImageProcessorPil(**PREPROCESSING).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "classify", "--model", tmp_path, *images, "--top-k", "2", "--json")
+    assert code == 0, err
+    expected = transformers_top_k(v2_model, ConvNextImageProcessorPil(**PREPROCESSING), images, 2)
+    for result, probabilities, indices in zip(json.loads(out), *expected):
+        assert [p["label"] for p in result["predictions"]] == [LABELS[int(i)] for i in indices]
+        assert np.allclose([p["probability"] for p in result["predictions"]], probabilities.numpy(), atol=1e-5)
+
+
+def test_convert_a_convnext_v2_timm_file_loads_in_transformers(capsys, v2_model, tmp_path):
+    from test_timm_users import v2_timm_layout
+
+    checkpoint = tmp_path / "convnextv2_atto.pth"
+    torch.save(v2_timm_layout(v2_model, conv_mlp=True), checkpoint)
+    code, out, err = run(capsys, "convert", checkpoint, tmp_path / "out")
+    assert code == 0, err
+    assert "ConvNextV2ForImageClassification" in out
+    reloaded = transformers.ConvNextV2ForImageClassification.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.layer_norm_eps == 1e-6  # timm's final norm
+    pixels = torch.randn(2, 3, 64, 64)
+    reference = transformers.ConvNextV2ForImageClassification(
+        transformers.ConvNextV2Config(**{**TINY, "layer_norm_eps": 1e-6})).eval()
+    reference.load_state_dict(v2_model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).logits, reference(pixels).logits, rtol=0, atol=0)
+
+
+def test_convert_a_dinov3_directory_and_classify_refuses_it(capsys, images, tmp_path):
+    torch.manual_seed(3)
+    hf = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(
+        hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1])).eval()
+    hf.save_pretrained(tmp_path / "dinov3")
+    code, out, err = run(capsys, "convert", tmp_path / "dinov3", tmp_path / "out")
+    assert code == 0, err
+    assert "DINOv3ConvNextModel" in out
+    reloaded = transformers.DINOv3ConvNextModel.from_pretrained(tmp_path / "out").eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).last_hidden_state, hf(pixels).last_hidden_state, rtol=0, atol=0)
+    code, out, err = run(capsys, "classify", "--model", tmp_path / "dinov3", images[0])
+    assert code == 1
+    assert "has no classification head (it loads as DINOv3ConvNextModel)" in err
