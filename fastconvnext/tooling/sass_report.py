@@ -16,17 +16,19 @@ backward branches; their instructions are counted per iteration by class.
 The model, per launch (every figure it gives is a model, never a measurement):
     time = max(hbm, l2, tensor, issue, mufu)
     hbm    = HBM bytes (re-reads whose footprint exceeds L2 counted) / HBM bandwidth
-    l2     = bytes the programs request from L2 / L2 bandwidth
-    tensor = tensor-core MACs on the busiest SM / (peak MACs per clock x efficiency of the instruction shape)
+    l2     = bytes the programs request from L2 / L2 -> SM bandwidth
+    tensor = tensor-core MACs on the busiest SM / (peak MACs per clock x the load path's efficiency: 0.6 with plain
+             pointer loads, 0.7 with TMA; mma.sync on sm_90 at half the wgmma rate); where only one CTA fits an SM,
+             plus the issue time of the instructions outside the loops (its epilogue runs after its matmul)
     issue  = warp-instructions on the busiest SM / (4 per clock: one per scheduler)
     mufu   = MUFU warp-instructions on the busiest SM x 32 / (16 results per clock)
 The busiest SM runs ceil(programs / SMs) programs (the tail wave is counted whole). Launch latency, memory
-latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled, and tensor-core
-work is assumed to overlap the other instructions fully (max, not sum: optimistic for a loop that drains its
-wgmma before using the result with one CTA per SM). Launches run one
+latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled. Launches run one
 after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
-Eager PyTorch is fastconvnext.tooling.roofline's optimistic floor (every op at peak bandwidth or FLOPs), so a
-fused-vs-eager ratio from this model is conservative for the kernels.
+Each case is also costed at the low edge of the public L2 -> SM figures (`pessimistic`). Eager PyTorch is given two
+ways by fastconvnext.tooling.roofline: the eager estimate (its kernels at public efficiencies; what the prior
+compares with) and the eager floor (every op at peak: a torch.compile-class bound). Constants and their sources:
+roofline.MACHINE_SOURCES and EAGER_SOURCES, none measured by this project.
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ CACHE_ENV = "FASTCONVNEXT_SASS_CACHE"
 # ------------------------------------------------------------------------------------------ machines
 
 
-# The machines' figures live with the byte/FLOP floor's, in fastconvnext/tooling/roofline.py (one place for H100/A100 constants).
+# The machines' figures live with the byte/FLOP model's, in fastconvnext/tooling/roofline.py (one place for them).
 Machine, MACHINES, MACHINE_SOURCES = roofline.Machine, roofline.MACHINES, roofline.MACHINE_SOURCES
 H100_SXM, A100_SXM = MACHINES[90], MACHINES[80]
 
