@@ -639,7 +639,7 @@ def convnext_v2_mlp(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2
 # ConvNeXt-V2 widths: Atto's first stage (C = 40), then Tiny's four stages.
 _BUCKETS = ((40, 160), (96, 384), (192, 768), (384, 1536), (768, 3072))
 _DTYPES = ("fp32", "fp16", "bf16")
-_SMALL = ("b1_ptr", "part_ptr", "coef_ptr", "grn_b_ptr", "b2_ptr", "scale_ptr", "out_sums_ptr", "k_ptr")
+_SMALL = ("b1_ptr", "part_ptr", "coef_ptr", "grn_b_ptr", "b2_ptr", "scale_ptr", "k_ptr")
 # kind -> (display name, jit function, pointer args, integer args)
 _KERNELS = {
     "fc1": ("convnext_v2_mlp_fc1_sumsq", lambda: _v2_fc1_kernel, ["x_ptr", "w1_ptr", "b1_ptr", "h_ptr", "part_ptr"],
@@ -647,7 +647,7 @@ _KERNELS = {
     "fc2": ("convnext_v2_mlp_grn_fc2", lambda: _v2_fc2_kernel,
             ["x_ptr", "h_ptr", "w1_ptr", "b1_ptr", "coef_ptr", "grn_b_ptr", "w2_ptr", "b2_ptr", "scale_ptr", "res_ptr",
              "out_ptr"], ["M", "HW"]),
-    "image_sums": ("convnext_v2_mlp_image_sums", lambda: _image_sums_kernel, ["part_ptr", "out_sums_ptr"],
+    "image_sums": ("convnext_v2_mlp_image_sums", lambda: _image_sums_kernel, ["part_ptr", "out_ptr"],
                    ["HW", "SPAN"]),
     "bwd_sums": ("convnext_v2_mlp_bwd_sums", lambda: _v2_bwd_sums_kernel,
                  ["pre_ptr", "da_ptr", "coef_ptr", "grn_b_ptr", "a_ptr", "part_ptr"], ["M", "HW", "SPAN"]),
@@ -672,7 +672,7 @@ def _flags(kind: str, C: int, D: int, dtype: str, act: str = "gelu", has_scale: 
 def _pointer_types(kind: str, flags: dict, dtype: str) -> dict:
     """Pointer argument -> Triton type as the launcher passes them (absent tensors get an fp32 stand-in)."""
     _, _, pointers, _ = _KERNELS[kind]
-    types = {name: "*fp32" if name in _SMALL else f"*{dtype}" for name in pointers}
+    types = {name: "*fp32" if name in _SMALL or kind == "image_sums" else f"*{dtype}" for name in pointers}
     if kind == "fc1" and not flags["STORE_H"]:
         types["h_ptr"] = "*fp32"  # b1 stands in
     return types

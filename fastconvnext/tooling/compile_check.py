@@ -35,7 +35,7 @@ from pathlib import Path
 from fastconvnext.kernels import _env
 from fastconvnext.kernels.compile_spec import compile_options
 
-KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel")
+KERNEL_MODULES = ("dwconv_layernorm_kernel", "convnext_mlp_kernel", "convnext_v2_mlp_kernel")
 SHARED_LIMIT_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 TENSOR_CORE_OPS = {80: ("HMMA",), 86: ("HMMA",), 89: ("HMMA",), 90: ("HGMMA",)}
 MAX_COMPILE_SECONDS = 60.0
@@ -169,7 +169,9 @@ def _judge(result: CheckResult, target, sass: str) -> None:
 
 
 def module_present(name: str) -> bool:
-    return (Path(__file__).parent / f"{name}.py").is_file()
+    from fastconvnext import kernels  # the kernel modules' folder, wherever this module lives
+
+    return any((Path(folder) / f"{name}.py").is_file() for folder in kernels.__path__)
 
 
 def load_targets(module_names=KERNEL_MODULES) -> tuple[list, list[str]]:
