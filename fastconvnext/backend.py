@@ -48,11 +48,22 @@ def _kernels_usable(device_type):
     """Whether the Triton kernels can run on tensors of this device type; the reason when not."""
     if not _triton_importable:
         return False, "triton is not installed"
+    problem = _triton_release_problem()
+    if problem is not None:
+        return False, problem
     if device_type == "cuda" or (device_type == "cpu" and _env.interpreting()):
         return True, ""
     if device_type == "cpu":
         return False, "CPU tensors run the kernels only in Triton's interpreter (TRITON_INTERPRET=1)"
     return False, f"no Triton kernels for {device_type} tensors"
+
+
+def _triton_release_problem():
+    """Why the installed Triton cannot run the kernels (too old), or None: auto then runs eager, a forced
+    'triton' backend raises with this reason, instead of an ImportError deep in the first fused call."""
+    from fastconvnext.kernels import _triton_compat
+
+    return _triton_compat.support_problem()
 
 
 def _choose(op, x, channels, tensors, unsupported_reason=None, call=None):
@@ -366,9 +377,32 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
         from fastconvnext.kernels import dwconv_layernorm as fused
 
         return fused(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+    layout = cpu_dwconv_layout(x, dw_weight.shape[0], call[1:5])
     if reference.cpu_training_paths_apply(x):
-        return reference.dwconv_layernorm_cpu_training(*call)
-    return reference.dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+        return reference.dwconv_layernorm_cpu_training(*call, layout)
+    return reference.dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps, layout)
+
+
+# The eager depthwise conv's layout on CPU, measured (benchmarks/cpu_dwconv_layout.py, fp32, torch 2.13, 1-2
+# threads): the channels-last view is faster at every ConvNeXt-T stage shape in inference (1.4-4x) and in
+# training (1.6-5x), except training at wide stages on few positions, where torch's channels-last conv backward
+# costs a near-fixed 10-15 ms: at 768 channels and 49-147 positions (N*H*W) an NCHW copy was 1.8-5x faster,
+# at 196 even or faster, from 392 channels-last was even or faster again; at 384 channels it never lost.
+CPU_NCHW_DWCONV_MIN_CHANNELS = 768
+CPU_NCHW_DWCONV_MAX_POSITIONS = 196
+
+
+def cpu_dwconv_layout(x, channels, tensors=()):
+    """"nchw" or "channels_last" (reference.DWCONV_LAYOUTS) for an eager dwconv+LayerNorm call on x [N, H, W, C]:
+    NCHW for fp32 CPU calls that record gradients (no autocast) with at least CPU_NCHW_DWCONV_MIN_CHANNELS
+    channels on at most CPU_NCHW_DWCONV_MAX_POSITIONS positions; channels-last otherwise (and on other devices)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return "channels_last"
+    if _mode((x, *tensors)) != "forward_backward":
+        return "channels_last"
+    positions = x.shape[0] * x.shape[1] * x.shape[2]
+    wide_and_small = channels >= CPU_NCHW_DWCONV_MIN_CHANNELS and positions <= CPU_NCHW_DWCONV_MAX_POSITIONS
+    return "nchw" if wide_and_small else "channels_last"
 
 
 def convnext_mlp(x, residual, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma=None, act="gelu", sample_scale=None):

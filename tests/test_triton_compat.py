@@ -328,3 +328,19 @@ def test_dwconv_tile_configs_follow_the_release(mocked_release, version):
         for x_dtype, x_bytes in (("fp32", 4), ("bf16", 2)):
             assert dw._forward_target(x_dtype, x_dtype, 7, *dw._forward_config(c, x_bytes)).label in labels
             assert dw._norm_bwd_tile_target(x_dtype, x_dtype, 7, *dw._norm_bwd_tile_config(c, x_bytes)).label in labels
+
+
+def test_an_older_triton_makes_auto_eager_and_a_forced_backend_say_why(monkeypatch):
+    """Below the floor the dispatch reports the release instead of failing in the first fused call."""
+    import torch
+
+    from fastconvnext import backend
+
+    monkeypatch.setattr(compat, "TRITON_VERSION", (3, 2, 0))
+    usable, why = backend._kernels_usable("cuda")
+    assert not usable and "needs Triton >= 3.4" in why and "triton 3.2.0 is installed" in why
+    x = torch.zeros(1, 2, 2, 4)
+    with backend.use_backend("triton"), pytest.raises(RuntimeError, match="needs Triton >= 3.4"):
+        backend.dwconv_layernorm(x, torch.zeros(4, 1, 7, 7), torch.zeros(4), torch.ones(4), torch.zeros(4))
+    monkeypatch.setattr(compat, "TRITON_VERSION", (3, 4, 0))
+    assert backend._kernels_usable("cuda") == (True, "")
