@@ -22,9 +22,9 @@ per row, storing costs 2 * D * s bytes (h written by pass 1 and read by pass 2) 
 cdiv(C, BLOCK_N) extra units in pass 2 (fc1 once per C tile) and reads x once more. Each pass is costed as
 max(matmul time at peak, HBM bytes / bandwidth); the cheaper plan wins. For ConvNeXt-V2 (s = 2 bytes, bf16 peak
 989 TFLOP/s, 3.35 TB/s) per row: C = 96: store 0.63 ns, recompute 0.25 ns (one 128-wide C tile: 2 units, both passes
-near their matmul floor) -> recompute; C = 192: store 1.26 ns, recompute 1.19 ns (two C tiles) -> recompute by 6%;
-C = 384: store 2.6 ns, recompute 6.0 ns; C = 768: store 7.2 ns, recompute 21 ns -> store. The rule keeps V1's shape:
-recompute while C fits one 128-wide output tile, store beyond (C = 192's 6% is inside what the model leaves out: L2
+near their matmul floor) -> recompute; C = 192: store 1.26 ns, recompute 1.19 ns (two C tiles) -> recompute by 5%;
+C = 384: store 2.6 ns, recompute 6.0 ns; C = 768: store 9.5 ns, recompute 38 ns -> store. The rule keeps V1's shape:
+recompute while C fits one 128-wide output tile, store beyond (C = 192's 5% is inside what the model leaves out: L2
 re-reads of x per D chunk, launch gaps). fp32 ("ieee" on FMA units) stores everywhere: a recomputed unit there costs
 far more than h's round trip.
 
@@ -339,7 +339,7 @@ def _recomputes_hidden(C: int, dtype: str) -> bool:
     """Whether pass 2 recomputes h from x (fc1 + act) rather than reading it back. Rule: recompute in fp16/bf16 while
     C fits one output tile of pass 2's GPU config (C <= 128), store h beyond and in fp32. Why: the module docstring's
     per-row model (matmul time at peak vs HBM bytes per pass) makes recomputing 2.5x cheaper at C = 96, even at
-    C = 192 (6%, within what the model leaves out) and 2.3-2.9x dearer from C = 384; fp32 matmuls run on FMA units,
+    C = 192 (5%, within what the model leaves out) and 2.3x dearer at C = 384, 4x at 768; fp32 matmuls run on FMA units,
     where a recomputed unit costs more than h's round trip. Decided on the GPU config, so the interpreter takes the
     GPU's path."""
     return dtype != "fp32" and triton.cdiv(C, _gpu_config("fc2_recompute", C, dtype)["BLOCK_N"]) == 1
