@@ -3,7 +3,9 @@
 Each rank takes half of every global batch and its mean loss; DDP averages the gradients, so three SGD
 steps must land on the parameters that one process reaches with the mean loss over the combined batch.
 Checked for DistributedDataParallel with and without gradient checkpointing (the per-stage
-torch.utils.checkpoint), and for FSDP2 (`fully_shard` per stage, then the whole model).
+torch.utils.checkpoint), and for FSDP2 (`fully_shard` per stage, then the whole model); ConvNeXt V2 (GRN) and
+DINOv3-ConvNeXt (no classifier: a fixed projection of pooler_output regressed onto the labels) under DDP, with
+and without gradient checkpointing (no drop path: each rank draws its own samples' masks).
 """
 import socket
 import warnings
@@ -20,15 +22,44 @@ GLOBAL_BATCH = 6
 LR = 0.2
 
 
-def _model(checkpointing):
+FAMILY_VARIANTS = ("v2", "dinov3")
+
+
+def _model(checkpointing, family="v1"):
     torch.manual_seed(0)
-    config = fastconvnext.ConvNextConfig(
-        hidden_sizes=[8, 12, 20, 24], depths=[1, 2, 1, 1], num_labels=3, layer_scale_init_value=0.5, patch_size=2
-    )
-    model = fastconvnext.ConvNextForImageClassification(config).train()
+    shape = dict(hidden_sizes=[8, 12, 20, 24], depths=[1, 2, 1, 1])
+    if family == "v1":
+        config = fastconvnext.ConvNextConfig(**shape, num_labels=3, layer_scale_init_value=0.5, patch_size=2)
+        model = fastconvnext.ConvNextForImageClassification(config)
+    elif family == "v2":
+        model = fastconvnext.ConvNextV2ForImageClassification(fastconvnext.ConvNextV2Config(**shape, num_labels=3,
+                                                                                            patch_size=2))
+        with torch.no_grad():  # GRN starts as the identity: give it weights so its gradient path matters
+            for name, parameter in model.named_parameters():
+                if ".grn." in name:
+                    parameter.normal_(0, 0.5)
+    else:
+        model = fastconvnext.DINOv3ConvNextModel(fastconvnext.DINOv3ConvNextConfig(**shape, layer_scale_init_value=0.5))
+    model.train()
     if checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def _loss(model, pixels, labels):
+    output = model(pixels, labels=labels) if "labels" in _forward_arguments(model) else model(pixels)
+    if "loss" in output and output["loss"] is not None:
+        return output["loss"]
+    pooled = output["pooler_output"]
+    projection = torch.linspace(-1, 1, pooled.shape[-1]) / pooled.shape[-1]  # a score of order 1, as logits are
+    return ((pooled * projection).sum(-1) - labels.to(pooled.dtype)).square().mean()
+
+
+def _forward_arguments(model):
+    import inspect
+
+    module = getattr(model, "module", model)
+    return inspect.signature(module.forward).parameters
 
 
 def _data():
@@ -43,7 +74,7 @@ def _train(model, pixels, labels):
     losses = []
     for step in range(STEPS):
         optimizer.zero_grad(set_to_none=True)
-        loss = model(pixels[step], labels=labels[step]).loss
+        loss = _loss(model, pixels[step], labels[step])
         loss.backward()
         optimizer.step()
         losses.append(loss.detach())
@@ -64,6 +95,11 @@ def _worker(rank, port, result_path):
         model = _fully_sharded(_model(checkpointing=False))
         _train(model, pixels[:, shard], labels[:, shard])
         states["fsdp2"] = {name: value.full_tensor() for name, value in model.state_dict().items()}
+        for family in FAMILY_VARIANTS:
+            for checkpointing in (False, True):
+                model = torch.nn.parallel.DistributedDataParallel(_model(checkpointing, family))
+                _train(model, pixels[:, shard], labels[:, shard])
+                states[f"{family} ddp checkpointing={checkpointing}"] = model.module.state_dict()
         if rank == 0:
             torch.save(states, result_path)
         # Every rank's collectives are done before either tears gloo down: one CI run on a loaded 2-core box saw
@@ -96,10 +132,12 @@ def test_ddp_and_fsdp2_two_processes_match_one_process_on_the_combined_batch(tmp
     mp.spawn(_worker, args=(_free_port(), str(result_path)), nprocs=WORLD_SIZE, join=True)
     distributed = torch.load(result_path)
 
-    assert set(distributed) == {"ddp checkpointing=False", "ddp checkpointing=True", "fsdp2"}
+    families = {f"{family} ddp checkpointing={c}" for family in FAMILY_VARIANTS for c in (False, True)}
+    assert set(distributed) == {"ddp checkpointing=False", "ddp checkpointing=True", "fsdp2"} | families
     for variant, final in distributed.items():
-        checkpointing = variant == "ddp checkpointing=True"
-        single = _model(checkpointing)
+        checkpointing = variant.endswith("checkpointing=True")
+        family = variant.split()[0] if variant in families else "v1"
+        single = _model(checkpointing, family)
         initial = {k: v.clone() for k, v in single.state_dict().items()}
         _train(single, *_data())
         moved = 0
