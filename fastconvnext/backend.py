@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 
 from fastconvnext import policy
-from fastconvnext.kernels import _env, reference
+from fastconvnext.kernels import _env, _op_support, reference
 from fastconvnext.policy import (  # noqa: F401  (the public names are also fastconvnext.backend's)
     BACKENDS, CPU_ARCH, ENV_VAR, MODES, OPS, Decision, PolicyKey, active_backend, clear_policy, configured_backend,
     get_backend, install_tuned, scoped_backend, set_backend, tuned_decisions, use_backend,
 )
 
 TUNE_ENV_VAR = _env.TUNE_ENV
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPE_NAMES = _op_support.DTYPE_NAMES
 # The model leaves out effects (launch gaps, cache behaviour) worth a few percent: a modelled win smaller than
 # that is no win, and the policy keeps eager.
 MODEL_WIN_FACTOR = 0.95
@@ -383,11 +383,13 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
     return reference.dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps, layout)
 
 
-# The eager depthwise conv's layout on CPU, measured (benchmarks/cpu_dwconv_layout.py, fp32, torch 2.13, 1-2
-# threads): the channels-last view is faster at every ConvNeXt-T stage shape in inference (1.4-4x) and in
-# training (1.6-5x), except training at wide stages on few positions, where torch's channels-last conv backward
-# costs a near-fixed 10-15 ms: at 768 channels and 49-147 positions (N*H*W) an NCHW copy was 1.8-5x faster,
-# at 196 even or faster, from 392 channels-last was even or faster again; at 384 channels it never lost.
+# The eager depthwise conv's layout on CPU, measured (benchmarks/cpu_dwconv_layout.py, fp32, torch 2.13, one
+# thread, Xeon, 2 cores): the channels-last view was faster at every ConvNeXt-T stage shape in inference
+# (1.5-5x) and in training (1.6-4.5x; stage 3 at one image even), except training at wide stages on few
+# positions, where torch's channels-last conv backward costs a near-fixed 10-15 ms: at 768 channels and 49-147
+# positions (N*H*W) an NCHW copy was 1.8-5x faster, at 196 even or faster; from 392 channels-last was even or
+# faster again; at 384 channels it never lost. (Two threads on a machine loaded 5x over: NCHW 0.6x at every
+# stage-4 batch; contended threads time unreadably, see benchmarks/README.md.)
 CPU_NCHW_DWCONV_MIN_CHANNELS = 768
 CPU_NCHW_DWCONV_MAX_POSITIONS = 196
 

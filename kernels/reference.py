@@ -38,19 +38,32 @@ DWCONV_MAX_KERNEL_SIZE = 7
 DWCONV_MAX_CHANNELS = 2048
 
 
-def dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
-    """LayerNorm over C of depthwise_conv(x) + bias; x and result are [N, H, W, C]."""
+# The memory layouts the depthwise conv can run in: the channels-last view of the [N, H, W, C] input (no copy),
+# or an NCHW copy of it (transformers' layout). Same math; torch picks another conv kernel for each.
+DWCONV_LAYOUTS = ("channels_last", "nchw")
+
+
+def dwconv_layernorm_reference(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6, layout="channels_last"):
+    """LayerNorm over C of depthwise_conv(x) + bias; x and result are [N, H, W, C]; the conv runs in `layout`."""
     channels, kernel = x.shape[-1], dw_weight.shape[-1]
-    y = F.conv2d(x.permute(0, 3, 1, 2), dw_weight, dw_bias, padding=kernel // 2, groups=channels)
+    y = F.conv2d(_conv_input(x, layout), dw_weight, dw_bias, padding=kernel // 2, groups=channels)
     return F.layer_norm(y.permute(0, 2, 3, 1), (channels,), ln_weight, ln_bias, eps)
 
 
-def dwconv_layernorm_cpu_training(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
+def dwconv_layernorm_cpu_training(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6, layout="channels_last"):
     """The same op as `dwconv_layernorm_reference`, for fp32 CPU training: the conv's bias gradient is a
     plain sum over the gradient, because asking torch's conv backward for it makes oneDNN run its
     weight-and-bias kernel, slower than the weight kernel plus that sum (3 ms a block at ConvNeXt-T s1)."""
-    y = _DepthwiseConv.apply(x.permute(0, 3, 1, 2), dw_weight, dw_bias)
+    y = _DepthwiseConv.apply(_conv_input(x, layout), dw_weight, dw_bias)
     return F.layer_norm(y.permute(0, 2, 3, 1), (x.shape[-1],), ln_weight, ln_bias, eps)
+
+
+def _conv_input(x, layout):
+    """[N, H, W, C] x as the conv's [N, C, H, W] input in `layout` (one of DWCONV_LAYOUTS)."""
+    if layout not in DWCONV_LAYOUTS:
+        raise ValueError(f"layout must be one of {DWCONV_LAYOUTS}, got {layout!r}")
+    nchw = x.permute(0, 3, 1, 2)
+    return nchw.contiguous() if layout == "nchw" else nchw
 
 
 def convnext_mlp_reference(
