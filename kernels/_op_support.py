@@ -1,11 +1,13 @@
-"""What both fused ops need around their launches: the device guard, the forward-mode AD test and the
-registration of their autocast rules (one torch.library IMPL library for the fastconvnext namespace)."""
+"""What the fused ops need around their launches: the device guard, the forward-mode AD test, the dtype names the
+launch rules, dispatch keys and performance tables use, and the registration of their autocast rules (one
+torch.library IMPL library for the fastconvnext namespace)."""
 import contextlib
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 
 _AUTOCAST_LIBRARY = torch.library.Library("fastconvnext", "IMPL")
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def device_guard(device: torch.device):

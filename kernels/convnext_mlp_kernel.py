@@ -71,7 +71,9 @@ import triton
 import triton.language as tl
 
 from ._env import autotune_enabled, interpreting
-from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
+from ._op_support import (
+    DTYPE_NAMES, autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules,
+)
 from ._triton_compat import approx_div_helper, config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget
 from .reference import FUSED_ACTS, convnext_mlp_reference
@@ -758,7 +760,7 @@ def _bf16_dot_probe_kernel(a_ptr, b_ptr, out_ptr):  # [16, 16] bf16, [16, 16] bf
 # ---------------------------------------------------------------------------------------------
 # Configs
 # ---------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_DTYPE = DTYPE_NAMES
 _DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 

@@ -53,7 +53,9 @@ import triton
 import triton.language as tl
 
 from ._env import interpreting
-from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
+from ._op_support import (
+    DTYPE_NAMES, autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules,
+)
 from ._triton_compat import config_choice, require_supported
 from .compile_spec import FP_FUSION, CompileTarget, LaunchPlan
 from .reference import DWCONV_MAX_CHANNELS as MAX_CHANNELS
@@ -1045,7 +1047,7 @@ def dwconv_layernorm(
 
 # ------------------------------------------------------------------------- compile targets
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TRITON_DTYPES = DTYPE_NAMES
 # (x dtype, output dtype) pairs a launch can see: same dtype, or fp32 x under fp16/bf16 autocast.
 _DTYPE_PAIRS = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"), ("fp32", "bf16"))
 
