@@ -4,13 +4,14 @@ torch.compile of the eager op, forward and forward+backward, at ConvNeXt-T/-B st
     pytest benchmarks/test_bench_ops.py --benchmark-only
 
 Cases come from fastconvnext.tooling.bench (the same ones `fastconvnext bench` measures); sizes and device are
-set by the FASTCONVNEXT_BENCH_* variables documented in fastconvnext/bench/suite.py. Without CUDA the
+set by the FASTCONVNEXT_BENCH_* variables documented in fastconvnext/tooling/bench/suite.py. Without CUDA the
 fused and torch.compile cases are skipped, each with the reason.
+CPU threads and timing in turns: benchmarks/conftest.py (said in the run's header).
 """
 import pytest
 
 from fastconvnext.tooling.bench import cases
-from fastconvnext.tooling.bench.suite import case_id, run_benchmark, suite_settings
+from fastconvnext.tooling.bench.suite import case_id, suite_settings
 
 SETTINGS = suite_settings()
 CASES = cases.op_cases(cases.OPS, SETTINGS.stages, SETTINGS.batch, SETTINGS.dtype, SETTINGS.device)
@@ -18,8 +19,8 @@ PARAMS = [pytest.param(case, impl, id=case_id(case, impl)) for case in CASES for
 
 
 @pytest.mark.parametrize(("case", "impl"), PARAMS)
-def test_op(benchmark, case, impl):
+def test_op(benchmark, case, impl, interleaved):
     reason = cases.unavailable_reason(impl, SETTINGS.device)
     if reason is not None:
         pytest.skip(reason)
-    run_benchmark(benchmark, case, impl, SETTINGS)
+    interleaved.record(benchmark, "op", case, impl, cases.OP_IMPLS[case.op], cases.OP_BASELINE)
