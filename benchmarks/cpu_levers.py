@@ -1,4 +1,4 @@
-"""CPU levers of issue 13, each measured against the current eager op at ConvNeXt-T stage shapes.
+"""CPU levers, each measured against the current eager op at ConvNeXt-T stage shapes.
 
 Every lever is an alternative formulation of one op, timed interleaved with the current one (same
 inputs, turns rotated), printed as current / alternative (> 1: the alternative is faster) with a seeded

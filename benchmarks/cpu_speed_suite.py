@@ -1,4 +1,4 @@
-"""CPU speed of fastconvnext's eager path against transformers, every mode of issue 13 in one process.
+"""CPU speed of fastconvnext's eager path against transformers, every CPU mode in one process.
 
 ConvNeXt-T (random weights, the same in both models), 224x224. Modes:
   infer-b1, infer-b8, infer-b32   fp32 inference (torch.inference_mode)

@@ -1,10 +1,10 @@
-"""Per-op report for the kernel issues (fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 256).
+"""Per-op report of the fused kernels (fused vs eager at ConvNeXt-T/-B stage shapes, batch 64 and 256).
 
     python benchmarks/ops_report.py                 # analytic bytes/FLOPs/saved bytes; on CUDA also measured
     python benchmarks/ops_report.py --batch 64      # one batch
     python benchmarks/ops_report.py --measure       # on CPU: also time the eager ops
 
-See fastconvnext/bench/ops_report.py for what is printed.
+See fastconvnext/tooling/bench/ops_report.py for what is printed.
 """
 import sys
 
