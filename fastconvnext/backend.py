@@ -388,8 +388,8 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
 # (1.5-5x) and in training (1.6-4.5x; stage 3 at one image even), except training at wide stages on few
 # positions, where torch's channels-last conv backward costs a near-fixed 10-15 ms: at 768 channels and 49-147
 # positions (N*H*W) an NCHW copy was 1.8-5x faster, at 196 even or faster; from 392 channels-last was even or
-# faster again; at 384 channels it never lost. (Two threads on a machine loaded 5x over: NCHW 0.6x at every
-# stage-4 batch; contended threads time unreadably, see benchmarks/README.md.)
+# faster again; at 384 channels it never lost. Two threads on a machine loaded 4x over: medians unreadable
+# (intervals spanning 1), fastest of 25 runs each NCHW 4.8x / 3.4x / 1.7x at batch 2 / 4 / 8 (benchmarks/README.md).
 CPU_NCHW_DWCONV_MIN_CHANNELS = 768
 CPU_NCHW_DWCONV_MAX_POSITIONS = 196
 
