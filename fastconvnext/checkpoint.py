@@ -99,6 +99,7 @@ READ_ATTEMPTS = 3
 MIN_NEW_PARAMETERS_ALLOWED = 2**24
 # Blocks the config declares that the checkpoint has no tensor of (possible with strict=False only).
 MAX_ABSENT_BLOCKS = 64
+MAX_LISTED_STAGES = 64  # stages whose block counts a mismatch message lists
 LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # model_type -> the module whose load_checked(...) matches and builds that family's checkpoints
 FAMILIES = {"dinov3_convnext": "fastconvnext.dinov3_convnext", "convnextv2": "fastconvnext.convnext_v2"}
@@ -235,7 +236,7 @@ def load_pretrained(
     _check_tensors(canonical, origins, source)
     config = _build_config(config, config_dict, canonical, fmt, config_overrides, source)
     cls = _chosen_class(cls, canonical)
-    _check_block_structure(config, canonical, source, strict)
+    check_block_structure(config, canonical, source, strict)
     target_dtype = _target_dtype(dtype, config, canonical, source)
     model, info = _load_checked(cls, config, canonical, origins, source, strict, ignore_mismatched_sizes,
                                 target_dtype, device)
@@ -1386,11 +1387,12 @@ def _stage_shapes(canonical, stem_channels):
     return [len(blocks.get(i, ())) for i in range(num_stages)], [widths[i] for i in range(num_stages)]
 
 
-def _blocks_by_stage(canonical):
-    """{stage: set of block indices} of the encoder blocks a canonical state dict holds tensors for."""
+def _blocks_by_stage(canonical, block_key=_BLOCK_KEY):
+    """{stage: set of block indices} of the blocks a canonical state dict holds tensors for (block_key's groups 1
+    and 2 are a block's stage and index)."""
     blocks = {}
     for key in canonical:
-        match = _BLOCK_KEY.match(key)
+        match = block_key.match(key)
         if match:
             blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
     return blocks
@@ -1401,14 +1403,17 @@ def _index_summary(indices):
     return str(ordered) if len(ordered) <= 8 else f"[{', '.join(map(str, ordered[:4]))}, ..., {ordered[-1]}]"
 
 
-def _check_block_structure(config, canonical, source, strict):
-    """Compare the config's stages and blocks with the checkpoint's before building anything.
+def check_block_structure(config, canonical, source, strict, block_key=_BLOCK_KEY):
+    """Compare the config's stages and blocks with the checkpoint's before building anything (every family's
+    loader calls this with its block_key).
 
     Building a model is linear in its block count, so a config or a file declaring a million blocks
-    must be refused here, from the names alone.
+    must be refused here, from the names alone; the blocks per stage are listed for MAX_LISTED_STAGES stages at
+    most (a tensor name may carry a stage index of 10^9).
     """
-    blocks = _blocks_by_stage(canonical)
-    found = [len(blocks.get(i, ())) for i in range(max(blocks, default=-1) + 1)]
+    blocks = _blocks_by_stage(canonical, block_key)
+    stages = max(blocks, default=-1) + 1
+    found = [len(blocks.get(i, ())) for i in range(min(stages, MAX_LISTED_STAGES))]
     absent = sum(  # counted without enumerating range(depth): a depth may be huge
         depth - sum(1 for j in blocks.get(stage, ()) if j < depth) for stage, depth in enumerate(config.depths)
     )
@@ -1421,6 +1426,7 @@ def _check_block_structure(config, canonical, source, strict):
     described = (
         f"checkpoint {source} does not match the architecture: the config has depths {list(config.depths)} "
         f"({sum(config.depths)} blocks) but the checkpoint holds blocks per stage {found}"
+        f"{f' ... (stage indices up to {stages - 1})' if stages > len(found) else ''}"
         f" ({absent} blocks absent, {extra} unexpected)"
     )
     if strict:

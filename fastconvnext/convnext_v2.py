@@ -280,7 +280,7 @@ def _layout():
     import re
 
     from fastconvnext import checkpoint
-    from fastconvnext.dinov3_convnext import Layout
+    from fastconvnext.family_loading import Layout
 
     return Layout(
         config_class=ConvNextV2Config,
@@ -299,7 +299,7 @@ def load_checked(cls, source, state_dict, config_dict, config, overrides, strict
     convnextv2_* and the original release's files (renamed by checkpoint.v2_weights_and_config, which also reads
     the architecture off a lone file's tensors and timm's config.json)."""
     from fastconvnext import checkpoint
-    from fastconvnext.dinov3_convnext import load_family_checked
+    from fastconvnext.family_loading import load_family_checked
 
     state_dict, config_dict = checkpoint.v2_weights_and_config(state_dict, config_dict, config, source)
     return load_family_checked(_layout(), cls, source, state_dict, config_dict, config, overrides, strict,

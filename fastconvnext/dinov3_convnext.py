@@ -18,20 +18,18 @@ reads the folder with the same guarantees as for ConvNeXt and hands the tensors 
 """
 from __future__ import annotations
 
-import copy
-import math
 import re
-import warnings
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
-from fastconvnext import backend
 from fastconvnext.configuration import DINOv3ConvNextConfig
+from fastconvnext.family_loading import Layout, load_family_checked
 from fastconvnext.modeling import (
     _DROP_PATHS,
+    ConvNextBackbone,
     ConvNextDropPath,
+    ConvNextEncoder,
     ConvNextLayerNorm,
     ConvNextPreTrainedModel,
     _activation_module,
@@ -40,7 +38,6 @@ from fastconvnext.modeling import (
     _draw_scale,
     _fused_act_name,
     _returned,
-    _run_under_backend,
     block_parts_forward,
 )
 from fastconvnext.outputs import BackboneOutput, BaseModelOutputWithPoolingAndNoAttention
@@ -127,11 +124,12 @@ class DINOv3ConvNextStage(nn.Module):
         return x
 
 
-class DINOv3ConvNextEncoder(nn.Module):
-    """The stages (transformers' `model` attribute); hidden states are the input, then each stage's output."""
+class DINOv3ConvNextEncoder(ConvNextEncoder):
+    """The stages (transformers' `model` attribute); hidden states are the input, then each stage's output.
+    ConvNextEncoder's forward (gradient checkpointing per stage) over DINOv3's stages and float64 rates."""
 
     def __init__(self, config):
-        super().__init__()
+        nn.Module.__init__(self)
         rates = drop_path_rates(config.drop_path_rate, sum(config.depths))
         self.stages = nn.ModuleList()
         start = 0
@@ -139,21 +137,6 @@ class DINOv3ConvNextEncoder(nn.Module):
             self.stages.append(DINOv3ConvNextStage(config, i, rates[start:start + depth]))
             start += depth
         self.gradient_checkpointing = False
-
-    def forward(self, x, output_hidden_states=False):
-        hidden_states = [x] if output_hidden_states else None
-        for stage in self.stages:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                scoped = None if torch.compiler.is_compiling() else backend.scoped_backend()
-                if scoped is None:
-                    x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
-                else:
-                    x = torch.utils.checkpoint.checkpoint(_run_under_backend, scoped, stage, x, use_reentrant=False)
-            else:
-                x = stage(x)
-            if output_hidden_states:
-                hidden_states.append(x)
-        return x, hidden_states
 
 
 class DINOv3ConvNextPreTrainedModel(ConvNextPreTrainedModel):
@@ -169,15 +152,6 @@ class DINOv3ConvNextPreTrainedModel(ConvNextPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, DINOv3ConvNextLayer):
             nn.init.constant_(module.gamma, self.config.layer_scale_init_value)
-
-    def _set_gradient_checkpointing(self, enabled):
-        for module in self.modules():
-            if isinstance(module, DINOv3ConvNextEncoder):
-                module.gradient_checkpointing = enabled
-
-    @property
-    def is_gradient_checkpointing(self):
-        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, DINOv3ConvNextEncoder))
 
     def _checkpoint_state_dict(self):
         """What save_pretrained writes: the encoder's tensors without `model.`, as transformers writes them."""
@@ -236,29 +210,13 @@ class DINOv3ConvNextBackbone(DINOv3ConvNextPreTrainedModel):
         self.model = DINOv3ConvNextEncoder(config)
         self.post_init()
 
-    stage_names = property(lambda self: self.config.stage_names)
-    out_feature_channels = property(lambda self: dict(zip(self.stage_names, self.num_features)))
-    channels = property(lambda self: [self.out_feature_channels[s] for s in self.out_features])
-
-    @property
-    def out_features(self):
-        return self.config.out_features
-
-    @out_features.setter
-    def out_features(self, value):
-        self.config.out_features = value
-
-    @property
-    def out_indices(self):
-        return self.config.out_indices
-
-    @out_indices.setter
-    def out_indices(self, value):
-        self.config.out_indices = value
-
-    def forward_with_filtered_kwargs(self, *args, **kwargs):
-        kwargs.pop("output_attentions", None)
-        return self(*args, **kwargs)
+    # ConvNextBackbone's: read from the config on every call, setting one re-aligns the other
+    stage_names = ConvNextBackbone.stage_names
+    out_features = ConvNextBackbone.out_features
+    out_indices = ConvNextBackbone.out_indices
+    out_feature_channels = ConvNextBackbone.out_feature_channels
+    channels = ConvNextBackbone.channels
+    forward_with_filtered_kwargs = ConvNextBackbone.forward_with_filtered_kwargs
 
     def forward(self, pixel_values, output_hidden_states=None, return_dict=None, output_attentions=None):
         self._check_pixel_values(pixel_values)
@@ -272,181 +230,7 @@ class DINOv3ConvNextBackbone(DINOv3ConvNextPreTrainedModel):
         return _returned(output, return_dict)
 
 
-# ---- loading (called by checkpoint.load_pretrained for model_type "dinov3_convnext") ---------------------
-
-
-class Layout:
-    """How one model family's checkpoints map onto its classes, for load_family_checked.
-
-    config_class: its config (with from_dict); classes: {name: class}; canonical(state_dict, source): the tensors
-    under canonical names (one key space for every class of the family); model_key(cls, canonical name): the
-    name in cls's state dict; block_key: a regex whose groups 1 and 2 are the stage and block of a canonical
-    name; head_part(canonical name): the head part it belongs to (None for the trunk), a part one class has and
-    another lacks; default_class(canonical names): the class name a checkpoint was saved from.
-    """
-
-    def __init__(self, config_class, classes, canonical, model_key, block_key, head_part, default_class):
-        self.config_class, self.classes, self.canonical, self.model_key = config_class, classes, canonical, model_key
-        self.block_key, self.head_part, self.default_class = block_key, head_part, default_class
-
-
-def load_family_checked(layout, cls, source, state_dict, config_dict, config, overrides, strict,
-                        ignore_mismatched_sizes, dtype, device):
-    """(model, loading info) of `cls` (a class, a {name: class} mapping to choose from, or None: any of the
-    family's) with `state_dict`, read by checkpoint.load_pretrained from `source` under its guarantees.
-
-    Every name and shape is matched against the layout of cls(config), read off a meta-device model with at
-    most one block per stage, before any parameter is allocated: block counts first, from the names alone (a
-    config declaring huge depths is refused there), then every tensor. As for ConvNeXt: a whole head part the
-    checkpoint lacks is initialized (with a warning) and one only the checkpoint has is dropped; anything else
-    missing or unexpected raises unless strict=False, a wrong shape unless ignore_mismatched_sizes=True.
-    """
-    from fastconvnext import checkpoint
-
-    canonical = layout.canonical(checkpoint._strip_ddp_prefix(state_dict), source)
-    checkpoint._check_tensors(canonical, {}, source)
-    config = _build_config(layout.config_class, config, config_dict, overrides, source)
-    if cls is None:  # the functional API's "choose for me"
-        cls = layout.classes
-    if isinstance(cls, dict):
-        name = layout.default_class(canonical)
-        if name not in cls:
-            raise TypeError(f"the checkpoint holds a {name}, which is not among the classes given: {sorted(cls)}")
-        cls = cls[name]
-    _check_blocks(layout, config, canonical, source, strict)
-    expected, model_keys = _expected_layout(layout, cls, config)
-    wanted, given = set(expected), set(canonical)
-    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
-    wanted_parts, given_parts = {layout.head_part(k) for k in wanted}, {layout.head_part(k) for k in given}
-    new_head = [k for k in missing if layout.head_part(k) not in given_parts | {None}]
-    dropped_head = [k for k in unexpected if layout.head_part(k) not in wanted_parts | {None}]
-    missing = [k for k in missing if k not in new_head]
-    unexpected = [k for k in unexpected if k not in dropped_head]
-    mismatched = sorted(k for k in wanted & given if tuple(canonical[k].shape) != expected[k])
-    header = (f"checkpoint {source} does not match {cls.__name__}(hidden_sizes={config.hidden_sizes}, "
-              f"depths={config.depths})")
-    problems = _describe(missing, unexpected, mismatched, expected, canonical)
-    if (mismatched and not ignore_mismatched_sizes) or (strict and (missing or unexpected)):
-        raise ValueError(f"{header}:\n{problems}")
-    loadable = sorted(wanted & given - set(mismatched))
-    initialized = sorted(wanted - set(loadable))
-    new_parameters = sum(math.prod(expected[k]) for k in initialized)
-    allowed = max(checkpoint.MIN_NEW_PARAMETERS_ALLOWED, sum(canonical[k].numel() for k in loadable))
-    if new_parameters > allowed:
-        raise ValueError(f"{header}: loading would initialize {new_parameters:,} parameters the checkpoint does not "
-                         f"provide (at most {allowed:,}); the config and the checkpoint describe different models")
-    if missing or unexpected:
-        warnings.warn(f"{header}; loaded anyway (strict=False):\n{problems}", stacklevel=4)
-    target_dtype = checkpoint._target_dtype(dtype, config, canonical, source)
-    with torch.device("meta"), checkpoint.built_in(target_dtype):
-        model = cls(config)
-    if set(model.state_dict()) != set(model_keys.values()):
-        raise RuntimeError(f"{cls.__name__} has other tensors than its one-block-per-stage layout predicted")
-    model.to_empty(device=device)
-    _initialize(model, [model_keys[k] for k in initialized])
-    model.load_state_dict({model_keys[k]: canonical[k] for k in loadable}, strict=False)
-    newly = new_head + (mismatched if ignore_mismatched_sizes else [])
-    if newly:
-        warnings.warn(f"{cls.__name__} from {source}: {len(newly)} tensors are not in the checkpoint (or have "
-                      f"another shape) and were newly initialized: {[model_keys[k] for k in newly]}", stacklevel=4)
-    model.config.dtype = target_dtype
-    info = {
-        "missing_keys": {model_keys[k] for k in missing + new_head},
-        "unexpected_keys": set(unexpected + dropped_head),
-        "mismatched_keys": {(model_keys[k], canonical[k].shape, torch.Size(expected[k])) for k in mismatched},
-        "error_msgs": [],
-    }
-    return model, info
-
-
-def _build_config(config_class, config, config_dict, overrides, source):
-    from fastconvnext import checkpoint
-
-    name = config_class.__name__
-    if isinstance(config, config_class) and not overrides:
-        return config
-    if config is not None:  # also transformers' config of the same model
-        if not callable(getattr(config, "to_dict", None)):
-            raise TypeError(f"config must be a {name}, got {type(config).__name__}")
-        base, origin = config.to_dict(), "the config argument"
-    elif config_dict is not None:
-        base, origin = config_dict, f"{source}/config.json"
-    else:
-        raise ValueError(f"{source}: a checkpoint file of this model needs config={name}(...) (only transformers "
-                         f"directories, with their config.json, are read without one)")
-    try:
-        return config_class.from_dict(checkpoint._merge_overrides(base, overrides))
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"{origin}: {err}") from None
-    except Exception as err:  # a field of the wrong kind failing deep in the constructor
-        raise ValueError(f"{origin}: invalid {name} fields ({type(err).__name__}: {err})") from None
-
-
-def _blocks_by_stage(layout, canonical):
-    blocks = {}
-    for key in canonical:
-        match = layout.block_key.match(key)
-        if match:
-            blocks.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
-    return blocks
-
-
-def _check_blocks(layout, config, canonical, source, strict):
-    """The config's blocks against the checkpoint's, from the names alone, before anything is built."""
-    from fastconvnext import checkpoint
-
-    blocks = _blocks_by_stage(layout, canonical)
-    absent = sum(depth - sum(1 for j in blocks.get(stage, ()) if j < depth) for stage, depth in enumerate(config.depths))
-    extra = sum(len({j for j in indices if stage >= len(config.depths) or j >= config.depths[stage]})
-                for stage, indices in blocks.items())
-    if not absent and not extra:
-        return
-    found = [len(blocks.get(i, ())) for i in range(min(max(blocks, default=-1) + 1, 64))]
-    described = (f"checkpoint {source} does not match the architecture: the config has depths {list(config.depths)} "
-                 f"but the checkpoint holds blocks per stage {found} ({absent} blocks absent, {extra} unexpected)")
-    if strict or absent > checkpoint.MAX_ABSENT_BLOCKS:
-        raise ValueError(described)
-
-
-def _expected_layout(layout, cls, config):
-    """({canonical name: shape}, {canonical name: model key}) of cls(config), read off a meta-device model with at
-    most one block per stage (the block names repeated for every block)."""
-    small = copy.copy(config)
-    small.depths = [min(d, 1) for d in config.depths]
-    with torch.device("meta"):
-        template = cls(small).state_dict()
-    shapes, model_keys = {}, {}
-    for key, tensor in template.items():
-        name = layout.canonical({key: None}, "the model").popitem()[0]
-        match = layout.block_key.match(name)
-        names = [name]
-        if match is not None:
-            stage, start, end = int(match.group(1)), match.start(2), match.end(2)
-            names = [f"{name[:start]}{block}{name[end:]}" for block in range(config.depths[stage])]
-        for canonical_name in names:
-            shapes[canonical_name] = tuple(tensor.shape)
-            model_keys[canonical_name] = layout.model_key(cls, canonical_name)
-    return shapes, model_keys
-
-
-def _describe(missing, unexpected, mismatched, expected, canonical, limit=40):
-    lines = [f"  missing: {k} {list(expected[k])}" for k in missing]
-    lines += [f"  unexpected: {k} {list(canonical[k].shape)}" for k in unexpected]
-    lines += [f"  wrong shape: {k} expected {list(expected[k])}, given {list(canonical[k].shape)}" for k in mismatched]
-    return "\n".join(lines[:limit] + ([f"  ... and {len(lines) - limit} more"] if len(lines) > limit else []))
-
-
-def _initialize(model, keys):
-    """transformers' initialization of the modules owning the named tensors (the model's _init_weights: LayerNorm
-    1/0, other weights N(0, initializer_range), biases 0, gamma its init value, GRN 0); the tensors the checkpoint
-    does provide are loaded over them afterwards."""
-    owners = {key.rpartition(".")[0] for key in keys}
-    with torch.no_grad():
-        for owner in sorted(owners):
-            model._init_weights(model.get_submodule(owner))
-
-
-# ---- DINOv3-ConvNeXt's layout --------------------------------------------------------------------------------
+# ---- loading (checkpoint.load_pretrained's entry for model_type "dinov3_convnext"): DINOv3-ConvNeXt's layout ----
 
 
 def _dinov3_canonical(state_dict, source):

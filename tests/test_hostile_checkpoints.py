@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import fastconvnext
 from fastconvnext import checkpoint, safe_io
@@ -193,6 +193,16 @@ def v2_directory(path, **config_changes):
     return path
 
 
+def stage_index_beside_config_json(path, stage=99_999_999):
+    """A transformers directory (config.json given) whose weights add one tensor of stage 1e8: the mismatch report
+    once listed the blocks of every stage up to that index (1.8 GB and 48 s for 1e8)."""
+    model_directory(path)
+    tensors = {k: v.contiguous() for k, v in load_file(str(path / "model.safetensors")).items()}
+    tensors[f"convnext.encoder.stages.{stage}.layers.0.dwconv.weight"] = torch.zeros(1)
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
 def hostile_cases(root):
     """[(id, path, load_pretrained kwargs)] of small files that used to allocate without bound."""
     def directory(name, **changes):
@@ -213,6 +223,7 @@ def hostile_cases(root):
         ("views of one storage", views_of_one_storage(root / "aliased.pth"), {}),
         ("1,500 nested wrappers", nested_wrappers(root / "nested.pth"), {}),
         ("tuple nested 1e6 deep", deep_tuple_key(root / "deep_tuple.pth"), {}),
+        ("stage index 1e8 beside config.json", stage_index_beside_config_json(root / "stage_config"), {}),
         ("V2 timm block index 1e6", v2_timm_huge_block_index(root / "v2_timm_block.safetensors"), {}),
         ("V2 original zero-width blocks", v2_original_zero_width_blocks(root / "v2_zero_width.safetensors"), {}),
         ("V2 depths 1e6", v2_directory(root / "v2_depths", depths=[1_000_000, 1, 2, 1]), {}),
