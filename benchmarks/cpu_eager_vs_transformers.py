@@ -1,11 +1,15 @@
-"""CPU speed: fastconvnext's eager path vs transformers' ConvNextModel, same weights, one process.
+"""CPU speed: fastconvnext's eager path vs transformers' model of the same family, same weights, one process.
 
-ConvNeXt-T config (random weights), batch 8, 224x224, fp32, torch.inference_mode. After warm-up the two
-models run in turns (A B, then B A, ...) so machine drift falls on both; prints both medians, the ratio
-transformers / fastconvnext (> 1: fastconvnext is faster; target: never below 1, goal 1.1), the CPU,
-the thread count and the versions.
+ConvNeXt-T config (random weights), batch 8, 224x224, fp32, torch.inference_mode (or, with --train, a
+training step: forward, mean square of the pooled features, backward). --family picks ConvNextModel,
+ConvNextV2Model or DINOv3ConvNextModel. After warm-up the two models run in turns (A B, then B A, ...) so
+machine drift falls on both; prints both medians, the ratio transformers / fastconvnext (> 1: fastconvnext
+is faster; target: never below 1, goal 1.1) with its 95% bootstrap interval, the CPU, the thread count, the
+load and the versions.
 
     python benchmarks/cpu_eager_vs_transformers.py                    # torch's default thread count
+    python benchmarks/cpu_eager_vs_transformers.py --family convnextv2 --batch 1
+    python benchmarks/cpu_eager_vs_transformers.py --family dinov3 --train
     python benchmarks/cpu_eager_vs_transformers.py --threads 1 --profile
 
 --profile adds a per-op breakdown (torch.profiler, self CPU time per aten op, summed over the calls of
@@ -14,6 +18,7 @@ one forward) of both models, sorted by the difference, to show which op makes th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -26,6 +31,8 @@ from fastconvnext.tooling.bench import cases, environment, timing
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", choices=tuple(cases.MODEL_PRESETS))
+    parser.add_argument("--family", default="convnext", choices=tuple(cases.FAMILIES))
+    parser.add_argument("--train", action="store_true", help="time a training step instead of inference")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per model (>= 10)")
@@ -39,7 +46,11 @@ def parse_args(argv=None):
     return args
 
 
-def _contenders(ours, theirs, pixels):
+def _contenders(ours, theirs, pixels, train=False):
+    if train:
+        return {"fastconvnext (eager)": _training_step(ours, pixels, "eager"),
+                "transformers": _training_step(theirs, pixels, None)}
+
     def run_ours():
         with torch.inference_mode(), use_backend("eager"):
             ours(pixels)
@@ -49,6 +60,19 @@ def _contenders(ours, theirs, pixels):
             theirs(pixels)
 
     return {"fastconvnext (eager)": (run_ours, None), "transformers": (run_theirs, None)}
+
+
+def _training_step(model, pixels, backend_name):
+    """(step, untimed setup): forward in training mode, mean square of the pooled features, backward."""
+    model.train()
+
+    def step():
+        with use_backend(backend_name) if backend_name else contextlib.nullcontext():
+            output = model(pixels)
+        output.pooler_output.square().mean().backward()
+
+    return step, lambda: model.zero_grad(set_to_none=True)
+
 
 
 def per_op_profile(contenders):
@@ -78,10 +102,10 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ours, theirs = cases.build_models(args.model)
+    ours, theirs = cases.build_models(args.model, family=args.family)
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randn((args.batch, 3, args.resolution, args.resolution), generator=gen)
-    contenders = _contenders(ours, theirs, pixels)
+    contenders = _contenders(ours, theirs, pixels, args.train)
     clock = timing.Clock("cpu")
     results = timing.interleaved(contenders, clock, args.repeats, args.warmup)
     info = environment.describe("cpu")
@@ -90,7 +114,9 @@ def main(argv=None):
     ratio = interval.value
     load = environment.load_average()
     print(environment.header_line(info))
-    print(f"ConvNeXt-{args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, fp32, inference_mode, "
+    what = "training step" if args.train else "inference_mode"
+    print(f"{cases.FAMILIES[args.family][2]}-{args.model}, batch {args.batch}, {args.resolution}x{args.resolution}, "
+          f"fp32, {what}, "
           f"{args.repeats} interleaved repeats after {args.warmup} warm-up calls each; {environment.load_text(load)}")
     for name, t in results.items():
         print(f"  {name:22s} median {t.median_ms:9.1f} ms  IQR {t.q1_ms:.1f}-{t.q3_ms:.1f}  "
