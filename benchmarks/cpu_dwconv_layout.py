@@ -8,7 +8,11 @@ backward, the model's fp32 training formulation with the conv bias gradient as a
 channels-last / NCHW (> 1: NCHW is faster) with a seeded 95% bootstrap interval of the ratio of medians,
 the torch version, the thread count and the 1-minute load average before and after each row.
 
-    python benchmarks/cpu_dwconv_layout.py --threads 2 --repeats 9
+`--model-step` times instead a whole ConvNeXt-T training step (224², forward, loss, backward) with the
+layout rule (`backend.cpu_dwconv_layout`) against channels-last everywhere, interleaved.
+
+    python benchmarks/cpu_dwconv_layout.py --threads 1 --repeats 9
+    python benchmarks/cpu_dwconv_layout.py --threads 1 --model-step --batches 2,4
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import sys
 
 import torch
 
+import fastconvnext
+from fastconvnext import backend
 from fastconvnext.kernels import reference
 from fastconvnext.tooling.bench import environment, timing
 
@@ -59,6 +65,24 @@ def contenders(mode, batch, size, channels):
     return {layout: train_in(layout) for layout in reference.DWCONV_LAYOUTS}
 
 
+def model_step_contenders(batch):
+    """{'channels_last': ..., 'rule': ...}: a ConvNeXt-T training step, the conv layout forced or by the rule."""
+    model = fastconvnext.ConvNextModel(fastconvnext.ConvNextConfig()).train()
+    pixels = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    rule = backend.cpu_dwconv_layout
+
+    def step(choose):
+        def run():
+            backend.cpu_dwconv_layout = choose
+            try:
+                model(pixels).pooler_output.square().mean().backward()
+            finally:
+                backend.cpu_dwconv_layout = rule
+        return run, lambda: model.zero_grad(set_to_none=True)
+
+    return {"channels_last": step(lambda *args: "channels_last"), "rule": step(rule)}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)}")
@@ -67,6 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--model-step", action="store_true",
+                        help="time a ConvNeXt-T training step, layout rule vs channels-last everywhere")
     args = parser.parse_args(argv)
     for name, allowed in (("stages", tuple(STAGES)), ("modes", MODES)):
         items = getattr(args, name).split(",")
@@ -89,6 +115,17 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(environment.header_line(environment.describe("cpu")))
+    if args.model_step:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
+              "ratio = channels-last everywhere / layout rule median (> 1: the rule is faster), 95% interval")
+        for batch in args.batches:
+            load = environment.load_average()
+            t = timing.interleaved(model_step_contenders(batch), timing.Clock("cpu"), args.repeats, args.warmup)
+            r = timing.ratio_of_medians(t["channels_last"], t["rule"])
+            print(f"ConvNeXt-T 224² training step N={batch:<3d} channels-last {t['channels_last'].median_ms:8.0f} ms  "
+                  f"rule {t['rule'].median_ms:8.0f} ms  ratio {r.value:5.3f} ({r.low:.3f}-{r.high:.3f})  "
+                  f"load {_load(load)}/{_load(environment.load_average())}", flush=True)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.repeats} interleaved repeats; "
           "ratio = channels-last / NCHW median (> 1: NCHW faster), 95% bootstrap interval")
     for mode in args.modes:
