@@ -230,6 +230,9 @@ CONFIG_CHOICES = {
     # dwconv_layernorm: the tile LayerNorm backward with fp32 x keeps 2-row tiles up to this chunk width (wider
     # chunks: 1 row); 128 (as 16-bit x), 32 below 3.9 (C = 96 only)
     "dwconv.norm_tile_narrow_chunk_fp32_x": (((3, 9), 128), ((3, 4), 32)),
+    # convnext_v2_mlp: hidden chunk (BLOCK_D) of pass 2 recomputing h (fp16/bf16, C <= 128); 32 below 3.9 (3.4: 64
+    # spilled 24 B on sm_80 with drop path at C = 96)
+    "v2mlp.fc2_recompute_chunk": (((3, 9), 64), ((3, 4), 32)),
 }
 
 

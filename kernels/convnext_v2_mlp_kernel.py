@@ -55,6 +55,7 @@ import triton.language as tl
 
 from ._env import interpreting
 from ._op_support import autocast_key, device_guard as _device_guard, forward_mode_ad, register_autocast_rules
+from ._triton_compat import config_choice
 from .compile_spec import FP_FUSION, CompileTarget
 from .convnext_mlp_kernel import (
     _TRITON_DTYPE,
@@ -316,14 +317,17 @@ def _gpu_config(kind: str, C: int, dtype: str) -> dict:
     if kind == "fc2":
         if wide:
             return _cfg(8, 3, BLOCK_M=128, BLOCK_N=max(64, min(cp, 128)), BLOCK_K=64, BLOCK_D=64)
-        return _cfg(4, 2, BLOCK_M=32, BLOCK_N=min(cp, 64), BLOCK_K=32, BLOCK_D=32)
+        # 16-wide K steps: 32-wide ones spilled 16 B on sm_90 with drop path at C = 40 (Triton 3.9)
+        return _cfg(4, 2, BLOCK_M=32, BLOCK_N=min(cp, 64), BLOCK_K=32, BLOCK_D=16)
     if kind == "fc2_recompute":
-        if wide:
-            return _cfg(8, 3, BLOCK_M=128, BLOCK_N=max(64, min(cp, 128)), BLOCK_K=min(cp, 64), BLOCK_D=64)
-        return _cfg(4, 2, BLOCK_M=32, BLOCK_N=min(cp, 64), BLOCK_K=min(cp, 32), BLOCK_D=32)
+        if wide:  # 2 stages: 3 spilled 8 B on sm_90 with drop path at C = 96 (Triton 3.9); chunk per release
+            return _cfg(8, 2, BLOCK_M=128, BLOCK_N=max(64, min(cp, 128)), BLOCK_K=min(cp, 64),
+                        BLOCK_D=config_choice("v2mlp.fc2_recompute_chunk"))
+        return _cfg(4, 2, BLOCK_M=32, BLOCK_N=min(cp, 64), BLOCK_K=min(cp, 32), BLOCK_D=16)
     if kind == "image_sums":
         return _cfg(4, 1, BLOCK_D=512)
-    return _cfg(4, 1, BLOCK_M=32, BLOCK_D=128)  # bwd_sums, bwd_dpre: elementwise tiles
+    # bwd_sums, bwd_dpre: elementwise [32, 128] tiles in 8 warps (4 spilled 40 B with fp32 tanh GELU)
+    return _cfg(8, 1, BLOCK_M=32, BLOCK_D=128)
 
 
 def _config(kind: str, C: int, dtype: str, gpu: bool = False) -> dict:
