@@ -17,6 +17,7 @@ converts a model built before. `unpatch_transformers()` puts the original class 
 """
 from __future__ import annotations
 
+import importlib
 import threading
 
 from torch import nn
@@ -37,8 +38,7 @@ __all__ = [
 _lock = threading.RLock()
 _original_layer = None  # transformers' ConvNextLayer, remembered on first use
 _fused_layer = None  # the subclass built from it
-_dinov3_classes_built = None  # (transformers' DINOv3ConvNextLayer, its fused subclass), or () without that model
-_v2_classes_built = None  # (transformers' ConvNextV2Layer, its fused subclass), or () without that model
+_family_built = {}  # family -> (transformers' modeling module, its block class, the fused subclass), or ()
 
 
 def _convnext_module():
@@ -63,17 +63,22 @@ def _activation_names():
     }
 
 
+def _fused_act_namer(activation_names):
+    """fused_act(act): the fused op's name for a transformers activation module, None for one it lacks."""
+    return lambda act: activation_names.get(type(act))
+
+
+def _draw_scale(drop_path, x, dtype):
+    """The drop-path scale of a transformers drop-path module (or Identity), drawn as transformers draws it."""
+    return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
+
+
 def _build_fused_layer(original):
     activation_names = _activation_names()
     modeling_convnext = _convnext_module()
     layer_norm = modeling_convnext.ConvNextLayerNorm
     drop_paths = (modeling_convnext.ConvNextDropPath, nn.Identity)
-
-    def fused_act(act):
-        return activation_names.get(type(act))
-
-    def draw_scale(drop_path, x, dtype):
-        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
+    fused_act = _fused_act_namer(activation_names)
 
     class ConvNextLayer(original):
         """transformers' ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops.
@@ -89,7 +94,7 @@ def _build_fused_layer(original):
         def forward(self, features):
             if type(self.act) not in activation_names:
                 return super().forward(features)
-            return block_forward(self, _channels_last(features), layer_norm, fused_act, drop_paths, draw_scale)
+            return block_forward(self, _channels_last(features), layer_norm, fused_act, drop_paths, _draw_scale)
 
     # Keep transformers' class name (accelerate's _no_split_modules matches by name) and make the
     # class reachable as fastconvnext.patch.ConvNextLayer so pickled models load again.
@@ -99,26 +104,12 @@ def _build_fused_layer(original):
     return ConvNextLayer
 
 
-def _dinov3_module():
-    """transformers' DINOv3-ConvNeXt modeling module, or None in a transformers without it."""
-    try:
-        from transformers.models.dinov3_convnext import modeling_dinov3_convnext
-    except ImportError:
-        return None
-    return modeling_dinov3_convnext
-
-
 def _build_fused_dinov3_layer(original, modeling):
     activation_names = _activation_names()
     layer_norm = modeling.DINOv3ConvNextLayerNorm
     drop_paths = tuple(getattr(modeling, name) for name in ("Dinov3ConvnextDropPath",) if hasattr(modeling, name))
     drop_paths += (nn.Identity,)
-
-    def fused_act(act):
-        return activation_names.get(type(act))
-
-    def draw_scale(drop_path, x, dtype):
-        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
+    fused_act = _fused_act_namer(activation_names)
 
     class DINOv3ConvNextLayer(original):
         """transformers' DINOv3-ConvNeXt block, run as fastconvnext's dwconv_layernorm + convnext_mlp ops (the
@@ -132,7 +123,7 @@ def _build_fused_dinov3_layer(original, modeling):
             return block_parts_forward(
                 _channels_last(features), self.depthwise_conv, self.layer_norm, self.pointwise_conv1,
                 self.activation_fn, self.pointwise_conv2, self.gamma, self.drop_path, layer_norm, fused_act,
-                drop_paths, draw_scale,
+                drop_paths, _draw_scale,
             )
 
     DINOv3ConvNextLayer.__module__ = __name__
@@ -141,27 +132,13 @@ def _build_fused_dinov3_layer(original, modeling):
     return DINOv3ConvNextLayer
 
 
-def _convnextv2_module():
-    """transformers' ConvNeXt V2 modeling module, or None in a transformers without it."""
-    try:
-        from transformers.models.convnextv2 import modeling_convnextv2
-    except ImportError:
-        return None
-    return modeling_convnextv2
-
-
 def _build_fused_v2_layer(original, modeling):
     from fastconvnext.convnext_v2 import grn_block_parts_forward
 
     activation_names = _activation_names()
     layer_norm, grn = modeling.ConvNextV2LayerNorm, modeling.ConvNextV2GRN
     drop_paths = (modeling.ConvNextV2DropPath, nn.Identity)
-
-    def fused_act(act):
-        return activation_names.get(type(act))
-
-    def draw_scale(drop_path, x, dtype):
-        return drop_path_scale(getattr(drop_path, "drop_prob", 0.0), drop_path.training, x, dtype)
+    fused_act = _fused_act_namer(activation_names)
 
     class ConvNextV2Layer(original):
         """transformers' ConvNeXt V2 block run as fastconvnext's dwconv_layernorm + convnext_v2_mlp ops (GRN inside
@@ -172,7 +149,7 @@ def _build_fused_v2_layer(original, modeling):
         def forward(self, features):
             return grn_block_parts_forward(
                 _channels_last(features), self.dwconv, self.layernorm, self.pwconv1, self.act, self.grn,
-                self.pwconv2, self.drop_path, layer_norm, grn, fused_act, drop_paths, draw_scale,
+                self.pwconv2, self.drop_path, layer_norm, grn, fused_act, drop_paths, _draw_scale,
             )
 
     ConvNextV2Layer.__module__ = __name__
@@ -181,44 +158,40 @@ def _build_fused_v2_layer(original, modeling):
     return ConvNextV2Layer
 
 
-def _v2_classes():
-    """(transformers' original ConvNextV2Layer, the fused subclass), built once; () without that model."""
-    global _v2_classes_built
+# the other families: transformers' modeling module, its block class's name, the builder of the fused subclass
+_FAMILY_LAYERS = {
+    "convnextv2": ("transformers.models.convnextv2.modeling_convnextv2", "ConvNextV2Layer", _build_fused_v2_layer),
+    "dinov3_convnext": ("transformers.models.dinov3_convnext.modeling_dinov3_convnext", "DINOv3ConvNextLayer",
+                        _build_fused_dinov3_layer),
+}
+
+
+def _family_layer(family):
+    """(transformers' modeling module, original block class, fused subclass) of a family, built once; () when this
+    transformers lacks that model."""
     with _lock:
-        if _v2_classes_built is None:
-            modeling = _convnextv2_module()
-            if modeling is None:
-                _v2_classes_built = ()
+        if family not in _family_built:
+            module_name, attribute, build = _FAMILY_LAYERS[family]
+            try:
+                modeling = importlib.import_module(module_name)
+            except ImportError:
+                _family_built[family] = ()
             else:
-                current = modeling.ConvNextV2Layer
+                current = getattr(modeling, attribute)
                 original = current.__base__ if getattr(current, "_fastconvnext_fused", False) else current
-                _v2_classes_built = (original, _build_fused_v2_layer(original, modeling))
-        return _v2_classes_built
+                _family_built[family] = (modeling, original, build(original, modeling))
+        return _family_built[family]
 
 
 def _family_classes():
     """[(module, attribute, original class, fused class)] of the other families transformers has (V2, DINOv3)."""
     found = []
-    if _v2_classes():
-        found.append((_convnextv2_module(), "ConvNextV2Layer") + _v2_classes())
-    if _dinov3_classes():
-        found.append((_dinov3_module(), "DINOv3ConvNextLayer") + _dinov3_classes())
+    for family, (_, attribute, _) in _FAMILY_LAYERS.items():
+        built = _family_layer(family)
+        if built:
+            modeling, original, fused = built
+            found.append((modeling, attribute, original, fused))
     return found
-
-
-def _dinov3_classes():
-    """(transformers' original DINOv3ConvNextLayer, the fused subclass), built once; () without that model."""
-    global _dinov3_classes_built
-    with _lock:
-        if _dinov3_classes_built is None:
-            modeling = _dinov3_module()
-            if modeling is None:
-                _dinov3_classes_built = ()
-            else:
-                current = modeling.DINOv3ConvNextLayer
-                original = current.__base__ if getattr(current, "_fastconvnext_fused", False) else current
-                _dinov3_classes_built = (original, _build_fused_dinov3_layer(original, modeling))
-        return _dinov3_classes_built
 
 
 def _classes():
@@ -235,14 +208,9 @@ def _classes():
 def __getattr__(name):
     if name == "FusedConvNextLayer":
         return _classes()[1]
-    if name == "FusedDINOv3ConvNextLayer":
-        classes = _dinov3_classes()
-        if classes:
-            return classes[1]
-    if name == "FusedConvNextV2Layer":
-        classes = _v2_classes()
-        if classes:
-            return classes[1]
+    family = {"FusedDINOv3ConvNextLayer": "dinov3_convnext", "FusedConvNextV2Layer": "convnextv2"}.get(name)
+    if family is not None and _family_layer(family):
+        return _family_layer(family)[2]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
