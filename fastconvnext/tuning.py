@@ -641,7 +641,7 @@ def timing_memory_estimate(op, key, call):
     gradient; plus Triton's benchmark buffer while autotuning is on."""
     x = call[0]
     act = _nbytes(x)
-    if op == "convnext_mlp" and len(call) > 2 and hasattr(call[2], "shape"):
+    if op in ("convnext_mlp", "convnext_v2_mlp") and len(call) > 2 and hasattr(call[2], "shape"):
         hidden = act // max(1, x.shape[-1]) * call[2].shape[0]
         forward, backward = 2 * hidden + 3 * act, 2 * hidden + 3 * act
     else:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fastconvnext
-from fastconvnext import backend, tuning
+from fastconvnext import backend, policy, tuning
 from fastconvnext.backend import PolicyKey
 from fastconvnext.kernels import _env
 from helpers import KERNEL_DEVICE
@@ -60,7 +60,7 @@ def expected_keys(mode, arch=None):
     sides = [SIZE // 4 // 2 ** i for i in range(4)]
     arch = _arch() if arch is None else arch
     return {PolicyKey(op, arch, "fp32", c, backend.bucket(side * side), backend.bucket(BATCH), mode)
-            for c, side in zip(HIDDEN, sides) for op in backend.OPS}
+            for c, side in zip(HIDDEN, sides) for op in policy.V1_OPS}  # a V1 model meets these two
 
 
 class FakeTimer:
@@ -108,7 +108,17 @@ def test_the_runners_execute_both_implementations_with_gradients():
     timer = FakeTimer(run=True)
     table = tuning.tune(model.train().to(KERNEL_DEVICE), torch.randn(1, 3, 16, 16, device=KERNEL_DEVICE),
                         training=True, timer=timer, cache=False)
-    assert {k.op for k in table} == set(backend.OPS) and len(timer.calls) == 4
+    assert {k.op for k in table} == set(policy.V1_OPS) and len(timer.calls) == 4
+
+
+def test_the_v2_mlp_is_timed_like_the_v1_ops():
+    """A ConvNeXt V2 model: tune() meets the dwconv op and the fused GRN MLP, runs both implementations of each."""
+    config = fastconvnext.ConvNextV2Config(num_stages=1, hidden_sizes=[8], depths=[1])
+    model = fastconvnext.ConvNextV2Model(config).train().to(KERNEL_DEVICE)
+    timer = FakeTimer(run=True)
+    table = tuning.tune(model, torch.randn(1, 3, 16, 16, device=KERNEL_DEVICE), training=True, timer=timer,
+                        cache=False)
+    assert {k.op for k in table} == {"dwconv_layernorm", "convnext_v2_mlp"} and len(timer.calls) == 4
 
 
 def test_second_tune_reads_the_cache_and_retune_measures_again():
@@ -509,7 +519,7 @@ def test_the_first_run_line_says_when_the_cache_could_not_be_written(monkeypatch
 
 FIRST_RUN = """
 import torch
-from fastconvnext import backend, tuning
+from fastconvnext import backend, policy, tuning
 x = torch.randn(2, 4, 4, 8)
 call = (x, torch.randn(8, 1, 7, 7), torch.randn(8), torch.randn(8), torch.randn(8), 1e-6)
 key = backend.policy_key("dwconv_layernorm", x, 8)
