@@ -434,6 +434,8 @@ def convnext_v2_mlp(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2
         from fastconvnext.kernels import convnext_v2_mlp as fused
 
         return fused(*call)
+    if reference.onednn_mlp_available(x, act, sample_scale) and not torch.is_autocast_enabled("cpu"):
+        return reference.convnext_v2_mlp_cpu_inference(*call[:9])
     return reference.convnext_v2_mlp_reference(*call)
 
 

@@ -231,6 +231,22 @@ class _DepthwiseConv(torch.autograd.Function):
 GRN_EPS = 1e-6  # transformers' ConvNextV2GRN: N = G / (mean_c G + 1e-6)
 
 
+def convnext_v2_mlp_cpu_inference(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias,
+                                  act="gelu"):
+    """The same op as `convnext_v2_mlp_reference`, for fp32 CPU inference (where `onednn_mlp_available` holds outside
+    autocast), with oneDNN post-ops: fc1 carries bias + activation, GRN is one addcmul (h * (1 + w * Nx) + b, the
+    same affine regrouped), fc2 carries the residual add."""
+    channels, hidden_width = x.shape[-1], fc1_weight.shape[0]
+    name, algorithm = _ONEDNN_ACTS[act]
+    h = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, channels), fc1_weight, fc1_bias, name, [], algorithm)
+    h = h.view(*x.shape[:-1], hidden_width)
+    norms = torch.linalg.vector_norm(h, ord=2, dim=(1, 2), keepdim=True)
+    coef = 1 + grn_weight.reshape(-1) * (norms / (norms.mean(dim=-1, keepdim=True) + GRN_EPS))
+    h = torch.addcmul(grn_bias.reshape(-1), h, coef).view(-1, hidden_width)
+    out = torch.ops.mkldnn._linear_pointwise.binary(h, residual.reshape(-1, channels), fc2_weight, fc2_bias, "add")
+    return out.view(residual.shape)
+
+
 def convnext_v2_mlp_reference(
     x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act="gelu", sample_scale=None
 ):

@@ -30,6 +30,31 @@ def test_onednn_inference_path_matches_reference(act, with_gamma):
     assert_within_rule(fast, eager, exact, torch.float32, f"onednn mlp ({act}, gamma={with_gamma})")
 
 
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_onednn_v2_inference_path_matches_reference(act, monkeypatch):
+    """ConvNeXt V2's MLP (GRN) on oneDNN: within the rule of the fp64 reference, one image all zero after the
+    activation (the 1e-6 guard), and what the eager backend runs in fp32 CPU inference."""
+    x, res, w1, b1, w2, b2, _ = mlp_inputs(n=3)
+    gen = torch.Generator().manual_seed(5)
+    grn_w, grn_b = torch.randn(1, 1, 1, 96, generator=gen), torch.randn(1, 1, 1, 96, generator=gen)
+    x[1] = 0.0
+    b1 = torch.where(torch.arange(96) % 2 == 0, b1, torch.full_like(b1, -50.0))  # half the channels dead
+    args = (x, res, w1, b1, grn_w, grn_b, w2, b2, act)
+    with torch.no_grad():
+        fast = reference.convnext_v2_mlp_cpu_inference(*args)
+        eager = reference.convnext_v2_mlp_reference(*args)
+        exact = reference.convnext_v2_mlp_reference(*(t.double() for t in args[:-1]), act)
+        assert_within_rule(fast, eager, exact, torch.float32, f"onednn v2 mlp ({act})")
+        calls = []
+        monkeypatch.setattr(reference, "convnext_v2_mlp_cpu_inference",
+                            lambda *a: calls.append(a) or eager)
+        with backend.use_backend("eager"):
+            backend.convnext_v2_mlp(*args)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                backend.convnext_v2_mlp(*args)  # autocast: the reference, which autocast runs in bf16
+    assert len(calls) == 1
+
+
 def test_onednn_path_only_for_fp32_cpu_inference_without_drop_path():
     x, *_ = mlp_inputs()
     with torch.no_grad():
