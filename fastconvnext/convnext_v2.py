@@ -93,25 +93,9 @@ class ConvNextV2Layer(nn.Module):
         hooks of their own, no global module hooks; the MLP also needs an activation without parameters and
         fastconvnext's drop path or none), else its modules called in transformers' order (V1's rule, see
         modeling.block_forward)."""
-        global_hooks = _global_hooks_registered()
-        dwconv, layernorm = self.dwconv, self.layernorm
-        residual = _nhwc(x)
-        if not global_hooks and _plain(dwconv, nn.Conv2d) and _plain(layernorm, ConvNextLayerNorm):
-            y = backend.dwconv_layernorm(residual, dwconv.weight, dwconv.bias, layernorm.weight, layernorm.bias,
-                                         layernorm.eps)
-        else:  # hooks or a replaced module: called as transformers calls them
-            y = layernorm(_nhwc(dwconv(x)))
-        pwconv1, act, grn, pwconv2, drop_path = self.pwconv1, self.act, self.grn, self.pwconv2, self.drop_path
-        act_name = _fused_act_name(act)
-        if (act_name is not None and not global_hooks and _plain(pwconv1, nn.Linear) and _plain(grn, ConvNextV2GRN)
-                and _plain(pwconv2, nn.Linear) and not _hooked(act) and type(drop_path) in _DROP_PATHS
-                and not _hooked(drop_path)):
-            out = backend.convnext_v2_mlp(y, residual, pwconv1.weight, pwconv1.bias, grn.weight, grn.bias,
-                                          pwconv2.weight, pwconv2.bias, act_name,
-                                          _draw_scale(drop_path, x, _branch_dtype(x, None)))
-            return _nchw(out)
-        y = pwconv2(grn(act(pwconv1(y))))
-        return x + drop_path(_nchw(y))
+        return grn_block_parts_forward(x, self.dwconv, self.layernorm, self.pwconv1, self.act, self.grn, self.pwconv2,
+                                       self.drop_path, ConvNextLayerNorm, ConvNextV2GRN, _fused_act_name,
+                                       _DROP_PATHS, _draw_scale)
 
 
 def grn_block_parts_forward(x, dwconv, layernorm, pwconv1, act, grn, pwconv2, drop_path, norm_class, grn_class,
