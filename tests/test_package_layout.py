@@ -1,6 +1,7 @@
 """How `kernels/` reaches `fastconvnext.kernels`: never as a top-level `kernels` that shadows Hugging Face's
 package of that name, and importable installed (wheel layout) and from a plain source tree on PYTHONPATH."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -126,3 +127,8 @@ def test_fused_ops_run_from_the_installed_layout(tmp_path):
     assert not (target / "fastconvnext" / "kernels" / "__init__.py").exists()
     out = run_python(_FORGET_INSTALL + RUN_BOTH_OPS, cwd=tmp_path, pythonpath=[target], TRITON_INTERPRET="1")
     _check_ops_ran(out, target / "fastconvnext" / "kernels")
+    # the data the runtime and the tooling read ship in the wheel, and the dispatch reads its prior there
+    assert (target / "fastconvnext" / "tooling" / "launches.json").is_file()
+    prior = run_python(_FORGET_INSTALL + "from fastconvnext import backend\nprint(len(backend._shipped_prior()))",
+                       cwd=tmp_path, pythonpath=[target])
+    assert int(prior.split()[-1]) == len(json.loads((ROOT / "fastconvnext" / "prior.json").read_text())["rows"])
