@@ -993,12 +993,16 @@ def _kinds(C: int, D: int, dtype: str, precision: str, training: bool, gpu: bool
 
 
 # Rule of the hidden backward where pre is not at hand: two passes (fc1_pre, then the one-accumulator kernel) from
-# this C on, by dot precision, where that kernel's 128x256 tiles exist (Triton 3.9: "mlp.hidden_bwd_pre_wide" and
-# "mlp.fc1_pre_wide" in _triton_compat); None: never. Why: the wide tiles halve the L2 operand bytes per output, which
-# outweighs pre's extra HBM round trip once C fills 256-wide tiles well (16-bit: from C = 512; at C = 320-384 the
-# half-empty last tile loses); fp32 without TF32 is FMA-bound either way. tests/test_tooling_wall.py checks this
-# against the performance model (fastconvnext.tooling.mlp_paths) at every ConvNeXt width.
+# this C on, by dot precision; None: never. Why: the second pass's tiles cost fewer L2 operand bytes per output than
+# the two-accumulator kernel, which outweighs pre's extra HBM round trip once C is wide; fp32 without TF32 is
+# FMA-bound either way. For fp16/bf16 the split's tiles depend on the release: 128x256 from Triton 3.9
+# ("mlp.hidden_bwd_pre_wide", "mlp.fc1_pre_wide" in _triton_compat), where it wins from C = 512 and loses at
+# C = 320-384 (the half-empty last 256-wide tile); with the 128x128 tiles of older releases it wins only at
+# C = 512, 1024, 2048 (model split/unsplit 0.77 / 0.72 / 0.69 on H100) and loses at 640-768 (1.08-1.09), hence
+# multiples of 512 there. tests/test_tooling_wall.py checks this against the performance model
+# (fastconvnext.tooling.mlp_paths) at every ConvNeXt width, on the installed release.
 _TWO_PASS_FROM_C = {"bf16": 512, "fp16": 512, "tf32": 256, "ieee": None}
+_TWO_PASS_NARROW_MULTIPLE = 512
 
 
 def _two_pass_hidden_backward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: bool = False) -> bool:
@@ -1006,8 +1010,11 @@ def _two_pass_hidden_backward(C: int, D: int, dtype: str, precision: str = "ieee
     backward only) and then runs the one-accumulator hidden backward on it, rather than the kernel that recomputes
     pre and dh side by side in two 128x128 accumulators: see _TWO_PASS_FROM_C."""
     start = _TWO_PASS_FROM_C[precision if dtype == "fp32" else dtype]
-    wide = config_choice("mlp.hidden_bwd_pre_wide") and config_choice("mlp.fc1_pre_wide")
-    return wide and start is not None and C >= start
+    if start is None or C < start:
+        return False
+    if dtype == "fp32" or (config_choice("mlp.hidden_bwd_pre_wide") and config_choice("mlp.fc1_pre_wide")):
+        return True
+    return C % _TWO_PASS_NARROW_MULTIPLE == 0
 
 
 # The forward keeps pre = x W1^T + b1 ([M, D], activation dtype) for backward while H * W * D per image is at most

@@ -143,12 +143,19 @@ def test_the_rule_check_catches_a_contradiction():
 
 
 def test_the_hidden_backward_rule_follows_the_release(monkeypatch):
+    """16-bit: from C = 512 with Triton 3.9's wide tiles, at multiples of 512 with older releases' narrow ones; TF32
+    from C = 256 on both; fp32 IEEE never."""
     from fastconvnext.kernels import convnext_mlp_kernel as mlp
 
+    def split(C, dtype="bf16", precision="ieee"):
+        return mlp._two_pass_hidden_backward(C, 4 * C, dtype, precision, True)
+
     monkeypatch.setattr(_triton_compat, "TRITON_VERSION", (3, 4, 0))
-    assert not any(mlp._two_pass_hidden_backward(C, 4 * C, "bf16", "ieee", True) for C in CONVNEXT_WIDTHS)
+    assert [C for C in CONVNEXT_WIDTHS if split(C)] == [512, 1024, 1536, 2048, 3072]
+    assert [C for C in CONVNEXT_WIDTHS if split(C, "fp32", "tf32")] == [C for C in CONVNEXT_WIDTHS if C >= 256]
     monkeypatch.setattr(_triton_compat, "TRITON_VERSION", (3, 9, 0))
-    assert mlp._two_pass_hidden_backward(768, 3072, "bf16", "ieee", True)
+    assert [C for C in CONVNEXT_WIDTHS if split(C)] == [C for C in CONVNEXT_WIDTHS if C >= 512]
+    assert not any(split(C, "fp32", "ieee") for C in CONVNEXT_WIDTHS)
 
 
 def test_launch_plan_constants_are_the_models():

@@ -285,7 +285,7 @@ def test_per_release_mlp_configs_compile_without_spills(tmp_path):
     proc = run_python(f"""
         import json
         from fastconvnext.kernels import convnext_mlp_kernel as mlp
-from fastconvnext.tooling import compile_check
+        from fastconvnext.tooling import compile_check
 
         rows = []
         for kernel, dtype, parts, arch in {KNOB_TARGETS!r}:
