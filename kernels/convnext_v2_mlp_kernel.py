@@ -61,6 +61,8 @@ from .convnext_mlp_kernel import (
     _TRITON_DTYPE,
     _activation,
     _activation_grad,
+    _check,
+    _compute_dtype,
     _interpreter_bf16_dot_ok,
     _dot_precision,
     _load_rows,
@@ -562,18 +564,6 @@ def _autocast_rule(device_type: str):
 
 
 register_autocast_rules("convnext_v2_mlp_fwd", _autocast_rule)
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
-
-
-def _check(cond: bool, exc, message: str):
-    if not cond:
-        raise exc(message)
 
 
 def _validate(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act, sample_scale):
