@@ -30,8 +30,8 @@ Backward, dy = grad of out, g = dy * gamma * scale, d_residual = dy, at most 6 u
   so dy goes to the tensor cores as it is; the drop-path scale multiplies dh rows) in one 128x256 accumulator and
   reads pre back per column quarter (1 unit). pre is at hand when the forward saved it, or from a first backward pass
   (`fc1_pre`: fc1 + b1 -> pre [M, D] stored for this backward only, 1 unit) where the two passes' wider tiles cost
-  fewer L2 bytes than the two-accumulator kernel (`_two_pass_hidden_backward`: from C = 512 in fp16/bf16, 256 in
-  fp32 with TF32, on Triton 3.9); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel
+  fewer L2 bytes than the two-accumulator kernel (`_two_pass_hidden_backward`: fp16/bf16 from C = 512 on Triton 3.9,
+  at multiples of 512 before; fp32 with TF32 from C = 256); `_mlp_fwd_kernel` with LOAD_H and B_KN computes dx = dpre W1 (1 unit); the dW kernel
   reads h and dpre (2 units) and sums db2, dgamma.
 The dW kernel's grid is (2 x D chunks: dW1 programs then dW2 programs, one accumulator each; C tiles; M
 segments); each program walks its segment's row tiles in order; the segment count depends only on M, so results
