@@ -8,7 +8,7 @@ time in all including its start-up, at most 10 minutes a command. So:
              naming what is missing (expected vs found). Every stage runs these checks first.
   1          (limit 240 s, expected ~150 s) calibration constants (fastconvnext.tooling.calibrate --quick) and fused vs eager
              MEASURED per op at ConvNeXt-T's stage shapes, batch 64 then 256, bf16, forward and forward+backward,
-             medians with spreads and the fused/eager ratio; the static model's figure only as a MODEL column
+             medians with spreads and the fused/eager ratio; the prior's figure only as a MODEL column
   2          (limit 170 s, expected ~120 s) native correctness of both ops at full stage shapes (batch 64) against
              the eager references under tests/tolerance.py's rule, bf16 first (stage 1's compiles), then fp32, fp16
   3          (limit 240 s, expected ~170 s) fastconvnext.tune() and its table, a 50-step bf16-autocast training run
@@ -175,7 +175,7 @@ def plan_text():
 
 def planned_variants(setup=REAL):
     """Kernel variants (distinct compiles) each stage's op launches need, by the kernels' own launch_plans (each
-    launcher's config with autotuning off) specialized as Triton's launcher does (kernels/sass_report.py). A MODEL
+    launcher's config with autotuning off) specialized as Triton's launcher does (fastconvnext/tooling/sass_report.py). A MODEL
     of Triton's cache keys, not a count of compiles: the real count is in each stage's status (new cubins)."""
     import torch
 
@@ -921,7 +921,7 @@ def op_cases(setup):
 
 
 def _predicted(op, shape, dtype, mode, arch):
-    """The static model's {"fused_us", "eager_us"} (a MODEL), or None when it has no such point."""
+    """The prior's {"fused_us", "eager_us" (the eager estimate), ...} (a MODEL), or None when it has no such point."""
     try:
         from fastconvnext.tooling.bench.ops_report import predicted_us
 
@@ -951,9 +951,9 @@ def calibrate_part(ctx):
     dry_run = ctx.setup.device != "cuda"
     label = "DRY RUN (interpreter; NOT a measurement)" if dry_run else "MEASURED"
     ctx.log.section("calibrate", "Machine calibration (fastconvnext.tooling.calibrate --quick)",
-                    "The static model's ASSUMED constants beside a measurement of each (on the GPU: CUDA events, "
+                    "The model's public-figure constants beside a measurement of each (on the GPU: CUDA events, "
                     "median of 10 repeats, min..max; a dry run: 2 interpreter runs); dot tiles: one per width N.",
-                    ("figure", f"{label} median", "min .. max", "model (ASSUMED or datasheet)", "measured/assumed",
+                    ("figure", f"{label} median", "min .. max", "model (public figure or datasheet)", "measured/model",
                      "unit"))
 
     def on_row(row, facts):
@@ -989,7 +989,8 @@ def ops_part(ctx, torch, cases):
                     f"{setup.repeats} repeats taken in turns (order rotated each round), each call timed alone by CUDA "
                     "events after the L2 cache is overwritten; medians and interquartile ranges in µs; fused/eager is "
                     "the ratio of medians (< 1: fused faster) with a seeded 95% bootstrap interval. MODEL columns: the "
-                    "static SASS model's prediction (kernels/perf_table.py), shown beside, never used to decide.",
+                    "prior's prediction (fastconvnext/prior.json: the SASS model's fused time and the eager estimate), shown "
+                    "beside, never used to decide.",
                     OPS_COLUMNS)
     clock = timing.Clock(setup.device)
     for op, batch, side, channels, pass_ in cases:
@@ -1158,8 +1159,8 @@ def tune_part(ctx, torch):
     ctx.log.section("tune", f"fastconvnext.tune(), ConvNeXt {setup.dtype} batch {setup.batch} at {setup.image}², "
                     f"{ctx.measured}",
                     f"Inference, then training; fused and eager µs are MEASURED medians ({how}) of each shape's "
-                    "recorded call, timed afresh (retune); MODEL columns: what the untuned policy (static model, else "
-                    "roofline) would choose, and its figures.", TUNE_COLUMNS)
+                    "recorded call, timed afresh (retune); MODEL columns: what the untuned policy (the prior, else "
+                    "eager) would choose, and its figures.", TUNE_COLUMNS)
     model = _convnext(torch, setup, setup.model).to(_torch_dtype(torch, setup.dtype))
     pixels = torch.randn(setup.batch, 3, setup.image, setup.image, device=setup.device,
                          dtype=_torch_dtype(torch, setup.dtype))

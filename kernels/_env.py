@@ -59,7 +59,7 @@ FLAGS = {flag.name: flag for flag in (
          " (set in the environment; unset it or call fastconvnext.set_backend())"),
     Flag(TUNE_ENV, "bool", True, BOOL_WORDS,
          "on CUDA, `auto` times fused against eager the first time it meets a shape and caches the faster; "
-         "0: never time on first use and ignore the cache, the static model (MODEL) decides "
+         "0: never time on first use and ignore the cache, the prior (MODEL) decides "
          "(fastconvnext.tune() still measures when called)"),
     Flag(AUTOTUNE_ENV, "bool", True, BOOL_WORDS,
          "Triton autotuning of each kernel launch; 0: every launcher's default config (fewer compiles)"),

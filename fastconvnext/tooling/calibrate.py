@@ -190,7 +190,7 @@ def ffma_issue_per_clock(fmas_per_s, sms, clock_hz):
 
 
 def assumed_dot_efficiency(arch, n):
-    """The static model's efficiency of a 16-bit dot of width n: wgmma on sm_90, HMMA on sm_80."""
+    """The model's efficiency of a 16-bit dot of width n (pointer loads): wgmma on sm_90, HMMA on sm_80."""
     from fastconvnext.tooling.sass_report import tensor_efficiency
 
     return tensor_efficiency(arch, "HGMMA" if arch >= 90 else "HMMA", n)
@@ -200,7 +200,7 @@ def assumed_dot_efficiency(arch, n):
 
 
 def machine_for(arch, device_name):
-    """The static model's Machine for this arch, and the datasheet peaks of this very part where known
+    """The model's Machine for this arch, and the datasheet peaks of this very part where known
     (an H200 or an H100 PCIe has the sm_90 Machine but its own HBM bandwidth and tensor peak)."""
     from fastconvnext.tooling.roofline import MACHINES, gpu_for_device_name
 
@@ -318,7 +318,7 @@ def report(rows, suggest, facts, dry_run=False):
     how = ("DRY RUN in Triton's interpreter: the kernels ran at tiny sizes on the CPU and NO figure below is a "
            "measurement" if dry_run else "Each figure is MEASURED on this device (CUDA events, median of the repeats)")
     label = "DRY RUN, meaningless" if dry_run else "MEASURED medians"
-    return (f"Machine calibration ({head}). {how}, beside the static model's constant from fastconvnext/tooling/roofline.py / "
+    return (f"Machine calibration ({head}). {how}, beside the model's constant from fastconvnext/tooling/roofline.py / "
             "sass_report.py: the L2->SM bandwidth and the tensor-core efficiency there are other projects' public "
             "figures (roofline.MACHINE_SOURCES), the issue rate the CUDA guide's, HBM bandwidth and the bf16 peak the "
             "datasheet's.\n\n"

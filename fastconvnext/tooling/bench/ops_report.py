@@ -3,7 +3,7 @@
 Always (any machine, no measurement): per call, the modelled HBM bytes and FLOPs of eager PyTorch
 (channels-last; for dwconv+LN also transformers' NCHW conv + permute order), the fused kernel as built
 and the fusion floor, the H100 roofline bound of each, and the bytes each keeps for backward (counted
-with saved_tensors_hooks under FakeTensorMode, see fastconvnext/bench/memory.py).
+with saved_tensors_hooks under FakeTensorMode, see fastconvnext/tooling/bench/memory.py).
 On CUDA (or on CPU with --measure, eager only): the measurement of `fastconvnext bench --ops
 dwconv_layernorm,convnext_mlp` per batch: median ms, achieved GB/s and % of the HBM peak, TFLOP/s,
 peak memory, fused vs eager vs torch.compile; then each measured fused/eager call beside the static SASS
