@@ -106,34 +106,28 @@ def _disagreements(rule, model_ratio):
     return out
 
 
+# Each rule of the MLP kernel with the launches of its two plans: (rule name, split plan, unsplit plan).
+MLP_RULES = [
+    ("_two_gemm_forward", ["hidden", "fc2"], ["fwd"]),
+    ("_two_pass_hidden_backward", ["fc1_pre", "hidden_bwd_pre"], ["hidden_bwd"]),
+]
+
+
 @pytest.mark.parametrize("arch", [90, 80])
 @pytest.mark.parametrize("dtype, precision", _combos())
-def test_the_forward_plan_rule_agrees_with_the_model(arch, dtype, precision):
+@pytest.mark.parametrize("rule, split, unsplit", MLP_RULES, ids=[r[0] for r in MLP_RULES])
+def test_each_mlp_path_rule_agrees_with_the_model(rule, split, unsplit, arch, dtype, precision):
     from fastconvnext.kernels import convnext_mlp_kernel as mlp
     from fastconvnext.tooling import mlp_paths
     from fastconvnext.tooling.roofline import MACHINES
 
     def ratio(C):
         machine = MACHINES[arch]
-        return (mlp_paths.modelled_seconds(["hidden", "fc2"], C, 4 * C, dtype, precision, machine)
-                / mlp_paths.modelled_seconds(["fwd"], C, 4 * C, dtype, precision, machine))
+        return (mlp_paths.modelled_seconds(split, C, 4 * C, dtype, precision, machine)
+                / mlp_paths.modelled_seconds(unsplit, C, 4 * C, dtype, precision, machine))
 
-    assert _disagreements(lambda C: mlp._two_gemm_forward(C, 4 * C, dtype, precision, gpu=True), ratio) == []
-
-
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("dtype, precision", _combos())
-def test_the_hidden_backward_rule_agrees_with_the_model(arch, dtype, precision):
-    from fastconvnext.kernels import convnext_mlp_kernel as mlp
-    from fastconvnext.tooling import mlp_paths
-    from fastconvnext.tooling.roofline import MACHINES
-
-    def ratio(C):
-        machine = MACHINES[arch]
-        return (mlp_paths.modelled_seconds(["fc1_pre", "hidden_bwd_pre"], C, 4 * C, dtype, precision, machine)
-                / mlp_paths.modelled_seconds(["hidden_bwd"], C, 4 * C, dtype, precision, machine))
-
-    assert _disagreements(lambda C: mlp._two_pass_hidden_backward(C, 4 * C, dtype, precision, gpu=True), ratio) == []
+    choose = getattr(mlp, rule)
+    assert _disagreements(lambda C: choose(C, 4 * C, dtype, precision, gpu=True), ratio) == []
 
 
 def test_the_rule_check_catches_a_contradiction():
