@@ -1,13 +1,13 @@
-"""The eager model against transformers' ConvNeXt (the oracle): outputs, gradients, losses, backbone."""
+"""The eager model against transformers' ConvNeXt (the oracle): outputs, gradients, losses, backbone. Every fp32
+comparison follows CONTRIBUTING's rule, with transformers in float64 as R and in fp32 as E."""
 import pytest
 import torch
 
 import fastconvnext
 from fastconvnext.configuration import HIDDEN_ACTS
 from helpers import SMALL, twin_models
-
-ATOL = 1e-5
-GRAD_ATOL = 1e-4
+from tolerance import as_float64, assert_fp32_within_rule, assert_grads_within_rule, float64_twin, \
+    random_draws_as_in_float32
 
 CONFIGS = {
     "small-nonsquare": (dict(SMALL), (2, 3, 45, 67)),
@@ -20,10 +20,17 @@ CONFIGS = {
 }
 
 
-def assert_close(ours, theirs, atol, what):
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-    assert ours.dtype == theirs.dtype, f"{what}: dtype {ours.dtype} != {theirs.dtype}"
-    torch.testing.assert_close(ours, theirs, atol=atol, rtol=0, msg=lambda m: f"{what}: {m}")
+def three_runs(ours, hf, x, **kwargs):
+    """fastconvnext's output (F), transformers' in fp32 (E) and transformers' float64 twin's (R)."""
+    reference = float64_twin(hf)(as_float64(x), **{k: as_float64(v) for k, v in kwargs.items()})
+    return ours(x, **kwargs), hf(x, **kwargs), reference
+
+
+def assert_sequences_within_rule(got, eager, reference, what):
+    assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
+    for i, (f, e, r) in enumerate(zip(got, eager, reference)):
+        assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
+        assert f.is_contiguous()
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -32,31 +39,26 @@ def test_model_outputs_match_transformers(name):
     hf, ours = twin_models("ConvNextModel", **config)
     x = torch.randn(shape)
     with torch.no_grad():
-        expected = hf(x, output_hidden_states=True)
-        got = ours(x, output_hidden_states=True)
-    assert_close(got.last_hidden_state, expected.last_hidden_state, ATOL, "last_hidden_state")
-    assert_close(got.pooler_output, expected.pooler_output, ATOL, "pooler_output")
-    assert len(got.hidden_states) == len(expected.hidden_states) == config.get("num_stages", 4) + 1
-    for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
-        assert_close(a, b, ATOL, f"hidden_states[{i}]")
-        assert a.is_contiguous()
+        got, expected, reference = three_runs(ours, hf, x, output_hidden_states=True)
+    for field in ("last_hidden_state", "pooler_output"):
+        assert_fp32_within_rule(got[field], expected[field], reference[field], field)
+    assert len(got.hidden_states) == config.get("num_stages", 4) + 1
+    assert_sequences_within_rule(got.hidden_states, expected.hidden_states, reference.hidden_states, "hidden_states")
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_classifier_gradients_match_transformers(name):
     config, shape = CONFIGS[name]
     hf, ours = twin_models("ConvNextForImageClassification", num_labels=5, **config)
+    hf64 = float64_twin(hf)
     x = torch.randn(shape)
     labels = torch.randint(0, 5, (shape[0],))
-    expected, got = hf(x, labels=labels), ours(x, labels=labels)
-    assert_close(got.logits, expected.logits, ATOL, "logits")
-    assert_close(got.loss, expected.loss, ATOL, "loss")
-    expected.loss.backward()
-    got.loss.backward()
-    theirs = dict(hf.named_parameters())
-    for pname, param in ours.named_parameters():
-        assert param.grad is not None, f"{pname} got no gradient"
-        assert_close(param.grad, theirs[pname].grad, GRAD_ATOL, f"grad of {pname}")
+    got, expected, reference = ours(x, labels=labels), hf(x, labels=labels), hf64(x.double(), labels=labels)
+    for field in ("logits", "loss"):
+        assert_fp32_within_rule(got[field], expected[field], reference[field], field)
+    for out in (got, expected, reference):
+        out.loss.backward()
+    assert_grads_within_rule(ours, hf, hf64)
 
 
 @pytest.mark.parametrize("hidden_act", sorted(HIDDEN_ACTS))
@@ -64,7 +66,9 @@ def test_every_hidden_act_matches_transformers(hidden_act):
     hf, ours = twin_models("ConvNextModel", hidden_sizes=[8, 12, 20, 24], depths=[1, 1, 1, 1], hidden_act=hidden_act)
     x = torch.randn(1, 3, 35, 41)
     with torch.no_grad():
-        assert_close(ours(x).pooler_output, hf(x).pooler_output, ATOL, f"pooler_output with {hidden_act}")
+        got, expected, reference = three_runs(ours, hf, x)
+    assert_fp32_within_rule(got.pooler_output, expected.pooler_output, reference.pooler_output,
+                            f"pooler_output with {hidden_act}")
 
 
 @pytest.mark.parametrize(
@@ -81,8 +85,8 @@ def test_losses_follow_problem_type(num_labels, labels, problem_type):
     hf, ours = twin_models("ConvNextForImageClassification", num_labels=num_labels, problem_type=problem_type, **SMALL)
     x = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
-        expected, got = hf(x, labels=labels), ours(x, labels=labels)
-    assert_close(got.loss, expected.loss, ATOL, "loss")
+        got, expected, reference = three_runs(ours, hf, x, labels=labels)
+    assert_fp32_within_rule(got.loss, expected.loss, reference.loss, "loss")
     assert ours.config.problem_type == hf.config.problem_type
 
 
@@ -91,18 +95,23 @@ def test_no_classifier_when_num_labels_is_zero():
     assert isinstance(ours.classifier, torch.nn.Identity)
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert_close(ours(x).logits, hf(x).logits, ATOL, "logits")
+        got, expected, reference = three_runs(ours, hf, x)
+    assert_fp32_within_rule(got.logits, expected.logits, reference.logits, "logits")
 
 
 def test_drop_path_in_training_matches_transformers_under_the_same_seed():
     hf, ours = twin_models("ConvNextForImageClassification", num_labels=3, drop_path_rate=0.5, **SMALL)
     hf.train(), ours.train()
+    hf64 = float64_twin(hf)
     x = torch.randn(6, 3, 32, 36)
     torch.manual_seed(123)
     expected = hf(x).logits
     torch.manual_seed(123)
     got = ours(x).logits
-    assert_close(got, expected, ATOL, "logits with drop path")
+    torch.manual_seed(123)
+    with random_draws_as_in_float32():
+        reference = hf64(x.double()).logits
+    assert_fp32_within_rule(got, expected, reference, "logits with drop path")
     torch.manual_seed(124)
     assert not torch.allclose(ours(x).logits, got), "drop path had no effect in training mode"
     layers = [m for m in ours.modules() if isinstance(m, fastconvnext.modeling.ConvNextLayer)]
@@ -115,12 +124,10 @@ def test_backbone_matches_transformers():
     hf, ours = twin_models("ConvNextBackbone", **config)
     x = torch.randn(2, 3, 41, 39)
     with torch.no_grad():
-        expected, got = hf(x, output_hidden_states=True), ours(x, output_hidden_states=True)
-    assert len(got.feature_maps) == len(expected.feature_maps) == 3
-    for i, (a, b) in enumerate(zip(got.feature_maps, expected.feature_maps)):
-        assert_close(a, b, ATOL, f"feature_maps[{i}]")
-    for i, (a, b) in enumerate(zip(got.hidden_states, expected.hidden_states)):
-        assert_close(a, b, ATOL, f"hidden_states[{i}]")
+        got, expected, reference = three_runs(ours, hf, x, output_hidden_states=True)
+    assert len(got.feature_maps) == 3
+    assert_sequences_within_rule(got.feature_maps, expected.feature_maps, reference.feature_maps, "feature_maps")
+    assert_sequences_within_rule(got.hidden_states, expected.hidden_states, reference.hidden_states, "hidden_states")
     assert ours.channels == hf.channels
     with torch.no_grad():
         assert ours(x).hidden_states is None

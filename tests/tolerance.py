@@ -1,8 +1,10 @@
-"""DESIGN.md's tolerance rule for a fused op in a low-precision dtype.
-
-R: fp32 reference, E: the eager op in the same dtype, F: the fused result.
-Require max|F - R| <= 2 * max|E - R| + atol(dtype).
+"""CONTRIBUTING's tolerance rule: R the reference (fp32; float64 where the op's dtype is fp32), E the eager op in
+the op's dtype, F fastconvnext's result. Require max|F - R| <= 2 * max|E - R| + atol(dtype); gradients likewise.
 """
+import contextlib
+import copy
+from unittest import mock
+
 import torch
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}
@@ -20,3 +22,49 @@ def assert_within_rule(fused, eager, reference, dtype, what="output"):
     assert err_fused <= bound, (
         f"{what} ({dtype}): max|F-R| = {err_fused:.3e} exceeds 2*max|E-R| + atol = {bound:.3e}"
     )
+
+
+# A whole fastconvnext model in fp32 against transformers' (the oracle): E is transformers' model in fp32, R a float64
+# copy of it. A flat atol on F - E would be a lottery: both sides round differently on every CPU (ATen's vectorised
+# paths and oneDNN's kernels differ by ISA), and deep stacks without layer scale amplify it past 1e-5.
+
+
+def float64_twin(model):
+    """R's model: a float64 copy of transformers' model (same weights, same mode)."""
+    return copy.deepcopy(model).double()
+
+
+def as_float64(value):
+    """The float64 twin's inputs: floating tensors cast, everything else (integer labels, flags) as given."""
+    return value.double() if torch.is_tensor(value) and value.is_floating_point() else value
+
+
+@contextlib.contextmanager
+def random_draws_as_in_float32():
+    """torch.rand in float64 consumes the generator differently from float32; drop path's masks in the float64 twin
+    are drawn in float32 (then widened), so under the same seed it drops the samples the fp32 runs drop."""
+    rand = torch.rand
+
+    def rand_in_float32(*size, dtype=None, **kwargs):
+        if dtype == torch.float64:
+            return rand(*size, dtype=torch.float32, **kwargs).double()
+        return rand(*size, dtype=dtype, **kwargs)
+
+    with mock.patch.object(torch, "rand", rand_in_float32):
+        yield
+
+
+def assert_fp32_within_rule(got, eager, reference, what):
+    """fastconvnext's fp32 result against transformers' in fp32 (E) and float64 (R), by the rule."""
+    assert got.shape == eager.shape, f"{what}: shape {tuple(got.shape)} != {tuple(eager.shape)}"
+    assert got.dtype == eager.dtype == torch.float32, f"{what}: dtypes {got.dtype}, {eager.dtype}, expected float32"
+    assert reference.dtype == torch.float64, f"{what}: the reference must be float64, got {reference.dtype}"
+    assert_within_rule(got, eager, reference, torch.float32, what)
+
+
+def assert_grads_within_rule(ours, eager, reference, what="grad of"):
+    """Every parameter gradient of fastconvnext's model against transformers' fp32 and float64 models, by name."""
+    theirs, exact = dict(eager.named_parameters()), dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert_fp32_within_rule(param.grad, theirs[name].grad, exact[name].grad, f"{what} {name}")
