@@ -6,8 +6,8 @@ import torch
 import fastconvnext
 from fastconvnext.configuration import HIDDEN_ACTS
 from helpers import SMALL, twin_models
-from tolerance import as_float64, assert_fp32_within_rule, assert_grads_within_rule, float64_twin, \
-    random_draws_as_in_float32
+from tolerance import assert_fp32_within_rule, assert_grads_within_rule, assert_sequences_within_rule, \
+    float64_twin, random_draws_as_in_float32, three_runs
 
 CONFIGS = {
     "small-nonsquare": (dict(SMALL), (2, 3, 45, 67)),
@@ -18,19 +18,6 @@ CONFIGS = {
     ),
     "relu-eps-1e-6": (dict(SMALL, hidden_act="relu", layer_norm_eps=1e-6), (1, 3, 64, 33)),
 }
-
-
-def three_runs(ours, hf, x, **kwargs):
-    """fastconvnext's output (F), transformers' in fp32 (E) and transformers' float64 twin's (R)."""
-    reference = float64_twin(hf)(as_float64(x), **{k: as_float64(v) for k, v in kwargs.items()})
-    return ours(x, **kwargs), hf(x, **kwargs), reference
-
-
-def assert_sequences_within_rule(got, eager, reference, what):
-    assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
-    for i, (f, e, r) in enumerate(zip(got, eager, reference)):
-        assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
-        assert f.is_contiguous()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -68,3 +68,16 @@ def assert_grads_within_rule(ours, eager, reference, what="grad of"):
     for name, param in ours.named_parameters():
         assert param.grad is not None, f"{name} got no gradient"
         assert_fp32_within_rule(param.grad, theirs[name].grad, exact[name].grad, f"{what} {name}")
+
+
+def three_runs(ours, hf, x, **kwargs):
+    """fastconvnext's output (F), transformers' in fp32 (E) and transformers' float64 twin's (R)."""
+    reference = float64_twin(hf)(as_float64(x), **{k: as_float64(v) for k, v in kwargs.items()})
+    return ours(x, **kwargs), hf(x, **kwargs), reference
+
+
+def assert_sequences_within_rule(got, eager, reference, what):
+    assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
+    for i, (f, e, r) in enumerate(zip(got, eager, reference)):
+        assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
+        assert f.is_contiguous()
