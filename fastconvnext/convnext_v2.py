@@ -23,15 +23,14 @@ from torch import nn
 from fastconvnext import backend
 from fastconvnext.configuration import ConvNextV2Config
 from fastconvnext.modeling import (
-    ConvNextBackbone,
     ConvNextDropPath,
-    ConvNextEmbeddings,
     ConvNextEncoder,
-    ConvNextForImageClassification,
     ConvNextLayerNorm,
-    ConvNextModel,
     ConvNextPreTrainedModel,
     ConvNextStage,
+    LinearClassifier,
+    NormedBackbone,
+    PooledTrunk,
     _DROP_PATHS,
     _activation_module,
     _branch_dtype,
@@ -42,9 +41,7 @@ from fastconvnext.modeling import (
     _nchw,
     _nhwc,
     _plain,
-    _returned,
 )
-from fastconvnext.outputs import ImageClassifierOutputWithNoAttention
 
 __all__ = [
     "ConvNextV2Backbone",
@@ -133,20 +130,7 @@ class ConvNextV2Stage(ConvNextStage):
 class ConvNextV2Encoder(ConvNextEncoder):
     """V1's encoder (forward, gradient checkpointing, float32 drop-path rates) over V2 stages."""
 
-    def __init__(self, config):
-        nn.Module.__init__(self)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
-        self.stages = nn.ModuleList()
-        previous = config.hidden_sizes[0]
-        for i in range(config.num_stages):
-            self.stages.append(
-                ConvNextV2Stage(
-                    config, previous, config.hidden_sizes[i], stride=2 if i > 0 else 1, depth=config.depths[i],
-                    drop_path_rates=rates[i].tolist(),
-                )
-            )
-            previous = config.hidden_sizes[i]
-        self.gradient_checkpointing = False
+    stage_class = ConvNextV2Stage
 
 
 class ConvNextV2PreTrainedModel(ConvNextPreTrainedModel):
@@ -165,77 +149,26 @@ class ConvNextV2PreTrainedModel(ConvNextPreTrainedModel):
             nn.init.zeros_(module.bias)
 
     @classmethod
-    def from_pretrained(cls, path, *, config=None, state_dict=None, **kwargs):
-        """Load a transformers ConvNeXt V2 directory (config.json model_type "convnextv2") or hub id; options as
-        checkpoint.load_pretrained. Called on ConvNextV2PreTrainedModel itself, the class is chosen by the tensors."""
-        from fastconvnext import checkpoint
-
-        target = cls
-        if cls is ConvNextV2PreTrainedModel:
-            target = {c.__name__: c for c in (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone)}
-        return checkpoint.load_pretrained(target, path, config=config, state_dict=state_dict, **kwargs)
+    def model_classes(cls):
+        return ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone
 
 
-class ConvNextV2Model(ConvNextV2PreTrainedModel):
+class ConvNextV2Model(PooledTrunk, ConvNextV2PreTrainedModel):
     """`last_hidden_state` (stage-4 output) and `pooler_output` (LayerNorm of its spatial mean), as V1."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.embeddings = ConvNextEmbeddings(config)
-        self.encoder = ConvNextV2Encoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
-        self.post_init()
-
-    forward = ConvNextModel.forward
+    encoder_class = ConvNextV2Encoder
 
 
-class ConvNextV2ForImageClassification(ConvNextV2PreTrainedModel):
+class ConvNextV2ForImageClassification(LinearClassifier, ConvNextV2PreTrainedModel):
     """ConvNeXt V2 with a linear classifier on the pooled features; loss by config.problem_type (V1's rule)."""
 
-    def __init__(self, config):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.convnextv2 = ConvNextV2Model(config)
-        self.classifier = (
-            nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
-        )
-        self.post_init()
-
-    def forward(
-        self, pixel_values=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None
-    ):
-        _, return_dict = self._flags(output_hidden_states, return_dict)
-        outputs = self.convnextv2(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(outputs["pooler_output"])
-        loss = None if labels is None else self.loss(logits, labels)
-        output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"))
-        return _returned(output, return_dict)
-
-    loss = ConvNextForImageClassification.loss
+    trunk_class = ConvNextV2Model
 
 
-class ConvNextV2Backbone(ConvNextV2PreTrainedModel):
+class ConvNextV2Backbone(NormedBackbone, ConvNextV2PreTrainedModel):
     """Feature maps of the stages in config.out_features, each through its own LayerNorm (eps 1e-6), as V1."""
 
-    has_attentions = False
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embeddings = ConvNextEmbeddings(config)
-        self.encoder = ConvNextV2Encoder(config)
-        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
-        self.hidden_states_norms = nn.ModuleDict(
-            {stage: ConvNextLayerNorm(c, data_format="channels_first") for stage, c in zip(self.out_features, self.channels)}
-        )
-        self.post_init()
-
-    stage_names = ConvNextBackbone.stage_names
-    out_features = ConvNextBackbone.out_features
-    out_indices = ConvNextBackbone.out_indices
-    out_feature_channels = ConvNextBackbone.out_feature_channels
-    channels = ConvNextBackbone.channels
-    forward_with_filtered_kwargs = ConvNextBackbone.forward_with_filtered_kwargs
-    forward = ConvNextBackbone.forward
+    encoder_class = ConvNextV2Encoder
 
 
 # ---- loading (called by checkpoint.load_pretrained for model_type "convnextv2") ----------------------------------
@@ -268,7 +201,7 @@ def _layout():
 
     return Layout(
         config_class=ConvNextV2Config,
-        classes={c.__name__: c for c in (ConvNextV2Model, ConvNextV2ForImageClassification, ConvNextV2Backbone)},
+        classes={c.__name__: c for c in ConvNextV2PreTrainedModel.model_classes()},
         canonical=_canonical,
         model_key=_model_key,
         block_key=re.compile(r"^encoder\.stages\.(\d{1,9})\.layers\.(\d{1,9})\."),

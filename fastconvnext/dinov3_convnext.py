@@ -27,7 +27,7 @@ from fastconvnext.configuration import DINOv3ConvNextConfig
 from fastconvnext.family_loading import Layout, load_family_checked
 from fastconvnext.modeling import (
     _DROP_PATHS,
-    ConvNextBackbone,
+    BackboneStages,
     ConvNextDropPath,
     ConvNextEncoder,
     ConvNextLayerNorm,
@@ -158,16 +158,8 @@ class DINOv3ConvNextPreTrainedModel(ConvNextPreTrainedModel):
         return saved_state_dict(self)
 
     @classmethod
-    def from_pretrained(cls, path, *, config=None, state_dict=None, **kwargs):
-        """Load a transformers DINOv3-ConvNeXt directory (config.json model_type "dinov3_convnext") or hub id;
-        options as checkpoint.load_pretrained. Called on DINOv3ConvNextPreTrainedModel itself, the class is
-        chosen by the tensors (final layer_norm: the model, else the backbone)."""
-        from fastconvnext import checkpoint
-
-        target = cls
-        if cls is DINOv3ConvNextPreTrainedModel:
-            target = {c.__name__: c for c in (DINOv3ConvNextModel, DINOv3ConvNextBackbone)}
-        return checkpoint.load_pretrained(target, path, config=config, state_dict=state_dict, **kwargs)
+    def model_classes(cls):
+        return DINOv3ConvNextModel, DINOv3ConvNextBackbone
 
 
 class DINOv3ConvNextModel(DINOv3ConvNextPreTrainedModel):
@@ -198,25 +190,15 @@ class DINOv3ConvNextModel(DINOv3ConvNextPreTrainedModel):
         return _returned(output, return_dict)
 
 
-class DINOv3ConvNextBackbone(DINOv3ConvNextPreTrainedModel):
+class DINOv3ConvNextBackbone(BackboneStages, DINOv3ConvNextPreTrainedModel):
     """The hidden states named in config.out_features ("stem" is pixel_values itself), without any norm, as
     transformers returns them."""
-
-    has_attentions = False
 
     def __init__(self, config):
         super().__init__(config)
         self.num_features = [config.num_channels] + list(config.hidden_sizes)
         self.model = DINOv3ConvNextEncoder(config)
         self.post_init()
-
-    # ConvNextBackbone's: read from the config on every call, setting one re-aligns the other
-    stage_names = ConvNextBackbone.stage_names
-    out_features = ConvNextBackbone.out_features
-    out_indices = ConvNextBackbone.out_indices
-    out_feature_channels = ConvNextBackbone.out_feature_channels
-    channels = ConvNextBackbone.channels
-    forward_with_filtered_kwargs = ConvNextBackbone.forward_with_filtered_kwargs
 
     def forward(self, pixel_values, output_hidden_states=None, return_dict=None, output_attentions=None):
         self._check_pixel_values(pixel_values)
@@ -252,7 +234,7 @@ def saved_state_dict(model):
 
 LAYOUT = Layout(
     config_class=DINOv3ConvNextConfig,
-    classes={c.__name__: c for c in (DINOv3ConvNextModel, DINOv3ConvNextBackbone)},
+    classes={c.__name__: c for c in DINOv3ConvNextPreTrainedModel.model_classes()},
     canonical=_dinov3_canonical,
     model_key=lambda cls, name: name,
     block_key=BLOCK_KEY,

@@ -291,6 +291,8 @@ def _run_under_backend(name, stage, x):
 
 
 class ConvNextEncoder(nn.Module):
+    stage_class = ConvNextStage  # a family's encoder (ConvNeXt V2) names its own stage
+
     def __init__(self, config):
         super().__init__()
         rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").split(config.depths)
@@ -298,7 +300,7 @@ class ConvNextEncoder(nn.Module):
         previous = config.hidden_sizes[0]
         for i in range(config.num_stages):
             self.stages.append(
-                ConvNextStage(
+                self.stage_class(
                     config, previous, config.hidden_sizes[i], stride=2 if i > 0 else 1, depth=config.depths[i],
                     drop_path_rates=rates[i].tolist(),
                 )
@@ -478,15 +480,21 @@ class ConvNextPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path=None, *, config=None, state_dict=None, **kwargs):
         """Load a transformers directory, a timm/original checkpoint file or (with huggingface_hub) a hub id;
-        `pretrained_model_name_or_path=None` with config= and state_dict= builds from those (transformers' names). Options: see checkpoint.load_pretrained.
-        Called on ConvNextPreTrainedModel itself, the class is chosen from the checkpoint's tensors."""
+        `pretrained_model_name_or_path=None` with config= and state_dict= builds from those (transformers' names).
+        Options: see checkpoint.load_pretrained. Called on a family's base class (ConvNextPreTrainedModel,
+        ConvNextV2PreTrainedModel, DINOv3ConvNextPreTrainedModel), the class is chosen from the checkpoint's
+        tensors among that family's `model_classes()`."""
         from fastconvnext import checkpoint
 
         target = cls
-        if cls is ConvNextPreTrainedModel:
-            target = {c.__name__: c for c in (ConvNextModel, ConvNextForImageClassification, ConvNextBackbone)}
+        if "model_classes" in vars(cls):
+            target = {c.__name__: c for c in cls.model_classes()}
         return checkpoint.load_pretrained(target, pretrained_model_name_or_path, config=config, state_dict=state_dict,
                                           **kwargs)
+
+    @classmethod
+    def model_classes(cls):
+        return ConvNextModel, ConvNextForImageClassification, ConvNextBackbone
 
     def save_pretrained(self, save_directory, **kwargs):
         """Write config.json + model.safetensors that transformers' from_pretrained loads as is; transformers'
@@ -531,13 +539,16 @@ class ConvNextPreTrainedModel(nn.Module):
             )
 
 
-class ConvNextModel(ConvNextPreTrainedModel):
-    """ConvNeXt trunk: `last_hidden_state` (stage-4 output) and `pooler_output` (LayerNorm of its spatial mean)."""
+class PooledTrunk:
+    """A family's trunk (mixed into its pretrained-model class): `last_hidden_state` (the last stage's output) and
+    `pooler_output` (LayerNorm of its spatial mean); the family names its `encoder_class`."""
+
+    encoder_class = None
 
     def __init__(self, config):
         super().__init__(config)
         self.embeddings = ConvNextEmbeddings(config)
-        self.encoder = ConvNextEncoder(config)
+        self.encoder = self.encoder_class(config)
         self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
         self.post_init()
 
@@ -556,6 +567,12 @@ class ConvNextModel(ConvNextPreTrainedModel):
         return _returned(output, return_dict)
 
 
+class ConvNextModel(PooledTrunk, ConvNextPreTrainedModel):
+    """ConvNeXt trunk: `last_hidden_state` (stage-4 output) and `pooler_output` (LayerNorm of its spatial mean)."""
+
+    encoder_class = ConvNextEncoder
+
+
 def _returned(output, return_dict):
     """What a model's forward returns: the output object, or its tuple without return_dict. Under torch.jit.trace
     (and the TorchScript ONNX exporter) the object goes out as a dict of its fields, which is what the tracer makes
@@ -565,13 +582,17 @@ def _returned(output, return_dict):
     return dict(output.items()) if torch.jit.is_tracing() else output
 
 
-class ConvNextForImageClassification(ConvNextPreTrainedModel):
-    """ConvNeXt with a linear classifier on the pooled features; loss by config.problem_type."""
+class LinearClassifier:
+    """A family's ForImageClassification (mixed into its pretrained-model class): a linear classifier on the trunk's
+    pooled features, loss by config.problem_type; the trunk (`trunk_class`) is the attribute named
+    base_model_prefix, as in transformers."""
+
+    trunk_class = None
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.convnext = ConvNextModel(config)
+        setattr(self, self.base_model_prefix, self.trunk_class(config))
         self.classifier = (
             nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
         )
@@ -582,7 +603,7 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
     ):
         _, return_dict = self._flags(output_hidden_states, return_dict)
         # the trunk always answers with its output object, whatever config.return_dict says
-        outputs = self.convnext(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.base_model(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs["pooler_output"])  # by key: under torch.jit.trace the trunk returns a dict
         loss = None if labels is None else self.loss(logits, labels)
         output = ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.get("hidden_states"))
@@ -616,28 +637,17 @@ class ConvNextForImageClassification(ConvNextPreTrainedModel):
         return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-class ConvNextBackbone(ConvNextPreTrainedModel):
-    """Feature maps of the stages named in config.out_features, each through its own LayerNorm.
+class ConvNextForImageClassification(LinearClassifier, ConvNextPreTrainedModel):
+    """ConvNeXt with a linear classifier on the pooled features; loss by config.problem_type."""
 
-    out_features / out_indices are read from the config on every call and setting either (here or on
-    the config) re-aligns the other, as in transformers; a stage can only be returned if the backbone
-    was built with its LayerNorm.
-    """
+    trunk_class = ConvNextModel
+
+
+class BackboneStages:
+    """transformers' backbone interface (mixed into a family's Backbone): out_features / out_indices are read from
+    the config on every call and setting either (here or on the config) re-aligns the other."""
 
     has_attentions = False
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.embeddings = ConvNextEmbeddings(config)
-        self.encoder = ConvNextEncoder(config)
-        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
-        self.hidden_states_norms = nn.ModuleDict(
-            {
-                stage: ConvNextLayerNorm(c, data_format="channels_first")
-                for stage, c in zip(self.out_features, self.channels)
-            }
-        )
-        self.post_init()
 
     @property
     def stage_names(self):
@@ -672,6 +682,27 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
         kwargs.pop("output_attentions", None)
         return self(*args, **kwargs)
 
+
+class NormedBackbone(BackboneStages):
+    """A family's Backbone: feature maps of the stages named in config.out_features, each through its own LayerNorm;
+    a stage can only be returned if the backbone was built with its LayerNorm. The family names its
+    `encoder_class`."""
+
+    encoder_class = None
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = ConvNextEmbeddings(config)
+        self.encoder = self.encoder_class(config)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
+        self.hidden_states_norms = nn.ModuleDict(
+            {
+                stage: ConvNextLayerNorm(c, data_format="channels_first")
+                for stage, c in zip(self.out_features, self.channels)
+            }
+        )
+        self.post_init()
+
     def forward(self, pixel_values, output_hidden_states=None, return_dict=None, output_attentions=None):
         """output_attentions is accepted and ignored, as in transformers (ConvNeXt has no attention)."""
         self._check_pixel_values(pixel_values)
@@ -680,7 +711,7 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
         if missing:
             raise ValueError(
                 f"config.out_features asks for {missing}, but this backbone was built with LayerNorms for "
-                f"{list(self.hidden_states_norms)} only; build a new ConvNextBackbone for other stages"
+                f"{list(self.hidden_states_norms)} only; build a new {type(self).__name__} for other stages"
             )
         _, hidden_states = self.encoder(self.embeddings(pixel_values), output_hidden_states=True)
         feature_maps = tuple(
@@ -693,3 +724,9 @@ class ConvNextBackbone(ConvNextPreTrainedModel):
             hidden_states=_contiguous_nchw(hidden_states, selection) if selection is not None else None,
         )
         return _returned(output, return_dict)
+
+
+class ConvNextBackbone(NormedBackbone, ConvNextPreTrainedModel):
+    """Feature maps of the stages named in config.out_features, each through its own LayerNorm."""
+
+    encoder_class = ConvNextEncoder

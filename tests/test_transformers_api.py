@@ -14,12 +14,17 @@ METHODS = ("activation_checkpointing_enable", "activation_checkpointing_disable"
            "disable_input_require_grads", "get_memory_footprint", "push_to_hub", "from_pretrained")
 
 
+FAMILIES = {"ConvNextForImageClassification": "ConvNextConfig", "ConvNextV2ForImageClassification": "ConvNextV2Config",
+            "DINOv3ConvNextModel": "DINOv3ConvNextConfig"}
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("name", METHODS)
-def test_methods_take_transformers_parameter_names(name):
-    if not hasattr(transformers.ConvNextForImageClassification, name):
+def test_methods_take_transformers_parameter_names(name, kind):
+    if not hasattr(getattr(transformers, kind), name):
         pytest.skip(f"transformers {transformers.__version__} has no {name} (newer releases do)")
-    ours = inspect.signature(getattr(fastconvnext.ConvNextForImageClassification, name)).parameters
-    theirs = inspect.signature(getattr(transformers.ConvNextForImageClassification, name)).parameters
+    ours = inspect.signature(getattr(getattr(fastconvnext, kind), name)).parameters
+    theirs = inspect.signature(getattr(getattr(transformers, kind), name)).parameters
     positional = [p.name for p in theirs.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     keywords = {p.name for p in theirs.values() if p.kind == p.KEYWORD_ONLY}
     assert [p.name for p in ours.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)] == positional
@@ -81,10 +86,14 @@ def test_push_to_hub_offline_is_a_clear_hub_error(monkeypatch):
         ours.push_to_hub("someone/tiny-convnext", max_shard_size="1GB")
 
 
-def test_from_pretrained_takes_the_first_argument_by_transformers_name():
-    hf, _ = twin_models("ConvNextForImageClassification", **TINY)
-    model = fastconvnext.ConvNextForImageClassification.from_pretrained(
-        pretrained_model_name_or_path=None, config=fastconvnext.ConvNextConfig(**TINY), state_dict=hf.state_dict())
-    x = torch.randn(1, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(model.eval()(x).logits, hf(x).logits, atol=1e-5, rtol=0)
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_from_pretrained_takes_the_first_argument_by_transformers_name(kind):
+    config = dict(TINY) if kind != "DINOv3ConvNextModel" else {k: v for k, v in TINY.items() if k != "num_labels"}
+    hf = getattr(transformers, kind)(getattr(transformers, FAMILIES[kind])(**config))
+    model = getattr(fastconvnext, kind).from_pretrained(
+        pretrained_model_name_or_path=None, config=getattr(fastconvnext, FAMILIES[kind])(**config),
+        state_dict=hf.state_dict())
+    assert type(model) is getattr(fastconvnext, kind)
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(hf.state_dict())
+    assert all(torch.equal(loaded[key], value) for key, value in hf.state_dict().items())
