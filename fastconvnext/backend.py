@@ -328,9 +328,10 @@ def format_policy_table(keys=None):
 
 
 def stage_keys(arch, dtype="bf16", batch=64, channels=(96, 192, 384, 768), sizes=(56, 28, 14, 7)):
-    """PolicyKeys of both ops at ConvNeXt-T's four stage shapes, forward and forward_backward."""
+    """PolicyKeys of every op (ConvNeXt's two, ConvNeXt V2's MLP) at ConvNeXt-T's four stage shapes (ConvNeXt V2-T's
+    too), forward and forward_backward."""
     return [PolicyKey(op, arch, dtype, c, bucket(s * s), bucket(batch), mode)
-            for c, s in zip(channels, sizes) for op in policy.V1_OPS for mode in MODES]
+            for c, s in zip(channels, sizes) for op in OPS for mode in MODES]
 
 
 # ------------------------------------------------------------------------------ tuning on first use
@@ -427,8 +428,8 @@ def convnext_v2_mlp(x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2
                     sample_scale=None):
     """residual + sample_scale[n] * (GRN(act(x W1^T + b1)) W2^T + b2): ConvNeXt V2's MLP, x and residual [N, H, W, C].
 
-    `auto` on CUDA times it against the eager reference at first use, as the V1 ops; the prior does not model it,
-    so where it cannot be timed (and nothing is cached) it runs eagerly."""
+    `auto` on CUDA times it against the eager reference at first use and, where it cannot time, decides from the cache,
+    else the prior, as for the V1 ops."""
     call = (x, residual, fc1_weight, fc1_bias, grn_weight, grn_bias, fc2_weight, fc2_bias, act, sample_scale)
     if _choose("convnext_v2_mlp", x, fc1_weight.shape[1], call[1:8], _mlp_unsupported(act), call):
         from fastconvnext.kernels import convnext_v2_mlp as fused

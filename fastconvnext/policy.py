@@ -14,8 +14,8 @@ from fastconvnext.kernels import _env
 
 ENV_VAR = _env.BACKEND_ENV
 BACKENDS = _env.FLAGS[ENV_VAR].values  # ("auto", "triton", "eager")
-OPS = ("dwconv_layernorm", "convnext_mlp", "convnext_v2_mlp")  # every op the dispatch decides (and times)
-V1_OPS = OPS[:2]  # a ConvNeXt (V1) block's two ops: what the prior models
+# every op the dispatch decides and times; the prior (fastconvnext/prior.json) models each
+OPS = ("dwconv_layernorm", "convnext_mlp", "convnext_v2_mlp")
 MODES = ("forward", "forward_backward")
 CPU_ARCH = 0  # the arch recorded for CPU tensors (tuning in Triton's interpreter, tests)
 

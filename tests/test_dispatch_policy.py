@@ -18,7 +18,7 @@ from fastconvnext import backend, tuning
 from fastconvnext.backend import Decision, PolicyKey
 from helpers import KERNEL_DEVICE, gpu, gpu_shapes, interpreter_only, kernel_dtypes, kernel_shapes
 
-MLP, DW = "convnext_mlp", "dwconv_layernorm"
+MLP, DW, V2_MLP = "convnext_mlp", "dwconv_layernorm", "convnext_v2_mlp"
 FWD, TRAIN = "forward", "forward_backward"
 
 # (op, arch, dtype, channels, hw, batch, mode) -> modelled times; fused wins only where marked.
@@ -97,6 +97,8 @@ def test_without_a_prior_point_eager_decides_with_the_reason():
     assert (decision.fused, decision.source) == (False, "none") and "tune()" in decision.reason
     with backend.use_predicted_table(None):  # no prior at all
         assert backend.decide(key()).source == "none"
+    decision = backend.decide(key(op=V2_MLP))  # FAKE_TABLE has no point of this op
+    assert (decision.fused, decision.source) == (False, "none") and "tune()" in decision.reason
 
 
 def test_a_malformed_table_falls_back_to_eager_with_a_warning():
@@ -132,11 +134,12 @@ def test_a_malformed_prior_file_is_refused_naming_the_fault(tmp_path, columns, r
         backend.read_prior(_prior_file(tmp_path / "prior.json", columns, rows))
 
 
-def test_the_shipped_prior_covers_both_ops_archs_dtypes_and_modes():
+def test_the_shipped_prior_covers_every_op_arch_dtype_and_mode():
     prior = backend.read_prior(backend.PRIOR_PATH)
     assert {(k[0], k[1], k[2], k[6]) for k in prior} == {
-        (op, arch, dtype, mode) for op in (MLP, DW) for arch in (80, 90) for dtype in ("bf16", "fp16", "fp32")
+        (op, arch, dtype, mode) for op in (DW, MLP, V2_MLP) for arch in (80, 90) for dtype in ("bf16", "fp16", "fp32")
         for mode in (FWD, TRAIN)}
+    assert set(backend.OPS) == {DW, MLP, V2_MLP}
 
 
 def test_a_tuned_measurement_wins_over_the_model():
@@ -203,7 +206,8 @@ def test_policy_table_rows_and_describe():
 
 def test_default_report_keys_are_convnext_t_stages_when_nothing_ran():
     keys = backend.default_report_keys()
-    assert len(keys) == 16 and {k.channels for k in keys} == {96, 192, 384, 768}
+    assert len(keys) == 24 and {k.channels for k in keys} == {96, 192, 384, 768}
+    assert {k.op for k in keys} == {DW, MLP, V2_MLP}
     assert {(k.hw, k.batch) for k in keys if k.channels == 96} == {(4096, 64)}
 
 
@@ -426,6 +430,30 @@ def test_where_timing_is_impossible_the_cache_decides_else_the_prior(fake_gpu, m
         warnings.simplefilter("always")
         assert choose(x) is False  # the cached measurement
     assert backend.decide(WINS).source == "tuned" and caught == []
+
+
+def v2_mlp_call(x):
+    """The arguments backend.convnext_v2_mlp passes on: real (CPU) weights, only their shapes are read."""
+    c = x.shape[-1]
+    d = 4 * c
+    return (x, x, torch.zeros(d, c), torch.zeros(d), torch.zeros(d), torch.zeros(d), torch.zeros(c, d), torch.zeros(c),
+            "gelu", None)
+
+
+@pytest.mark.parametrize("situation", ["capture", "compile"])
+def test_an_untimed_v2_mlp_call_follows_the_shipped_prior(fake_gpu, monkeypatch, situation):
+    """CUDA-graph capture or compile tracing with nothing cached: the shipped prior's V2 row decides, as for V1."""
+    _cannot_time(situation, monkeypatch)
+    shipped = backend.read_prior(backend.PRIOR_PATH)
+    row = shipped[(V2_MLP, 90, "bf16", 96, 3136, 64, FWD)]
+    x = FakeCudaTensor(64, 56, 56, 96)
+    call = v2_mlp_call(x)
+    with backend.use_predicted_table(shipped), torch.no_grad(), backend.use_backend("auto"):
+        chosen = backend._choose(V2_MLP, x, 96, call[1:8], None, call)
+        decision = backend.decide(key(op=V2_MLP))
+    assert (decision.source, decision.fused_us, decision.eager_us) == ("model", row["fused_us"], row["eager_us"])
+    assert chosen is decision.fused is (row["fused_us"] < backend.MODEL_WIN_FACTOR * row["eager_us"])
+    assert V2_MLP not in {k.op for k in backend.tuned_decisions()}
 
 
 def test_the_memory_check_compares_twice_the_modelled_need_with_what_is_free(fake_gpu, monkeypatch):

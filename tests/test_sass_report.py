@@ -178,9 +178,25 @@ def test_the_prior_document_has_every_column_per_case(tmp_path):
         ("convnext_mlp", 90, "bf16", 96, 3136, 64, "forward"): {"fused_us": 5.0, "eager_us": 10.0}}
 
 
+def test_a_torch_gemm_step_takes_its_flops_at_the_eager_cublas_rate():
+    """A fused op's torch step (target None): bytes at HBM and L2 rates, and where it does GEMM FLOPs (the V2 MLP's
+    backward matmuls), those at 0.78 of the dense peak (roofline.EAGER_EFFICIENCY), fp32 on the CUDA cores."""
+    flops, nbytes = 2 * 65536 * 384 * 96, 40e6
+    gemm = LaunchPlan(target=None, grid=(), phase="backward", hbm_bytes=nbytes, l2_bytes=nbytes, loop_trips=0,
+                      flops=flops)
+    bf16 = sr.estimate_launch(gemm, sr.H100_SXM, None, "bf16")
+    assert bf16.terms == pytest.approx({"hbm": nbytes / 3.35e12, "l2": nbytes / 9.5e12,
+                                        "tensor": flops / (0.78 * 989e12)})
+    assert sr.estimate_launch(gemm, sr.H100_SXM, None, "fp32").terms["tensor"] == pytest.approx(flops / (0.78 * 67e12))
+    copy = LaunchPlan(target=None, grid=(), phase="forward", hbm_bytes=nbytes, l2_bytes=nbytes, loop_trips=0)
+    assert set(sr.estimate_launch(copy, sr.A100_SXM, None, "bf16").terms) == {"hbm", "l2"}
+
+
 def test_committed_prior_covers_the_grid():
+    from fastconvnext import policy
     from fastconvnext.tooling import model_tables
 
+    assert set(sr.KERNEL_OPS) == set(policy.OPS)  # every op the dispatch decides is modelled
     prior = model_tables.prior()
     for op in sr.KERNEL_OPS:
         for arch in (80, 90):
@@ -293,6 +309,21 @@ def test_predicted_us_and_the_model_tables_read_the_prior(monkeypatch):
     assert "| T-s2 C=192@28² | dwconv+LN | fwd | - |" in targets  # not tabulated: shown as missing, not met
 
 
+def test_a_v2_block_is_the_dwconv_op_plus_the_v2_mlp(monkeypatch):
+    from fastconvnext.tooling.bench import roofline_report
+
+    prior = dict(FAKE_PRIOR)
+    prior[("convnext_v2_mlp", 90, "bf16", 96, 3136, 256, "forward")] = _row(500.0, 1500.0, 600.0, 1000.0)
+    _use_tables(monkeypatch, prior)
+    summary = roofline_report.model_summary_markdown(256, "bf16", ("tiny",))
+    assert "| T-s1 C=96@56² | 2.00× / 1.00× / 1.82× | - | - | - |" in summary  # V1's block: the V1 MLP only
+    # estimate (300 + 1500) / (100 + 500), floor (150 + 1000) / 600, estimate at the low edge 1800 / (110 + 600)
+    assert "| V2 T-s1 C=96@56² | 3.00× / 1.92× / 2.54× | - | - | - |" in summary
+    assert "| ConvNeXt V2-T blocks | - | - | - | - |" in summary  # stages 2-4 missing
+    rows = roofline_report.model_stage_rows(256, "bf16", ("tiny",), 90)
+    assert [r[1] for r in rows] == ["dwconv+LN", "MLP", "V2 MLP"]
+
+
 def test_measured_rows_sit_beside_the_prediction(monkeypatch, tmp_path):
     """The GPU path of benchmarks/ops_report.py on a canned `fastconvnext bench --ops` CSV."""
     from fastconvnext.tooling.bench import ops_report, roofline_report
@@ -362,3 +393,5 @@ def test_the_per_launch_detail_sums_to_the_predicted_times():
         assert total == pytest.approx(prior[key]["fused_us"], rel=1e-3, abs=0.05), key
         for launch in records:
             assert launch["us"] == pytest.approx(max(launch["terms_us"].values()), rel=1e-3, abs=0.02), key
+            assert launch["spill_bytes"] == 0, (key, launch["kernel"])  # a spilling launch's figure is optimistic
+    assert {key[0] for key in launches} == set(sr.KERNEL_OPS)

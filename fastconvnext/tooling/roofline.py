@@ -1,4 +1,4 @@
-"""Analytic roofline of the two fused ops: bytes moved through HBM and FLOPs, eager vs fused.
+"""Analytic roofline of the fused ops: bytes moved through HBM and FLOPs, eager vs fused.
 
 Every implementation is written out below as a list of `Step`s, one per kernel it launches, each with
 the bytes it reads and writes in HBM and the FLOPs it does. A step's time bound on a GPU is
@@ -21,8 +21,9 @@ Assumptions, the same for every implementation:
   forward, the fused ops 1 (plus small parameter casts).
 - FLOP counts: a multiply-add is 2; LayerNorm 8 per element forward (mean 1, variance 3, normalise 2,
   affine 2), 10 backward for the input gradient and 4 for the weight/bias gradients; erf GELU 8 per
-  element forward, 12 backward (derivative plus product); bias, layer scale and residual 1 each.
-- Drop path (stochastic depth) is off; the layer scale (gamma) is present (ConvNeXt's default).
+  element forward, 12 backward (derivative plus product); bias, layer scale and residual 1 each; GRN's
+  norm 2 per element (square, add), each of its elementwise products, sums and adds 1.
+- Drop path (stochastic depth) is off; the layer scale (gamma) is present (ConvNeXt's default; V2 has none).
 - The gradient of the block input is the sum of the residual path and the dwconv path: that
   accumulation lies between the two ops and is the same for every implementation, so it is left out.
 - "fwd" is an inference forward (no autograd); "fwd+bwd" is a training forward (which in the fused
@@ -49,7 +50,7 @@ LN_BWD_DW_FLOPS = 4
 GELU_FWD_FLOPS = 8
 GELU_BWD_FLOPS = 12
 
-OPS = ("dwconv_layernorm", "convnext_mlp")
+OPS = ("dwconv_layernorm", "convnext_mlp", "convnext_v2_mlp")
 PASSES = ("fwd", "fwd+bwd")
 
 
@@ -130,6 +131,8 @@ MACHINE_SOURCES = (
     "loop's fraction on a GPU.",
     "Launches with one CTA per SM: the epilogue (the instructions outside the hot loops) runs after the matmul, "
     "not under it, so its issue time is added to the tensor term.",
+    "torch GEMMs inside a fused op (the ConvNeXt V2 MLP's backward matmuls) run at the eager estimate's cuBLAS "
+    "fraction of the dense peak (EAGER_EFFICIENCY matmul, EAGER_SOURCES), fp32 without TF32 (torch's default).",
 )
 
 # Other parts a measurement may run on, matched by name to put achieved bandwidth against the peak.
@@ -477,13 +480,109 @@ def convnext_mlp_steps(shape, dtype, impl, pass_):
     return steps
 
 
+# ------------------------------------------------------------------------------------ ConvNeXt V2 MLP
+
+
+def _v2_eager_forward(m, c, d, n, s, act, hid, w):
+    """The forward kernels of transformers' ConvNextV2Layer MLP (fc1, act, GRN as written, fc2, residual add)."""
+    norms = n * d * s  # G, Nx: [N, D] in the activation dtype
+    return [
+        Step("fc1 (bias in epilogue)", act + w + d * s, hid, 2 * m * c * d, "matmul"),
+        Step("gelu", hid, hid, GELU_FWD_FLOPS * m * d),
+        Step("GRN: G = vector_norm of h over H, W", hid, norms, 2 * m * d),
+        Step("GRN: mean of G over channels, + eps, Nx = G / (mean + eps) (3 small kernels)",
+             2 * norms + 2 * n * s, 2 * n * s + norms, 2 * n * d + n),
+        Step("GRN: h * Nx", hid + norms, hid, m * d),
+        Step("GRN: w * (h * Nx)", hid + d * s, hid, m * d),
+        Step("GRN: + b", hid + d * s, hid, m * d),
+        Step("GRN: + h", 2 * hid, hid, m * d),
+        Step("fc2 (bias in epilogue)", hid + w + c * s, act, 2 * m * c * d, "matmul"),
+        Step("residual add", 2 * act, act, m * c),
+    ]
+
+
+def _v2_eager_backward(m, c, d, n, s, act, hid, w):
+    """autograd's backward kernels of `_v2_eager_forward`, in the order it runs them."""
+    norms = n * d * s
+    gemm = 2 * m * c * d
+    return [
+        Step("fc2 bwd: input grad dA", act + w, hid, gemm, "matmul"),
+        Step("fc2 bwd: weight grad", act + hid, w, gemm, "matmul"),
+        Step("fc2 bwd: bias grad", act, c * s, m * c),
+        Step("GRN bwd: db = sum of dA", hid, d * s, m * d),
+        Step("GRN bwd: dA * (h * Nx)", 2 * hid, hid, m * d),
+        Step("GRN bwd: dw = sum", hid, d * s, m * d),
+        Step("GRN bwd: dA * w", hid + d * s, hid, m * d),
+        Step("GRN bwd: (dA * w) * Nx", hid + norms, hid, m * d),
+        Step("GRN bwd: (dA * w) * h", 2 * hid, hid, m * d),
+        Step("GRN bwd: dNx = sum over H, W", hid, norms, m * d),
+        Step("GRN bwd: dG from dNx through the channel mean (4 small kernels)", 5 * norms + 3 * n * s,
+             3 * norms + n * s, 6 * n * d),
+        Step("GRN bwd: norm path h * dG / G", hid + 2 * norms, hid, 2 * m * d),
+        Step("accumulate dh: dA + (dA * w) * Nx", 2 * hid, hid, m * d),
+        Step("accumulate dh: + the norm path", 2 * hid, hid, m * d),
+        Step("gelu bwd", 2 * hid, hid, GELU_BWD_FLOPS * m * d),
+        Step("fc1 bwd: input grad", hid + w, act, gemm, "matmul"),
+        Step("fc1 bwd: weight grad", hid + act, w, gemm, "matmul"),
+        Step("fc1 bwd: bias grad", hid, d * s, m * d),
+    ]
+
+
+def convnext_v2_mlp_steps(shape, dtype, impl, pass_):
+    """Steps of residual + (GRN(GELU(x W1^T + b1)) W2^T + b2) (ConvNeXt V2) for impl in eager / fused_min.
+
+    GRN(h) = w * (h * Nx) + b + h, Nx = G / (mean over channels of G + 1e-6), G = ||h||_2 over H, W per image and
+    channel; n = N images, [N, D] tensors (G, Nx and their gradients) are n*D elements.
+    eager (transformers' ConvNextV2Layer, as fastconvnext's eager reference runs it): fc1 (bias in the GEMM
+      epilogue) reads x, W1, writes h [M, 4C]; GELU reads h, writes h; GRN: vector_norm reads h, writes G [N, D];
+      the channel mean, + eps and G / (mean + eps) are three [N, D]-sized kernels; then four elementwise passes
+      over [M, D] as the expression is written: h * Nx, w * that, + b, + h; fc2 reads A, W2, writes y; residual
+      add reads 2, writes 1. Drop path is off (as for V1) and V2 has no layer scale.
+      bwd (autograd): fc2 dgrad (dA [M, D]), wgrad (reads dy and A), bias grad; GRN: db = sum of dA, dw = sum of
+      dA * (h * Nx) (a product and a sum), dA * w, then (dA * w) * Nx and (dA * w) * h, dNx = its sum over H, W;
+      dG from dNx through the channel mean (four [N, D]-sized kernels: dNx / den, the sum over D of
+      -dNx * G / den^2, the mean's expand, the accumulation); the norm's gradient h * dG / G; autograd adds h's
+      three gradients (direct, through h * Nx, through G) with two adds; GELU bwd; fc1 dgrad, wgrad, bias grad.
+    fused_min: the floor any fusion could reach: x, residual, W1, W2 read once, out written once, h never leaves
+      the chip and fc1 runs once (GRN's whole-image reduction makes any real kernel store h or recompute it: both
+      cost more); the per-image sums of h^2 ([N, D] fp32) written and read once. bwd reads x, dy, W1, W2 and the
+      saved [N, D] norms once, writes dx, dW1, dW2 once, plus the per-image sums of dA * h and dA ([N, 2D] fp32)
+      written and read once; FLOPs: fc1 recomputed, dA, dx, dW1, dW2 (5 products; the GRN parameter gradients are
+      per-image sums of those). Only matmul FLOPs are counted, as for V1's fused steps. The kernels as built are
+      modelled by the static SASS model (fastconvnext/tooling/sass_report.py), not here.
+    """
+    s = DTYPE_BYTES[dtype]
+    n, m, c = shape.batch, shape.pixels, shape.channels
+    d = MLP_RATIO * c
+    sizes = (m, c, d, n, s, m * c * s, m * d * s, d * c * s)
+    training = pass_ == "fwd+bwd"
+    if impl == "eager":
+        return _v2_eager_forward(*sizes) + (_v2_eager_backward(*sizes) if training else [])
+    if impl != "fused_min":
+        raise ValueError(f"convnext_v2_mlp impl must be eager or fused_min (the kernels as built are modelled by "
+                         f"fastconvnext.tooling.sass_report), got {impl!r}")
+    act, w, sums = m * c * s, d * c * s, n * d * STAT_BYTES
+    gemm = 2 * m * c * d
+    steps = [Step("fused MLP fwd (two passes, h kept on chip)", 2 * act + 2 * w + sums, act + sums, 2 * gemm,
+                  "matmul")]
+    if training:
+        steps.append(Step("fused MLP bwd", 2 * act + 2 * w + sums + 2 * sums, act + 2 * w + 2 * sums, 5 * gemm,
+                          "matmul"))
+    return steps
+
+
 # -------------------------------------------------------------------------------------------- table
 
 IMPLS = {
     "dwconv_layernorm": ("eager", "eager_nchw", "fused", "fused_min"),
     "convnext_mlp": ("eager", "fused", "fused_min"),
+    "convnext_v2_mlp": ("eager", "fused_min"),
 }
-_STEPS = {"dwconv_layernorm": dwconv_layernorm_steps, "convnext_mlp": convnext_mlp_steps}
+_STEPS = {"dwconv_layernorm": dwconv_layernorm_steps, "convnext_mlp": convnext_mlp_steps,
+          "convnext_v2_mlp": convnext_v2_mlp_steps}
+# The ops of one block of each family, in order: what a "block" row and the whole-model sums add up.
+BLOCKS = {"ConvNeXt": ("dwconv_layernorm", "convnext_mlp"), "ConvNeXt V2": ("dwconv_layernorm", "convnext_v2_mlp")}
+BUILT_OPS = tuple(op for op in OPS if "fused" in IMPLS[op])  # ops with an analytic as-built ("fused") model
 
 
 def traffic(op, impl, pass_, shape, dtype):
@@ -539,4 +638,4 @@ def roofline_rows(batch=64, dtype="bf16", models=("tiny", "base"), ops=ROW_OPS, 
     return rows
 
 
-OP_LABELS = {"dwconv_layernorm": "dwconv+LN", "convnext_mlp": "MLP", "block": "block"}
+OP_LABELS = {"dwconv_layernorm": "dwconv+LN", "convnext_mlp": "MLP", "convnext_v2_mlp": "V2 MLP", "block": "block"}

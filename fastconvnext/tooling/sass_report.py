@@ -24,7 +24,8 @@ The model, per launch (every figure it gives is a model, never a measurement):
     mufu   = MUFU warp-instructions on the busiest SM x 32 / (16 results per clock)
 The busiest SM runs ceil(programs / SMs) programs (the tail wave is counted whole). Launch latency, memory
 latency not hidden by too few warps, bank conflicts and the instruction cache are not modelled. Launches run one
-after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth.
+after another; an op's time is their sum. torch steps between kernels (partial sums, casts) are bytes / bandwidth;
+a torch GEMM step (the V2 MLP's backward matmuls) also takes its FLOPs at the eager estimate's cuBLAS rate.
 Each case is also costed at the low edge of the public L2 -> SM figures (`pessimistic`). Eager PyTorch is given two
 ways by fastconvnext.tooling.roofline: the eager estimate (its kernels at public efficiencies; what the prior
 compares with) and the eager floor (every op at peak: a torch.compile-class bound). Constants and their sources:
@@ -52,7 +53,8 @@ from fastconvnext.kernels import _env
 from fastconvnext.kernels.compile_spec import compile_options
 
 _KERNELS = "fastconvnext.kernels"  # where the kernel modules live
-KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel"}
+KERNEL_OPS = {"dwconv_layernorm": "dwconv_layernorm_kernel", "convnext_mlp": "convnext_mlp_kernel",
+              "convnext_v2_mlp": "convnext_v2_mlp_kernel"}
 MODES = ("forward", "forward_backward")
 DTYPES = ("bf16", "fp16", "fp32")
 STAGE_SIZES = (56, 28, 14, 7)
@@ -493,7 +495,9 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     )
     est.terms["hbm"] = plan.hbm_bytes / machine.hbm_bytes_per_s
     est.terms["l2"] = plan.l2_bytes / machine.l2_bytes_per_s
-    if compiled is None:  # a torch step: bytes only (its FLOPs are elementwise sums, far under the bytes)
+    if compiled is None:  # a torch step: its bytes, and its GEMM FLOPs (plan.flops) at eager cuBLAS's rate
+        if est.plan_flops:
+            est.terms["tensor"] = est.plan_flops / torch_gemm_flops_per_s(machine, dtype)
         return est
     instrs = parse_sass(compiled.sass)
     loops = find_loops(instrs)
@@ -519,6 +523,12 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     est.terms["issue"] = busiest * work.warp_instructions * target.num_warps / (machine.issue_per_clock * clock)
     est.terms["mufu"] = busiest * work.mufu * target.num_warps * 32 / (machine.mufu_per_clock * clock)
     return est
+
+
+def torch_gemm_flops_per_s(machine: Machine, dtype: str) -> float:
+    """The rate of a torch (cuBLAS) GEMM inside a fused op's launches: the eager estimate's (roofline.EAGER_EFFICIENCY
+    of the dense peak; fp32 without TF32, torch's default for matmuls)."""
+    return machine.gpu.matmul_peak(dtype, allow_tf32=False) * roofline.EAGER_EFFICIENCY["matmul"]
 
 
 def launch_plans(op, batch, height, width, channels, dtype, training, machine=H100_SXM):
@@ -786,8 +796,9 @@ def text_report(results: list[CaseResult], loops: bool = False) -> str:
     for result in results:
         c = result.case
         head = (f"{c.op} sm_{c.arch} {c.dtype} C={c.channels} {c.size}x{c.size} batch {c.batch} {c.mode}: "
-                f"fused {result.fused_s * 1e6:,.1f} µs, eager floor {result.eager_s * 1e6:,.1f} µs "
-                f"({result.fused_s / result.eager_s:.2f}x eager), minimum {result.minimum_s * 1e6:,.1f} µs "
+                f"fused {result.fused_s * 1e6:,.1f} µs, eager estimate {result.eager_s * 1e6:,.1f} µs "
+                f"({result.fused_s / result.eager_s:.2f}x eager), eager floor {result.floor_s * 1e6:,.1f} µs, "
+                f"minimum {result.minimum_s * 1e6:,.1f} µs "
                 f"[plans: {result.source}]")
         lines.append(head)
         if result.error:

@@ -23,7 +23,7 @@ MB = 1e6
 
 def analytic_rows(batches=(64, 256), dtype="bf16", models=("tiny", "base"), passes=roofline.PASSES):
     shapes = [s for b in batches for s in roofline.stage_shapes(models, b)]
-    requests = [(op, impl, shape, dtype) for op in roofline.OPS for shape in shapes
+    requests = [(op, impl, shape, dtype) for op in roofline.BUILT_OPS for shape in shapes
                 for impl in roofline.IMPLS[op] if impl != "fused_min"]
     try:
         saved = dict(zip(((op, impl, shape) for op, impl, shape, _ in requests), memory.measure(requests)))
@@ -32,7 +32,7 @@ def analytic_rows(batches=(64, 256), dtype="bf16", models=("tiny", "base"), pass
         saved = {}
     gpu = roofline.H100_SXM
     rows = []
-    for op in roofline.OPS:
+    for op in roofline.BUILT_OPS:
         for shape in shapes:
             for pass_ in passes:
                 t = {impl: roofline.traffic(op, impl, pass_, shape, dtype) for impl in roofline.IMPLS[op]}

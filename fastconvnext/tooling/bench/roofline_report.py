@@ -96,12 +96,13 @@ MODEL_HEADERS = ("stage", "op", "pass", "fused µs", "fused µs, L2 low edge", "
 EAGER_BASES = {"estimate": "eager_us", "floor": "floor_us"}
 
 
-def blocks_ratio(batch, dtype, model, arch, mode, eager="eager_us", fused="fused_us"):
-    """Whole-model blocks: sum over stages of depth x (eager dwconv+LN + eager MLP) over the same of fused; eager
-    is the prior's eager estimate ("eager_us") or floor ("floor_us"), fused its fused_us or fused_pessimistic_us."""
+def blocks_ratio(batch, dtype, model, arch, mode, eager="eager_us", fused="fused_us", family="ConvNeXt"):
+    """Whole-model blocks: sum over stages of depth x (eager dwconv+LN + eager MLP of the family, roofline.BLOCKS)
+    over the same of fused; eager is the prior's eager estimate ("eager_us") or floor ("floor_us"), fused its fused_us
+    or fused_pessimistic_us. ConvNeXt V2's depths and widths are V1's at T and B."""
     eager_sum = fused_sum = 0.0
     for depth, shape in zip(MODEL_DEPTHS[model], roofline.stage_shapes((model,), batch)):
-        for op in roofline.OPS:
+        for op in roofline.BLOCKS[family]:
             entry = model_entry(op, arch, dtype, shape, mode)
             if entry is None:
                 return None
@@ -127,23 +128,29 @@ def sass_model_text(batch, dtype, models, archs=MODEL_ARCHS):
             lines.append(f"{name}: no model rows for batch {batch}, {dtype} (regenerate with "
                          f"`python -m fastconvnext.tooling.sass_report --batch {batch}`).")
             continue
-        ratios = _blocks_ratio_texts(batch, dtype, models, arch, lambda model: model)
+        ratios = _blocks_ratio_texts(batch, dtype, models, arch)
         lines += ["", f"{name} SXM, batch {batch}, {dtype} (MODEL); whole-model blocks " + "; ".join(ratios),
                   format_table(MODEL_HEADERS, rows)]
     return lines
 
 
-def _blocks_ratio_texts(batch, dtype, models, arch, model_label):
-    """'<model> <pass> estimate/fused E (floor/fused F, L2 low edge P)' per model and pass the prior covers."""
+def model_name(family, model):
+    """"ConvNeXt-T", "ConvNeXt V2-B", ... for a roofline.BLOCKS family and a MODEL_DEPTHS model."""
+    return f"{family}-{model[0].upper()}"
+
+
+def _blocks_ratio_texts(batch, dtype, models, arch):
+    """'<model> <pass> estimate/fused E (floor/fused F, L2 low edge P)' per family, model and pass the prior covers."""
     texts = []
-    for model in models:
-        for mode, pass_ in MODES:
-            ratio = blocks_ratio(batch, dtype, model, arch, mode)
-            if ratio is not None:
-                floor = blocks_ratio(batch, dtype, model, arch, mode, eager="floor_us")
-                low = blocks_ratio(batch, dtype, model, arch, mode, fused="fused_pessimistic_us")
-                texts.append(f"{model_label(model)} {pass_} estimate/fused {_speedup(ratio)} (floor/fused "
-                             f"{_speedup(floor)}, L2 low edge {_speedup(low)})")
+    for family in roofline.BLOCKS:
+        for model in models:
+            for mode, pass_ in MODES:
+                ratio = blocks_ratio(batch, dtype, model, arch, mode, family=family)
+                if ratio is not None:
+                    floor = blocks_ratio(batch, dtype, model, arch, mode, eager="floor_us", family=family)
+                    low = blocks_ratio(batch, dtype, model, arch, mode, fused="fused_pessimistic_us", family=family)
+                    texts.append(f"{model_name(family, model)} {pass_} estimate/fused {_speedup(ratio)} (floor/fused "
+                                 f"{_speedup(floor)}, L2 low edge {_speedup(low)})")
     return texts
 
 
@@ -151,37 +158,44 @@ def _model_markdown(batch, dtype, arch, name, models=("tiny", "base")):
     rows = model_stage_rows(batch, dtype, models, arch)
     if not rows:
         return f"(no model rows for batch {batch}, {dtype} on {name})"
-    ratios = _blocks_ratio_texts(batch, dtype, models, arch, lambda model: f"ConvNeXt-{model[0].upper()}")
-    return (f"Whole-model blocks (depth-weighted sum of both ops): {'; '.join(ratios)}.\n\n"
+    ratios = _blocks_ratio_texts(batch, dtype, models, arch)
+    return (f"Whole-model blocks (depth-weighted sum of a block's two ops): {'; '.join(ratios)}.\n\n"
             + markdown_table(MODEL_HEADERS, rows))
 
 
+_SUMMARY_RATIOS = (("eager_us", "fused_us"), ("floor_us", "fused_us"), ("eager_us", "fused_pessimistic_us"))
+
+
+def _stage_block_cell(family, arch, dtype, shape, mode):
+    """'estimate / floor / low edge' of one block of the family at one stage shape, or '-' without a prior row."""
+    entries = [model_entry(op, arch, dtype, shape, mode) for op in roofline.BLOCKS[family]]
+    if any(entry is None for entry in entries):
+        return "-"
+    columns = {column for pair in _SUMMARY_RATIOS for column in pair}
+    total = {column: sum(entry[column] for entry in entries) for column in columns}
+    return " / ".join(_speedup(total[eager] / total[fused]) for eager, fused in _SUMMARY_RATIOS)
+
+
+def _model_blocks_cell(family, batch, dtype, model, arch, mode):
+    ratios = [blocks_ratio(batch, dtype, model, arch, mode, eager, fused, family) for eager, fused in _SUMMARY_RATIOS]
+    return "-" if None in ratios else " / ".join(_speedup(r) for r in ratios)
+
+
 def model_summary_markdown(batch=256, dtype="bf16", models=("tiny", "base")):
-    """The README table: one block per stage (dwconv+LN then MLP) and the whole-model blocks, H100 and A100, forward
-    and training: eager estimate / fused, eager floor / fused, and the estimate at the L2 low edge (MODEL)."""
+    """The README table: one block per stage (dwconv+LN then the family's MLP; ConvNeXt's rows first, then ConvNeXt
+    V2's, labelled "V2") and the whole-model blocks, H100 and A100, forward and training: eager estimate / fused,
+    eager floor / fused, and the estimate at the L2 low edge (MODEL)."""
     headers = ["stage"] + [f"{name} {pass_}: estimate / floor / low edge" for _, name in MODEL_ARCHS for _, pass_ in MODES]
+    points = [(arch, mode) for arch, _ in MODEL_ARCHS for mode, _ in MODES]
     body = []
-    for shape in roofline.stage_shapes(models, batch):
-        cells = [shape.label]
-        for arch, _ in MODEL_ARCHS:
-            for mode, _ in MODES:
-                entries = [model_entry(op, arch, dtype, shape, mode) for op in roofline.OPS]
-                if any(entry is None for entry in entries):
-                    cells.append("-")
-                    continue
-                total = {column: sum(entry[column] for entry in entries)
-                         for column in ("fused_us", "fused_pessimistic_us", "eager_us", "floor_us")}
-                cells.append(" / ".join(_speedup(total[eager] / total[fused]) for eager, fused in (
-                    ("eager_us", "fused_us"), ("floor_us", "fused_us"), ("eager_us", "fused_pessimistic_us"))))
-        body.append(cells)
-    for model in models:
-        cells = [f"ConvNeXt-{model[0].upper()} blocks"]
-        for arch, _ in MODEL_ARCHS:
-            for mode, _ in MODES:
-                ratios = [blocks_ratio(batch, dtype, model, arch, mode, eager, fused) for eager, fused in (
-                    ("eager_us", "fused_us"), ("floor_us", "fused_us"), ("eager_us", "fused_pessimistic_us"))]
-                cells.append("-" if None in ratios else " / ".join(_speedup(r) for r in ratios))
-        body.append(cells)
+    for family in roofline.BLOCKS:
+        prefix = "" if family == "ConvNeXt" else f"{family.split()[-1]} "
+        for shape in roofline.stage_shapes(models, batch):
+            body.append([prefix + shape.label] + [_stage_block_cell(family, arch, dtype, shape, mode)
+                                                  for arch, mode in points])
+        for model in models:
+            body.append([f"{model_name(family, model)} blocks"] + [
+                _model_blocks_cell(family, batch, dtype, model, arch, mode) for arch, mode in points])
     return markdown_table(headers, body)
 
 
@@ -214,12 +228,14 @@ def targets_markdown(batch=256, dtype="bf16", model="tiny", arch=90):
                              _met(ratio <= TARGET_FUSED_OVER_EAGER[mode]), f"{floor:,.1f}",
                              f"{entry['fused_us'] / floor:.2f}", _met(entry["fused_us"] / floor <= TARGET_OVER_MINIMUM)])
     blocks = []
-    for mode, pass_ in MODES:
-        ratio = blocks_ratio(batch, dtype, model, arch, mode)
-        if ratio is not None:
-            blocks.append(f"{pass_} {_speedup(ratio)} (target ≥ {TARGET_BLOCKS_SPEEDUP[mode]}×: "
-                          f"{_met(ratio >= TARGET_BLOCKS_SPEEDUP[mode])})")
-    return (f"Whole-model blocks (depth-weighted sum of both ops), eager/fused: {'; '.join(blocks) or '-'}.\n\n"
+    for family in roofline.BLOCKS:
+        for mode, pass_ in MODES:
+            ratio = blocks_ratio(batch, dtype, model, arch, mode, family=family)
+            if ratio is not None:
+                blocks.append(f"{model_name(family, model)} {pass_} {_speedup(ratio)} (target ≥ "
+                              f"{TARGET_BLOCKS_SPEEDUP[mode]}×: {_met(ratio >= TARGET_BLOCKS_SPEEDUP[mode])})")
+    return (f"Whole-model blocks (depth-weighted sum of a block's two ops), eager/fused: "
+            f"{'; '.join(blocks) or '-'}.\n\n"
             + markdown_table(headers, body))
 
 
@@ -239,32 +255,45 @@ def _fused_us_at_l2(launches, key, l2_scale):
     return None if not records else sum(_launch_us_at_l2(r, l2_scale) for r in records)
 
 
+def _l2_what_if(launches, batch, dtype, model, arch, scale):
+    """{(op, mode): [(depth, eager estimate µs, fused µs with the L2 term scaled)] per stage}, or None where the
+    prior or launches.json lacks a stage."""
+    out = {}
+    for op in roofline.OPS:
+        for mode, _ in MODES:
+            out[op, mode] = []
+            for depth, shape in zip(MODEL_DEPTHS[model], roofline.stage_shapes((model,), batch)):
+                key = (op, arch, dtype, shape.channels, shape.size * shape.size, batch, mode)
+                entry, us = model_entry(op, arch, dtype, shape, mode), _fused_us_at_l2(launches, key, scale)
+                if entry is None or us is None:
+                    return None
+                out[op, mode].append((depth, entry["eager_us"], us))
+    return out
+
+
+def _blocks_at(stages, family, mode):
+    """Whole-model blocks eager/fused of a family from `_l2_what_if`'s figures."""
+    eager = sum(depth * e for op in roofline.BLOCKS[family] for depth, e, _ in stages[op, mode])
+    fused = sum(depth * f for op in roofline.BLOCKS[family] for depth, _, f in stages[op, mode])
+    return eager / fused
+
+
 def l2_sensitivity_markdown(batch=256, dtype="bf16", model="tiny", arch=90, what_if=L2_WHAT_IF_TBPS):
     """The verdict at other L2->SM bandwidths: each launch of launches.json re-maxed with its L2 term scaled (the
     launches today's code makes; the MLP's path rules are not re-run); eager is the eager estimate."""
     launches = model_tables.launches()
     assumed = roofline.MACHINES[arch].l2_bytes_per_s / 1e12
-    shapes = roofline.stage_shapes((model,), batch)
-    headers = ["L2->SM TB/s", "blocks fwd", "blocks fwd+bwd",
+    headers = ["L2->SM TB/s",
+               *(f"{model_name(family, model)} blocks {pass_}" for family in roofline.BLOCKS for _, pass_ in MODES),
                *(f"{OP_LABELS[op]} {pass_} s1/s2/s3/s4" for op in roofline.OPS for _, pass_ in MODES)]
     body = []
     for tbps in (assumed, *(t for t in what_if if t != assumed)):
-        scale = assumed / tbps
-        ratios, cells = {}, []
-        for mode, _ in MODES:
-            eager = fused = 0.0
-            for depth, shape in zip(MODEL_DEPTHS[model], shapes):
-                for op in roofline.OPS:
-                    key = (op, arch, dtype, shape.channels, shape.size * shape.size, batch, mode)
-                    entry, us = model_entry(op, arch, dtype, shape, mode), _fused_us_at_l2(launches, key, scale)
-                    if entry is None or us is None:
-                        return f"(no per-launch detail for batch {batch}, {dtype}, sm_{arch} in launches.json)"
-                    eager, fused = eager + depth * entry["eager_us"], fused + depth * us
-                    ratios[op, mode, shape.channels] = us / entry["eager_us"]
-            cells.append(_speedup(eager / fused))
-        for op in roofline.OPS:
-            for mode, _ in MODES:
-                cells.append(" / ".join(f"{ratios[op, mode, shape.channels]:.2f}" for shape in shapes))
+        stages = _l2_what_if(launches, batch, dtype, model, arch, assumed / tbps)
+        if stages is None:
+            return f"(no per-launch detail for batch {batch}, {dtype}, sm_{arch} in launches.json)"
+        cells = [_speedup(_blocks_at(stages, family, mode)) for family in roofline.BLOCKS for mode, _ in MODES]
+        cells += [" / ".join(f"{f / e:.2f}" for _, e, f in stages[op, mode])
+                  for op in roofline.OPS for mode, _ in MODES]
         label = f"{tbps:g} (the model's, public figures)" if tbps == assumed else f"{tbps:g}"
         body.append([label, *cells])
     return markdown_table(headers, body)
@@ -363,7 +392,7 @@ def _headroom_table(batch, dtype, allow_tf32):
                f"{short} as built µs", f"{short} minimum µs"]
     body = []
     for shape in roofline.stage_shapes(batch=batch):
-        for op in roofline.OPS:
+        for op in roofline.BUILT_OPS:
             for pass_ in roofline.PASSES:
                 built = roofline.traffic(op, "fused", pass_, shape, dtype)
                 floor = roofline.traffic(op, "fused_min", pass_, shape, dtype)
@@ -441,8 +470,9 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "",
         "### One block per stage, batch 256, bf16 (model)",
         "",
-        "Sum of both ops; each cell is eager estimate / fused, eager floor / fused, and eager estimate / fused at "
-        "the L2 low edge; above 1x means the model predicts the fused block faster.",
+        "Sum of a block's two ops (dwconv+LN and the MLP; rows labelled V2: ConvNeXt V2's MLP with GRN); each cell "
+        "is eager estimate / fused, eager floor / fused, and eager estimate / fused at the L2 low edge; above 1x "
+        "means the model predicts the fused block faster.",
         "",
         model_summary_markdown(256, "bf16"),
         "",
@@ -520,6 +550,10 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "",
         _steps_table(example, dtype, "convnext_mlp", ("eager", "fused")),
         "",
+        "ConvNeXt V2's MLP (eager and the fusion floor; its kernels as built are in the static SASS model above):",
+        "",
+        _steps_table(example, dtype, "convnext_v2_mlp", ("eager", "fused_min")),
+        "",
         "## The byte model",
         "",
         _doc(roofline),
@@ -535,6 +569,10 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         _doc(roofline.convnext_mlp_steps),
         "",
         _doc(roofline.mlp_fused_tiles),
+        "",
+        "### ConvNeXt V2 MLP",
+        "",
+        _doc(roofline.convnext_v2_mlp_steps),
         "",
     ]
     return "\n".join(parts)
