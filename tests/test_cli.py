@@ -20,6 +20,7 @@ from transformers.models.convnext.image_processing_pil_convnext import ConvNextI
 from fastconvnext import backend
 from fastconvnext.cli import main
 from fastconvnext.image_processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from tolerance import assert_within_rule, float64_twin
 
 LABELS = {0: "cat", 1: "dog", 2: "bird"}
 TINY = dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_labels=3, id2label=LABELS,
@@ -174,19 +175,30 @@ def test_classify_scores_as_transformers_image_classification_pipeline(capsys, h
     code, out, err = run(capsys, "classify", "--model", tmp_path, *images, "--json", "--top-k", 2)
     assert code == 0, err
     key = "score" if function == "none" else "probability"
-    for image, result in zip(images, json.loads(out)):
+    results = json.loads(out)
+    for image, result in zip(images, results):
         expected = pipe(str(image), top_k=2)
         assert [p["label"] for p in result["predictions"]] == [e["label"] for e in expected]
         assert all(set(p) == {"label", "index", key} for p in result["predictions"])
-        np.testing.assert_allclose([p[key] for p in result["predictions"]], [e["score"] for e in expected],
-                                   rtol=0, atol=1e-5)
+        reference = float64_pipeline_scores(model, processor, image, function)
+        assert_within_rule(torch.tensor([p[key] for p in result["predictions"]]),
+                           torch.tensor([e["score"] for e in expected]),
+                           reference[[p["index"] for p in result["predictions"]]], torch.float32, f"{key} of {image}")
     if function == "none":
         assert "raw scores (logits), not probabilities" in err
     code, out, err = run(capsys, "classify", "--model", tmp_path, images[0], "--top-k", 1)
     assert code == 0, err
-    expected = pipe(str(images[0]), top_k=1)[0]
-    value = f"score {expected['score']:.4f}" if function == "none" else f"{expected['score']:.4f}"
-    assert out.splitlines()[1] == f"  1. {value}  {expected['label']}"
+    top = results[0]["predictions"][0]
+    value = f"score {top[key]:.4f}" if function == "none" else f"{top[key]:.4f}"
+    assert out.splitlines()[1] == f"  1. {value}  {top['label']}"
+
+
+def float64_pipeline_scores(model, processor, image, function):
+    """R of the tolerance rule: the pipeline's scores from transformers' float64 twin on the pipeline's pixels."""
+    pixels = processor(transformers_load_image(str(image)), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        logits = float64_twin(model)(pixels.double()).logits[0]
+    return {"sigmoid": logits.sigmoid(), "softmax": logits.softmax(-1), "none": logits}[function]
 
 
 def _pipeline_gives_raw_regression_scores(pipe, processor, image, model):
