@@ -6,13 +6,15 @@ time in all including its start-up, at most 10 minutes a command. So:
 
   preflight  (limit 50 s, expected ~15 s) versions, GPU, `fastconvnext.kernels` from this tree, CUDA; fails fast
              naming what is missing (expected vs found). Every stage runs these checks first.
-  1          (limit 240 s, expected ~150 s) calibration constants (fastconvnext.tooling.calibrate --quick) and fused vs eager
-             MEASURED per op at ConvNeXt-T's stage shapes, batch 64 then 256, bf16, forward and forward+backward,
-             medians with spreads and the fused/eager ratio; the prior's figure only as a MODEL column
-  2          (limit 170 s, expected ~120 s) native correctness of both ops at full stage shapes (batch 64) against
+  1          (limit 240 s, expected ~190 s) calibration constants (fastconvnext.tooling.calibrate --quick) and fused
+             vs eager MEASURED per op (dwconv+LN, MLP, V2 MLP) at ConvNeXt-T's (= V2-T's) stage shapes, batch 64
+             then 256, bf16, forward and forward+backward, medians with spreads and the fused/eager ratio; the prior's
+             figure only as a MODEL column
+  2          (limit 170 s, expected ~140 s) native correctness of the three ops at full stage shapes (batch 64) against
              the eager references under tests/tolerance.py's rule, bf16 first (stage 1's compiles), then fp32, fp16
+             (V2's MLP there at the first and last stage shape only)
   3          (limit 240 s, expected ~170 s) fastconvnext.tune() and its table, a 50-step bf16-autocast training run
-             fused vs eager, torch.compile (inductor) of ConvNeXt-T widths through both fused ops
+             fused vs eager, torch.compile (inductor) of ConvNeXt-T widths through both V1 fused ops
   tests      (extra, not in `all`; limit 590 s) pytest in GPU mode over KERNEL_TEST_FILES (serial compiles of
              three dtypes at batch 8: ~8-10 minutes; for a box with time to spare)
 
@@ -68,18 +70,20 @@ class Stage:
 
 STAGES = (
     Stage("preflight", "versions, GPU, imports from this tree, CUDA", 50, 15, ("checks",),
-          "imports torch, triton and both kernel modules (no compile; transformers' version is read, not imported); "
-          "~10 s of imports on a cold disk"),
-    Stage("1", "calibration and fused vs eager, MEASURED", 240, 150, ("prewarm", "calibrate", "ops"),
-          "~15 s start (imports, CUDA context); prewarm ~60-90 s: 39 kernel variants (bf16, batch 64 and 256: 14 "
-          "dwconv+LN, 24 MLP, 1 more dwconv at batch 256) plus 5 calibration kernels compiled by a pool of processes "
-          "(at most 15), so the slowest worker's few compiles set the time, not their sum (~450 s serial); calibration "
-          "~10 s; 32 timed cases (2 ops x 4 shapes x 2 passes x 2 batches, 3 warm-up + 25 interleaved repeats, L2 "
-          "flushed) ~30 s"),
-    Stage("2", "native correctness at full stage shapes", 170, 120, ("check bf16", "check fp32", "check fp16"),
-          "~15 s start; bf16 reuses stage 1's 38 batch-64 variants (0 new compiles) and is checked while the pool "
-          "compiles fp32 and fp16 (39 and 36 new variants; ~60-90 s in parallel); 24 checks (2 ops x 4 "
-          "shapes x 3 dtypes, forward and forward+backward, fp64 references, a bitwise rerun) ~20 s"),
+          "imports torch, triton and the three kernel modules (no compile; transformers' version is read, not "
+          "imported); ~10 s of imports on a cold disk"),
+    Stage("1", "calibration and fused vs eager, MEASURED", 240, 190, ("prewarm", "calibrate", "ops"),
+          "~15 s start (imports, CUDA context); prewarm ~80-120 s: 62 kernel variants (bf16, batch 64 and 256: 14 "
+          "dwconv+LN, 23 MLP, 24 V2 MLP, 1 more dwconv at batch 256) plus 5 calibration kernels compiled by a pool of "
+          "processes (at most 15), so the slowest worker's few compiles set the time, not their sum (~700 s serial); "
+          "calibration ~10 s; 48 timed cases (3 ops: dwconv+LN, MLP, V2 MLP x 4 shapes x 2 passes x 2 batches, 3 "
+          "warm-up + 25 interleaved repeats, L2 flushed) ~45 s"),
+    Stage("2", "native correctness at full stage shapes", 170, 140, ("check bf16", "check fp32", "check fp16"),
+          "~15 s start; bf16 reuses stage 1's 61 batch-64 variants (0 new compiles) and is checked while the pool "
+          "compiles fp32 and fp16 (46 and 43 new variants; ~75-110 s in parallel); 64 checks, ~27 s: dwconv+LN and "
+          "MLP at 4 shapes x 3 dtypes, V2 MLP at 4 shapes in bf16 but in fp32 and fp16 only at C=96@56 and C=768@7 "
+          "(at all four: 18 + 16 variants instead of 9 + 8, ~25 s more, too close to the limit), each forward and "
+          "forward+backward, fp64 references, a bitwise rerun"),
     Stage("3", "tune(), bf16 training, inductor", 240, 170, ("tune", "training", "inductor"),
           "~15 s start; tune() at batch 64 bf16 reuses stage 1's variants (0 new), ~20 s; the autocast training reads "
           "fp32 activations into the dwconv kernels (fp32 in, bf16 out): ~12 variants the launch plans do not list, "
@@ -98,7 +102,12 @@ PLAN_ORDER = tuple(stage.name for stage in STAGES)
 KERNEL_TEST_FILES = ("test_kernels_native.py", "test_dispatch_policy.py", "test_tuning.py", "test_kernel_env.py")
 CONVNEXT_T = dict(hidden_sizes=[96, 192, 384, 768], depths=[3, 3, 9, 3])
 STAGES_T = ((56, 96), (28, 192), (14, 384), (7, 768))  # (side, channels) of ConvNeXt-T's stages at 224x224
-OPS = ("dwconv_layernorm", "convnext_mlp")
+V2_MLP = "convnext_v2_mlp"  # ConvNeXt V2's MLP with GRN; ConvNeXt V2-T has ConvNeXt-T's widths and stage shapes
+OPS = ("dwconv_layernorm", "convnext_mlp", V2_MLP)  # timed in stage 1, checked in stage 2
+MODEL_OPS = OPS[:2]  # what stage 3's ConvNeXt (V1) runs
+KERNEL_MODULES = tuple(f"{op}_kernel" for op in OPS)  # fastconvnext.kernels.<op>_kernel, one fused op each
+OP_OPTIONS = {"dwconv_layernorm": dict(eps=1e-6), "convnext_mlp": dict(act="gelu", sample_scale=None),
+              V2_MLP: dict(act="gelu", sample_scale=None)}  # each op's non-tensor arguments, in positional order
 PASSES = ("forward", "forward_backward")
 TRAINING_LOSS_RTOL = 0.05  # fused vs eager loss per step; bf16 rounding differs between the two paths
 REFERENCE_BOX = {"python": "3.12", "torch": "2.11", "cuda": "13", "triton": "3.6", "transformers": "5.17"}
@@ -120,6 +129,9 @@ class Setup:
     check_shapes: tuple = STAGES_T  # stage 2
     check_batch: int = 64  # one of op_batches: the same variants as stage 1
     check_dtypes: tuple = ("bf16", "fp32", "fp16")  # the first is op_dtype (stage 1 compiled it)
+    # (op, shapes): in the dtypes after the first (new compiles) these ops are checked at these shapes only, to keep
+    # stage 2 in its limit; V2's MLP at the first and last stage (C=96 recomputes its hidden in fp16, 768 stores it)
+    check_subset: tuple = ((V2_MLP, (STAGES_T[0], STAGES_T[-1])),)
     model: dict = field(default_factory=lambda: dict(CONVNEXT_T))  # stage 3: tune and training
     inductor_model: dict = field(default_factory=lambda: dict(hidden_sizes=[96, 192, 384, 768], depths=[1, 1, 1, 1]))
     image: int = 224
@@ -137,6 +149,7 @@ REAL = Setup()
 REHEARSAL = Setup(
     device="cpu", op_shapes=((4, 8),), op_batches=(1, 2), op_dtype="fp32", warmup=1, repeats=3,
     check_shapes=((4, 8),), check_batch=2, check_dtypes=("fp32", "fp16"),
+    check_subset=((V2_MLP, ((4, 8),)),),  # the subset's code path, at the one tiny shape
     model=dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
     inductor_model=dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1]),
     image=16, batch=2, dtype="fp32", autocast=False, train_steps=4, train_cycle=2, quick_timer=True, workers=2)
@@ -197,19 +210,19 @@ def planned_variants(setup=REAL):
                           plan.target.num_warps, plan.target.num_stages))
         return keys
 
-    def op_grid(batches, shapes, dtype_names):
-        return [(op, b, side, c, d, training) for d in dtype_names for b in batches for side, c in shapes
-                for op in OPS for training in (False, True)]
-
-    stage1 = variants(op_grid(setup.op_batches, setup.op_shapes, (setup.op_dtype,)))
+    stage1 = variants([(op, batch, side, c, setup.op_dtype, pass_ != "forward")
+                       for op, batch, side, c, pass_ in op_cases(setup)])
     counts = {"1": len(stage1)}
     seen = set(stage1)
     for dtype in setup.check_dtypes:
-        new = variants(op_grid((setup.check_batch,), setup.check_shapes, (dtype,))) - seen
+        new = variants([(op, setup.check_batch, side, c, dtype, pass_ != "forward")
+                        for d, op, side, c, pass_ in check_cases(setup) if d == dtype]) - seen
         counts[f"2 {dtype}"] = len(new)
         seen |= new
     model_shapes = [(setup.image // 4 // 2 ** i, c) for i, c in enumerate(setup.model["hidden_sizes"])]
-    counts["3 (tune, inductor)"] = len(variants(op_grid((setup.batch,), model_shapes, (setup.dtype,))) - seen)
+    counts["3 (tune, inductor)"] = len(variants([(op, setup.batch, side, c, setup.dtype, training)
+                                                 for side, c in model_shapes for op in MODEL_OPS
+                                                 for training in (False, True)]) - seen)
     return counts
 
 
@@ -543,11 +556,11 @@ def _package_version(module):
 
 
 def preflight(rehearse=False, environ=None):
-    """(checks, facts). Required: Python and torch at pyproject's floors, triton, numpy, fastconvnext and both
-    kernel modules imported from THIS checkout, CUDA with an sm_80+ GPU (not in a rehearsal), the environment
-    the stage runs in (TRITON_INTERPRET, FASTCONVNEXT_AUTOTUNE=0, a writable TRITON_CACHE_DIR). transformers is
-    reported, not required (no stage imports it). Versions differing from the reference box are reported, not
-    failed."""
+    """(checks, facts). Required: Python and torch at pyproject's floors, triton, numpy, fastconvnext and every
+    kernel module (KERNEL_MODULES) imported from THIS checkout, CUDA with an sm_80+ GPU (not in a rehearsal), the
+    environment the stage runs in (TRITON_INTERPRET, FASTCONVNEXT_AUTOTUNE=0, a writable TRITON_CACHE_DIR).
+    transformers is reported, not required (no stage imports it). Versions differing from the reference box are
+    reported, not failed."""
     environ = os.environ if environ is None else environ
     checks, facts = [], {"python": platform.python_version(), "host": platform.node()}
     found_py = sys.version_info[:2]
@@ -592,14 +605,13 @@ def preflight(rehearse=False, environ=None):
 
         kernels = importlib.import_module("fastconvnext.kernels")
         paths = [str(Path(p).resolve()) for p in kernels.__path__]
-        loaded = [importlib.import_module(f"fastconvnext.kernels.{m}").__file__
-                  for m in ("dwconv_layernorm_kernel", "convnext_mlp_kernel")]
+        loaded = [importlib.import_module(f"fastconvnext.kernels.{m}").__file__ for m in KERNEL_MODULES]
         inside = all(Path(f).resolve().parent == kernels_dir for f in loaded)
-        checks.append(Check("fastconvnext.kernels", f"both kernel modules from {kernels_dir}",
+        checks.append(Check("fastconvnext.kernels", f"{', '.join(KERNEL_MODULES)} from {kernels_dir}",
                             f"__path__ {paths}; modules from {sorted({str(Path(f).parent) for f in loaded})}",
                             paths == [str(kernels_dir)] and inside))
     except Exception as error:  # noqa: BLE001 (a Triton API missing in this version shows here)
-        checks.append(Check("fastconvnext.kernels", f"both kernel modules import from {kernels_dir}",
+        checks.append(Check("fastconvnext.kernels", f"{', '.join(KERNEL_MODULES)} import from {kernels_dir}",
                             f"{type(error).__name__}: {error}", False))
     interpret = environ.get("TRITON_INTERPRET", "")
     checks.append(Check("TRITON_INTERPRET", "1 (rehearsal)" if rehearse else "unset (native kernels)",
@@ -742,8 +754,9 @@ def _torch_dtype(torch, name):
 
 
 def op_inputs(torch, op, n, side, channels, dtype, device, params_fp32=False, seed=0):
-    """Named inputs of one op call at [n, side, side, channels], like a ConvNeXt block's (tests/test_kernels_native
-    recipe). params_fp32: dwconv's parameters in fp32 (master weights; the fused op casts them to fp32 anyway)."""
+    """Named tensor inputs of one op call at [n, side, side, channels] in the op's positional order, like a ConvNeXt
+    (V2) block's (tests/test_kernels_native and test_convnext_v2_mlp recipes; GRN's parameters in the model's
+    [1, 1, 1, D]). params_fp32: dwconv's parameters in fp32 (master weights; the fused op casts them to fp32 anyway)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     act = _torch_dtype(torch, dtype)
 
@@ -758,19 +771,19 @@ def op_inputs(torch, op, n, side, channels, dtype, device, params_fp32=False, se
                     ln_weight=randn(channels, scale=0.1, shift=1.0, dtype=param),
                     ln_bias=randn(channels, scale=0.1, dtype=param))
     hidden = 4 * channels
-    return dict(x=x, residual=randn(n, side, side, channels),
-                fc1_weight=randn(hidden, channels, scale=1 / math.sqrt(channels)),
-                fc1_bias=randn(hidden, scale=0.5), fc2_weight=randn(channels, hidden, scale=1 / math.sqrt(hidden)),
-                fc2_bias=randn(channels, scale=0.5), gamma=randn(channels, scale=0.5, shift=1.0))
+    fc1 = dict(x=x, residual=randn(n, side, side, channels),
+               fc1_weight=randn(hidden, channels, scale=1 / math.sqrt(channels)), fc1_bias=randn(hidden, scale=0.5))
+    fc2 = dict(fc2_weight=randn(channels, hidden, scale=1 / math.sqrt(hidden)), fc2_bias=randn(channels, scale=0.5))
+    if op == "convnext_mlp":
+        return {**fc1, **fc2, "gamma": randn(channels, scale=0.5, shift=1.0)}
+    grn = dict(grn_weight=randn(1, 1, 1, hidden, scale=0.5), grn_bias=randn(1, 1, 1, hidden, scale=0.5))
+    return {**fc1, **grn, **fc2}
 
 
 def op_call(op, inputs, requires_grad):
     """The positional call of the op (the same tuple for the fused and the eager side)."""
-    tensors = {k: v.detach().requires_grad_(requires_grad) for k, v in inputs.items()}
-    if op == "dwconv_layernorm":
-        return (tensors["x"], tensors["dw_weight"], tensors["dw_bias"], tensors["ln_weight"], tensors["ln_bias"], 1e-6)
-    return (tensors["x"], tensors["residual"], tensors["fc1_weight"], tensors["fc1_bias"], tensors["fc2_weight"],
-            tensors["fc2_bias"], tensors["gamma"], "gelu", None)
+    tensors = tuple(v.detach().requires_grad_(requires_grad) for v in inputs.values())
+    return tensors + tuple(OP_OPTIONS[op].values())
 
 
 # ---------------------------------------------------------------------------------- parallel prewarm
@@ -920,6 +933,15 @@ def op_cases(setup):
             for op in OPS for pass_ in PASSES]
 
 
+def check_cases(setup):
+    """Stage 2's checks in the order they run: dtype by dtype, stage shape by shape, op, pass; in the dtypes after
+    the first, an op of setup.check_subset only at its shapes."""
+    first, subset = setup.check_dtypes[0], dict(setup.check_subset)
+    return [(dtype, op, side, channels, pass_) for dtype in setup.check_dtypes for side, channels in setup.check_shapes
+            for op in OPS if dtype == first or (side, channels) in subset.get(op, setup.check_shapes)
+            for pass_ in PASSES]
+
+
 def _predicted(op, shape, dtype, mode, arch):
     """The prior's {"fused_us", "eager_us" (the eager estimate), ...} (a MODEL), or None when it has no such point."""
     try:
@@ -1039,21 +1061,28 @@ def stage_2(ctx):
     setup = ctx.setup
     tolerance = _script_module(ROOT / "tests" / "tolerance.py")
     first, *later = setup.check_dtypes
+    cases = check_cases(setup)
     tasks = [(dtype, ("op", op, setup.check_batch, side, channels, dtype, pass_))
-             for dtype in later for side, channels in setup.check_shapes for op in OPS for pass_ in PASSES]
+             for dtype, op, side, channels, pass_ in cases if dtype != first]
     with Prewarm(ctx, tasks, f"Prewarm: {', '.join(later)} variants, compiled while {first} is checked") as pool:
         for dtype in setup.check_dtypes:
             pool.wait(dtype)
             ctx.log.section(f"check {dtype}", f"Native correctness, {dtype}, batch {setup.check_batch}",
                             "Fused (F) against the eager reference in the same dtype (E) and in float64 (R), for the "
                             "output and (forward+backward) every input gradient: max|F-R| <= 2 max|E-R| + atol "
-                            "(tests/tolerance.py); the fused forward+backward is run twice and must agree bitwise.",
-                            CHECK_COLUMNS)
-            for side, channels in setup.check_shapes:
-                for op in OPS:
-                    for pass_ in PASSES:
-                        check_case(ctx, torch, tolerance, op, setup.check_batch, side, channels, dtype, pass_)
+                            "(tests/tolerance.py); the fused forward+backward is run twice and must agree bitwise."
+                            + _subset_note(setup, dtype), CHECK_COLUMNS)
+            for _, op, side, channels, pass_ in (case for case in cases if case[0] == dtype):
+                check_case(ctx, torch, tolerance, op, setup.check_batch, side, channels, dtype, pass_)
             ctx.parts_done.append(f"check {dtype}")
+
+
+def _subset_note(setup, dtype):
+    """The sentence naming the ops checked at fewer shapes in this dtype ("" when none)."""
+    if dtype == setup.check_dtypes[0] or not setup.check_subset:
+        return ""
+    return " " + "; ".join(f"{op} at {', '.join(f'C={c}@{side}' for side, c in shapes)} only (the plan's budget)"
+                           for op, shapes in setup.check_subset) + "."
 
 
 def _leaves(torch, inputs, cast, requires_grad):
@@ -1071,7 +1100,7 @@ def check_case(ctx, torch, tolerance, op, batch, side, channels, dtype, pass_):
         inputs = op_inputs(torch, op, batch, side, channels, dtype, ctx.setup.device, params_fp32=True, seed=1)
         # No drop-path scale: ConvNeXt's default (drop_path_rate 0), and the variants stage 1 compiled (HAS_SCALE
         # would be a new compile of every MLP kernel; the interpreter suites check it on CPU).
-        extra = dict(act="gelu") if op == "convnext_mlp" else dict(eps=1e-6)
+        extra = OP_OPTIONS[op]
         fused_fn, eager_fn = getattr(kernels, op), getattr(reference, f"{op}_reference")
         training = pass_ == "forward_backward"
         dy = torch.randn(inputs["x"].shape, device=ctx.setup.device, generator=torch.Generator(

@@ -72,9 +72,36 @@ def test_stage_1_and_2_share_compiles_and_stage_3_adds_none_by_the_launch_plans(
 
 def test_op_cases_run_batch_by_batch_every_shape_op_and_pass():
     cases = acceptance.op_cases(acceptance.REAL)
-    assert len(cases) == 2 * 4 * 2 * 2 and [c[1] for c in cases] == [64] * 16 + [256] * 16
-    assert cases[:4] == [("dwconv_layernorm", 64, 56, 96, "forward"), ("dwconv_layernorm", 64, 56, 96, "forward_backward"),
-                         ("convnext_mlp", 64, 56, 96, "forward"), ("convnext_mlp", 64, 56, 96, "forward_backward")]
+    assert len(cases) == 3 * 4 * 2 * 2 and [c[1] for c in cases] == [64] * 24 + [256] * 24
+    assert cases[:6] == [(op, 64, 56, 96, pass_) for op in ("dwconv_layernorm", "convnext_mlp", "convnext_v2_mlp")
+                         for pass_ in ("forward", "forward_backward")]
+
+
+def test_v2_mlp_is_timed_beside_the_prior_and_checked_in_every_dtype():
+    """ConvNeXt V2's MLP: stage 1 times it at every case the V1 ops have, each with a MODEL point in the prior; stage
+    2 checks it at every shape in bf16 (stage 1's compiles) and, within the stage's budget, at the first and last
+    stage shape in fp32 and fp16; the V1 ops keep every shape in every dtype; the preflight imports its module."""
+    real = acceptance.REAL
+    v2 = [c for c in acceptance.op_cases(real) if c[0] == "convnext_v2_mlp"]
+    assert [c[1:] for c in v2] == [c[1:] for c in acceptance.op_cases(real) if c[0] == "convnext_mlp"]
+    from fastconvnext.tooling.bench.ops_report import predicted_us
+
+    for _, batch, side, channels, pass_ in v2:
+        for arch in (80, 90):
+            shape = (batch, side, side, channels)
+            assert predicted_us("convnext_v2_mlp", shape, real.op_dtype, pass_, arch), (shape, pass_, arch)
+    checks = acceptance.check_cases(real)
+    shapes = {dtype: [(side, c) for d, op, side, c, pass_ in checks if d == dtype and op == "convnext_v2_mlp"
+                      and pass_ == "forward"] for dtype in real.check_dtypes}
+    assert shapes == {"bf16": list(acceptance.STAGES_T), "fp32": [(56, 96), (7, 768)], "fp16": [(56, 96), (7, 768)]}
+    for op in acceptance.MODEL_OPS:
+        assert len([c for c in checks if c[1] == op]) == 4 * 3 * 2
+    assert acceptance._subset_note(real, "bf16") == ""
+    assert acceptance._subset_note(real, "fp16") == " convnext_v2_mlp at C=96@56, C=768@7 only (the plan's budget)."
+    rehearsed = {(dtype, op) for dtype, op, *_ in acceptance.check_cases(acceptance.REHEARSAL)}
+    assert {("fp32", "convnext_v2_mlp"), ("fp16", "convnext_v2_mlp")} <= rehearsed
+    assert "V2 MLP" in acceptance.STAGE_BY_NAME["1"].why and "C=96@56 and C=768@7" in acceptance.STAGE_BY_NAME["2"].why
+    assert "convnext_v2_mlp_kernel" in acceptance.KERNEL_MODULES
 
 
 # ------------------------------------------------------------------------------------- options, environment
@@ -374,15 +401,16 @@ def _figures(ctx, part):
     return [r for r in acceptance.read_records(ctx.log.jsonl) if r["kind"] == "figure" and r["part"] == part]
 
 
-def test_stage_1_parts_write_calibration_and_timed_ops(ctx):
-    acceptance.calibrate_part(ctx)
+def test_stage_1_writes_calibration_and_timed_ops(ctx):
+    acceptance.stage_1(ctx)
+    assert ctx.parts_done == ["prewarm", "calibrate", "ops"]
     calibration = _figures(ctx, "calibrate")
     assert [f["figure"] for f in calibration[:2]] == ["HBM read bandwidth", "L2->SM read bandwidth"]
     assert "DRY RUN (interpreter; NOT a measurement) median" in ctx.log.md.read_text()
     cases = acceptance.op_cases(TINY)
-    acceptance.ops_part(ctx, torch, cases)
     ops = _figures(ctx, "ops")
     assert [(f["op"], f["pass_"]) for f in ops] == [(c[0], c[4]) for c in cases] and not ctx.failures
+    assert [f["pass_"] for f in ops if f["op"] == "convnext_v2_mlp"] == list(acceptance.PASSES)
     for figure in ops:
         assert len(figure["fused_us"]) == len(figure["eager_us"]) == 2 and figure["fused_over_eager"] > 0
         assert figure["model"] is None and figure["cells"][-1] == "not modelled"  # no table point: nothing invented
@@ -390,14 +418,16 @@ def test_stage_1_parts_write_calibration_and_timed_ops(ctx):
 
 
 def test_stage_2_checks_pass_and_a_wrong_kernel_fails(ctx, monkeypatch):
+    acceptance.stage_2(ctx)
+    figures = _figures(ctx, "check fp32")
+    assert [(f["op"], f["pass_"]) for f in figures] == [(c[1], c[4]) for c in acceptance.check_cases(TINY)]
+    assert [f["ok"] for f in figures] == [True] * 6 and not ctx.failures and ctx.parts_done == ["check fp32"]
+    mlp, v2 = figures[3], figures[5]  # forward+backward: output + 7 gradients, V2's output + 8; a bitwise rerun
+    assert (mlp["op"], mlp["cells"][4], v2["op"], v2["cells"][4]) == ("convnext_mlp", "8", "convnext_v2_mlp", "9")
+    assert mlp["cells"][7] == v2["cells"][7] == "same"
+
     tolerance = acceptance._script_module(ROOT / "tests" / "tolerance.py")
     ctx.log.section("check", "Checks", columns=acceptance.CHECK_COLUMNS)
-    for op in acceptance.OPS:
-        for pass_ in acceptance.PASSES:
-            acceptance.check_case(ctx, torch, tolerance, op, 2, 4, 8, "fp32", pass_)
-    figures = _figures(ctx, "check")
-    assert [f["ok"] for f in figures] == [True] * 4 and not ctx.failures
-    assert figures[-1]["cells"][4] == "8" and figures[-1]["cells"][7] == "same"  # output + 7 gradients, bitwise rerun
 
     from fastconvnext import kernels
 
@@ -424,7 +454,7 @@ def test_training_prewarm_tasks_rebuild_the_recorded_calls(ctx):
     model = acceptance._convnext(torch, TINY, TINY.model, classify=True).train()
     pixels = torch.randn(TINY.batch, 3, TINY.image, TINY.image)
     tasks = acceptance.training_prewarm_tasks(torch, TINY, model, pixels)
-    assert sorted(task[1] for _, task in tasks) == sorted(acceptance.OPS)  # one stage, both ops
+    assert sorted(task[1] for _, task in tasks) == sorted(acceptance.MODEL_OPS)  # one stage, both V1 ops
     _, (kind, op, specs, pass_, autocast) = tasks[0]
     assert kind == "call" and pass_ == "forward_backward" and autocast is None
     assert specs[0][0] == "tensor" and specs[0][4] is True  # x, recorded with its strides and requires_grad
