@@ -44,7 +44,8 @@ class LaunchPlan:
     phase: str  # "forward" or "backward"
     hbm_bytes: float  # bytes this launch moves to/from HBM, counting re-reads whose footprint exceeds L2
     l2_bytes: float  # bytes its programs request from L2 (halos and re-reads across programs included)
-    loop_trips: int  # iterations of the hot loop one program runs (per-iteration counts x trips = total)
+    loop_trips: int  # iterations of the hot loop one program runs (per-iteration counts x trips = total; a loop
+    #   that runs another count is named in trips_by_class)
     flops: float = 0.0  # useful floating-point operations of the launch
     divisible_by_16: tuple = ()  # integer argument names that are multiples of 16 at this shape (Triton specializes them)
     note: str = ""  # one line: what this launch does
@@ -55,3 +56,8 @@ class LaunchPlan:
     loop_shares: dict = field(default_factory=dict)  # innermost loops in branches only some programs take: the
     #   fraction of programs that run a loop with tensor-core instructions ("tensor") or one without ("other");
     #   a missing key is 1 (every program runs every innermost loop)
+    trips_by_class: dict = field(default_factory=dict)  # innermost loops that run another count than loop_trips,
+    #   told apart by an instruction class their SASS body holds (a sass_report.CLASSES name): {class: iterations
+    #   per program}, e.g. {"global store": 2} for a loop that stores each iteration; the first key a loop holds
+    #   gives its trips, a loop holding none runs loop_trips. It keeps such a loop's count right whichever loops the
+    #   compiler unrolls away

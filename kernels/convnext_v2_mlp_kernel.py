@@ -829,9 +829,13 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         what = {"fc1": dict(store=", h stored [M, D]" if flags.get("STORE_H") else ""),
                 "fc2": dict(h=", h recomputed from x" if flags.get("RECOMPUTE") else ", h read back"),
                 "image_sums": dict(what="h^2" if phase == "forward" else "dA * h and dA")}.get(kind, {})
+        # _image_slot_sums' loop (the one that stores: a partial per image slot) runs SPAN times, whatever the compiler
+        # leaves of fc1's matmul loop (in 16-bit it unrolls it whole at most widths from C = 192 up)
+        slot_loop = {"global store": int_args["SPAN"]} if kind in ("fc1", "bwd_sums") else {}
         plans.append(LaunchPlan(
             target=target, grid=grid, phase=phase, hbm_bytes=float(hbm), l2_bytes=float(l2), loop_trips=trips,
             outer_trips=outer, flops=float(2 * M * C * D if kind in ("fc1", "fc2") else 0),
             note=f"{_PLAN_NOTES[kind].format(**what)}; executes {units} M*C*D matmul units",
-            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args))
+            divisible_by_16=tuple(k for k, v in int_args.items() if v % 16 == 0), int_args=int_args,
+            trips_by_class=slot_loop))
     return plans

@@ -140,6 +140,58 @@ def test_loop_shares_weight_branch_loops_by_the_programs_that_take_them():
     assert half.tensor_macs == pytest.approx(whole.tensor_macs / 2)
 
 
+# The V2 MLP's pass 1 as ptxas leaves it from C = 192 up (sm_90, 16-bit): the matmul's wgmma steps unrolled whole,
+# outside every loop; the one loop left (0x40..0x90) is the per-image loop, which stores a partial per image slot.
+UNROLLED = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR12], R24 ;
+        /*0030*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], R24 ;
+        /*0040*/                   FADD R9, R24, R25 ;
+        /*0050*/                   SHFL.BFLY PT, R10, R9, 0x10, 0x1f ;
+        /*0060*/                   STG.E desc[UR4][R2.64], R10 ;
+        /*0070*/                   IADD3 R3, R3, 0x1, RZ ;
+        /*0080*/                   ISETP.GE.AND P0, PT, R3, c[0x0][0x180], PT ;
+        /*0090*/              @!P0 BRA 0x40 ;
+        /*00a0*/                   EXIT ;
+        /*00b0*/                   BRA 0xb0;
+"""
+
+
+def test_a_loop_named_by_class_runs_its_own_trips_when_the_main_loop_is_unrolled_away():
+    """loop_trips (12 K steps) belong to the matmul, which ptxas unrolled whole; the loop left is the per-image loop,
+    which the plan names by the global store it holds: it runs its 4 trips, not the matmul's 12."""
+    target = CompileTarget(kernel="unrolled", fn=None, signature={}, constexprs={}, num_warps=8, num_stages=1)
+    plan = LaunchPlan(target=target, grid=(132,), phase="forward", hbm_bytes=0, l2_bytes=0, loop_trips=12,
+                      trips_by_class={"global store": 4})
+    est = sr.estimate_launch(plan, sr.H100_SXM, sr.Compiled(UNROLLED, 64, 0, 0), "bf16")
+    # per warp: 5 instructions outside the loop (S2R, 3 HGMMA, EXIT; the trap is not executed), 6 in it x 4
+    assert est.terms["issue"] == pytest.approx((5 + 6 * 4) * 8 / (4 * sr.H100_SXM.clock_hz))
+    assert est.tensor_macs == 132 * 3 * 2 * 64 * 128 * 16  # each wgmma once, for 2 warpgroups
+    assert [(counts.loop, counts.executions) for counts in est.loops] == [(sr.Loop(0x40, 0x90), 4.0)]
+    assert est.loop_trips == 12  # the plan's main-loop count, as launches.json records it
+
+
+def test_plan_trips_take_the_first_class_a_loop_holds():
+    instrs = sr.parse_sass(CANNED)
+    counts = sr.count_loop(instrs, sr.Loop(0x30, 0xC0))  # tensor and MUFU work, no global store
+    assert sr.plan_trips(counts, 64) == 64
+    assert sr.plan_trips(counts, 64, {"global store": 4}) == 64
+    assert sr.plan_trips(counts, 64, {"mufu": 8, "tensor": 16}) == 8
+    loops = sr.find_loops(instrs)
+    assert sr.loop_weights(instrs, loops, 64, 4, {"tensor": 0.5}, {"tensor": 16}) == {sr.Loop(0x30, 0xC0): 8.0}
+
+
+def test_the_v2_plans_name_the_per_image_loop_by_a_class_the_model_knows():
+    from fastconvnext.kernels import convnext_v2_mlp_kernel as v2
+
+    for C, size in ((96, 56), (192, 28), (768, 7)):
+        for plan in v2.launch_plans(256, size, size, C, "bf16", True):
+            assert set(plan.trips_by_class) <= set(sr.CLASSES)
+            if plan.target is not None and plan.target.kernel.endswith(("fc1_sumsq", "bwd_sums")):
+                assert plan.trips_by_class == {"global store": plan.int_args["SPAN"]}
+
+
 def test_occupancy_limits():
     h100 = sr.H100_SXM
     assert sr.ctas_per_sm(h100, 255, 0, 8) == 1  # 256 regs x 256 threads = the whole register file

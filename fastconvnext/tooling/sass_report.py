@@ -11,7 +11,9 @@ launch's config is compiled with the specialization a real launch gets (16-byte 
 arguments divisible by 16 marked so, equal to 1 made constants, as Triton's launcher does), its SASS
 disassembled (cuobjdump) and cached on disk, keyed by Triton's hash of the kernel as loaded (its source and the @jit functions it calls), Triton's version and the
 config (directory: $FASTCONVNEXT_SASS_CACHE, default ~/.cache/fastconvnext/sass). The hot loops are the innermost
-backward branches; their instructions are counted per iteration by class.
+backward branches; their instructions are counted per iteration by class. Each runs the plan's trips: `loop_trips`,
+or, for a loop the plan tells apart by an instruction class its body holds (`trips_by_class`, e.g. the V2 MLP's
+per-image loop, the one that stores), that count: whichever loops the compiler unrolled away, those left keep theirs.
 
 The model, per launch (every figure it gives is a model, never a measurement):
     time = max(hbm, l2, tensor, issue, mufu)
@@ -227,6 +229,7 @@ class LoopCounts:
     classes: Counter  # class -> instructions per execution of the body
     details: Counter  # detail key -> instructions per execution of the body
     iterations_per_body: int = 1  # > 1 when ptxas unrolled the loop (see unroll_factor)
+    executions: float = 0.0  # times one program runs the body, on average over the launch (see loop_weights)
 
     @property
     def total(self) -> int:
@@ -260,19 +263,27 @@ def unroll_factor(main: LoopCounts, remainder: LoopCounts) -> int:
     return 1
 
 
-def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int, shares=None) -> dict:
-    """Executions per program of each innermost loop's body: `loop_trips`, except that a loop ptxas unrolled
-    U times (followed by its remainder loop) runs trips // U times and the remainder trips % U times; times
-    the plan's share of programs that take the branch holding the loop (`LaunchPlan.loop_shares`), as an
-    average over the launch's programs."""
+def plan_trips(counts: LoopCounts, loop_trips: int, trips_by_class=None) -> int:
+    """The plan's trips for an innermost loop: those of the first class in `trips_by_class`
+    (`LaunchPlan.trips_by_class`) that its body holds, else `loop_trips`."""
+    return next((trips for cls, trips in (trips_by_class or {}).items() if counts.classes.get(cls)), loop_trips)
+
+
+def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int, shares=None,
+                 trips_by_class=None) -> dict:
+    """Executions per program of each innermost loop's body: its trips (see plan_trips), except that a loop
+    ptxas unrolled U times (followed by its remainder loop) runs trips // U times and the remainder trips % U
+    times; times the plan's share of programs that take the branch holding the loop (`LaunchPlan.loop_shares`),
+    as an average over the launch's programs."""
     inner = hot_loops(loops)
-    weights = {loop: float(loop_trips) for loop in inner}
     counted = {loop: count_loop(instrs, loop) for loop in inner}
+    trips = {loop: plan_trips(counted[loop], loop_trips, trips_by_class) for loop in inner}
+    weights = {loop: float(n) for loop, n in trips.items()}
     for main, remainder in zip(inner, inner[1:]):
         factor = unroll_factor(counted[main], counted[remainder])
         if factor > 1:
-            weights[main] = float(loop_trips // factor)
-            weights[remainder] = float(loop_trips % factor)
+            weights[main] = float(trips[main] // factor)
+            weights[remainder] = float(trips[main] % factor)
     for loop in inner:
         kind = "tensor" if counted[loop].classes.get("tensor") else "other"
         weights[loop] *= (shares or {}).get(kind, 1.0)
@@ -300,12 +311,13 @@ class ProgramWork:
     tensor_seconds_per_sm_clock: float = 0.0  # MACs / (efficiency-weighted rate), in SM clocks
     outside_loops: float = 0.0  # per warp: instructions outside every loop (prologue and epilogue)
     tensor_ops: Counter = field(default_factory=Counter)
+    loop_weights: dict = field(default_factory=dict)  # Loop -> executions of its body (see loop_weights)
 
 
 def program_work(instrs, loops, num_warps, loop_trips, outer_trips, machine: Machine, dtype: str,
-                 shares=None) -> ProgramWork:
-    weights = loop_weights(instrs, loops, loop_trips, outer_trips, shares)
-    work = ProgramWork()
+                 shares=None, trips_by_class=None) -> ProgramWork:
+    weights = loop_weights(instrs, loops, loop_trips, outer_trips, shares, trips_by_class)
+    work = ProgramWork(loop_weights=weights)
     rate = machine.macs_per_clock["tf32" if dtype == "fp32" else "16bit"]
     load_path = "tma" if any(instr.base == "UTMALDG" for instr in instrs) else "pointer"
     for instr in instrs:
@@ -504,7 +516,8 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     trips, outer = plan.loop_trips, getattr(plan, "outer_trips", 1)
     if outer > 1 and len(hot_loops(loops)) == len(loops):
         trips = outer  # the plan's inner loop was unrolled by the compiler: the loops left are the outer ones
-    work = program_work(instrs, loops, target.num_warps, trips, outer, machine, dtype, getattr(plan, "loop_shares", {}))
+    work = program_work(instrs, loops, target.num_warps, trips, outer, machine, dtype, getattr(plan, "loop_shares", {}),
+                        getattr(plan, "trips_by_class", {}))
     est.registers, est.shared_bytes, est.spill_bytes = compiled.registers, compiled.shared_bytes, compiled.spill_bytes
     est.loop_trips = trips
     est.ctas_per_sm = ctas_per_sm(machine, compiled.registers, compiled.shared_bytes, target.num_warps)
@@ -512,6 +525,8 @@ def estimate_launch(plan, machine: Machine, compiled: Compiled | None, dtype: st
     est.loops = [count_loop(instrs, loop) for loop in hot_loops(loops)]
     for main, remainder in zip(est.loops, est.loops[1:]):
         main.iterations_per_body = unroll_factor(main, remainder)
+    for counts in est.loops:
+        counts.executions = work.loop_weights[counts.loop]
     busiest = math.ceil(programs / machine.sms)  # programs on the busiest SM
     clock = machine.clock_hz
     est.tensor_macs = work.tensor_macs * programs
@@ -758,6 +773,7 @@ def launch_record(launch: LaunchEstimate) -> dict:
     for counts in launch.loops:
         keep = {k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS}
         loops.append({"instructions": counts.total, "iterations_per_body": counts.iterations_per_body,
+                      "executions": round(counts.executions, 2),
                       "classes": {k: counts.classes[k] for k in CLASSES if counts.classes.get(k)},
                       "detail": dict(sorted(keep.items()))})
     return {
@@ -783,7 +799,8 @@ def loop_lines(launch: LaunchEstimate) -> list[str]:
     for counts in launch.loops:
         cls = " ".join(f"{name}={counts.classes[name]}" for name in CLASSES if counts.classes.get(name))
         per = "iter" if counts.iterations_per_body == 1 else f"{counts.iterations_per_body} iters (unrolled)"
-        lines.append(f"      hot loop 0x{counts.loop.start:x}-0x{counts.loop.end:x}: {counts.total} instr/{per}: {cls}")
+        span = f"0x{counts.loop.start:x}-0x{counts.loop.end:x}"
+        lines.append(f"      hot loop {span} x{counts.executions:g} per program: {counts.total} instr/{per}: {cls}")
         keys = Counter({k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS})
         if keys:
             lines.append(f"        detail: {_fmt_counts(keys)}")
