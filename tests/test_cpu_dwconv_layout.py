@@ -94,10 +94,9 @@ def trained(model, pixels):
 
 def test_a_model_on_the_nchw_path_trains_as_transformers(monkeypatch):
     """A stage of 768 channels on 2 x 2 x 2 positions takes the NCHW path in training. Output and every parameter
-    gradient: within the tolerance rule of the channels-last formulation (E) against fp64 transformers (R), and
-    as close to fp32 transformers as tests/test_model_parity.py requires."""
+    gradient within the tolerance rule against fp64 transformers (R), with E both the channels-last formulation and
+    fp32 transformers."""
     import transformers
-    from test_model_parity import GRAD_ATOL
 
     fields = dict(hidden_sizes=[8, 16, 24, 768], depths=[1, 1, 1, 1])
     hf = randomize_(transformers.ConvNextModel(transformers.ConvNextConfig(**fields))).train()
@@ -118,8 +117,7 @@ def test_a_model_on_the_nchw_path_trains_as_transformers(monkeypatch):
     cl_out, cl_grads = trained(ours(), pixels)
     exact_out, exact_grads = trained(exact, pixels.double())
     hf_out, hf_grads = trained(hf, pixels)
-    assert_within_rule(nchw_out, cl_out, exact_out, torch.float32, "pooler output")
-    torch.testing.assert_close(nchw_out, hf_out, rtol=0, atol=1e-5)
-    for name, grad in nchw_grads.items():
-        assert_within_rule(grad, cl_grads[name], exact_grads[name], torch.float32, f"grad {name}")
-        torch.testing.assert_close(grad, hf_grads[name], rtol=0, atol=GRAD_ATOL, msg=lambda m: f"grad {name}: {m}")
+    for eager, out, grads in (("channels-last", cl_out, cl_grads), ("transformers", hf_out, hf_grads)):
+        assert_within_rule(nchw_out, out, exact_out, torch.float32, f"pooler output, E: {eager}")
+        for name, grad in nchw_grads.items():
+            assert_within_rule(grad, grads[name], exact_grads[name], torch.float32, f"grad {name}, E: {eager}")
