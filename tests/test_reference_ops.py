@@ -171,13 +171,15 @@ def test_onednn_training_path_matches_reference(act, with_gamma, with_biases, wi
 
 
 def test_onednn_training_path_supports_double_backward():
-    """Gradient of a gradient norm (as a gradient penalty takes) matches the reference's."""
+    """Gradient of a gradient norm (as a gradient penalty takes) matches the reference's. The loss is scaled so the
+    second-order gradients are O(1-10): unscaled they reach 1e5, where one fp32 ulp is 8e-3 and the rule's atol
+    means nothing (under oneDNN's SSE4.1 kernels F's max error was 1.2x E's there, both under one ulp)."""
     x, res, w1, b1, w2, b2, gamma = mlp_inputs()
 
     def penalty(op, dtype):
         leaves = [t.to(dtype).requires_grad_(True) for t in (x, res, w1, b1, w2, b2, gamma)]
         out = op(*leaves, "gelu", None)
-        (grad_x,) = torch.autograd.grad(out.square().sum(), leaves[0], create_graph=True)
+        (grad_x,) = torch.autograd.grad(0.01 * out.square().sum(), leaves[0], create_graph=True)
         return torch.autograd.grad(grad_x.square().sum(), leaves[2:])
 
     fast, eager, exact = penalty(reference.convnext_mlp_cpu_training, torch.float32), \
