@@ -53,11 +53,11 @@ class LaunchPlan:
     #   them as Triton's launcher does (1 -> constant, multiple of 16 -> divisible); divisible_by_16 when absent
     outer_trips: int = 1  # iterations of loops enclosing the hot loop, per program (loop_trips counts every
     #   hot-loop iteration of the program, so nested loops give loop_trips = inner x outer)
-    loop_shares: dict = field(default_factory=dict)  # innermost loops in branches only some programs take: the
-    #   fraction of programs that run a loop with tensor-core instructions ("tensor") or one without ("other");
-    #   a missing key is 1 (every program runs every innermost loop)
+    loop_shares: dict = field(default_factory=dict)  # innermost loops in branches only some programs take: {key:
+    #   fraction of programs that run the loop}, keyed as trips_by_class; a loop holding no key gets the "other"
+    #   entry, or 1 without one (every program runs it)
     trips_by_class: dict = field(default_factory=dict)  # innermost loops that run another count than loop_trips,
-    #   told apart by an instruction class their SASS body holds (a sass_report.CLASSES name): {class: iterations
-    #   per program}, e.g. {"global store": 2} for a loop that stores each iteration; the first key a loop holds
-    #   gives its trips, a loop holding none runs loop_trips. It keeps such a loop's count right whichever loops the
-    #   compiler unrolls away
+    #   told apart by what their SASS body holds: an instruction class (a sass_report.CLASSES name) or a base opcode
+    #   (e.g. "SHFL"): {key: iterations per program}, e.g. {"global store": 2} for a loop that stores each
+    #   iteration; the first key a loop holds gives its trips, a loop holding none runs the "other" entry, or
+    #   loop_trips without one. It keeps such a loop's count right whichever loops the compiler unrolls away

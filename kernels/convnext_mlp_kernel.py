@@ -1783,8 +1783,9 @@ def launch_plans(batch: int, height: int, width: int, channels: int, dtype, trai
         if kind == "dw":
             int_args["SEGMENT_ROWS"] = _segments(M)[1]
         grid, hbm, l2, trips, outer, units = _plan_figures(kind, cfg, M, C, D, s, flags)
-        # dw: half the programs run the dW1 loop, half the dW2 loop; one in grid[0] the db2/dgamma sums loop
-        shares = {"tensor": 0.5, "other": 1 / grid[0]} if kind == "dw" else {}
+        # dw: one in grid[0] programs runs the db2/dgamma sums loop, the only loop with a warp shuffle (its row sums;
+        # the dots shuffle in no dtype, FMA or tensor cores); half run the dW1 loop, half the dW2 loop
+        shares = {"SHFL": 1 / grid[0], "other": 0.5} if kind == "dw" else {}
         plans.append(LaunchPlan(
             target=_target(kind, cfg, C, D, dtype, flags, precision), grid=grid, phase=phase, hbm_bytes=float(hbm),
             l2_bytes=float(l2), loop_trips=trips, outer_trips=outer, flops=float(2 * M * C * D * _USEFUL_UNITS[kind]),

@@ -125,19 +125,69 @@ def test_tensor_efficiency_by_load_path():
 
 def test_loop_shares_weight_branch_loops_by_the_programs_that_take_them():
     """A hot loop in a branch half the programs take (the MLP's dW1/dW2 split) counts half its trips per
-    program on average; loops without tensor instructions take the "other" share."""
+    program on average; the first key its body holds (a class or an opcode) gives its share, else "other", else 1."""
     instrs = sr.parse_sass(CANNED)
     loops = sr.find_loops(instrs)
     inner = sr.Loop(0x30, 0xC0)
     assert sr.loop_weights(instrs, loops, 64, 4) == {inner: 64.0}
     assert sr.loop_weights(instrs, loops, 64, 4, {"tensor": 0.5, "other": 0.1}) == {inner: 32.0}
-    assert sr.loop_weights(instrs, loops, 64, 4, {"other": 0.1}) == {inner: 64.0}
+    assert sr.loop_weights(instrs, loops, 64, 4, {"SHFL": 0.5}) == {inner: 64.0}
+    assert sr.loop_weights(instrs, loops, 64, 4, {"SHFL": 0.5, "other": 0.25}) == {inner: 16.0}
+    assert sr.loop_weights(instrs, loops, 64, 4, {"MUFU": 0.125, "tensor": 0.5}) == {inner: 8.0}
     target = CompileTarget(kernel="canned", fn=None, signature={}, constexprs={}, num_warps=4, num_stages=1)
     compiled = sr.Compiled(CANNED, registers=64, shared_bytes=16384, spill_bytes=0)
     whole, half = (sr.estimate_launch(LaunchPlan(target=target, grid=(264,), phase="backward", hbm_bytes=0.0,
                                                  l2_bytes=0.0, loop_trips=64, outer_trips=4, loop_shares=shares),
                                       sr.H100_SXM, compiled, "bf16") for shares in ({}, {"tensor": 0.5}))
     assert half.tensor_macs == pytest.approx(whole.tensor_macs / 2)
+
+
+# The V1 MLP's dw kernel as ptxas compiles it (three innermost loops; fp32 IEEE, so its dots are plain FFMA): the dW2
+# loop (0x30..0x80) for programs [D_TILES, 2 D_TILES), the dW1 loop (0xa0..0xf0) for programs [0, D_TILES), and the
+# db2/dgamma sums loop (0x100..0x150) for program 0 of them, whose row sums shuffle across lanes.
+DW_FMA = """
+        /*0000*/                   S2R R0, SR_CTAID.X ;
+        /*0010*/                   ISETP.GE.AND P0, PT, R0, 0x18, PT ;
+        /*0020*/              @!P0 BRA 0xa0 ;
+        /*0030*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0040*/                   STS.128 [R1], R4 ;
+        /*0050*/                   LDS.64 R8, [R1] ;
+        /*0060*/                   FFMA R12, R8, R9, R12 ;
+        /*0070*/                   ISETP.GE.AND P1, PT, R3, R5, PT ;
+        /*0080*/              @!P1 BRA 0x30 ;
+        /*0090*/                   BRA 0x160 ;
+        /*00a0*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*00b0*/                   STS.128 [R1], R4 ;
+        /*00c0*/                   LDS.64 R8, [R1] ;
+        /*00d0*/                   FFMA R12, R8, R9, R12 ;
+        /*00e0*/                   ISETP.GE.AND P1, PT, R3, R5, PT ;
+        /*00f0*/              @!P1 BRA 0xa0 ;
+        /*0100*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0110*/                   FADD R13, R4, R13 ;
+        /*0120*/                   SHFL.BFLY PT, R14, R13, 0x10, 0x1f ;
+        /*0130*/                   FFMA R15, R4, R5, R15 ;
+        /*0140*/                   ISETP.GE.AND P1, PT, R3, R5, PT ;
+        /*0150*/              @!P1 BRA 0x100 ;
+        /*0160*/                   STG.E.128 desc[UR4][R2.64], R12 ;
+        /*0170*/                   EXIT ;
+        /*0180*/                   BRA 0x180;
+"""
+
+
+@pytest.mark.parametrize("dtype, dot", [("fp32", "FFMA R12, R8, R9, R12"),
+                                        ("bf16", "HMMA.16816.F32.BF16 R12, R8, R10, R12")])
+def test_the_v1_dw_plan_shares_its_loops_by_what_they_are_in_every_dtype(dtype, dot):
+    """Half the dw programs run each weight-gradient loop, one in grid[0] the sums loop, whether the dots are FFMA
+    (fp32 IEEE) or tensor-core instructions: at C = 96, batch 256, 196 executions per program, not 392 / 48."""
+    from fastconvnext.kernels import convnext_mlp_kernel as v1
+
+    plan = next(p for p in v1.launch_plans(256, 56, 56, 96, dtype, True) if p.target and p.target.kernel.endswith("dw"))
+    sass = DW_FMA.replace("FFMA R12, R8, R9, R12", dot)
+    est = sr.estimate_launch(plan, sr.H100_SXM, sr.Compiled(sass, 64, 0, 0), dtype)
+    trips = plan.loop_trips
+    assert [counts.executions for counts in est.loops] == [trips / 2, trips / 2, trips / plan.grid[0]]
+    if dtype == "fp32":
+        assert (trips, plan.grid[0]) == (392, 48)
 
 
 # The V2 MLP's pass 1 as ptxas leaves it from C = 192 up (sm_90, 16-bit): the matmul's wgmma steps unrolled whole,

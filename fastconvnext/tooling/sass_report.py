@@ -12,8 +12,10 @@ arguments divisible by 16 marked so, equal to 1 made constants, as Triton's laun
 disassembled (cuobjdump) and cached on disk, keyed by Triton's hash of the kernel as loaded (its source and the @jit functions it calls), Triton's version and the
 config (directory: $FASTCONVNEXT_SASS_CACHE, default ~/.cache/fastconvnext/sass). The hot loops are the innermost
 backward branches; their instructions are counted per iteration by class. Each runs the plan's trips: `loop_trips`,
-or, for a loop the plan tells apart by an instruction class its body holds (`trips_by_class`, e.g. the V2 MLP's
-per-image loop, the one that stores), that count: whichever loops the compiler unrolled away, those left keep theirs.
+or, for a loop the plan tells apart by an instruction class or opcode its body holds (`trips_by_class`, e.g. the V2
+MLP's per-image loop, the one that stores), that count: whichever loops the compiler unrolled away, those left keep
+theirs. A loop in a branch only some programs take runs for the plan's share of them (`loop_shares`, keyed the same
+way, e.g. the V1 MLP's db2/dgamma sums loop by its warp shuffle).
 
 The model, per launch (every figure it gives is a model, never a measurement):
     time = max(hbm, l2, tensor, issue, mufu)
@@ -235,6 +237,15 @@ class LoopCounts:
     def total(self) -> int:
         return sum(self.classes.values())
 
+    def holds(self, key: str) -> bool:
+        """Whether the body holds an instruction of class `key` (a CLASSES name) or of opcode `key` (e.g. "SHFL")."""
+        return bool(self.classes.get(key)) or any(opcode(detail) == key for detail in self.details)
+
+
+def opcode(detail: str) -> str:
+    """The base opcode of a detail key (see classify): "LDG.128" -> "LDG", "HGMMA 64x128x16" -> "HGMMA"."""
+    return detail.split(" ")[0].split(".")[0]
+
 
 def count_loop(instrs: list[Instruction], loop: Loop) -> LoopCounts:
     classes, details = Counter(), Counter()
@@ -263,18 +274,27 @@ def unroll_factor(main: LoopCounts, remainder: LoopCounts) -> int:
     return 1
 
 
+OTHER = "other"  # the key of a plan's by-key table (trips_by_class, loop_shares) for loops holding none of its keys
+
+
+def by_key(counts: LoopCounts, table, default):
+    """A plan table's value for an innermost loop: that of the first key its body holds (LoopCounts.holds), else
+    the table's OTHER entry, else `default`."""
+    table = table or {}
+    return next((value for key, value in table.items() if counts.holds(key)), table.get(OTHER, default))
+
+
 def plan_trips(counts: LoopCounts, loop_trips: int, trips_by_class=None) -> int:
-    """The plan's trips for an innermost loop: those of the first class in `trips_by_class`
-    (`LaunchPlan.trips_by_class`) that its body holds, else `loop_trips`."""
-    return next((trips for cls, trips in (trips_by_class or {}).items() if counts.classes.get(cls)), loop_trips)
+    """The plan's trips for an innermost loop: `LaunchPlan.trips_by_class` by key (see by_key), else `loop_trips`."""
+    return by_key(counts, trips_by_class, loop_trips)
 
 
 def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int, shares=None,
                  trips_by_class=None) -> dict:
     """Executions per program of each innermost loop's body: its trips (see plan_trips), except that a loop
     ptxas unrolled U times (followed by its remainder loop) runs trips // U times and the remainder trips % U
-    times; times the plan's share of programs that take the branch holding the loop (`LaunchPlan.loop_shares`),
-    as an average over the launch's programs."""
+    times; times the plan's share of programs that take the branch holding the loop (`LaunchPlan.loop_shares` by
+    key, see by_key; 1 where it names none), as an average over the launch's programs."""
     inner = hot_loops(loops)
     counted = {loop: count_loop(instrs, loop) for loop in inner}
     trips = {loop: plan_trips(counted[loop], loop_trips, trips_by_class) for loop in inner}
@@ -285,8 +305,7 @@ def loop_weights(instrs, loops: list[Loop], loop_trips: int, outer_trips: int, s
             weights[main] = float(trips[main] // factor)
             weights[remainder] = float(trips[main] % factor)
     for loop in inner:
-        kind = "tensor" if counted[loop].classes.get("tensor") else "other"
-        weights[loop] *= (shares or {}).get(kind, 1.0)
+        weights[loop] *= by_key(counted[loop], shares, 1.0)
     return weights
 
 
@@ -771,7 +790,7 @@ def launch_record(launch: LaunchEstimate) -> dict:
     """One launch as plain data for launches.json (rendered in benchmarks/ROOFLINE.md)."""
     loops = []
     for counts in launch.loops:
-        keep = {k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS}
+        keep = {k: v for k, v in counts.details.items() if opcode(k) in _DETAIL_OPS}
         loops.append({"instructions": counts.total, "iterations_per_body": counts.iterations_per_body,
                       "executions": round(counts.executions, 2),
                       "classes": {k: counts.classes[k] for k in CLASSES if counts.classes.get(k)},
@@ -801,7 +820,7 @@ def loop_lines(launch: LaunchEstimate) -> list[str]:
         per = "iter" if counts.iterations_per_body == 1 else f"{counts.iterations_per_body} iters (unrolled)"
         span = f"0x{counts.loop.start:x}-0x{counts.loop.end:x}"
         lines.append(f"      hot loop {span} x{counts.executions:g} per program: {counts.total} instr/{per}: {cls}")
-        keys = Counter({k: v for k, v in counts.details.items() if k.split(" ")[0].split(".")[0] in _DETAIL_OPS})
+        keys = Counter({k: v for k, v in counts.details.items() if opcode(k) in _DETAIL_OPS})
         if keys:
             lines.append(f"        detail: {_fmt_counts(keys)}")
     return lines

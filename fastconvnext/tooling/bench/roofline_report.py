@@ -299,9 +299,21 @@ def l2_sensitivity_markdown(batch=256, dtype="bf16", model="tiny", arch=90, what
     return markdown_table(headers, body)
 
 
+def _loop_markdown(loop) -> str:
+    """One hot loop of launches.json: its instructions per body execution, by class and detail."""
+    per = f" per {loop['iterations_per_body']} iters" if loop["iterations_per_body"] > 1 else ""
+    detail = " [" + ", ".join(f"{k} {v}" for k, v in loop["detail"].items()) + "]" if loop["detail"] else ""
+    return f"{loop['instructions']} instr{per}: " + ", ".join(f"{k} {v}" for k, v in loop["classes"].items()) + detail
+
+
+def _executions_markdown(loops) -> str:
+    """Each hot loop's body executions per program, in the hot-loop column's order."""
+    return "; ".join(f"{loop['executions']:g}" for loop in loops) or "-"
+
+
 def _launch_markdown(batch, dtype, arch, model="tiny"):
     launches = model_tables.launches()
-    headers = ["stage", "op", "pass", "kernel", "regs", "smem B", "CTAs/SM", "waves", "trips", "µs", "bound",
+    headers = ["stage", "op", "pass", "kernel", "regs", "smem B", "CTAs/SM", "waves", "executions", "µs", "bound",
                "HBM/L2/TC/issue/MUFU µs", "hot loop per iteration"]
     body = []
     for shape in roofline.stage_shapes((model,), batch):
@@ -311,16 +323,11 @@ def _launch_markdown(batch, dtype, arch, model="tiny"):
                 for launch in launches.get(key, []):
                     if launch["kernel"] == "torch":
                         continue
-                    terms = launch["terms_us"]
-                    loops = "; ".join(
-                        f"{loop['instructions']} instr"
-                        + (f" per {loop['iterations_per_body']} iters" if loop["iterations_per_body"] > 1 else "")
-                        + ": " + ", ".join(f"{k} {v}" for k, v in loop["classes"].items())
-                        + (" [" + ", ".join(f"{k} {v}" for k, v in loop["detail"].items()) + "]" if loop["detail"]
-                           else "")
-                        for loop in launch["hot_loops"])
+                    terms, hot = launch["terms_us"], launch["hot_loops"]
+                    loops = "; ".join(_loop_markdown(loop) for loop in hot)
                     body.append([shape.label, OP_LABELS[op], pass_, launch["kernel"], launch["registers"],
-                                 launch["shared_bytes"], launch["ctas_per_sm"], launch["waves"], launch["loop_trips"],
+                                 launch["shared_bytes"], launch["ctas_per_sm"], launch["waves"],
+                                 _executions_markdown(hot),
                                  f"{launch['us']:,.1f}", launch["bound"],
                                  "/".join(f"{terms.get(k, 0):,.1f}" for k in ("hbm", "l2", "tensor", "issue", "mufu")),
                                  loops or "(no loop)"])
@@ -502,7 +509,9 @@ def markdown_report(batch=64, dtype="bf16", allow_tf32=False):
         "",
         "Hot loop = innermost backward branch in the SASS; counts are per iteration (per warp), by class; "
         "detail lists tensor-core instructions with their m×n×k and memory instructions with their width in bits. "
-        "trips = hot-loop iterations per program.",
+        "executions = times one program runs each hot loop's body (in the hot-loop column's order; a body unrolled "
+        "over several iterations runs once per them; averaged over the launch's programs where only some take the "
+        "loop's branch).",
         "",
         _launch_markdown(256, "bf16", 90),
         "",
