@@ -89,3 +89,24 @@ def assert_each_within_rule(got, eager, reference, what):
     assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
     for i, (f, e, r) in enumerate(zip(got, eager, reference)):
         assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
+
+
+def float64_twin_keeping_low_precision(model):
+    """float64_twin for models holding some tensors in a lower precision on purpose (xIELU's alpha_p/alpha_n/beta/eps
+    in bf16, as transformers builds them): only the fp32 tensors become float64, so R computes what E computes
+    (softplus of a bf16 alpha rounds in bf16 in both) without E's fp32 rounding."""
+    return copy.deepcopy(model)._apply(lambda t: t.double() if t.dtype == torch.float32 else t)
+
+
+def assert_grads_within_rule_of_their_dtypes(ours, eager, reference, what="grad of"):
+    """assert_grads_within_rule for models whose parameters are not all fp32 (R from
+    float64_twin_keeping_low_precision): fp32 gradients as there, the others by the rule of their own dtype."""
+    theirs, exact = dict(eager.named_parameters()), dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        if param.dtype == torch.float32:
+            assert_fp32_within_rule(param.grad, theirs[name].grad, exact[name].grad, f"{what} {name}")
+        else:
+            dtypes = param.grad.dtype, theirs[name].grad.dtype, exact[name].grad.dtype
+            assert dtypes == (param.dtype,) * 3, f"{what} {name}: gradient dtypes {dtypes}"
+            assert_within_rule(param.grad, theirs[name].grad, exact[name].grad, param.dtype, f"{what} {name}")
