@@ -110,3 +110,14 @@ def assert_grads_within_rule_of_their_dtypes(ours, eager, reference, what="grad 
             dtypes = param.grad.dtype, theirs[name].grad.dtype, exact[name].grad.dtype
             assert dtypes == (param.dtype,) * 3, f"{what} {name}: gradient dtypes {dtypes}"
             assert_within_rule(param.grad, theirs[name].grad, exact[name].grad, param.dtype, f"{what} {name}")
+
+
+def assert_classifier_step_within_rule(ours, hf, x, labels):
+    """A classifier's logits, loss and every parameter gradient of that loss against transformers' by the rule."""
+    hf64 = float64_twin(hf)
+    got, expected, reference = ours(x, labels=labels), hf(x, labels=labels), hf64(x.double(), labels=labels)
+    for field in ("logits", "loss"):
+        assert_fp32_within_rule(got[field], expected[field], reference[field], field)
+    for out in (got, expected, reference):
+        out.loss.backward()
+    assert_grads_within_rule(ours, hf, hf64)
