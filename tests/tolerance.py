@@ -76,19 +76,18 @@ def three_runs(ours, hf, x, **kwargs):
     return ours(x, **kwargs), hf(x, **kwargs), reference
 
 
-def assert_sequences_within_rule(got, eager, reference, what):
-    assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
-    for i, (f, e, r) in enumerate(zip(got, eager, reference)):
-        assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
-        assert f.is_contiguous()
-
-
 def assert_each_within_rule(got, eager, reference, what):
-    """assert_sequences_within_rule without the contiguity check: for patched transformers models, whose hidden
-    states are transformers' own (permuted views, not contiguous)."""
+    """Sequences of results (hidden states, feature maps), element by element."""
     assert len(got) == len(eager) == len(reference), f"{what}: lengths {len(got)}, {len(eager)}, {len(reference)}"
     for i, (f, e, r) in enumerate(zip(got, eager, reference)):
         assert_fp32_within_rule(f, e, r, f"{what}[{i}]")
+
+
+def assert_sequences_within_rule(got, eager, reference, what):
+    """assert_each_within_rule, and each of fastconvnext's results contiguous, as its outputs are (patched
+    transformers models return transformers' own permuted views: use assert_each_within_rule there)."""
+    assert_each_within_rule(got, eager, reference, what)
+    assert all(f.is_contiguous() for f in got), f"{what}: not contiguous"
 
 
 def float64_twin_keeping_low_precision(model):
