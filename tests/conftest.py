@@ -2,9 +2,13 @@ import os
 import shutil
 import tempfile
 
-# Tests never read or write the user's caches (the tuning cache, which `auto` writes on a GPU, among them).
+# Tests never read or write the user's caches (the tuning cache, which `auto` writes on a GPU, among them), nor
+# inductor's shared /tmp/torchinductor_<user>: entries there that other runs left (under other ATen CPU
+# capabilities, from other processes) crashed fresh processes with heap corruption or gave NaN on this machine,
+# where a private cache gave the right numbers.
 _CACHE_HOME = tempfile.mkdtemp(prefix="fastconvnext-test-cache-")
 os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_CACHE_HOME, "torchinductor")
 
 # The kernels are tested in Triton's interpreter on CPU. Triton reads this variable when a
 # @triton.jit function is defined, so it must be set before any kernel module is imported.
