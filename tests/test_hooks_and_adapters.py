@@ -17,9 +17,9 @@ from torch.nn.utils import parametrize
 import fastconvnext
 from fastconvnext import backend, patch
 from helpers import SMALL, twin_models
+from tolerance import assert_fp32_within_rule, float64_twin, random_draws_as_in_float32
 
 ATOL = 1e-5
-GRAD_ATOL = 1e-4
 LORA_TARGETS = ["pwconv1", "pwconv2"]
 IMPLEMENTATIONS = ["fastconvnext", "patched"]
 BLOCKS = sum(SMALL["depths"])
@@ -99,10 +99,12 @@ def test_lora_outputs_and_module_names_match_transformers(implementation, monkey
     assert [n for n, _ in ours_lora.named_modules()] == [n for n, _ in theirs_lora.named_modules()]
     assert "base_model.model.convnext.encoder.stages.1.layers.1.pwconv1.lora_A.default" in dict(
         ours_lora.named_modules())
+    exact_lora = float64_twin(theirs_lora)  # the adapter attached, its weights set
     calls = _count_backend_calls(monkeypatch)
     with torch.no_grad():
         expected, got = theirs_lora(pixel_values=x).logits, ours_lora(pixel_values=x).logits
-    assert_close(got, expected, "logits with LoRA on pwconv1/pwconv2")
+        reference = exact_lora(pixel_values=x.double()).logits
+    assert_fp32_within_rule(got, expected, reference, "logits with LoRA on pwconv1/pwconv2")
     assert (got - without_adapter).abs().max() > 0.1, "the adapter must change the output for the test to mean anything"
     # the MLP half calls pwconv1/pwconv2 (LoRA layers); the dwconv+LayerNorm half keeps its fused op
     assert calls.count("convnext_mlp") == 0 and calls.count("dwconv_layernorm") == BLOCKS
@@ -116,20 +118,22 @@ def test_lora_training_step_matches_transformers(implementation):
     theirs_lora, ours_lora = _with_lora(hf, dropout=0.2), _with_lora(ours, dropout=0.2)
     _same_random_lora_weights(theirs_lora, ours_lora)
     theirs_lora.train(), ours_lora.train()
+    exact_lora = float64_twin(theirs_lora)
     x, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 2, 1, 2])
     results = []
-    for model in (theirs_lora, ours_lora):
+    for model in (theirs_lora, ours_lora, exact_lora):
         torch.manual_seed(11)
-        out = model(pixel_values=x, labels=labels)
+        with random_draws_as_in_float32():  # changes only the float64 twin's draws
+            out = model(pixel_values=x.double() if model is exact_lora else x, labels=labels)
         out.loss.backward()
         results.append((out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
-    (expected, theirs_grads), (got, grads) = results
-    assert_close(got.logits, expected.logits, "training logits")
-    assert_close(got.loss, expected.loss, "loss")
+    (expected, theirs_grads), (got, grads), (reference, exact_grads) = results
+    assert_fp32_within_rule(got.logits, expected.logits, reference.logits, "training logits")
+    assert_fp32_within_rule(got.loss, expected.loss, reference.loss, "loss")
     assert sorted(grads) == sorted(theirs_grads) and len(grads) == 4 * BLOCKS
     for name, grad in grads.items():
         assert ".lora_" in name and grad is not None and grad.abs().max() > 0, name
-        assert_close(grad, theirs_grads[name], f"grad of {name}", atol=GRAD_ATOL)
+        assert_fp32_within_rule(grad, theirs_grads[name], exact_grads[name], f"grad of {name}")
     frozen = [n for n, p in ours_lora.named_parameters() if not p.requires_grad]
     assert frozen and all(dict(ours_lora.named_parameters())[n].grad is None for n in frozen)
 
@@ -143,8 +147,10 @@ def test_merged_and_unmerged_lora_agree_and_unloading_restores_the_fused_path(im
     hf, ours = _pair(implementation)
     theirs_lora, ours_lora = _with_lora(hf), _with_lora(ours)
     _same_random_lora_weights(theirs_lora, ours_lora)
+    exact_lora = float64_twin(theirs_lora)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
+        reference = exact_lora(pixel_values=x.double()).logits
         unmerged = ours_lora(pixel_values=x).logits
         ours_lora.merge_adapter()
         merged = ours_lora(pixel_values=x).logits
@@ -153,7 +159,7 @@ def test_merged_and_unmerged_lora_agree_and_unloading_restores_the_fused_path(im
         expected = theirs_lora(pixel_values=x).logits
     assert_close(merged, unmerged, "merged vs unmerged LoRA")
     assert_close(unmerged_again, unmerged, "unmerged again")
-    assert_close(unmerged, expected, "unmerged vs transformers")
+    assert_fp32_within_rule(unmerged, expected, reference, "unmerged vs transformers")
 
     plain = ours_lora.merge_and_unload()
     assert {type(b.pwconv1) for b in plain.modules() if hasattr(b, "pwconv1")} == {nn.Linear}
@@ -198,14 +204,16 @@ def test_hooks_on_block_submodules_fire_and_change_the_output_as_in_transformers
     with torch.no_grad():
         plain = ours(x).logits
     register, make_hook = HOOKS[hook_kind]
-    fired = {"transformers": [], "ours": []}
+    hf64 = float64_twin(hf)  # the same hook (dtype-agnostic) is registered on it
+    fired = {"transformers": [], "ours": [], "float64": []}
     handles = [getattr(getattr(_block(model), submodule), register)(make_hook(fired[who]))
-               for who, model in (("transformers", hf), ("ours", ours))]
+               for who, model in (("transformers", hf), ("ours", ours), ("float64", hf64))]
     calls = _count_backend_calls(monkeypatch)
     with torch.no_grad():
         expected, got = hf(x).logits, ours(x).logits
-    assert len(fired["ours"]) == len(fired["transformers"]) == 1, fired
-    assert_close(got, expected, f"{hook_kind} hook on {submodule}")
+        reference = hf64(x.double()).logits
+    assert len(fired["ours"]) == len(fired["transformers"]) == len(fired["float64"]) == 1, fired
+    assert_fp32_within_rule(got, expected, reference, f"{hook_kind} hook on {submodule}")
     assert (got - plain).abs().max() > 1e-3, "the hook must change the output for the test to mean anything"
     half = "dwconv_layernorm" if submodule in ("dwconv", "layernorm") else "convnext_mlp"
     assert calls.count(half) == BLOCKS - 1, "only the hooked block's half leaves its fused op"
@@ -224,17 +232,18 @@ def test_hooks_on_block_submodules_fire_and_change_the_output_as_in_transformers
 @pytest.mark.parametrize("submodule", ["layernorm", "pwconv2"])
 def test_backward_hooks_on_block_submodules_fire_as_in_transformers(implementation, register, submodule):
     hf, ours = _pair(implementation)
+    hf64 = float64_twin(hf)
     x = torch.randn(2, 3, 32, 32)
     seen = {}
-    for who, model in (("transformers", hf), ("ours", ours)):
+    for who, model in (("transformers", hf), ("ours", ours), ("float64", hf64)):
         seen[who] = []
         getattr(getattr(_block(model), submodule), register)(lambda module, *grads, _s=seen[who]: _s.append(grads))
-        model(x).logits.square().sum().backward()
-    assert len(seen["ours"]) == len(seen["transformers"]) == 1
-    ours_grads, theirs_grads = seen["ours"][0], seen["transformers"][0]
-    assert len(ours_grads) == len(theirs_grads)
-    for got, expected in zip(ours_grads, theirs_grads):
-        assert_close(got[0], expected[0], f"{register} gradient on {submodule}", atol=GRAD_ATOL)
+        model(x.double() if who == "float64" else x).logits.square().sum().backward()
+    assert len(seen["ours"]) == len(seen["transformers"]) == len(seen["float64"]) == 1
+    ours_grads, theirs_grads, exact_grads = seen["ours"][0], seen["transformers"][0], seen["float64"][0]
+    assert len(ours_grads) == len(theirs_grads) == len(exact_grads)
+    for got, expected, reference in zip(ours_grads, theirs_grads, exact_grads):
+        assert_fp32_within_rule(got[0], expected[0], reference[0], f"{register} gradient on {submodule}")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -244,6 +253,7 @@ def test_global_module_hooks_see_every_submodule_and_change_the_output_as_in_tra
     """torch.nn.modules.module.register_module_forward_(pre_)hook: called for every module call, so every
     block calls its sub-modules in transformers' order; the hooks can change the output."""
     hf, ours = _pair(implementation)
+    hf64 = float64_twin(hf)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         plain = ours(x).logits
@@ -263,6 +273,8 @@ def test_global_module_hooks_see_every_submodule_and_change_the_output_as_in_tra
                torch_module.register_module_forward_hook(shift_linears)]
     try:
         with torch.no_grad():
+            reference = hf64(x.double()).logits  # under the same global hooks
+            called.clear()
             expected = hf(x).logits
             theirs_called = list(called)
             called.clear()
@@ -274,7 +286,7 @@ def test_global_module_hooks_see_every_submodule_and_change_the_output_as_in_tra
     assert block_modules(called) == block_modules(theirs_called)
     assert "convnext.encoder.stages.1.layers.1.pwconv2" in called
     assert calls == [], "with global hooks no block may skip a module call"
-    assert_close(got, expected, "global hooks")
+    assert_fp32_within_rule(got, expected, reference, "global hooks")
     assert (got - plain).abs().max() > 1e-3
 
 
@@ -322,7 +334,9 @@ def test_replaced_submodules_run_as_modules_as_in_transformers(implementation, r
         plain = ours(x).logits
     for model in (hf, ours):
         REPLACEMENTS[replacement](_block(model))
+    hf64 = float64_twin(hf)  # after the replacement: the same replaced module, in float64
     with torch.no_grad():
         expected, got = hf(x).logits, ours(x).logits
-    assert_close(got, expected, replacement)
+        reference = hf64(x.double()).logits
+    assert_fp32_within_rule(got, expected, reference, replacement)
     assert (got - plain).abs().max() > 1e-3, "the replacement must change the output for the test to mean anything"

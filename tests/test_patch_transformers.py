@@ -10,6 +10,8 @@ from fastconvnext import backend, patch
 from fastconvnext.configuration import HIDDEN_ACTS
 from fastconvnext.kernels.reference import FUSED_ACTS
 from helpers import randomize_
+from tolerance import assert_each_within_rule, assert_fp32_within_rule, float64_twin, \
+    random_draws_as_in_float32
 
 ORIGINAL_LAYER = modeling_convnext.ConvNextLayer
 TINY = dict(hidden_sizes=[8, 12, 20, 24], depths=[1, 2, 1, 1], layer_scale_init_value=0.5)
@@ -84,14 +86,17 @@ def test_patched_model_trains_like_the_original(hidden_act, monkeypatch):
         patched = transformers.ConvNextForImageClassification(original.config).train()
     assert patched.state_dict().keys() == original.state_dict().keys()
     patched.load_state_dict(original.state_dict())
+    exact = float64_twin(original)
     calls = _count_backend_calls(monkeypatch)
     pixels, labels = torch.randn(4, 3, 37, 45), torch.tensor([0, 3, 1, 2])
 
     results = []
-    for model in (original, patched):
+    for model in (original, patched, exact):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(7)
-        out = model(pixel_values=pixels, labels=labels, output_hidden_states=True)
+        with random_draws_as_in_float32():  # changes only the float64 twin's draws
+            out = model(pixel_values=pixels.double() if model is exact else pixels, labels=labels,
+                        output_hidden_states=True)
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         optimizer.step()
@@ -99,14 +104,14 @@ def test_patched_model_trains_like_the_original(hidden_act, monkeypatch):
 
     fused_act = hidden_act != "silu"  # the fused MLP has no SiLU: those blocks run transformers' forward
     assert calls.count("convnext_mlp") == (sum(TINY["depths"]) if fused_act else 0)
-    (ref_out, ref_grads, ref_params), (out, grads, params) = results
-    torch.testing.assert_close(out.loss, ref_out.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.logits, ref_out.logits, rtol=1e-5, atol=1e-5)
-    for ours, theirs in zip(out.hidden_states, ref_out.hidden_states):
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    (ref_out, ref_grads, ref_params), (out, grads, params), (exact_out, exact_grads, exact_params) = results
+    for field in ("loss", "logits"):
+        assert_fp32_within_rule(out[field], ref_out[field], exact_out[field], field)
+    assert_each_within_rule(out.hidden_states, ref_out.hidden_states, exact_out.hidden_states, "hidden_states")
+    assert set(grads) == set(ref_grads) == set(exact_grads)
     for name in ref_grads:
-        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-5, atol=1e-6, msg=name)
+        assert_fp32_within_rule(grads[name], ref_grads[name], exact_grads[name], f"grad of {name}")
+        assert_fp32_within_rule(params[name], ref_params[name], exact_params[name], f"{name} after the step")
 
 
 @pytest.mark.parametrize("hidden_act", sorted(HIDDEN_ACTS))
@@ -119,9 +124,10 @@ def test_patched_forward_equals_the_original_for_every_hidden_act(hidden_act, mo
     pixels = torch.randn(2, 3, 33, 40)
     with torch.no_grad():
         expected, got = original(pixels).logits, patched(pixels).logits
+        reference = float64_twin(original)(pixels.double()).logits
     fused = HIDDEN_ACTS[hidden_act] in FUSED_ACTS
     assert calls.count("convnext_mlp") == (sum(TINY["depths"]) if fused else 0)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert_fp32_within_rule(got, expected, reference, f"{hidden_act} logits")
 
 
 def test_drop_path_is_active_in_that_comparison():
@@ -139,10 +145,10 @@ def test_patch_model_converts_an_existing_model_in_place():
     model = _tiny_classifier().eval()
     pixels = torch.randn(2, 3, 33, 40)
     with torch.no_grad():
-        expected = model(pixels).logits
+        expected, reference = model(pixels).logits, float64_twin(model)(pixels.double()).logits
         assert patch.patch_model(model) is model
         assert {type(b) for b in _blocks(model)} == {patch.FusedConvNextLayer}
-        torch.testing.assert_close(model(pixels).logits, expected, rtol=1e-5, atol=1e-5)
+        assert_fp32_within_rule(model(pixels).logits, expected, reference, "logits patched in place")
         patch.unpatch_model(model)
     assert {type(b) for b in _blocks(model)} == {ORIGINAL_LAYER}
     with pytest.raises(TypeError, match="torch.nn.Module"):
@@ -173,6 +179,8 @@ def test_pipeline_gives_the_same_results_patched(tmp_path, monkeypatch):
     plain = transformers.pipeline("image-classification", model=str(tmp_path))
     assert {type(b) for b in _blocks(plain.model)} == {ORIGINAL_LAYER}
     expected = plain(images, top_k=4)
+    exact = transformers.pipeline("image-classification", model=str(tmp_path), dtype=torch.float64)
+    reference = exact(images, top_k=4)  # R: the same pipeline in float64
 
     calls = _count_backend_calls(monkeypatch)
     with patch.patch_transformers():
@@ -181,9 +189,16 @@ def test_pipeline_gives_the_same_results_patched(tmp_path, monkeypatch):
     assert {type(b) for b in _blocks(fused.model)} == {patch.FusedConvNextLayer}
     assert calls.count("dwconv_layernorm") == len(images) * sum(TINY["depths"])
     assert len(got) == len(expected) == len(images)
-    for ours, theirs in zip(got, expected):
-        assert [r["label"] for r in ours] == [r["label"] for r in theirs]
-        np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in theirs], rtol=1e-5, atol=1e-6)
+    for i, (ours, theirs, truth) in enumerate(zip(got, expected, reference)):
+        labels = [r["label"] for r in theirs]
+        assert [r["label"] for r in ours] == labels
+
+        def scores(result, dtype):
+            by_label = {r["label"]: r["score"] for r in result}
+            return torch.tensor([by_label[label] for label in labels], dtype=dtype)
+
+        assert_fp32_within_rule(scores(ours, torch.float32), scores(theirs, torch.float32),
+                                scores(truth, torch.float64), f"scores of image {i}")
     assert len({tuple(r["label"] for r in result) for result in expected}) > 1 or expected[0][0]["score"] < 0.99, (
         "the tiny model must not be degenerate (same confident answer for every image)"
     )
@@ -195,12 +210,12 @@ def test_patched_blocks_run_the_fused_kernels():
     block = original.convnext.encoder.stages[1].layers[0]
     x = torch.randn(2, 12, 6, 9)
     with torch.no_grad():
-        expected = block(x)
+        expected, reference = block(x), float64_twin(block)(x.double())
         patch.patch_model(block)
         with fastconvnext.use_backend("triton"):
             got = block(x)
     assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=2e-5)
+    assert_fp32_within_rule(got, expected, reference, "a patched block through the kernels")
 
 
 def test_patched_model_runs_under_vmap_and_export_like_the_original():
@@ -213,7 +228,7 @@ def test_patched_model_runs_under_vmap_and_export_like_the_original():
         return torch.func.vmap(lambda image: model(image.unsqueeze(0)).logits.squeeze(0))(pixels)
 
     with torch.no_grad():
-        expected = original(pixels).logits
-        torch.testing.assert_close(per_sample_logits(patched), per_sample_logits(original), rtol=0, atol=1e-5)
+        expected, reference = original(pixels).logits, float64_twin(original)(pixels.double()).logits
+        assert_fp32_within_rule(per_sample_logits(patched), per_sample_logits(original), reference, "vmap logits")
         exported = torch.export.export(patched, (pixels,)).module()(pixels).logits
-    torch.testing.assert_close(exported, expected, rtol=0, atol=1e-5)
+    assert_fp32_within_rule(exported, expected, reference, "exported logits")
