@@ -965,7 +965,7 @@ def _two_gemm_forward(C: int, D: int, dtype: str, precision: str = "ieee", gpu: 
     the split pays 2 * M * D bytes of h (written, read back), a fraction of that time at every ConvNeXt width
     (fastconvnext.tooling.mlp_paths costs both on the performance model; tests check that it agrees). The rule reads
     the GPU's tile in the interpreter too, so the interpreter runs the plan a GPU runs at the same C."""
-    return triton.cdiv(C, _config("fwd", C, D, dtype, gpu=True)["BLOCK_N"]) > 1  # the GPU's tiles, in the interpreter too
+    return triton.cdiv(C, _config("fwd", C, D, dtype, gpu=True)["BLOCK_N"]) > 1
 
 
 def _fused_dx(C: int, D: int, dtype: str, gpu: bool = False) -> bool:
